@@ -1,0 +1,117 @@
+"""`AsyncLLM`: many concurrent asyncio callers share one continuously batched engine.
+
+A background thread owns the engine loop. `generate` is an async generator of `SequenceDelta`s;
+leaving it early (a client disconnects, a task is cancelled) aborts the request and frees its
+pages. Adding a request takes the engine lock in a worker thread, so the event loop never blocks
+on a running step.
+"""
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from scalesim.config import EngineConfig
+from scalesim.engine.llm_engine import LLMEngine
+from scalesim.llm import Messages, Prompt, render_chat
+from scalesim.outputs import SequenceDelta
+from scalesim.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed while running this request."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncLLM:
+    def __init__(self, model: str, **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="scalesim-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                       agent_id: str | None = None, request_id: str | None = None) -> AsyncIterator[SequenceDelta]:
+        """Yield each step's new text and tokens of every completion until all `n` finish."""
+        params = sampling_params or SamplingParams()
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        request_id = await loop.run_in_executor(None, self._add, prompt, params, agent_id, request_id, stream)
+        remaining = params.n
+        try:
+            while remaining:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                remaining -= item.finished
+                yield item
+        finally:
+            if remaining:
+                await loop.run_in_executor(None, self.abort, request_id)
+            self._streams.pop(request_id, None)
+
+    async def chat(self, messages: Messages, sampling_params: SamplingParams | None = None,
+                   agent_id: str | None = None, request_id: str | None = None) -> AsyncIterator[SequenceDelta]:
+        async for delta in self.generate(render_chat(self.tokenizer, messages), sampling_params, agent_id, request_id):
+            yield delta
+
+    def _add(self, prompt, params, agent_id, request_id, stream: _Stream) -> str:
+        with self._wake:
+            request_id = self.engine.add_request(prompt, params, agent_id=agent_id, request_id=request_id)
+            self._streams[request_id] = stream
+            self._wake.notify()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return self.engine.stats()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.engine.has_unfinished():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                try:
+                    deltas = self.engine.step()
+                except Exception as exc:  # keep serving: fail the requests in flight, not the process
+                    logger.exception("engine step failed; failing the requests in flight")
+                    self._fail_all(EngineDeadError(f"engine step failed: {exc}"))
+                    continue
+                streams = [(self._streams.get(d.request_id), d) for d in deltas]
+            for stream, delta in streams:
+                if stream is not None:
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort(request_id)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+        self._streams.clear()

@@ -1,0 +1,42 @@
+"""Engine configuration: one typed place for every knob and its default."""
+
+from dataclasses import dataclass
+
+import torch
+
+from scalesim.units import parse_nbytes
+
+DEFAULT_KV_CACHE_MEMORY = "1GiB"
+DEFAULT_BLOCK_SIZE_TOKENS = 16
+DEFAULT_MAX_NUM_SEQS = 64
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one engine. `kv_cache_memory` is the exact byte budget of the paged KV pool."""
+
+    model: str
+    dtype: str = "fp32"
+    device: str = "auto"
+    kv_cache_memory: str | int = DEFAULT_KV_CACHE_MEMORY
+    block_size_tokens: int = DEFAULT_BLOCK_SIZE_TOKENS
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        self.kv_cache_nbytes = parse_nbytes(self.kv_cache_memory)
+        if self.block_size_tokens <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("block_size_tokens, max_num_seqs and max_num_batched_tokens must be positive")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,1 @@
+"""The engine: runs the model over a paged KV cache with continuous batching."""

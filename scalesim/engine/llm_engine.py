@@ -1,0 +1,175 @@
+"""The engine loop: validate and queue requests, step the scheduler and model, emit deltas.
+
+Not thread-safe: one thread drives it (the `LLM` caller, or the `AsyncLLM` loop thread).
+"""
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from scalesim.config import EngineConfig
+from scalesim.engine.block_pool import BlockPool
+from scalesim.engine.detokenizer import IncrementalDetokenizer
+from scalesim.engine.model_runner import ModelRunner
+from scalesim.engine.radix_cache import RadixCache
+from scalesim.engine.scheduler import Scheduler
+from scalesim.engine.sequence import Sequence
+from scalesim.errors import InvalidRequestError, RequestTooLargeError
+from scalesim.models.loader import load_model, load_tokenizer
+from scalesim.models.registry import resolve_model
+from scalesim.outputs import SequenceDelta
+from scalesim.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+MAX_AGENT_ID_CHARS = 256
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        started = time.perf_counter()
+        self.model_path = resolve_model(config.model)
+        self.model = load_model(self.model_path, config.torch_dtype, config.device)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.model_config = self.model.config
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids +
+                                       ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []))
+        self.pool = BlockPool(self.model_config, config.kv_cache_nbytes, config.block_size_tokens,
+                              config.torch_dtype, config.device)
+        self.cache = RadixCache(self.pool)
+        self.scheduler = Scheduler(self.pool, self.cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.pool, config.device)
+        self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        logger.info("loaded %s in %.2f s; KV pool %d pages of %d tokens (%d bytes)", config.model,
+                    time.perf_counter() - started, self.pool.num_blocks, self.pool.block_size, self.pool.nbytes)
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt given as text or as ids; InvalidRequestError if unusable."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise InvalidRequestError("prompt must be a non-empty string or a non-empty list of token ids")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, agent_id: str | None = None,
+                    request_id: str | None = None, namespace: str = "", want_prompt_logits: bool = False) -> str:
+        """Validate and queue a request; return its id. Raises InvalidRequestError on bad input."""
+        if agent_id is not None and (not isinstance(agent_id, str) or not agent_id or len(agent_id) > MAX_AGENT_ID_CHARS):
+            raise InvalidRequestError(f"agent_id must be a non-empty string of at most {MAX_AGENT_ID_CHARS} characters")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling params must be a SamplingParams")
+        params.validate()
+        request_id = request_id or self.new_request_id()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.tokenize(prompt)
+        total = len(prompt_ids) + params.max_tokens
+        if len(prompt_ids) >= self.max_model_len or total > self.max_model_len:
+            raise RequestTooLargeError(
+                f"this model's context is {self.max_model_len} tokens; the request has {len(prompt_ids)} prompt "
+                f"tokens and max_tokens {params.max_tokens}; shorten the prompt or lower max_tokens")
+        if self.pool.blocks_for(total) > self.pool.num_blocks:
+            raise RequestTooLargeError(
+                f"the request needs {self.pool.blocks_for(total)} KV pages but the whole pool has "
+                f"{self.pool.num_blocks}; raise kv_cache_memory or shorten the request")
+        seqs, detoks = [], []
+        for index in range(params.n):
+            seed = params.seed_for(index)
+            generator = None if seed is None else torch.Generator(device=self.config.device).manual_seed(seed)
+            seq = Sequence(request_id=request_id, index=index, prompt_token_ids=list(prompt_ids), params=params,
+                           agent_id=agent_id, namespace=namespace, eos_token_ids=self.eos_token_ids,
+                           generator=generator, want_prompt_logits=want_prompt_logits and index == 0)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, params.stop))
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, seqs, detoks)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its pages (a client went away). Unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[SequenceDelta]:
+        """Run one batch; return what each touched sequence gained (finished ones included)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampled = self.runner.run(batch)
+        for item in batch:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if item.num_new_tokens > 1:
+                self.scheduler.cache_computed(seq)
+        now = time.perf_counter()
+        deltas = []
+        for result in sampled:
+            seq = result.seq
+            request = self.requests[seq.request_id]
+            detok = request.detokenizers[seq.index]
+            seq.output_token_ids.append(result.token_id)
+            if result.logprobs is not None:
+                seq.output_logprobs.append(result.logprobs)
+            seq.first_token_s = seq.first_token_s or now
+            detok.push(result.token_id)
+            reason = self._finish_reason(seq, result.token_id, detok)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            deltas.append(SequenceDelta(
+                request_id=seq.request_id, index=seq.index, text=detok.take_delta(final=reason is not None),
+                token_ids=[result.token_id], logprobs=[result.logprobs] if result.logprobs else [],
+                finish_reason=reason, num_prompt_tokens=len(seq.prompt_token_ids),
+                num_cached_tokens=seq.num_cached_tokens))
+            if all(s.is_finished for s in request.seqs):
+                del self.requests[seq.request_id]
+        return deltas
+
+    def _finish_reason(self, seq: Sequence, token_id: int, detok: IncrementalDetokenizer) -> str | None:
+        params = seq.params
+        if token_id in params.stop_token_ids or (token_id in seq.eos_token_ids and not params.ignore_eos):
+            return "stop"
+        if detok.stopped:
+            return "stop"
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def stats(self) -> dict:
+        """Counters of the KV pool, the prefix cache and the scheduler."""
+        s = self.scheduler.stats
+        return {
+            "kv_pool_nbytes": self.pool.nbytes, "kv_blocks_total": self.pool.num_blocks,
+            "kv_blocks_free": self.pool.num_free, "kv_blocks_cached": self.cache.num_cached_blocks,
+            "prompt_tokens": s.prompt_tokens, "cached_prompt_tokens": s.cached_prompt_tokens,
+            "preemptions": s.preemptions, "evicted_blocks": s.evicted_blocks,
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+        }

@@ -1,0 +1,170 @@
+"""A radix tree of KV pages keyed by (namespace, token ids), shared across requests and agents.
+
+Edges are whole pages: a node holds a run of tokens (a multiple of the page size) and the blocks
+that hold their KV. The namespace (model + adapter) picks the root, so KV computed under one
+namespace is never matched under another. The tree holds one pool reference per block it owns.
+
+Contract: a node with lock_ref > 0 is in use by a running request (it or a descendant was matched
+or inserted by it); it is never evicted. `evict` frees only unlocked leaves, smallest
+`priority(node)` first, and returns the number of blocks it freed.
+"""
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from scalesim.engine.block_pool import BlockPool
+
+_access_clock = itertools.count()
+
+
+@dataclass(eq=False)
+class RadixNode:
+    namespace: str
+    tokens: tuple[int, ...] = ()
+    blocks: list[int] = field(default_factory=list)
+    parent: "RadixNode | None" = None
+    children: dict[tuple[int, ...], "RadixNode"] = field(default_factory=dict)
+    lock_ref: int = 0
+    last_access: int = 0
+    hits: int = 0
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent is None
+
+    def touch(self) -> None:
+        self.last_access = next(_access_clock)
+        self.hits += 1
+
+
+def lru_priority(node: RadixNode) -> tuple:
+    """Least recently used first (what SGLang's radix cache does by default)."""
+    return (node.last_access,)
+
+
+@dataclass
+class PrefixMatch:
+    blocks: list[int]
+    node: RadixNode
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+
+class RadixCache:
+    def __init__(self, pool: BlockPool, priority: Callable[[RadixNode], tuple] = lru_priority) -> None:
+        self.pool = pool
+        self.page = pool.block_size
+        self.priority = priority
+        self.roots: dict[str, RadixNode] = {}
+        self.num_cached_blocks = 0
+
+    def root(self, namespace: str) -> RadixNode:
+        if namespace not in self.roots:
+            self.roots[namespace] = RadixNode(namespace=namespace, lock_ref=1)
+        return self.roots[namespace]
+
+    def _pages(self, tokens: tuple[int, ...]) -> int:
+        return len(tokens) // self.page
+
+    def _common_pages(self, a: tuple[int, ...], b: tuple[int, ...]) -> int:
+        pages = min(len(a), len(b)) // self.page
+        for i in range(pages):
+            lo, hi = i * self.page, (i + 1) * self.page
+            if a[lo:hi] != b[lo:hi]:
+                return i
+        return pages
+
+    def _split(self, node: RadixNode, pages: int) -> RadixNode:
+        """Cut `node`'s edge after `pages` pages; return the new upper node."""
+        cut = pages * self.page
+        upper = RadixNode(namespace=node.namespace, tokens=node.tokens[:cut], blocks=node.blocks[:pages],
+                          parent=node.parent, lock_ref=node.lock_ref, last_access=node.last_access)
+        node.parent.children[upper.tokens[:self.page]] = upper
+        node.tokens, node.blocks, node.parent = node.tokens[cut:], node.blocks[pages:], upper
+        upper.children[node.tokens[:self.page]] = node
+        return upper
+
+    def match_prefix(self, namespace: str, tokens: list[int] | tuple[int, ...]) -> PrefixMatch:
+        """Longest cached run of whole pages that prefixes `tokens`; touches the matched nodes."""
+        key = tuple(tokens[: self._pages(tuple(tokens)) * self.page])
+        node, blocks = self.root(namespace), []
+        while key:
+            child = node.children.get(key[: self.page])
+            if child is None:
+                break
+            pages = self._common_pages(child.tokens, key)
+            if pages < self._pages(child.tokens):
+                child = self._split(child, pages)
+            child.touch()
+            blocks.extend(child.blocks)
+            node, key = child, key[pages * self.page:]
+        return PrefixMatch(blocks=blocks, node=node)
+
+    def insert(self, namespace: str, tokens: list[int] | tuple[int, ...], blocks: list[int]) -> RadixNode:
+        """Cache the whole pages of `tokens`, whose KV lives in `blocks`; return the deepest node.
+
+        Pages already cached keep their existing blocks (the caller's duplicates stay the caller's);
+        new pages take one pool reference each for the tree.
+        """
+        pages = min(self._pages(tuple(tokens)), len(blocks))
+        key, blocks = tuple(tokens[: pages * self.page]), list(blocks[:pages])
+        node = self.root(namespace)
+        while key:
+            child = node.children.get(key[: self.page])
+            if child is None:
+                child = RadixNode(namespace=namespace, tokens=key, blocks=blocks, parent=node)
+                node.children[key[: self.page]] = child
+                self.pool.incref(blocks)
+                self.num_cached_blocks += len(blocks)
+                child.touch()
+                return child
+            common = self._common_pages(child.tokens, key)
+            if common < self._pages(child.tokens):
+                child = self._split(child, common)
+            child.touch()
+            node, key, blocks = child, key[common * self.page:], blocks[common:]
+        return node
+
+    def lock(self, node: RadixNode) -> None:
+        while node is not None:
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: RadixNode) -> None:
+        while node is not None:
+            assert node.lock_ref > 0, "unlock of an unlocked radix node"
+            node.lock_ref -= 1
+            node = node.parent
+
+    def nodes(self) -> list[RadixNode]:
+        out, stack = [], list(self.roots.values())
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(node.children.values())
+        return out
+
+    def evictable_blocks(self) -> int:
+        return sum(len(n.blocks) for n in self.nodes() if n.lock_ref == 0)
+
+    def evict(self, num_blocks: int) -> int:
+        """Free at least `num_blocks` blocks if possible by dropping unlocked leaves; return freed."""
+        order = itertools.count()
+        heap = [(self.priority(n), next(order), n) for n in self.nodes()
+                if not n.children and n.lock_ref == 0 and not n.is_root]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < num_blocks and heap:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            del parent.children[node.tokens[: self.page]]
+            self.pool.decref(node.blocks)
+            self.num_cached_blocks -= len(node.blocks)
+            freed += len(node.blocks)
+            if not parent.is_root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (self.priority(parent), next(order), parent))
+        return freed

@@ -1,0 +1,55 @@
+"""Turn logits into tokens: greedy, temperature, top-k, top-p, with per-request seeds.
+
+Filtering is batched; the final draw is one `torch.multinomial` per sampled row so that a seeded
+request draws from its own generator and gets the same tokens whatever it is batched with.
+"""
+
+import torch
+
+from scalesim.sampling_params import SamplingParams
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) everything outside each row's top-k and top-p nucleus."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(1)
+    drop = ranks >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p.unsqueeze(1)
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token id per row of `logits` [B, vocab] (float32)."""
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return tokens
+    index = torch.tensor(rows, device=logits.device)
+    sub = logits.index_select(0, index)
+    temperature = torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(1)
+    top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
+    top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device, dtype=sub.dtype)
+    sub = _filter_top_k_top_p(sub / temperature, top_k, top_p)
+    probs = sub.softmax(dim=-1)
+    for j, row in enumerate(rows):
+        tokens[row] = torch.multinomial(probs[j], 1, generator=generators[row]).squeeze(0)
+    return tokens
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[dict]:
+    """For each row: the chosen token's logprob and the k most likely alternatives."""
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (None, None)
+    out = []
+    for i in range(logits.shape[0]):
+        top = {} if k == 0 else dict(zip(top_ids[i].tolist(), top_values[i].tolist()))
+        out.append({"token_id": int(tokens[i]), "logprob": float(chosen[i]), "top": top})
+    return out

@@ -1,0 +1,160 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step takes a token budget. Running sequences that are decoding come first (one token each),
+then sequences part-way through their prompt, then waiting sequences, whose prompt is first
+matched against the radix cache so that only the uncached part is computed. When the pool has no
+free block, unlocked cache pages are evicted; if that is not enough, the most recently admitted
+running sequence is preempted (its pages freed, its tokens recomputed later). A sequence samples a
+token in the step that computes its last uncomputed token.
+"""
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from scalesim.engine.block_pool import BlockPool
+from scalesim.engine.radix_cache import RadixCache
+from scalesim.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True if this step computes the sequence's last uncomputed token, so it samples next."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerStats:
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    computed_tokens: int = 0
+    preemptions: int = 0
+    evicted_blocks: int = 0
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, cache: RadixCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.pool = pool
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSequence]:
+        """Pick this step's sequences and token counts, allocating the pages they need."""
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSequence] = []
+        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decoding + prefilling:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._reserve(seq, num_new, batch):
+                continue
+            batch.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            self._admit(seq)
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not self._reserve(seq, num_new, batch, may_preempt=False):
+                self._release(seq)
+                break
+            self.waiting.popleft()
+            self.stats.prompt_tokens += seq.num_tokens
+            self.stats.cached_prompt_tokens += seq.num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return batch
+
+    def _admit(self, seq: Sequence) -> None:
+        """Reuse the longest cached prefix (never all tokens: the last one must be computed)."""
+        match = self.cache.match_prefix(seq.namespace, seq.token_ids[:-1])
+        self.pool.incref(match.blocks)
+        self.cache.lock(match.node)
+        seq.block_table = list(match.blocks)
+        seq.cache_node = match.node
+        seq.num_computed_tokens = seq.num_cached_tokens = match.num_blocks * self.pool.block_size
+
+    def _reserve(self, seq: Sequence, num_new: int, batch: list[ScheduledSequence], may_preempt: bool = True) -> bool:
+        """Give `seq` pages for `num_new` more tokens; evict cache, then preempt others if needed."""
+        need = self.pool.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table)
+        while need > 0:
+            blocks = self.pool.allocate(need)
+            if blocks is not None:
+                seq.block_table.extend(blocks)
+                return True
+            freed = self.cache.evict(need - self.pool.num_free)
+            self.stats.evicted_blocks += freed
+            if freed > 0:
+                continue
+            if not may_preempt:
+                return False
+            victim = self._pick_victim(seq)
+            self.preempt(victim)
+            if victim is seq:
+                return False
+            batch[:] = [s for s in batch if s.seq is not victim]
+        return True
+
+    def _pick_victim(self, seq: Sequence) -> Sequence:
+        candidates = [s for s in self.running if s is not seq]
+        return candidates[-1] if candidates else seq
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free the sequence's pages and send it back to the front of the queue to recompute."""
+        self._release(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(seq)
+        logger.debug("preempted %s (%d tokens)", seq.request_id, seq.num_tokens)
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.decref(seq.block_table)
+        if seq.cache_node is not None:
+            self.cache.unlock(seq.cache_node)
+        seq.block_table, seq.cache_node = [], None
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Publish the sequence's computed whole pages in the radix cache and lock them."""
+        node = self.cache.insert(seq.namespace, seq.token_ids[: seq.num_computed_tokens], seq.block_table)
+        if node is not seq.cache_node:
+            self.cache.lock(node)
+            if seq.cache_node is not None:
+                self.cache.unlock(seq.cache_node)
+            seq.cache_node = node
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End the sequence: cache what it computed, free its own references."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.cache_computed(seq)
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+            self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,71 @@
+"""One sequence being generated: its tokens, its KV pages and where it stands."""
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from scalesim.engine.radix_cache import RadixNode
+from scalesim.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A prompt plus the tokens generated so far.
+
+    `num_computed_tokens` tokens have KV in `block_table`; the first `num_cached_tokens` of them
+    came from the radix cache. `cache_node` is the radix node this sequence holds locked.
+    """
+
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    agent_id: str | None = None
+    namespace: str = ""
+    eos_token_ids: frozenset[int] = frozenset()
+    want_prompt_logits: bool = False
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    cache_node: RadixNode | None = None
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)
+    arrival_s: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < len(self.prompt_token_ids) or not self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def max_total_tokens(self) -> int:
+        return len(self.prompt_token_ids) + self.params.max_tokens

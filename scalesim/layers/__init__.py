@@ -1,0 +1,1 @@
+"""Model building blocks, one layer a file."""

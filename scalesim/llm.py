@@ -1,0 +1,120 @@
+"""`LLM`: the offline, synchronous entry point (generate a list of prompts to completion)."""
+
+import time
+from collections.abc import Sequence as SequenceABC
+
+import torch
+from tqdm import tqdm
+
+from scalesim.config import EngineConfig
+from scalesim.engine.llm_engine import LLMEngine
+from scalesim.errors import InvalidRequestError
+from scalesim.outputs import CompletionOutput, RequestOutput, SequenceDelta
+from scalesim.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Messages = list[dict]
+
+
+def _as_list(value, count: int, name: str) -> list:
+    if value is None or not isinstance(value, (list, tuple)):
+        return [value] * count
+    if len(value) != count:
+        raise InvalidRequestError(f"{name} has {len(value)} entries for {count} prompts")
+    return list(value)
+
+
+def render_chat(tokenizer, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` under the model's chat template."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequestError("each message must be an object with a string 'role'")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja raises its own kinds for templates that reject input
+        raise InvalidRequestError(f"the chat template rejected these messages: {exc}") from exc
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+class LLM:
+    """A model ready to generate. Keyword arguments are `EngineConfig` fields.
+
+    >>> llm = LLM("smollm2-135m")
+    >>> llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+    """
+
+    def __init__(self, model: str, **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 agent_ids: str | list[str | None] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); results come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, SequenceABC) or not prompts:
+            raise InvalidRequestError("prompts must be a non-empty list")
+        params = _as_list(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        agents = _as_list(agent_ids, len(prompts), "agent_ids")
+        return self._run([self.engine.tokenize(p) for p in prompts], params, agents, use_tqdm)
+
+    def chat(self, messages: Messages | list[Messages], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             agent_ids: str | list[str | None] | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate a reply to each conversation, rendered with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompt_ids = [render_chat(self.tokenizer, c, add_generation_prompt) for c in conversations]
+        params = _as_list(sampling_params or SamplingParams(), len(prompt_ids), "sampling_params")
+        return self._run(prompt_ids, params, _as_list(agent_ids, len(prompt_ids), "agent_ids"), use_tqdm)
+
+    def prompt_logits(self, prompt: Prompt, agent_id: str | None = None) -> torch.Tensor:
+        """Logits [uncached prompt tokens, vocab] for every prompt position computed by this call.
+
+        Positions whose KV came from the prefix cache are not recomputed, so the rows start at
+        `len(prompt) - rows`; the prompt's pages are cached afterwards like any request's.
+        """
+        request_id = self.engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0),
+                                             agent_id=agent_id, want_prompt_logits=True)
+        seq = self.engine.requests[request_id].seqs[0]
+        while not seq.is_finished:
+            self.engine.step()
+        return torch.cat(seq.prompt_logits)
+
+    def _run(self, prompt_ids: list[list[int]], params: list[SamplingParams], agents: list[str | None],
+             use_tqdm: bool) -> list[RequestOutput]:
+        outputs: dict[str, RequestOutput] = {}
+        order = []
+        try:
+            for ids, p, agent in zip(prompt_ids, params, agents):
+                request_id = self.engine.add_request(ids, p, agent_id=agent)
+                order.append(request_id)
+                outputs[request_id] = RequestOutput(request_id, ids, [CompletionOutput(i) for i in range(p.n)],
+                                                    agent_id=agent, arrival_s=time.perf_counter())
+            with tqdm(total=len(order), disable=not use_tqdm, desc="generate") as bar:
+                while self.engine.has_unfinished():
+                    for delta in self.engine.step():
+                        self._apply(outputs[delta.request_id], delta)
+                        if outputs[delta.request_id].finished and delta.finished:
+                            bar.update(1)
+        except BaseException:
+            for request_id in order:
+                self.engine.abort(request_id)
+            raise
+        return [outputs[r] for r in order]
+
+    @staticmethod
+    def _apply(output: RequestOutput, delta: SequenceDelta) -> None:
+        now = time.perf_counter()
+        output.outputs[delta.index].add(delta)
+        output.num_cached_tokens = max(output.num_cached_tokens, delta.num_cached_tokens)
+        output.first_token_s = output.first_token_s or now
+        if output.finished:
+            output.finished_s = now
+
+    def stats(self) -> dict:
+        return self.engine.stats()

@@ -1,0 +1,82 @@
+"""The architecture facts of a Llama-family model, read from a Hugging Face `config.json`."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scalesim.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+
+@dataclass
+class ModelConfig:
+    """What the model code needs; names follow Hugging Face's config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    rope_scaling: dict | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token over all layers, per byte of the element type."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        architectures = raw.get("architectures") or ["LlamaForCausalLM"]
+        architecture = architectures[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(f"unsupported architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
+        heads = raw["num_attention_heads"]
+        eos = raw.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        rope_theta = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+        rope_scaling = raw.get("rope_scaling") or raw.get("rope_parameters")
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
+            rope_scaling = None
+        return cls(
+            architecture=architecture,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", architecture == "Qwen2ForCausalLM")),
+            rope_scaling=rope_scaling,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "ModelConfig":
+        path = Path(folder) / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ModelLoadError(f"no config.json in {folder}") from exc
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"corrupt config.json in {folder}: {exc}") from exc
+        try:
+            return cls.from_dict(raw)
+        except KeyError as exc:
+            raise ModelLoadError(f"config.json in {folder} lacks {exc}") from exc

@@ -1,0 +1,126 @@
+"""The Llama family (Llama, Mistral, Qwen2) as one plain-PyTorch decoder over a paged KV cache.
+
+Tokens of many sequences arrive flattened; `forward` returns hidden states and `compute_logits`
+turns the rows that need sampling into logits. Q/K/V and gate/up projections are fused into one
+matmul each, so a decoder layer is four matmuls.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalesim.layers.attention import AttentionMetadata, paged_attention
+from scalesim.layers.linear import Embedding, Linear
+from scalesim.layers.rmsnorm import RMSNorm
+from scalesim.layers.rotary import RotaryEmbedding
+from scalesim.models.config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """A decoder-only Llama-family model. kv_caches: [layers, 2, num_slots, kv_heads, head_dim]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                      config.rope_theta, config.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, self.rotary, kv_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Adopt Hugging Face-named weights (model.layers.N.self_attn.q_proj.weight, ...), fusing
+        q/k/v and gate/up, without copying the others. Raise KeyError naming a missing tensor,
+        ValueError on a shape mismatch."""
+        ours = fuse_hf_weights(tensors, self.config)
+        expected = {k: v.shape for k, v in self.state_dict().items() if k != "lm_head.weight" or
+                    not self.config.tie_word_embeddings}
+        for name, shape in expected.items():
+            if name not in ours:
+                raise KeyError(name)
+            if tuple(ours[name].shape) != tuple(shape):
+                raise ValueError(f"{name}: expected shape {tuple(shape)}, file has {tuple(ours[name].shape)}")
+        self.load_state_dict(ours, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+
+def fuse_hf_weights(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename Hugging Face tensors to this model's names, concatenating q/k/v and gate/up."""
+    ours = {"embed_tokens.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
+    if not config.tie_word_embeddings:
+        ours["lm_head.weight"] = tensors["lm_head.weight"]
+    for i in range(config.num_hidden_layers):
+        hf, me = f"model.layers.{i}.", f"layers.{i}."
+        ours[me + "self_attn.qkv_proj.weight"] = torch.cat([tensors[hf + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        if config.attention_bias:
+            ours[me + "self_attn.qkv_proj.bias"] = torch.cat([tensors[hf + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+        ours[me + "self_attn.o_proj.weight"] = tensors[hf + "self_attn.o_proj.weight"]
+        ours[me + "mlp.gate_up_proj.weight"] = torch.cat([tensors[hf + "mlp.gate_proj.weight"],
+                                                          tensors[hf + "mlp.up_proj.weight"]])
+        ours[me + "mlp.down_proj.weight"] = tensors[hf + "mlp.down_proj.weight"]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            ours[me + f"{norm}.weight"] = tensors[hf + f"{norm}.weight"]
+    return ours
