@@ -136,7 +136,6 @@ class Scheduler:
         if seq.cache_node is not None:
             self.cache.unlock(seq.cache_node)
         seq.block_table, seq.cache_node = [], None
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
 
     def cache_computed(self, seq: Sequence) -> None:
         """Publish the sequence's computed whole pages in the radix cache and lock them."""

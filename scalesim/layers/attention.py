@@ -43,8 +43,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     v_cache.index_copy_(0, meta.slot_mapping, v)
     batch, max_q = meta.context_slots.shape[0], meta.max_query_len
     num_heads, head_dim = q.shape[1], q.shape[2]
-    keys = k_cache[meta.context_slots].transpose(1, 2)
-    values = v_cache[meta.context_slots].transpose(1, 2)
+    slots = meta.context_slots.view(-1)
+    context_shape = (batch, meta.context_slots.shape[1], k_cache.shape[1], head_dim)
+    keys = k_cache.index_select(0, slots).view(context_shape).transpose(1, 2)
+    values = v_cache.index_select(0, slots).view(context_shape).transpose(1, 2)
     if meta.is_decode_only:
         queries = q.unsqueeze(2)
     else:

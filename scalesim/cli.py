@@ -1,0 +1,134 @@
+"""The `scalesim` command line: generate text, and run the microbenchmarks."""
+
+import argparse
+import logging
+import sys
+
+from scalesim.config import DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, \
+    DEFAULT_MAX_NUM_SEQS, DTYPES
+from scalesim.errors import ScaleSimError
+
+EXIT_USAGE = 2
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                       help="weight and KV cache dtype (default: fp32)")
+    group.add_argument("--device", default="auto",
+                       help="'cuda', 'cpu', or 'auto' = cuda when available (default: auto)")
+    group.add_argument("--kv-cache-memory", default=DEFAULT_KV_CACHE_MEMORY,
+                       help=f"exact byte budget of the paged KV pool, e.g. 512MiB or 2GiB (default: {DEFAULT_KV_CACHE_MEMORY})")
+    group.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE_TOKENS,
+                       help=f"tokens per KV page (default: {DEFAULT_BLOCK_SIZE_TOKENS})")
+    group.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
+                       help=f"most sequences in one batch (default: {DEFAULT_MAX_NUM_SEQS})")
+    group.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                       help=f"token budget of one step; longer prompts are prefilled in chunks "
+                            f"(default: {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
+    group.add_argument("--max-model-len", type=int, default=None,
+                       help="context length cap in tokens (default: the model's)")
+
+
+def _engine_args(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                block_size_tokens=args.block_size, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalesim", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine events to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate a completion for one prompt",
+                              description="Generate a completion for PROMPT with MODEL and print it.")
+    gen.add_argument("model", help="smollm2-135m, tiny-random, tiny-random-qwen2, a Hugging Face folder, or a .gguf file")
+    gen.add_argument("prompt", help="the prompt text (a user message with --chat)")
+    gen.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message in the model's chat template")
+    gen.add_argument("--system", default=None, help="system message to put before PROMPT (implies --chat)")
+    gen.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off (default: 0)")
+    gen.add_argument("--seed", type=int, default=None, help="seed of this request's sampler (default: none)")
+    gen.add_argument("-n", type=int, default=1, help="number of completions (default: 1)")
+    gen.add_argument("--stop", action="append", default=[], help="stop string; repeat for several")
+    gen.add_argument("--agent-id", default=None, help="agent that issues the request (recorded by the engine)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    _add_engine_flags(gen)
+
+    bench = commands.add_parser("microbench", help="microbenchmarks that print ratios from one run")
+    kinds = bench.add_subparsers(dest="kind", required=True)
+    eng = kinds.add_parser("engine", help="decode throughput vs transformers' generate, same batch and machine")
+    eng.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
+    eng.add_argument("--batch", type=int, default=16, help="sequences per batch (default: 16)")
+    eng.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default: 128)")
+    eng.add_argument("--gen-len", type=int, default=64, help="tokens generated per sequence (default: 64)")
+    eng.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of both engines (default: fp32)")
+    eng.add_argument("--out", default=None, help="write the JSON result here too")
+    pre = kinds.add_parser("prefix", help="time to first token with and without a cached shared prefix")
+    pre.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
+    pre.add_argument("--prefix-len", type=int, default=1000, help="shared prefix tokens (default: 1000)")
+    pre.add_argument("--suffix-len", type=int, default=16, help="private suffix tokens (default: 16)")
+    pre.add_argument("--out", default=None, help="write the JSON result here too")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from scalesim.llm import LLM, render_chat
+    from scalesim.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, n=args.n, stop=args.stop)
+    llm = LLM(args.model, **_engine_args(args))
+    prompt: str | list[int] = args.prompt
+    if args.chat or args.system:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.prompt}]
+        prompt = render_chat(llm.tokenizer, messages)
+    engine = llm.engine
+    request_id = engine.add_request(prompt, params, agent_id=args.agent_id)
+    texts = [""] * args.n
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.request_id != request_id:
+                continue
+            texts[delta.index] += delta.text
+            if args.stream and args.n == 1:
+                print(delta.text, end="", flush=True)
+    if args.stream and args.n == 1:
+        print()
+        return
+    for i, text in enumerate(texts):
+        print(f"--- completion {i}" if args.n > 1 else "", end="\n" if args.n > 1 else "")
+        print(text)
+
+
+def _microbench(args: argparse.Namespace) -> None:
+    from scalesim.bench.engine_bench import run_engine_bench, write_result
+    from scalesim.bench.prefix_bench import run_prefix_bench
+
+    if args.kind == "engine":
+        write_result(run_engine_bench(args.model, args.batch, args.prompt_len, args.gen_len, args.dtype), args.out)
+    elif args.kind == "prefix":
+        write_result(run_prefix_bench(args.model, args.prefix_len, args.suffix_len), args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            _generate(args)
+        elif args.command == "microbench":
+            _microbench(args)
+    except (ScaleSimError, ValueError) as exc:
+        print(f"scalesim: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

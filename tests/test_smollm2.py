@@ -1,0 +1,54 @@
+"""The built-in real model: our GGUF conversion and engine agree with transformers exactly."""
+
+import pytest
+import torch
+
+from scalesim import LLM, SamplingParams
+from scalesim.models.registry import resolve_model, smollm2_gguf_path
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return LLM("smollm2-135m", kv_cache_memory="256MiB")
+
+
+@pytest.fixture(scope="module")
+def hf_from_gguf():
+    from transformers import AutoModelForCausalLM
+    path = smollm2_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_converted_weights_equal_transformers_gguf_reader(hf_from_gguf):
+    from transformers import AutoModelForCausalLM
+    ours = AutoModelForCausalLM.from_pretrained(str(resolve_model("smollm2-135m")), dtype=torch.float32)
+    reference = dict(hf_from_gguf.named_parameters())
+    for name, param in ours.named_parameters():
+        assert torch.equal(param, reference[name]), name
+
+
+def test_greedy_32_tokens_equal_transformers_on_three_prompts(smollm2, hf_from_gguf):
+    outputs = smollm2.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0))
+    for prompt, output in zip(PROMPTS, outputs):
+        ids = smollm2.tokenizer.encode(prompt)
+        with torch.no_grad():
+            ref = hf_from_gguf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):]
+        assert output.outputs[0].token_ids == ref.tolist(), prompt
+
+
+def test_chat_template_answers_in_english(smollm2):
+    out = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(max_tokens=24, temperature=0))[0].outputs[0]
+    assert "Paris" in out.text
+    assert out.finish_reason in ("stop", "length")
+
+
+def test_conversion_happens_once_and_is_reused():
+    folder = resolve_model("smollm2-135m")
+    weights = folder / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert resolve_model("smollm2-135m") == folder
+    assert weights.stat().st_mtime_ns == before
