@@ -48,7 +48,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids +
                                        ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []))
         self.pool = BlockPool(self.model_config, config.kv_cache_nbytes, config.block_size_tokens,
-                              config.torch_dtype, config.device)
+                              config.torch_kv_cache_dtype, config.device)
         self.cache = RadixCache(self.pool)
         self.scheduler = Scheduler(self.pool, self.cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.pool, config.device)

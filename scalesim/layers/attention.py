@@ -37,8 +37,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write k, v into the cache, attend q to each sequence's context; return [T, heads * head_dim].
 
-    k_cache, v_cache: [num_slots, kv_heads, head_dim].
+    k_cache, v_cache: [num_slots, kv_heads, head_dim]. Attention runs in the cache's dtype (on CPU
+    a float32 cache under bfloat16 weights, as PyTorch's CPU attention is slow in bfloat16).
     """
+    out_dtype, cache_dtype = q.dtype, k_cache.dtype
+    q, k, v = q.to(cache_dtype), k.to(cache_dtype), v.to(cache_dtype)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     batch, max_q = meta.context_slots.shape[0], meta.max_query_len
@@ -55,5 +58,5 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         queries = padded.view(batch, max_q, num_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask, scale=scale,
                                          enable_gqa=num_heads != keys.shape[1])
-    out = out.transpose(1, 2).reshape(batch * max_q, num_heads * head_dim)
+    out = out.transpose(1, 2).reshape(batch * max_q, num_heads * head_dim).to(out_dtype)
     return out if meta.is_decode_only else out.index_select(0, meta.query_index)
