@@ -46,12 +46,14 @@ class AsyncLLM:
         return self.engine.tokenizer
 
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-                       agent_id: str | None = None, request_id: str | None = None) -> AsyncIterator[SequenceDelta]:
+                       agent_id: str | None = None, request_id: str | None = None, adapter: str | None = None,
+                       model: str | None = None) -> AsyncIterator[SequenceDelta]:
         """Yield each step's new text and tokens of every completion until all `n` finish."""
         params = sampling_params or SamplingParams()
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
-        request_id = await loop.run_in_executor(None, self._add, prompt, params, agent_id, request_id, stream)
+        request = dict(agent_id=agent_id, request_id=request_id, adapter=adapter, model=model)
+        request_id = await loop.run_in_executor(None, self._add, prompt, params, request, stream)
         remaining = params.n
         try:
             while remaining:
@@ -66,13 +68,21 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
 
     async def chat(self, messages: Messages, sampling_params: SamplingParams | None = None,
-                   agent_id: str | None = None, request_id: str | None = None) -> AsyncIterator[SequenceDelta]:
-        async for delta in self.generate(render_chat(self.tokenizer, messages), sampling_params, agent_id, request_id):
+                   **request) -> AsyncIterator[SequenceDelta]:
+        async for delta in self.generate(render_chat(self.tokenizer, messages), sampling_params, **request):
             yield delta
 
-    def _add(self, prompt, params, agent_id, request_id, stream: _Stream) -> str:
+    def add_adapter(self, name: str, path: str) -> None:
+        with self._lock:
+            self.engine.weights.add_adapter(name, path)
+
+    def add_private_model(self, name: str, path: str) -> None:
+        with self._lock:
+            self.engine.weights.add_private_model(name, path)
+
+    def _add(self, prompt, params, request: dict, stream: _Stream) -> str:
         with self._wake:
-            request_id = self.engine.add_request(prompt, params, agent_id=agent_id, request_id=request_id)
+            request_id = self.engine.add_request(prompt, params, **request)
             self._streams[request_id] = stream
             self._wake.notify()
         return request_id

@@ -10,6 +10,7 @@ DEFAULT_KV_CACHE_MEMORY = "1GiB"
 DEFAULT_BLOCK_SIZE_TOKENS = 16
 DEFAULT_MAX_NUM_SEQS = 64
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+DEFAULT_MAX_LORA_RANK = 64
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -28,6 +29,7 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     kv_cache_dtype: str = "auto"
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -52,46 +52,65 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def add_adapter(self, name: str, path: str) -> None:
+        """Register a PEFT LoRA adapter folder under `name` (select it with adapters=[name] or model='base:name')."""
+        self.engine.weights.add_adapter(name, path)
+
+    def add_private_model(self, name: str, path: str) -> None:
+        """Register a full weight set of the base architecture under `name` (select it with models=[name])."""
+        self.engine.weights.add_private_model(name, path)
+
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 agent_ids: str | list[str | None] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); results come back in prompt order."""
+                 agent_ids: str | list[str | None] | None = None, use_tqdm: bool = False,
+                 adapters: str | list[str | None] | None = None,
+                 models: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); results come back in prompt order.
+
+        `adapters` and `models` pick, per prompt, a registered LoRA adapter and the model (base,
+        'base:adapter' or a private model); None means the base model without adapter.
+        """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, SequenceABC) or not prompts:
             raise InvalidRequestError("prompts must be a non-empty list")
         params = _as_list(sampling_params or SamplingParams(), len(prompts), "sampling_params")
         agents = _as_list(agent_ids, len(prompts), "agent_ids")
-        return self._run([self.engine.tokenize(p) for p in prompts], params, agents, use_tqdm)
+        targets = list(zip(_as_list(adapters, len(prompts), "adapters"), _as_list(models, len(prompts), "models")))
+        return self._run([self.engine.tokenize(p) for p in prompts], params, agents, targets, use_tqdm)
 
     def chat(self, messages: Messages | list[Messages], sampling_params: SamplingParams | list[SamplingParams] | None = None,
              agent_ids: str | list[str | None] | None = None, add_generation_prompt: bool = True,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = False, adapters: str | list[str | None] | None = None,
+             models: str | list[str | None] | None = None) -> list[RequestOutput]:
         """Generate a reply to each conversation, rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompt_ids = [render_chat(self.tokenizer, c, add_generation_prompt) for c in conversations]
         params = _as_list(sampling_params or SamplingParams(), len(prompt_ids), "sampling_params")
-        return self._run(prompt_ids, params, _as_list(agent_ids, len(prompt_ids), "agent_ids"), use_tqdm)
+        targets = list(zip(_as_list(adapters, len(prompt_ids), "adapters"), _as_list(models, len(prompt_ids), "models")))
+        return self._run(prompt_ids, params, _as_list(agent_ids, len(prompt_ids), "agent_ids"), targets, use_tqdm)
 
-    def prompt_logits(self, prompt: Prompt, agent_id: str | None = None) -> torch.Tensor:
+    def prompt_logits(self, prompt: Prompt, agent_id: str | None = None, adapter: str | None = None,
+                      model: str | None = None) -> torch.Tensor:
         """Logits [uncached prompt tokens, vocab] for every prompt position computed by this call.
 
         Positions whose KV came from the prefix cache are not recomputed, so the rows start at
         `len(prompt) - rows`; the prompt's pages are cached afterwards like any request's.
         """
         request_id = self.engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0),
-                                             agent_id=agent_id, want_prompt_logits=True)
+                                             agent_id=agent_id, adapter=adapter, model=model,
+                                             want_prompt_logits=True)
         seq = self.engine.requests[request_id].seqs[0]
         while not seq.is_finished:
             self.engine.step()
         return torch.cat(seq.prompt_logits)
 
     def _run(self, prompt_ids: list[list[int]], params: list[SamplingParams], agents: list[str | None],
-             use_tqdm: bool) -> list[RequestOutput]:
+             targets: list[tuple[str | None, str | None]], use_tqdm: bool) -> list[RequestOutput]:
         outputs: dict[str, RequestOutput] = {}
         order = []
         try:
-            for ids, p, agent in zip(prompt_ids, params, agents):
-                request_id = self.engine.add_request(ids, p, agent_id=agent)
+            for ids, p, agent, (adapter, model) in zip(prompt_ids, params, agents, targets):
+                request_id = self.engine.add_request(ids, p, agent_id=agent, adapter=adapter, model=model)
                 order.append(request_id)
                 outputs[request_id] = RequestOutput(request_id, ids, [CompletionOutput(i) for i in range(p.n)],
                                                     agent_id=agent, arrival_s=time.perf_counter())

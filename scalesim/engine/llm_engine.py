@@ -22,6 +22,7 @@ from scalesim.models.loader import load_model, load_tokenizer
 from scalesim.models.registry import resolve_model
 from scalesim.outputs import SequenceDelta
 from scalesim.sampling_params import SamplingParams
+from scalesim.weights.registry import WeightRegistry, kv_namespace
 
 logger = logging.getLogger(__name__)
 MAX_AGENT_ID_CHARS = 256
@@ -52,6 +53,8 @@ class LLMEngine:
         self.cache = RadixCache(self.pool)
         self.scheduler = Scheduler(self.pool, self.cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.pool, config.device)
+        self.weights = WeightRegistry(config.model, self.model_config, config.device, config.torch_dtype,
+                                      config.max_lora_rank)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         logger.info("loaded %s in %.2f s; KV pool %d pages of %d tokens (%d bytes)", config.model,
@@ -74,8 +77,13 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, agent_id: str | None = None,
-                    request_id: str | None = None, namespace: str = "", want_prompt_logits: bool = False) -> str:
-        """Validate and queue a request; return its id. Raises InvalidRequestError on bad input."""
+                    request_id: str | None = None, adapter: str | None = None, model: str | None = None,
+                    want_prompt_logits: bool = False) -> str:
+        """Validate and queue a request; return its id. Raises InvalidRequestError on bad input.
+
+        `adapter` names a registered LoRA adapter; `model` is the base name, 'base:adapter', or a
+        registered private model.
+        """
         if agent_id is not None and (not isinstance(agent_id, str) or not agent_id or len(agent_id) > MAX_AGENT_ID_CHARS):
             raise InvalidRequestError(f"agent_id must be a non-empty string of at most {MAX_AGENT_ID_CHARS} characters")
         if not isinstance(params, SamplingParams):
@@ -84,6 +92,8 @@ class LLMEngine:
         request_id = request_id or self.new_request_id()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        lora, private = self.weights.resolve(adapter, model)
+        namespace = kv_namespace(lora, private)
         prompt_ids = self.tokenize(prompt)
         total = len(prompt_ids) + params.max_tokens
         if len(prompt_ids) >= self.max_model_len or total > self.max_model_len:
@@ -100,7 +110,8 @@ class LLMEngine:
             generator = None if seed is None else torch.Generator(device=self.config.device).manual_seed(seed)
             seq = Sequence(request_id=request_id, index=index, prompt_token_ids=list(prompt_ids), params=params,
                            agent_id=agent_id, namespace=namespace, eos_token_ids=self.eos_token_ids,
-                           generator=generator, want_prompt_logits=want_prompt_logits and index == 0)
+                           generator=generator, want_prompt_logits=want_prompt_logits and index == 0,
+                           adapter=lora, private_model=private)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.stop))
             self.scheduler.add(seq)
@@ -119,8 +130,16 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def _load_waiting_weights(self) -> None:
+        """Bring the adapters and models of waiting requests onto the device, on demand."""
+        for seq in self.scheduler.waiting:
+            for handle in seq.weights:
+                if not handle.on_device:
+                    handle.move_to("device")
+
     def step(self) -> list[SequenceDelta]:
         """Run one batch; return what each touched sequence gained (finished ones included)."""
+        self._load_waiting_weights()
         batch = self.scheduler.schedule()
         if not batch:
             return []

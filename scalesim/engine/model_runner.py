@@ -9,6 +9,7 @@ from scalesim.engine.sampler import sample, top_logprobs
 from scalesim.engine.scheduler import ScheduledSequence
 from scalesim.engine.sequence import Sequence
 from scalesim.layers.attention import AttentionMetadata
+from scalesim.layers.lora import LoRABatch, LoRAStackCache
 from scalesim.models.llama import LlamaForCausalLM
 
 
@@ -24,6 +25,7 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.device = torch.device(device)
+        self.lora_stacks = LoRAStackCache()
 
     def _metadata(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         block_size = self.pool.block_size
@@ -54,18 +56,33 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> list[SampledToken]:
-        """Compute the batch's new tokens; return one sampled token per sequence that samples."""
+        """Compute the batch's new tokens, one forward per model (base or private) in it; return
+        one sampled token per sequence that samples. Refuses weights that are not on the device."""
+        groups: dict[int, list[ScheduledSequence]] = {}
+        for item in batch:
+            if not item.seq.weights_on_device:
+                raise RuntimeError(f"refusing to run {item.seq.request_id}: its weights are not on the device")
+            groups.setdefault(id(item.seq.private_model), []).append(item)
+        sampled: list[SampledToken] = []
+        for group in groups.values():
+            private = group[0].seq.private_model
+            sampled.extend(self._run_group(self.model if private is None else private.model, group))
+        return sampled
+
+    def _run_group(self, model: LlamaForCausalLM, batch: list[ScheduledSequence]) -> list[SampledToken]:
         input_ids, positions, meta = self._metadata(batch)
-        hidden = self.model(input_ids, positions, self.pool.kv_cache, meta)
+        token_adapters = [item.seq.adapter for item in batch for _ in range(item.num_new_tokens)]
+        lora = LoRABatch(token_adapters, self.device, self.lora_stacks) if any(token_adapters) else None
+        hidden = model(input_ids, positions, self.pool.kv_cache, meta, lora)
         ends = torch.tensor([s.num_new_tokens for s in batch]).cumsum(0)
         for s, end in zip(batch, ends.tolist()):
             if s.seq.want_prompt_logits and s.seq.num_computed_tokens < len(s.seq.prompt_token_ids):
-                s.seq.prompt_logits.append(self.model.compute_logits(hidden[end - s.num_new_tokens:end]).cpu())
+                s.seq.prompt_logits.append(model.compute_logits(hidden[end - s.num_new_tokens:end]).cpu())
         sampling = [(s, end - 1) for s, end in zip(batch, ends.tolist()) if s.samples]
         if not sampling:
             return []
         rows = torch.tensor([row for _, row in sampling], device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        logits = model.compute_logits(hidden.index_select(0, rows))
         seqs = [s.seq for s, _ in sampling]
         tokens = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
         want = max((q.params.logprobs for q in seqs if q.params.logprobs is not None), default=None)

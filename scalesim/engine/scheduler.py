@@ -71,24 +71,31 @@ class Scheduler:
                 continue
             batch.append(ScheduledSequence(seq, num_new))
             budget -= num_new
+        not_ready: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
+            if not seq.weights_on_device:
+                not_ready.append(seq)  # its adapter or model is still loading: let others run
+                continue
             self._admit(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._reserve(seq, num_new, batch, may_preempt=False):
                 self._release(seq)
+                self.waiting.appendleft(seq)
                 break
-            self.waiting.popleft()
             self.stats.prompt_tokens += seq.num_tokens
             self.stats.cached_prompt_tokens += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.append(ScheduledSequence(seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(not_ready))
         return batch
 
     def _admit(self, seq: Sequence) -> None:
         """Reuse the longest cached prefix (never all tokens: the last one must be computed)."""
+        for handle in seq.weights:
+            handle.pin()
         match = self.cache.match_prefix(seq.namespace, seq.token_ids[:-1])
         self.pool.incref(match.blocks)
         self.cache.lock(match.node)
@@ -135,6 +142,8 @@ class Scheduler:
         self.pool.decref(seq.block_table)
         if seq.cache_node is not None:
             self.cache.unlock(seq.cache_node)
+            for handle in seq.weights:
+                handle.unpin()
         seq.block_table, seq.cache_node = [], None
 
     def cache_computed(self, seq: Sequence) -> None:

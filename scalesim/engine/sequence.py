@@ -8,6 +8,8 @@ import torch
 
 from scalesim.engine.radix_cache import RadixNode
 from scalesim.sampling_params import SamplingParams
+from scalesim.weights.lora import LoRAAdapter
+from scalesim.weights.private_model import PrivateModel
 
 
 class SequenceStatus(enum.Enum):
@@ -32,6 +34,8 @@ class Sequence:
     namespace: str = ""
     eos_token_ids: frozenset[int] = frozenset()
     want_prompt_logits: bool = False
+    adapter: LoRAAdapter | None = None
+    private_model: PrivateModel | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict] = field(default_factory=list)
@@ -45,6 +49,15 @@ class Sequence:
     arrival_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     num_preemptions: int = 0
+
+    @property
+    def weights(self) -> tuple:
+        """The per-agent weight handles this sequence runs with (adapter and/or private model)."""
+        return tuple(h for h in (self.adapter, self.private_model) if h is not None)
+
+    @property
+    def weights_on_device(self) -> bool:
+        return all(h.on_device for h in self.weights)
 
     @property
     def token_ids(self) -> list[int]:

@@ -11,14 +11,16 @@ from torch import nn
 
 from scalesim.layers.attention import AttentionMetadata, paged_attention
 from scalesim.layers.linear import Embedding, Linear
+from scalesim.layers.lora import LoRABatch
 from scalesim.layers.rmsnorm import RMSNorm
 from scalesim.layers.rotary import RotaryEmbedding
 from scalesim.models.config import ModelConfig
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -29,40 +31,59 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if lora is not None:
+            _add_deltas(lora, self.layer, x, (("q_proj", q), ("k_proj", k), ("v_proj", v)))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = RotaryEmbedding.apply(q, k, cos_sin)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out)
+        return _project(self.o_proj, out, lora, self.layer, "o_proj")
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        if lora is not None:
+            _add_deltas(lora, self.layer, x, (("gate_proj", gate), ("up_proj", up)))
+        return _project(self.down_proj, F.silu(gate) * up, lora, self.layer, "down_proj")
+
+
+def _add_deltas(lora: LoRABatch, layer: int, x: torch.Tensor, outputs) -> None:
+    """Add each target's LoRA delta in place into its slice of a fused projection's output."""
+    for target, out in outputs:
+        delta = lora.delta(layer, target, x)
+        if delta is not None:
+            out += delta
+
+
+def _project(linear: Linear, x: torch.Tensor, lora: LoRABatch | None, layer: int, target: str) -> torch.Tensor:
+    out = linear(x)
+    delta = None if lora is None else lora.delta(layer, target, x)
+    return out if delta is None else out + delta
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                kv_cache: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -72,7 +93,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -81,11 +102,13 @@ class LlamaForCausalLM(nn.Module):
                                       config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, lora: LoRABatch | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] of the flattened tokens; `lora` adds per-token adapter deltas."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(positions)
+        lora = lora if lora is not None and lora.active else None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
+            x = layer(x, cos_sin, kv_cache, meta, lora)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Per-agent weights: LoRA adapters and private models, each one movable object."""
