@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--gen-len", type=int, default=64, help="tokens generated per sequence (default: 64)")
     eng.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of both engines (default: fp32)")
     eng.add_argument("--out", default=None, help="write the JSON result here too")
+    ada = kinds.add_parser("adapters", help="multi-LoRA decode: 16 adapters in one batch vs no adapters vs one at a time")
+    ada.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
+    ada.add_argument("--adapters", type=int, default=16, help="requests, each with its own adapter (default: 16)")
+    ada.add_argument("--rank", type=int, default=16, help="LoRA rank, all seven target modules (default: 16)")
+    ada.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (default: 64)")
+    ada.add_argument("--gen-len", type=int, default=32, help="tokens generated per request (default: 32)")
+    ada.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="engine dtype (default: fp32)")
+    ada.add_argument("--out", default=None, help="write the JSON result here too")
     pre = kinds.add_parser("prefix", help="time to first token with and without a cached shared prefix")
     pre.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
     pre.add_argument("--prefix-len", type=int, default=1000, help="shared prefix tokens (default: 1000)")
@@ -106,11 +114,15 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _microbench(args: argparse.Namespace) -> None:
+    from scalesim.bench.adapters_bench import run_adapters_bench
     from scalesim.bench.engine_bench import run_engine_bench, write_result
     from scalesim.bench.prefix_bench import run_prefix_bench
 
     if args.kind == "engine":
         write_result(run_engine_bench(args.model, args.batch, args.prompt_len, args.gen_len, args.dtype), args.out)
+    elif args.kind == "adapters":
+        write_result(run_adapters_bench(args.model, args.adapters, args.rank, args.prompt_len, args.gen_len,
+                                        args.dtype), args.out)
     elif args.kind == "prefix":
         write_result(run_prefix_bench(args.model, args.prefix_len, args.suffix_len), args.out)
 

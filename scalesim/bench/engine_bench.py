@@ -9,6 +9,7 @@ takes the prefill out of both sides.
 import json
 import logging
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,20 +35,22 @@ class EngineBenchResult:
     scalesim_tokens_per_s: float
     hf_tokens_per_s: float
     ratio: float
+    rounds: int
     scalesim_prefill_s: float
     hf_prefill_s: float
     scalesim_total_s: float
     hf_total_s: float
 
 
-def _prompts(rng: random.Random, batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
+def random_prompts(rng: random.Random, batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab) for _ in range(prompt_len)] for _ in range(batch)]
 
 
-def _time_scalesim(llm: LLM, prompts: list[list[int]], gen_len: int) -> float:
+def time_generate(llm: LLM, prompts: list[list[int]], gen_len: int, adapters: list[str | None] | None = None) -> float:
+    """Seconds to generate exactly gen_len greedy tokens for every prompt in one batch."""
     params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
     started = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params, adapters=adapters)
     elapsed = time.perf_counter() - started
     assert all(len(o.outputs[0].token_ids) == gen_len for o in outputs)
     return elapsed
@@ -65,7 +68,9 @@ def _time_hf(model, prompts: list[list[int]], gen_len: int) -> float:
 
 
 def run_engine_bench(model: str, batch: int, prompt_len: int, gen_len: int, dtype: str = "fp32",
-                     seed: int = 0) -> EngineBenchResult:
+                     rounds: int = 3, seed: int = 0) -> EngineBenchResult:
+    """Both engines run interleaved for `rounds` rounds and the medians are compared, as this
+    machine is shared and its speed drifts between runs."""
     from transformers import AutoModelForCausalLM
 
     rng = random.Random(seed)
@@ -73,19 +78,23 @@ def run_engine_bench(model: str, batch: int, prompt_len: int, gen_len: int, dtyp
               max_num_batched_tokens=max(batch * prompt_len, 512), seed=seed)
     vocab = llm.engine.model_config.vocab_size
     hf = AutoModelForCausalLM.from_pretrained(str(resolve_model(model)), dtype=DTYPES[dtype]).eval()
-    warm = _prompts(rng, batch, prompt_len, vocab)
-    _time_scalesim(llm, warm, 4)
+    warm = random_prompts(rng, batch, prompt_len, vocab)
+    time_generate(llm, warm, 4)
     _time_hf(hf, warm, 4)
-    ours_prefill = _time_scalesim(llm, _prompts(rng, batch, prompt_len, vocab), 1)
-    hf_prefill = _time_hf(hf, _prompts(rng, batch, prompt_len, vocab), 1)
-    ours_total = _time_scalesim(llm, _prompts(rng, batch, prompt_len, vocab), gen_len)
-    hf_total = _time_hf(hf, _prompts(rng, batch, prompt_len, vocab), gen_len)
+    fresh = lambda: random_prompts(rng, batch, prompt_len, vocab)  # noqa: E731
+    runs: dict[str, list[float]] = {"ours_prefill": [], "hf_prefill": [], "ours_total": [], "hf_total": []}
+    for _ in range(rounds):
+        runs["ours_prefill"].append(time_generate(llm, fresh(), 1))
+        runs["hf_prefill"].append(_time_hf(hf, fresh(), 1))
+        runs["ours_total"].append(time_generate(llm, fresh(), gen_len))
+        runs["hf_total"].append(_time_hf(hf, fresh(), gen_len))
+    ours_prefill, hf_prefill, ours_total, hf_total = (statistics.median(runs[k]) for k in runs)
     decoded = batch * (gen_len - 1)
     ours_tps = decoded / max(ours_total - ours_prefill, 1e-9)
     hf_tps = decoded / max(hf_total - hf_prefill, 1e-9)
     return EngineBenchResult(model=model, dtype=dtype, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
                              threads=torch.get_num_threads(), scalesim_tokens_per_s=round(ours_tps, 2),
-                             hf_tokens_per_s=round(hf_tps, 2), ratio=round(ours_tps / hf_tps, 3),
+                             hf_tokens_per_s=round(hf_tps, 2), ratio=round(ours_tps / hf_tps, 3), rounds=rounds,
                              scalesim_prefill_s=round(ours_prefill, 3), hf_prefill_s=round(hf_prefill, 3),
                              scalesim_total_s=round(ours_total, 3), hf_total_s=round(hf_total, 3))
 
