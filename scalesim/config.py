@@ -11,13 +11,23 @@ DEFAULT_BLOCK_SIZE_TOKENS = 16
 DEFAULT_MAX_NUM_SEQS = 64
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 DEFAULT_MAX_LORA_RANK = 64
+DEFAULT_POLICY = "scalesim"
+DEFAULT_HOST_MEMORY = "4GiB"
+DEFAULT_DISK_MEMORY = "100GiB"
+IDEAL_DEVICE_MEMORY = "8GiB"  # the `ideal` policy's stand-in for unbounded device memory
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
 
 @dataclass
 class EngineConfig:
-    """Settings of one engine. `kv_cache_memory` is the exact byte budget of the paged KV pool."""
+    """Settings of one engine.
+
+    `device_memory` (alias `kv_cache_memory`) is the exact byte budget of the device tier: the KV
+    pool, in which adapters and private models on the device reserve their bytes too.
+    `host_memory` bounds the host tier; `disk_dir` enables the disk tier (bounded by
+    `disk_memory`). `policy` is one of memory.policies.POLICIES.
+    """
 
     model: str
     dtype: str = "fp32"
@@ -30,11 +40,25 @@ class EngineConfig:
     seed: int = 0
     kv_cache_dtype: str = "auto"
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+    policy: str = DEFAULT_POLICY
+    device_memory: str | int | None = None
+    host_memory: str | int = DEFAULT_HOST_MEMORY
+    disk_dir: str | None = None
+    disk_memory: str | int = DEFAULT_DISK_MEMORY
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        self.kv_cache_nbytes = parse_nbytes(self.kv_cache_memory)
+        from scalesim.memory.policies import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        device = self.device_memory if self.device_memory is not None else self.kv_cache_memory
+        if POLICIES[self.policy].unbounded_device:
+            device = max(parse_nbytes(device), parse_nbytes(IDEAL_DEVICE_MEMORY))
+        self.kv_cache_nbytes = self.device_nbytes = parse_nbytes(device)
+        self.host_nbytes = parse_nbytes(self.host_memory)
+        self.disk_nbytes = parse_nbytes(self.disk_memory)
         if self.block_size_tokens <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("block_size_tokens, max_num_seqs and max_num_batched_tokens must be positive")
         if self.device == "auto":

@@ -1,6 +1,8 @@
 """The engine loop: validate and queue requests, step the scheduler and model, emit deltas.
 
-Not thread-safe: one thread drives it (the `LLM` caller, or the `AsyncLLM` loop thread).
+One thread drives it (the `LLM` caller, or the `AsyncLLM` loop thread). The memory worker
+thread moves state concurrently; both take the memory manager's lock for bookkeeping, and the
+engine holds it only while scheduling and recording a step, never during the forward pass.
 """
 
 import itertools
@@ -15,6 +17,10 @@ from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.detokenizer import IncrementalDetokenizer
 from scalesim.engine.model_runner import ModelRunner
 from scalesim.engine.radix_cache import RadixCache
+from scalesim.distance.tracker import DistanceTracker
+from scalesim.engine.agents import Agent
+from scalesim.engine.hints import estimate_distances
+from scalesim.engine.memory_hooks import ManagedMemory
 from scalesim.engine.scheduler import Scheduler
 from scalesim.engine.sequence import Sequence
 from scalesim.errors import InvalidRequestError, RequestTooLargeError
@@ -22,6 +28,10 @@ from scalesim.models.loader import load_model, load_tokenizer
 from scalesim.models.registry import resolve_model
 from scalesim.outputs import SequenceDelta
 from scalesim.sampling_params import SamplingParams
+from scalesim.memory.disk_store import DiskStore
+from scalesim.memory.kv_objects import KVObjects
+from scalesim.memory.manager import MemoryManager, PrefetchWorker
+from scalesim.memory.policies import POLICIES
 from scalesim.weights.registry import WeightRegistry, kv_namespace
 
 logger = logging.getLogger(__name__)
@@ -51,10 +61,19 @@ class LLMEngine:
         self.pool = BlockPool(self.model_config, config.kv_cache_nbytes, config.block_size_tokens,
                               config.torch_kv_cache_dtype, config.device)
         self.cache = RadixCache(self.pool)
-        self.scheduler = Scheduler(self.pool, self.cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.tracker = DistanceTracker()
+        store = DiskStore(config.disk_dir, config.disk_nbytes) if config.disk_dir else None
+        self.memory = MemoryManager(self.pool, self.tracker, POLICIES[config.policy], config.host_nbytes, store)
+        self.kv_objects = KVObjects(self.memory, self.cache)
+        self.kv_objects.restore()
+        self.memory_hooks = ManagedMemory(self.memory, self.cache, self.pool)
+        self.scheduler = Scheduler(self.pool, self.cache, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.memory_hooks)
         self.runner = ModelRunner(self.model, self.pool, config.device)
         self.weights = WeightRegistry(config.model, self.model_config, config.device, config.torch_dtype,
-                                      config.max_lora_rank)
+                                      config.max_lora_rank, self.memory)
+        self.agents: dict[str, Agent] = {}
+        self.worker = PrefetchWorker(self.memory)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         logger.info("loaded %s in %.2f s; KV pool %d pages of %d tokens (%d bytes)", config.model,
@@ -92,6 +111,9 @@ class LLMEngine:
         request_id = request_id or self.new_request_id()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        registered = self.agents.get(agent_id) if agent_id is not None else None
+        if registered is not None and adapter is None and model is None:
+            adapter, model = registered.adapter, registered.model
         lora, private = self.weights.resolve(adapter, model)
         namespace = kv_namespace(lora, private)
         prompt_ids = self.tokenize(prompt)
@@ -100,10 +122,11 @@ class LLMEngine:
             raise RequestTooLargeError(
                 f"this model's context is {self.max_model_len} tokens; the request has {len(prompt_ids)} prompt "
                 f"tokens and max_tokens {params.max_tokens}; shorten the prompt or lower max_tokens")
-        if self.pool.blocks_for(total) > self.pool.num_blocks:
+        weight_blocks = sum(h.device_blocks_needed(self.pool.block_nbytes) for h in (lora, private) if h)
+        if self.pool.blocks_for(total) + weight_blocks > self.pool.num_blocks:
             raise RequestTooLargeError(
-                f"the request needs {self.pool.blocks_for(total)} KV pages but the whole pool has "
-                f"{self.pool.num_blocks}; raise kv_cache_memory or shorten the request")
+                f"the request needs {self.pool.blocks_for(total) + weight_blocks} device pages (KV and weights) but "
+                f"the whole pool has {self.pool.num_blocks}; raise device_memory or shorten the request")
         seqs, detoks = [], []
         for index in range(params.n):
             seed = params.seed_for(index)
@@ -116,6 +139,13 @@ class LLMEngine:
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.stop))
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, seqs, detoks)
+        with self.memory.lock:
+            for handle in (lora, private):
+                if handle is not None:
+                    self.memory.stats.add("hit" if handle.on_device else "miss", handle.kind, tier=handle.tier)
+            if agent_id is not None:
+                self.tracker.on_request(agent_id)
+                self.memory.agents_changed([agent_id])
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -123,27 +153,48 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return
-        for seq in request.seqs:
-            if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
+        with self.memory.lock:
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "abort")
+                    self._finished(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    def _load_waiting_weights(self) -> None:
-        """Bring the adapters and models of waiting requests onto the device, on demand."""
+    def _request_waiting_weights(self) -> None:
+        """Ask the memory worker to load the adapters and models that waiting requests need."""
         for seq in self.scheduler.waiting:
             for handle in seq.weights:
                 if not handle.on_device:
-                    handle.move_to("device")
+                    self.memory.request_load(handle)
+                    self.worker.wake.set()
+
+    def _finished(self, seq: Sequence) -> None:
+        self.memory_hooks.finished(seq)
+        if seq.agent_id is not None:
+            self.tracker.on_finish(seq.agent_id)
+            self.memory.agents_changed([seq.agent_id])
+            self.worker.wake.set()
 
     def step(self) -> list[SequenceDelta]:
-        """Run one batch; return what each touched sequence gained (finished ones included)."""
-        self._load_waiting_weights()
-        batch = self.scheduler.schedule()
+        """Run one batch; return what each touched sequence gained (finished ones included).
+
+        A request whose weights are still loading waits; the others run.
+        """
+        with self.memory.lock:
+            self._request_waiting_weights()
+            batch = self.scheduler.schedule()
         if not batch:
+            if self.has_unfinished():
+                self.memory.loaded.wait(0.005)
+                self.memory.loaded.clear()
             return []
         sampled = self.runner.run(batch)
+        with self.memory.lock:
+            return self._record(batch, sampled)
+
+    def _record(self, batch, sampled) -> list[SequenceDelta]:
         for item in batch:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
@@ -163,6 +214,7 @@ class LLMEngine:
             reason = self._finish_reason(seq, result.token_id, detok)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
+                self._finished(seq)
             deltas.append(SequenceDelta(
                 request_id=seq.request_id, index=seq.index, text=detok.take_delta(final=reason is not None),
                 token_ids=[result.token_id], logprobs=[result.logprobs] if result.logprobs else [],
@@ -181,6 +233,58 @@ class LLMEngine:
         if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    # --- agents and hints ------------------------------------------------------------------
+    def register_agent(self, agent_id: str, adapter: str | None = None, model: str | None = None,
+                       prefix: str | None = None) -> Agent:
+        """Record which adapter / private model the agent runs with (names already registered)."""
+        if not isinstance(agent_id, str) or not agent_id or len(agent_id) > MAX_AGENT_ID_CHARS:
+            raise InvalidRequestError(f"agent_id must be a non-empty string of at most {MAX_AGENT_ID_CHARS} characters")
+        lora, private = self.weights.resolve(adapter, model)
+        with self.memory.lock:
+            for handle in (lora, private):
+                if handle is not None:
+                    self.memory.add_owner(handle, agent_id)
+        agent = Agent(agent_id, adapter=lora.name if lora else None, model=private.name if private else None,
+                      prefix=prefix)
+        self.agents[agent_id] = agent
+        return agent
+
+    def unregister_agent(self, agent_id: str) -> None:
+        if self.agents.pop(agent_id, None) is None:
+            raise InvalidRequestError(f"no agent {agent_id!r}")
+
+    def hint(self, step: int | None = None, **hints) -> dict:
+        """Feed invocation-distance estimates (see engine/hints.py); return what was accepted."""
+        if step is None and hints.get("timestep_cnt") is not None:
+            step = hints["timestep_cnt"]
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            raise InvalidRequestError(f"step must be a non-negative integer, got {step!r}")
+        distances = estimate_distances(self.tracker.step if step is None else step, **hints)
+        with self.memory.lock:
+            if step is not None:
+                self.tracker.advance(step)
+            changed = self.tracker.hint(distances)
+            self.memory.agents_changed(changed)
+            unknown = [a for a in distances if a not in self.agents and a not in self.memory.by_agent]
+            self.memory.stats.add("hinted_unknown_agents", "agents", len(unknown))
+        self.worker.wake.set()
+        return {"step": self.tracker.step, "agents": len(distances), "changed": len(changed), "unknown": len(unknown)}
+
+    def set_future(self, calls: dict[str, list[float]]) -> None:
+        """For the `oracle` policy: the true steps at which each agent will call."""
+        with self.memory.lock:
+            self.memory.ctx.future = {a: sorted(steps) for a, steps in calls.items()}
+            self.memory.agents_changed(list(calls))
+
+    def memory_stats(self) -> dict:
+        """Counters per tier and kind: hits, misses, bytes moved, prefetches, stall seconds, ..."""
+        out = self.memory.snapshot()
+        out["policy"] = self.config.policy
+        return out
+
+    def shutdown(self) -> None:
+        self.worker.stop()
 
     def stats(self) -> dict:
         """Counters of the KV pool, the prefix cache and the scheduler."""

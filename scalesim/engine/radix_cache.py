@@ -12,6 +12,7 @@ or inserted by it); it is never evicted. `evict` frees only unlocked leaves, sma
 import heapq
 import itertools
 from collections.abc import Callable
+from typing import Protocol
 from dataclasses import dataclass, field
 
 from scalesim.engine.block_pool import BlockPool
@@ -29,6 +30,11 @@ class RadixNode:
     lock_ref: int = 0
     last_access: int = 0
     hits: int = 0
+    resident: object | None = None  # the memory layer's object for these pages, when one is attached
+
+    @property
+    def on_device(self) -> bool:
+        return self.resident is None or self.resident.tier == "device"
 
     @property
     def is_root(self) -> bool:
@@ -54,13 +60,22 @@ class PrefixMatch:
         return len(self.blocks)
 
 
+class CacheObserver(Protocol):
+    """What the memory layer hears about nodes (engine -> memory, never the other way)."""
+
+    def node_created(self, node: RadixNode) -> None: ...
+    def node_split(self, upper: RadixNode, lower: RadixNode) -> None: ...
+    def node_revived(self, node: RadixNode, blocks: list[int]) -> None: ...
+
+
 class RadixCache:
-    def __init__(self, pool: BlockPool, priority: Callable[[RadixNode], tuple] = lru_priority) -> None:
+    def __init__(self, pool: BlockPool, priority: Callable[[RadixNode], tuple] = lru_priority,
+                 observer: CacheObserver | None = None) -> None:
         self.pool = pool
         self.page = pool.block_size
         self.priority = priority
+        self.observer = observer
         self.roots: dict[str, RadixNode] = {}
-        self.num_cached_blocks = 0
 
     def root(self, namespace: str) -> RadixNode:
         if namespace not in self.roots:
@@ -70,7 +85,7 @@ class RadixCache:
     def _pages(self, tokens: tuple[int, ...]) -> int:
         return len(tokens) // self.page
 
-    def _common_pages(self, a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    def common_pages(self, a: tuple[int, ...], b: tuple[int, ...]) -> int:
         pages = min(len(a), len(b)) // self.page
         for i in range(pages):
             lo, hi = i * self.page, (i + 1) * self.page
@@ -86,6 +101,8 @@ class RadixCache:
         node.parent.children[upper.tokens[:self.page]] = upper
         node.tokens, node.blocks, node.parent = node.tokens[cut:], node.blocks[pages:], upper
         upper.children[node.tokens[:self.page]] = node
+        if self.observer is not None:
+            self.observer.node_split(upper, node)
         return upper
 
     def match_prefix(self, namespace: str, tokens: list[int] | tuple[int, ...]) -> PrefixMatch:
@@ -94,9 +111,9 @@ class RadixCache:
         node, blocks = self.root(namespace), []
         while key:
             child = node.children.get(key[: self.page])
-            if child is None:
+            if child is None or not child.on_device:
                 break
-            pages = self._common_pages(child.tokens, key)
+            pages = self.common_pages(child.tokens, key)
             if pages < self._pages(child.tokens):
                 child = self._split(child, pages)
             child.touch()
@@ -119,10 +136,16 @@ class RadixCache:
                 child = RadixNode(namespace=namespace, tokens=key, blocks=blocks, parent=node)
                 node.children[key[: self.page]] = child
                 self.pool.incref(blocks)
-                self.num_cached_blocks += len(blocks)
                 child.touch()
+                if self.observer is not None:
+                    self.observer.node_created(child)
                 return child
-            common = self._common_pages(child.tokens, key)
+            common = self.common_pages(child.tokens, key)
+            if not child.on_device:
+                if common < self._pages(child.tokens) or child.lock_ref:
+                    return node  # partly overlaps pages kept off the device: leave them be
+                self.pool.incref(blocks[: common])
+                self.observer.node_revived(child, blocks[: common])
             if common < self._pages(child.tokens):
                 child = self._split(child, common)
             child.touch()
@@ -140,6 +163,11 @@ class RadixCache:
             node.lock_ref -= 1
             node = node.parent
 
+    @property
+    def num_cached_blocks(self) -> int:
+        """Pages the tree holds on the device (a scan: for statistics, not decisions)."""
+        return sum(len(n.blocks) for n in self.nodes())
+
     def nodes(self) -> list[RadixNode]:
         out, stack = [], list(self.roots.values())
         while stack:
@@ -150,6 +178,17 @@ class RadixCache:
 
     def evictable_blocks(self) -> int:
         return sum(len(n.blocks) for n in self.nodes() if n.lock_ref == 0)
+
+    def attach_offline(self, parent: RadixNode, tokens: tuple[int, ...]) -> RadixNode:
+        """Add a node whose pages are kept off the device (restored from disk)."""
+        node = RadixNode(namespace=parent.namespace, tokens=tokens, parent=parent)
+        parent.children[tokens[: self.page]] = node
+        return node
+
+    def remove_leaf(self, node: RadixNode) -> None:
+        """Unlink an unlocked leaf whose pages the memory layer has already released."""
+        assert not node.children and node.lock_ref == 0 and not node.is_root
+        del node.parent.children[node.tokens[: self.page]]
 
     def evict(self, num_blocks: int) -> int:
         """Free at least `num_blocks` blocks if possible by dropping unlocked leaves; return freed."""
@@ -163,7 +202,6 @@ class RadixCache:
             parent = node.parent
             del parent.children[node.tokens[: self.page]]
             self.pool.decref(node.blocks)
-            self.num_cached_blocks -= len(node.blocks)
             freed += len(node.blocks)
             if not parent.is_root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (self.priority(parent), next(order), parent))

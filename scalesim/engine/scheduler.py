@@ -11,6 +11,7 @@ token in the step that computes its last uncomputed token.
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.radix_cache import RadixCache
@@ -39,10 +40,38 @@ class SchedulerStats:
     evicted_blocks: int = 0
 
 
+class MemoryHooks(Protocol):
+    """How the scheduler asks the memory layer for room and tells it what requests use."""
+
+    def evict(self, num_blocks: int) -> int:
+        """Free about `num_blocks` device blocks held by unpinned state; return how many were freed."""
+
+    def load_prefix(self, seq: Sequence) -> None:
+        """Bring the sequence's cached prefix pages back to the device before matching."""
+
+    def used(self, seq: Sequence) -> None:
+        """The sequence now holds (pins) its prefix pages and weights."""
+
+
+class CacheOnlyHooks:
+    """No memory layer: evict unlocked radix leaves by LRU, nothing to load or record."""
+
+    def __init__(self, cache: RadixCache) -> None:
+        self.evict = cache.evict
+
+    def load_prefix(self, seq: Sequence) -> None:
+        pass
+
+    def used(self, seq: Sequence) -> None:
+        pass
+
+
 class Scheduler:
-    def __init__(self, pool: BlockPool, cache: RadixCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, pool: BlockPool, cache: RadixCache, max_num_seqs: int, max_num_batched_tokens: int,
+                 hooks: MemoryHooks | None = None) -> None:
         self.pool = pool
         self.cache = cache
+        self.hooks = hooks or CacheOnlyHooks(cache)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -96,12 +125,14 @@ class Scheduler:
         """Reuse the longest cached prefix (never all tokens: the last one must be computed)."""
         for handle in seq.weights:
             handle.pin()
+        self.hooks.load_prefix(seq)
         match = self.cache.match_prefix(seq.namespace, seq.token_ids[:-1])
         self.pool.incref(match.blocks)
         self.cache.lock(match.node)
         seq.block_table = list(match.blocks)
         seq.cache_node = match.node
         seq.num_computed_tokens = seq.num_cached_tokens = match.num_blocks * self.pool.block_size
+        self.hooks.used(seq)
 
     def _reserve(self, seq: Sequence, num_new: int, batch: list[ScheduledSequence], may_preempt: bool = True) -> bool:
         """Give `seq` pages for `num_new` more tokens; evict cache, then preempt others if needed."""
@@ -111,7 +142,7 @@ class Scheduler:
             if blocks is not None:
                 seq.block_table.extend(blocks)
                 return True
-            freed = self.cache.evict(need - self.pool.num_free)
+            freed = self.hooks.evict(need - self.pool.num_free)
             self.stats.evicted_blocks += freed
             if freed > 0:
                 continue
@@ -154,6 +185,7 @@ class Scheduler:
             if seq.cache_node is not None:
                 self.cache.unlock(seq.cache_node)
             seq.cache_node = node
+            self.hooks.used(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End the sequence: cache what it computed, free its own references."""

@@ -9,24 +9,39 @@ Contract: `move_to` is synchronous and leaves the handle whole in the target tie
 off the device; the engine runs a request only when its handles are on the device.
 """
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from pathlib import Path
 
 import torch
 
-TIERS = ("device", "host", "disk")
+from scalesim.memory.resident import TIERS, ResidentObject
 
 
-class WeightHandle(ABC):
+class WeightHandle(ResidentObject):
+    """A resident object whose truth is its source files (see memory/resident.py)."""
+
     kind: str = "weights"
 
     def __init__(self, name: str, source: Path, compute_device: str) -> None:
+        super().__init__()
         self.name = name
         self.source = Path(source)
         self.compute_device = torch.device(compute_device)
-        self.tier = "disk"
-        self.pin_count = 0
+        self._tier = "disk"
+        self._pins = 0
         self.version = 0  # bumped whenever the tensors are replaced, so stale copies are noticed
+
+    @property
+    def tier(self) -> str:
+        return self._tier
+
+    @tier.setter
+    def tier(self, value: str) -> None:
+        self._tier = value
+
+    @property
+    def pin_count(self) -> int:
+        return self._pins
 
     @property
     def key(self) -> str:
@@ -69,11 +84,11 @@ class WeightHandle(ABC):
         self.version += 1
 
     def pin(self) -> None:
-        self.pin_count += 1
+        self._pins += 1
 
     def unpin(self) -> None:
-        assert self.pin_count > 0, f"unpin of unpinned {self.key}"
-        self.pin_count -= 1
+        assert self._pins > 0, f"unpin of unpinned {self.key}"
+        self._pins -= 1
 
     @property
     def on_device(self) -> bool:

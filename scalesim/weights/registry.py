@@ -19,12 +19,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-/]{1,128}$")
 
 class WeightRegistry:
     def __init__(self, base_name: str, base: ModelConfig, device: str, dtype: torch.dtype,
-                 max_lora_rank: int = DEFAULT_MAX_LORA_RANK) -> None:
+                 max_lora_rank: int = DEFAULT_MAX_LORA_RANK, manager=None) -> None:
         self.base_name = base_name
         self.base = base
         self.device = device
         self.dtype = dtype
         self.max_lora_rank = max_lora_rank
+        self.manager = manager  # memory.manager.MemoryManager, or None to keep everything on the device
         self.adapters: dict[str, LoRAAdapter] = {}
         self.models: dict[str, PrivateModel] = {}
 
@@ -40,7 +41,7 @@ class WeightRegistry:
         if not Path(path).is_dir():
             raise InvalidRequestError(f"adapter {name!r}: {path} is not a folder")
         adapter = LoRAAdapter(name, Path(path), self.base, self.device, self.dtype, self.max_lora_rank)
-        adapter.move_to("device")
+        self._place(adapter)
         self.adapters[name] = adapter
         logger.info("adapter %s: rank %d, %d bytes, targets %s", name, adapter.rank, adapter.nbytes, adapter.targets)
         return adapter
@@ -51,9 +52,20 @@ class WeightRegistry:
         if not Path(path).is_dir():
             raise InvalidRequestError(f"private model {name!r}: {path} is not a folder")
         model = PrivateModel(name, Path(path), self.base, self.device, self.dtype)
-        model.move_to("device")
+        self._place(model)
         self.models[name] = model
         return model
+
+    def _place(self, handle: WeightHandle) -> None:
+        """A new handle starts on the device if room can be made, else in host memory or on disk."""
+        if self.manager is None:
+            handle.move_to("device")
+            return
+        with self.manager.lock:
+            if self.manager.host_used + handle.nbytes > self.manager.host_nbytes:
+                handle.move_to("disk")
+            self.manager.add(handle)
+            self.manager.promote(handle)
 
     def remove(self, name: str) -> None:
         handle = self.adapters.get(name) or self.models.get(name)
@@ -63,6 +75,8 @@ class WeightRegistry:
             raise InvalidRequestError(f"{name!r} is in use by a running request")
         self.adapters.pop(name, None)
         self.models.pop(name, None)
+        if self.manager is not None:
+            self.manager.remove(handle)
 
     def resolve(self, adapter: str | None, model: str | None) -> tuple[LoRAAdapter | None, PrivateModel | None]:
         """The handles a request names. `model` may be the base name, 'base:adapter', or a private model."""

@@ -1,0 +1,1 @@
+"""Invocation distance: how many simulation steps until each agent calls the model next."""

@@ -1,0 +1,109 @@
+"""The per-agent invocation-distance table.
+
+Distances are stored as the absolute step at which each agent is expected to call, so the decay
+of every distance by one per simulation step costs nothing and keys built from them stay valid
+between steps. An arriving request sets its agent's distance to 0 until it finishes; a finished
+request leaves the hint (if it still lies in the future) or falls back to the agent's own learned
+inter-arrival time. Seconds per step (an EWMA of the time between hinted steps) converts a
+distance into a deadline in seconds for prefetching.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+INF = math.inf
+DEFAULT_SECONDS_PER_STEP = 1.0
+EWMA_WEIGHT = 0.3
+
+
+@dataclass
+class _Agent:
+    hinted_step: float = INF          # absolute step of the next call, from the estimators
+    in_flight: int = 0
+    last_arrival_s: float | None = None
+    gap_s: float | None = None        # EWMA of this agent's inter-arrival time
+    requests: int = 0
+
+
+class DistanceTracker:
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.step = 0
+        self.step_started_s = clock()
+        self.seconds_per_step = DEFAULT_SECONDS_PER_STEP
+        self.agents: dict[str, _Agent] = {}
+        self.version = 0  # bumped on every change, so caches of keys can tell they are stale
+
+    def _agent(self, agent_id: str) -> _Agent:
+        return self.agents.setdefault(agent_id, _Agent())
+
+    def advance(self, step: int) -> None:
+        """The simulation reached `step`: every distance shrinks by the steps that passed."""
+        if step < self.step:
+            return
+        now = self.clock()
+        if step > self.step:
+            measured = (now - self.step_started_s) / (step - self.step)
+            self.seconds_per_step = (1 - EWMA_WEIGHT) * self.seconds_per_step + EWMA_WEIGHT * measured
+            self.step, self.step_started_s = step, now
+            self.version += 1
+
+    def hint(self, distances: dict[str, float]) -> list[str]:
+        """Set each named agent's distance (steps from now); return the agents that changed."""
+        changed = []
+        for agent_id, distance in distances.items():
+            state = self._agent(agent_id)
+            expected = self.step + distance
+            if state.hinted_step != expected:
+                state.hinted_step = expected
+                changed.append(agent_id)
+        self.version += bool(changed)
+        return changed
+
+    def on_request(self, agent_id: str) -> None:
+        state = self._agent(agent_id)
+        now = self.clock()
+        if state.last_arrival_s is not None:
+            gap = now - state.last_arrival_s
+            state.gap_s = gap if state.gap_s is None else (1 - EWMA_WEIGHT) * state.gap_s + EWMA_WEIGHT * gap
+        state.last_arrival_s = now
+        state.in_flight += 1
+        state.requests += 1
+        if state.hinted_step <= self.step:
+            state.hinted_step = INF  # the hinted call has come; the next hint will say when the next one is
+        self.version += 1
+
+    def on_finish(self, agent_id: str) -> None:
+        state = self._agent(agent_id)
+        state.in_flight = max(0, state.in_flight - 1)
+        self.version += 1
+
+    def expected_step(self, agent_id: str | None) -> float:
+        """Absolute step of the agent's next call: now if in flight, else min(hint, learned)."""
+        state = self.agents.get(agent_id) if agent_id is not None else None
+        if state is None:
+            return INF
+        if state.in_flight:
+            return float(self.step)
+        learned = INF
+        if state.gap_s is not None and state.last_arrival_s is not None:
+            due_s = state.last_arrival_s + state.gap_s
+            learned = self.step + max(0.0, due_s - self.step_started_s) / self.seconds_per_step
+        return min(state.hinted_step, learned)
+
+    def distance(self, agent_id: str | None) -> float:
+        """Steps until the agent's next call (0 = now or in flight, inf = unknown)."""
+        state = self.agents.get(agent_id) if agent_id is not None else None
+        if state is None:
+            return INF
+        if state.in_flight:
+            return 0.0
+        learned = INF
+        if state.gap_s is not None and state.last_arrival_s is not None:
+            learned = max(0.0, state.last_arrival_s + state.gap_s - self.clock()) / self.seconds_per_step
+        return min(max(0.0, state.hinted_step - self.step), learned)
+
+    def deadline_s(self, agent_id: str) -> float:
+        """Seconds from now until the agent is expected to call."""
+        return self.distance(agent_id) * self.seconds_per_step

@@ -1,0 +1,370 @@
+"""The memory manager: one byte budget per tier, shared by every kind of resident object.
+
+Device: the engine's KV pool. KV pages occupy its blocks directly; adapters and private models
+reserve blocks for their bytes while on the device, so all kinds compete for the same budget.
+Host: a byte budget for demoted objects. Disk: the state directory (KV pages; weights are
+"demoted to disk" by dropping their copy, their source files being the truth).
+
+Eviction demotes the unpinned device object with the largest policy key — to the host if it
+fits there (displacing host objects with an even larger key), else to disk, else drops it (KV
+only). Prefetch (policies that have it) promotes the objects of the agents expected soonest,
+displacing only objects with a strictly larger key. All decisions use incrementally updated
+heaps; nothing scans every object. Every public method takes `lock`.
+"""
+
+import logging
+import math
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from scalesim.distance.tracker import DistanceTracker
+from scalesim.memory.disk_store import CorruptObjectError, DiskStore
+from scalesim.memory.heap import MaxHeap
+from scalesim.memory.policies import Policy, PolicyContext
+from scalesim.memory.resident import ResidentObject, TierBandwidth
+
+logger = logging.getLogger(__name__)
+DEFAULT_PREFETCH_HORIZON_STEPS = 2
+DEFAULT_PREFETCH_MARGIN_S = 0.05
+DEFAULT_MAX_PREFETCH_BYTES_IN_FLIGHT = 256 * 2**20
+
+
+@dataclass
+class PrefetchSettings:
+    horizon_steps: float = DEFAULT_PREFETCH_HORIZON_STEPS
+    margin_s: float = DEFAULT_PREFETCH_MARGIN_S
+    max_bytes_in_flight: int = DEFAULT_MAX_PREFETCH_BYTES_IN_FLIGHT
+
+
+class MemoryManager:
+    def __init__(self, pool, tracker: DistanceTracker, policy: Policy, host_nbytes: int,
+                 store: DiskStore | None, bandwidth: TierBandwidth | None = None,
+                 prefetch: PrefetchSettings | None = None) -> None:
+        from scalesim.memory.stats import MemoryStats
+
+        self.pool = pool
+        self.tracker = tracker
+        self.policy = policy
+        self.host_nbytes = host_nbytes
+        self.store = store
+        self.ctx = PolicyContext(tracker, bandwidth or TierBandwidth())
+        self.prefetch_settings = prefetch or PrefetchSettings()
+        self.lock = threading.RLock()
+        self.objects: dict[str, ResidentObject] = {}
+        self.reserved: dict[str, list[int]] = {}
+        self.heaps = {"device": MaxHeap(), "host": MaxHeap()}
+        self.agent_heap = MaxHeap()
+        self.by_agent: dict[str, set[str]] = defaultdict(set)
+        self.host_used = 0
+        self.stats = MemoryStats()
+        self.on_demand: deque[ResidentObject] = deque()
+        self.loaded = threading.Event()
+        self.can_drop: Callable[[ResidentObject], bool] = lambda obj: obj.can_drop
+        self.on_dropped: Callable[[ResidentObject], None] = lambda obj: None
+        self.discard: Callable[[ResidentObject], None] = self._drop  # a copy failed its checksum
+
+    # --- bookkeeping -----------------------------------------------------------------------
+    def _key(self, obj: ResidentObject) -> tuple:
+        return self.policy.key(obj, self.ctx)
+
+    def _index(self, obj: ResidentObject) -> None:
+        for tier, heap in self.heaps.items():
+            if tier == obj.tier:
+                heap.push(obj.key, self._key(obj))
+            else:
+                heap.discard(obj.key)
+
+    def add(self, obj: ResidentObject) -> None:
+        """Start managing `obj` in its current tier (device objects other than KV reserve blocks)."""
+        with self.lock:
+            self.objects[obj.key] = obj
+            if obj.tier == "device" and obj.kind != "kv":
+                blocks = self.pool.allocate(obj.device_blocks_needed(self.pool.block_nbytes))
+                assert blocks is not None, "make room before adding a device object"
+                self.reserved[obj.key] = blocks
+            if obj.tier == "host":
+                self.host_used += obj.nbytes
+            for agent in obj.owners:
+                self.by_agent[agent].add(obj.key)
+            self._index(obj)
+
+    def remove(self, obj: ResidentObject) -> None:
+        with self.lock:
+            if self.objects.pop(obj.key, None) is None:
+                return
+            if obj.key in self.reserved:
+                self.pool.decref(self.reserved.pop(obj.key))
+            if obj.tier == "host":
+                self.host_used -= obj.nbytes
+            for heap in self.heaps.values():
+                heap.discard(obj.key)
+            for agent in obj.owners:
+                self.by_agent[agent].discard(obj.key)
+
+    def touch(self, obj: ResidentObject, agent_id: str | None) -> None:
+        """A request uses `obj` now (counts a hit or a miss by the tier it was found in)."""
+        with self.lock:
+            obj.last_use_s = time.monotonic()
+            obj.use_count += 1
+            if getattr(obj, "prefetched", False):
+                obj.prefetched = False
+                self.stats.add("prefetch_used", obj.kind)
+            if agent_id is not None and agent_id not in obj.owners:
+                obj.owners.add(agent_id)
+                self.by_agent[agent_id].add(obj.key)
+            if obj.key in self.objects:
+                self._index(obj)
+
+    def add_owner(self, obj: ResidentObject, agent_id: str) -> None:
+        with self.lock:
+            obj.owners.add(agent_id)
+            self.by_agent[agent_id].add(obj.key)
+            if obj.key in self.objects:
+                self._index(obj)
+
+    def agents_changed(self, agents: list[str]) -> None:
+        """Distances of `agents` changed: re-key their objects and their place in the prefetch order."""
+        with self.lock:
+            for agent in agents:
+                for key in self.by_agent.get(agent, ()):
+                    if key in self.objects:
+                        self._index(self.objects[key])
+                expected = self._agent_expected(agent)
+                if math.isfinite(expected):
+                    self.agent_heap.push(agent, (-expected,))
+                else:
+                    self.agent_heap.discard(agent)
+
+    def _agent_expected(self, agent: str) -> float:
+        if self.policy.name == "oracle":
+            return self.ctx.next_call_step(agent)
+        return self.tracker.expected_step(agent)
+
+    # --- usage ---------------------------------------------------------------------------
+    def usage(self) -> dict[str, int]:
+        with self.lock:
+            device = (self.pool.num_blocks - self.pool.num_free) * self.pool.block_nbytes
+            return {"device": device, "host": self.host_used, "disk": self.store.used_nbytes if self.store else 0}
+
+    # --- moves ---------------------------------------------------------------------------
+    def _move(self, obj: ResidentObject, tier: str) -> None:
+        old = obj.tier
+        if tier == "device" and obj.kind != "kv":
+            blocks = self.pool.allocate(obj.device_blocks_needed(self.pool.block_nbytes))
+            assert blocks is not None, "room must be made before a move to the device"
+            self.reserved[obj.key] = blocks
+        obj.move_to(tier)
+        if old == "device" and obj.key in self.reserved:
+            self.pool.decref(self.reserved.pop(obj.key))
+        if old == "host":
+            self.host_used -= obj.nbytes
+        if tier == "host":
+            self.host_used += obj.nbytes
+        direction = "bytes_in" if tier == "device" else "bytes_out"
+        self.stats.add(direction, obj.kind, obj.nbytes, tier=f"{old}_to_{tier}")
+        self._index(obj)
+
+    def _drop(self, obj: ResidentObject) -> None:
+        if getattr(obj, "prefetched", False):
+            self.stats.add("prefetch_wasted", obj.kind)
+        if obj.tier == "host":
+            self.host_used -= obj.nbytes
+        self.stats.add("dropped", obj.kind)
+        obj.drop()
+        self.remove(obj)
+        self.on_dropped(obj)
+
+    def _evictable(self, obj: ResidentObject | None, tier: str) -> bool:
+        return obj is not None and obj.tier == tier and obj.pin_count == 0 and not obj.loading
+
+    def _demote_from_host(self, above: tuple | None) -> bool:
+        """Push the host object with the largest key (if larger than `above`) to disk or drop it."""
+        entry = self.heaps["host"].peek()
+        if entry is None or (above is not None and entry[1] <= above):
+            return False
+        self.heaps["host"].pop()
+        obj = self.objects.get(entry[0])
+        if not self._evictable(obj, "host"):
+            return True  # stale or pinned: skip it, the caller tries again
+        if self.store is not None and obj.kind == "kv" and self.store.used_nbytes + obj.nbytes <= self.store.budget_nbytes:
+            self._move(obj, "disk")
+        elif obj.kind != "kv":
+            self._move(obj, "disk")
+        elif self.can_drop(obj):
+            self._drop(obj)
+        else:
+            self._move(obj, "disk") if self.store is not None else None
+        return True
+
+    def _place_below_device(self, obj: ResidentObject, key: tuple) -> bool:
+        """Demote a device object: host if it fits (displacing larger keys), else disk, else drop."""
+        while self.host_used + obj.nbytes > self.host_nbytes:
+            if not self._demote_from_host(above=key):
+                break
+        if self.host_used + obj.nbytes <= self.host_nbytes:
+            self._move(obj, "host")
+        elif obj.kind != "kv":
+            self._move(obj, "disk")
+        elif self.store is not None and self.store.used_nbytes + obj.nbytes <= self.store.budget_nbytes:
+            self._move(obj, "disk")
+        elif self.can_drop(obj):
+            self._drop(obj)
+        else:
+            return False
+        self.stats.add("evicted", obj.kind, tier="device")
+        return True
+
+    def make_device_room(self, blocks: int, only_above: tuple | None = None) -> bool:
+        """Free device blocks until `blocks` are free, evicting by policy; False if impossible.
+
+        With `only_above`, only objects whose key is strictly larger may be evicted (hysteresis).
+        """
+        with self.lock:
+            skipped = []
+            try:
+                while self.pool.num_free < blocks:
+                    entry = self.heaps["device"].pop()
+                    if entry is None:
+                        return False
+                    name, key = entry
+                    obj = self.objects.get(name)
+                    if not self._evictable(obj, "device"):
+                        if obj is not None and obj.tier == "device":
+                            skipped.append(obj)
+                        continue
+                    if only_above is not None and key <= only_above:
+                        skipped.append(obj)
+                        return False
+                    if getattr(obj, "prefetched", False):
+                        obj.prefetched = False
+                        self.stats.add("prefetch_wasted", obj.kind)
+                    if not self._place_below_device(obj, key):
+                        skipped.append(obj)
+                return True
+            finally:
+                for obj in skipped:
+                    if obj.key in self.objects and obj.tier == "device":
+                        self._index(obj)
+
+    def promote(self, obj: ResidentObject, prefetch: bool = False, only_above: tuple | None = None) -> bool:
+        """Bring `obj` to the device now; False if no room can be made (the caller waits) or if
+        its disk copy failed its checksum (it is dropped and will be recomputed/reloaded)."""
+        with self.lock:
+            if obj.tier == "device":
+                return True
+            started = time.perf_counter()
+            source = obj.tier
+            if not self.make_device_room(obj.device_blocks_needed(self.pool.block_nbytes), only_above):
+                return False
+            try:
+                self._move(obj, "device")
+            except CorruptObjectError as exc:
+                logger.warning("discarding %s: %s", obj.key, exc)
+                self.stats.add("corrupt", obj.kind)
+                self.discard(obj)
+                return False
+            obj.prefetched = prefetch
+            self.stats.add("prefetches" if prefetch else "on_demand_loads", obj.kind, tier=source)
+            self.stats.add("load_s", obj.kind, time.perf_counter() - started)
+            return True
+
+    # --- on-demand loads ------------------------------------------------------------------
+    def request_load(self, obj: ResidentObject) -> None:
+        """Queue an on-demand load (a waiting request needs `obj`); it overtakes prefetches."""
+        with self.lock:
+            if obj.tier != "device" and obj not in self.on_demand:
+                self.on_demand.append(obj)
+                obj.requested_s = time.perf_counter()
+
+    def serve_on_demand(self) -> int:
+        """Load every queued on-demand object that room can be made for; return how many."""
+        served = 0
+        with self.lock:
+            for _ in range(len(self.on_demand)):
+                obj = self.on_demand.popleft()
+                if obj.tier == "device" or obj.key not in self.objects:
+                    continue
+                if self.promote(obj):
+                    self.stats.stall_s += time.perf_counter() - getattr(obj, "requested_s", time.perf_counter())
+                    served += 1
+                elif obj.key in self.objects:
+                    self.on_demand.append(obj)  # every byte is pinned now: retry when requests finish
+        if served:
+            self.loaded.set()
+        return served
+
+    # --- prefetch ------------------------------------------------------------------------
+    def prefetch_once(self) -> int:
+        """Promote the objects of the agents due soonest; return the bytes moved."""
+        if not self.policy.prefetch:
+            return 0
+        with self.lock:
+            moved, popped = 0, []
+            settings = self.prefetch_settings
+            try:
+                while moved < settings.max_bytes_in_flight:
+                    entry = self.agent_heap.pop()
+                    if entry is None:
+                        break
+                    agent, key = entry
+                    popped.append((agent, key))
+                    expected = -key[0]
+                    distance_steps = expected - self.tracker.step
+                    deadline_s = distance_steps * self.tracker.seconds_per_step
+                    pending = [self.objects[k] for k in self.by_agent.get(agent, ()) if k in self.objects
+                               and self.objects[k].tier != "device" and not self.objects[k].loading]
+                    load_s = sum(o.reload_seconds(self.ctx.bandwidth) for o in pending)
+                    if distance_steps > settings.horizon_steps and deadline_s > load_s + settings.margin_s:
+                        break
+                    for obj in pending:
+                        if self.promote(obj, prefetch=True, only_above=self._key(obj)):
+                            moved += obj.nbytes
+                        else:
+                            return moved
+            finally:
+                for agent, key in popped:
+                    self.agent_heap.push(agent, key)
+            return moved
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            out = self.stats.snapshot()
+            usage = self.usage()
+            out.update({f"{tier}_used_nbytes": n for tier, n in usage.items()})
+            out["device_budget_nbytes"] = self.pool.num_blocks * self.pool.block_nbytes
+            out["host_budget_nbytes"] = self.host_nbytes
+            out["objects"] = len(self.objects)
+            return out
+
+
+class PrefetchWorker:
+    """The transfer thread (on CPU; a CUDA stream's job on GPU): serves on-demand loads first,
+    then prefetches; woken by requests, hints and finished requests, and every `interval_s`."""
+
+    def __init__(self, manager: MemoryManager, interval_s: float = 0.05) -> None:
+        self.manager = manager
+        self.interval_s = interval_s
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="scalesim-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping:
+            self.wake.wait(self.interval_s)
+            self.wake.clear()
+            if self.stopping:
+                return
+            try:
+                self.manager.serve_on_demand()
+                self.manager.prefetch_once()
+            except Exception:  # never let a load failure take the engine down
+                logger.exception("memory worker step failed")
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=5)

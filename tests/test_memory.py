@@ -1,0 +1,253 @@
+"""The memory layer: resident objects in three tiers under byte budgets, moved by invocation distance."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scalesim import LLM, SamplingParams
+from scalesim.distance.tracker import DistanceTracker
+from scalesim.engine.block_pool import BlockPool
+from scalesim.memory.manager import MemoryManager
+from scalesim.memory.policies import POLICIES
+from scalesim.memory.resident import ResidentObject
+from tests.conftest import random_prompt
+from tests.test_radix_cache import _config
+
+BLOCK = 4
+
+
+class FakeWeights(ResidentObject):
+    """A plain resident object of a given size: the manager never needs to know its kind."""
+
+    kind = "soft_prompt"
+
+    def __init__(self, name: str, nbytes: int, owners=()) -> None:
+        super().__init__()
+        self.name, self._nbytes, self._tier, self.pins = name, nbytes, "host", 0
+        self.owners = set(owners)
+        self.moves: list[str] = []
+
+    key = property(lambda self: f"fake:{self.name}")
+    nbytes = property(lambda self: self._nbytes)
+    tier = property(lambda self: self._tier)
+    pin_count = property(lambda self: self.pins)
+
+    def move_to(self, tier: str) -> None:
+        assert self.pins == 0 or tier == "device"
+        self.moves.append(tier)
+        self._tier = tier
+
+
+def _manager(blocks: int = 16, host_nbytes: int = 10**9, policy: str = "scalesim") -> MemoryManager:
+    config = _config()
+    block_nbytes = config.kv_bytes_per_token * 4 * BLOCK
+    pool = BlockPool(config, blocks * block_nbytes, BLOCK, torch.float32, "cpu")
+    return MemoryManager(pool, DistanceTracker(), POLICIES[policy], host_nbytes, store=None)
+
+
+def test_a_far_agents_state_is_evicted_before_a_near_agents():
+    manager = _manager(blocks=8)
+    block = manager.pool.block_nbytes
+    near, far = FakeWeights("near", 4 * block, ["alice"]), FakeWeights("far", 4 * block, ["bob"])
+    for obj in (near, far):
+        manager.add(obj)
+        assert manager.promote(obj)
+    manager.agents_changed(manager.tracker.hint({"alice": 1, "bob": 50}))
+    newcomer = FakeWeights("new", 4 * block, ["carol"])
+    manager.add(newcomer)
+    assert manager.promote(newcomer)
+    assert near.tier == "device" and far.tier == "host"
+
+
+def test_lru_evicts_the_least_recently_used_whatever_the_hints():
+    manager = _manager(blocks=8, policy="lru")
+    block = manager.pool.block_nbytes
+    near, far = FakeWeights("near", 4 * block, ["alice"]), FakeWeights("far", 4 * block, ["bob"])
+    for obj in (near, far):
+        manager.add(obj)
+        manager.promote(obj)
+        manager.touch(obj, None)
+    manager.agents_changed(manager.tracker.hint({"alice": 1, "bob": 50}))
+    newcomer = FakeWeights("new", 4 * block)
+    manager.add(newcomer)
+    manager.promote(newcomer)
+    assert near.tier == "host" and far.tier == "device"
+
+
+def test_a_pinned_object_is_never_moved():
+    manager = _manager(blocks=4)
+    block = manager.pool.block_nbytes
+    pinned = FakeWeights("pinned", 4 * block, ["alice"])
+    manager.add(pinned)
+    manager.promote(pinned)
+    pinned.pins = 1
+    manager.agents_changed(manager.tracker.hint({"alice": 1000}))
+    other = FakeWeights("other", 2 * block, ["bob"])
+    manager.add(other)
+    assert not manager.promote(other), "no room can be made: the request waits"
+    assert pinned.tier == "device" and pinned.moves == ["device"]
+
+
+def test_a_shared_page_takes_its_nearest_owners_priority():
+    manager = _manager(blocks=8)
+    block = manager.pool.block_nbytes
+    shared = FakeWeights("system-prompt", 4 * block, ["near", "far"])
+    private = FakeWeights("private", 4 * block, ["middle"])
+    for obj in (shared, private):
+        manager.add(obj)
+        manager.promote(obj)
+    manager.agents_changed(manager.tracker.hint({"near": 1, "far": 100, "middle": 10}))
+    manager.make_device_room(manager.pool.num_free + 4)
+    assert shared.tier == "device" and private.tier == "host"
+
+
+def test_prefetch_displaces_only_objects_of_farther_agents():
+    manager = _manager(blocks=4)
+    block = manager.pool.block_nbytes
+    resident = FakeWeights("resident", 4 * block, ["bob"])
+    wanted = FakeWeights("wanted", 4 * block, ["alice"])
+    manager.add(resident)
+    manager.promote(resident)
+    manager.add(wanted)
+    manager.agents_changed(manager.tracker.hint({"alice": 1, "bob": 1}))
+    assert manager.prefetch_once() == 0, "equal distance: no swap"
+    manager.agents_changed(manager.tracker.hint({"bob": 30}))
+    assert manager.prefetch_once() == wanted.nbytes
+    assert wanted.tier == "device" and resident.tier == "host"
+
+
+OPERATIONS = st.lists(st.tuples(st.sampled_from(["add", "promote", "pin", "unpin", "hint", "evict"]),
+                                st.integers(0, 7), st.integers(1, 6), st.integers(0, 40)), max_size=60)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPERATIONS)
+def test_budgets_are_never_exceeded_under_random_operations(operations):
+    host_nbytes = 10 * _manager().pool.block_nbytes
+    manager = _manager(blocks=12, host_nbytes=host_nbytes)
+    block = manager.pool.block_nbytes
+    objects: dict[int, FakeWeights] = {}
+    for op, index, size, distance in operations:
+        obj = objects.get(index)
+        if op == "add" and obj is None:
+            objects[index] = obj = FakeWeights(str(index), size * block, [f"agent-{index}"])
+            if manager.host_used + obj.nbytes > host_nbytes:
+                obj.move_to("disk")
+            manager.add(obj)
+        elif op == "promote" and obj is not None:
+            manager.promote(obj)
+        elif op == "pin" and obj is not None and obj.tier == "device":
+            obj.pins += 1
+        elif op == "unpin" and obj is not None and obj.pins:
+            obj.pins -= 1
+        elif op == "hint":
+            manager.agents_changed(manager.tracker.hint({f"agent-{index}": distance}))
+        elif op == "evict":
+            manager.make_device_room(manager.pool.num_free + size)
+        device_bytes = sum(o.nbytes for o in objects.values() if o.tier == "device")
+        assert device_bytes <= manager.pool.num_blocks * block
+        assert manager.host_used == sum(o.nbytes for o in objects.values() if o.tier == "host") <= host_nbytes
+        assert all(o.tier == "device" for o in objects.values() if o.pins)
+
+
+# --- through the engine ---------------------------------------------------------------------
+
+def _llm(tmp_path=None, **kwargs) -> LLM:
+    args = dict(device_memory="96KiB", host_memory="64MiB", block_size_tokens=4, max_num_batched_tokens=256)
+    if tmp_path is not None:
+        args["disk_dir"] = str(tmp_path / "state")
+    args.update(kwargs)
+    return LLM("tiny-random", **args)
+
+
+def _prefix(seed: int, length: int = 60) -> list[int]:
+    return random_prompt(random.Random(seed), length)
+
+
+def test_with_an_accurate_hint_a_prefetched_agent_needs_no_load_on_the_critical_path():
+    llm = _llm()
+    params = SamplingParams(max_tokens=2, temperature=0)
+    prompts = {f"agent-{i}": _prefix(i) for i in range(6)}
+    for agent, prompt in prompts.items():
+        llm.generate([prompt], params, agent_ids=[agent])  # the pool holds about two agents
+    llm.engine.hint(step=1, distances={"agent-0": 0, **{a: 40 for a in prompts if a != "agent-0"}})
+    llm.engine.memory.prefetch_once()
+    before = llm.engine.memory_stats()
+    out = llm.generate([prompts["agent-0"] + [7, 8]], params, agent_ids=["agent-0"])[0]
+    after = llm.engine.memory_stats()
+    assert out.num_cached_tokens >= 56
+    assert after.get("on_demand_loads", 0) == before.get("on_demand_loads", 0)
+    assert after["stall_s"] == before["stall_s"]
+    assert after.get("prefetch_used", 0) > before.get("prefetch_used", 0)
+
+
+def test_without_a_hint_the_same_request_loads_its_pages_on_demand():
+    llm = _llm()
+    params = SamplingParams(max_tokens=2, temperature=0)
+    prompts = {f"agent-{i}": _prefix(i) for i in range(6)}
+    for agent, prompt in prompts.items():
+        llm.generate([prompt], params, agent_ids=[agent])
+    out = llm.generate([prompts["agent-0"] + [7, 8]], params, agent_ids=["agent-0"])[0]
+    stats = llm.engine.memory_stats()
+    assert out.num_cached_tokens >= 56
+    assert stats.get("on_demand_loads", 0) > 0
+
+
+def test_kv_demoted_to_disk_is_found_after_a_restart_through_the_sqlite_index(tmp_path):
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    first = _llm(tmp_path, host_memory=0)
+    prompts = [_prefix(i) for i in range(6)]
+    expected = [o.outputs[0].token_ids for o in first.generate(prompts, params)]
+    assert first.engine.memory_stats()["disk_used_nbytes"] > 0
+    first.engine.shutdown()
+    restarted = _llm(tmp_path, host_memory=0)
+    out = restarted.generate([prompts[0]], params)[0]
+    assert out.num_cached_tokens >= 56, "the pages came back from disk instead of being recomputed"
+    assert out.outputs[0].token_ids == expected[0]
+
+
+def test_a_corrupted_disk_file_is_detected_and_recomputed_never_served(tmp_path):
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    llm = _llm(tmp_path, host_memory=0)
+    prompts = [_prefix(i) for i in range(6)]
+    expected = llm.generate([prompts[0]], params)[0].outputs[0].token_ids
+    llm.generate(prompts[1:], params)
+    store = llm.engine.memory.store
+    for key, _, meta in store.entries("kv"):
+        path = store.path_of(key)
+        data = bytearray(path.read_bytes())
+        data[-8:] = b"\x00\x01\x02\x03\x04\x05\x06\x07"
+        path.write_bytes(bytes(data))
+    out = llm.generate([prompts[0]], params)[0]
+    assert out.outputs[0].token_ids == expected
+    assert llm.engine.memory_stats().get("corrupt", 0) > 0
+
+
+def test_every_tier_full_of_pinned_state_makes_a_request_wait_not_crash():
+    llm = _llm(device_memory="24KiB", host_memory=0)
+    engine = llm.engine
+    long = engine.add_request(_prefix(1, 28), SamplingParams(max_tokens=12, ignore_eos=True), agent_id="a")
+    other = engine.add_request(_prefix(2, 28), SamplingParams(max_tokens=12, ignore_eos=True), agent_id="b")
+    finished = set()
+    for _ in range(400):
+        for delta in engine.step():
+            if delta.finished:
+                finished.add(delta.request_id)
+        if not engine.has_unfinished():
+            break
+    assert finished == {long, other}
+
+
+def test_memory_stats_report_counters_per_tier_and_kind():
+    llm = _llm()
+    params = SamplingParams(max_tokens=2, temperature=0)
+    for i in range(6):
+        llm.generate([_prefix(i)], params, agent_ids=[f"agent-{i}"])
+    llm.generate([_prefix(0)], params, agent_ids=["agent-0"])
+    stats = llm.engine.memory_stats()
+    for key in ("device_used_nbytes", "host_used_nbytes", "stall_s", "bytes_out", "evicted", "policy"):
+        assert key in stats, key
+    assert stats["device_used_nbytes"] <= stats["device_budget_nbytes"]
