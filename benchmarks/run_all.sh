@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The exact commands behind benchmarks/results/*.json (2-core CPU machine; about 15 minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+S=.venv/bin/scalesim
+R=benchmarks/results
+$S microbench engine --model smollm2-135m --batch 16 --prompt-len 128 --gen-len 64 --dtype fp32 --out $R/engine-fp32.json
+$S microbench engine --model smollm2-135m --batch 16 --prompt-len 128 --gen-len 64 --dtype bf16 --out $R/engine-bf16.json
+$S microbench prefix --model smollm2-135m --prefix-len 1000 --out $R/prefix.json
+$S microbench adapters --model smollm2-135m --dtype fp32 --out $R/adapters-fp32.json
+$S microbench adapters --model smollm2-135m --dtype bf16 --out $R/adapters-bf16.json
