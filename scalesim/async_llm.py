@@ -96,11 +96,19 @@ class AsyncLLM:
         with self._lock:
             return self.engine.stats()
 
+    def hint(self, step: int | None = None, **hints) -> dict:
+        with self._lock:
+            return self.engine.hint(step, **hints)
+
+    def memory_stats(self) -> dict:
+        return self.engine.memory_stats()
+
     def shutdown(self) -> None:
         with self._wake:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        self.engine.shutdown()
 
     def _loop(self) -> None:
         while True:

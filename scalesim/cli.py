@@ -4,8 +4,9 @@ import argparse
 import logging
 import sys
 
-from scalesim.config import DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, \
-    DEFAULT_MAX_NUM_SEQS, DTYPES
+from scalesim.config import DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, DEFAULT_HOST_MEMORY, \
+    DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, DTYPES
+from scalesim.memory.policies import POLICIES
 from scalesim.errors import ScaleSimError
 
 EXIT_USAGE = 2
@@ -28,12 +29,26 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                             f"(default: {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="context length cap in tokens (default: the model's)")
+    memory = parser.add_argument_group("memory tiers")
+    memory.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
+                        help=f"what to evict and prefetch: scalesim (invocation distance), lru (SGLang-like), lfu, "
+                             f"oracle (true future), ideal (unbounded device) (default: {DEFAULT_POLICY})")
+    memory.add_argument("--device-memory", default=None,
+                        help="byte budget of the device tier (KV pages, adapters and private models together); "
+                             "default: --kv-cache-memory")
+    memory.add_argument("--host-memory", default=DEFAULT_HOST_MEMORY,
+                        help=f"byte budget of the host tier (default: {DEFAULT_HOST_MEMORY})")
+    memory.add_argument("--disk-dir", default=None, help="state directory of the disk tier (default: no disk tier)")
+    memory.add_argument("--disk-memory", default=DEFAULT_DISK_MEMORY,
+                        help=f"byte budget of the disk tier (default: {DEFAULT_DISK_MEMORY})")
 
 
 def _engine_args(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                 block_size_tokens=args.block_size, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                policy=args.policy, device_memory=args.device_memory, host_memory=args.host_memory,
+                disk_dir=args.disk_dir, disk_memory=args.disk_memory)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     ada.add_argument("--gen-len", type=int, default=32, help="tokens generated per request (default: 32)")
     ada.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="engine dtype (default: fp32)")
     ada.add_argument("--out", default=None, help="write the JSON result here too")
+    mem = kinds.add_parser("memory", help="cost of one eviction or prefetch decision at scale (no model)")
+    mem.add_argument("--agents", type=int, default=10_000, help="registered agents (default: 10000)")
+    mem.add_argument("--objects", type=int, default=100_000, help="resident objects (default: 100000)")
+    mem.add_argument("--decisions", type=int, default=2_000, help="decisions to time (default: 2000)")
+    mem.add_argument("--out", default=None, help="write the JSON result here too")
     pre = kinds.add_parser("prefix", help="time to first token with and without a cached shared prefix")
     pre.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
     pre.add_argument("--prefix-len", type=int, default=1000, help="shared prefix tokens (default: 1000)")
@@ -123,6 +143,9 @@ def _microbench(args: argparse.Namespace) -> None:
     elif args.kind == "adapters":
         write_result(run_adapters_bench(args.model, args.adapters, args.rank, args.prompt_len, args.gen_len,
                                         args.dtype), args.out)
+    elif args.kind == "memory":
+        from scalesim.bench.memory_bench import run_memory_bench
+        write_result(run_memory_bench(args.agents, args.objects, args.decisions), args.out)
     elif args.kind == "prefix":
         write_result(run_prefix_bench(args.model, args.prefix_len, args.suffix_len), args.out)
 

@@ -14,7 +14,6 @@ DEFAULT_MAX_LORA_RANK = 64
 DEFAULT_POLICY = "scalesim"
 DEFAULT_HOST_MEMORY = "4GiB"
 DEFAULT_DISK_MEMORY = "100GiB"
-IDEAL_DEVICE_MEMORY = "8GiB"  # the `ideal` policy's stand-in for unbounded device memory
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -53,11 +52,12 @@ class EngineConfig:
 
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
-        device = self.device_memory if self.device_memory is not None else self.kv_cache_memory
-        if POLICIES[self.policy].unbounded_device:
-            device = max(parse_nbytes(device), parse_nbytes(IDEAL_DEVICE_MEMORY))
-        self.kv_cache_nbytes = self.device_nbytes = parse_nbytes(device)
+        device = parse_nbytes(self.device_memory if self.device_memory is not None else self.kv_cache_memory)
         self.host_nbytes = parse_nbytes(self.host_memory)
+        if POLICIES[self.policy].unbounded_device:
+            # The limit of unbounded memory: the device holds all that device and host hold together.
+            device, self.host_nbytes = device + self.host_nbytes, 0
+        self.kv_cache_nbytes = self.device_nbytes = device
         self.disk_nbytes = parse_nbytes(self.disk_memory)
         if self.block_size_tokens <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("block_size_tokens, max_num_seqs and max_num_batched_tokens must be positive")

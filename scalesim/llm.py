@@ -1,6 +1,7 @@
 """`LLM`: the offline, synchronous entry point (generate a list of prompts to completion)."""
 
 import time
+from pathlib import Path
 from collections.abc import Sequence as SequenceABC
 
 import torch
@@ -59,6 +60,38 @@ class LLM:
     def add_private_model(self, name: str, path: str) -> None:
         """Register a full weight set of the base architecture under `name` (select it with models=[name])."""
         self.engine.weights.add_private_model(name, path)
+
+    def register_agent(self, agent_id: str, adapter: str | None = None, model: str | None = None,
+                       prefix: str | list[int] | None = None) -> None:
+        """Register an agent with its state; later `generate(..., agent_ids=[agent_id])` uses it.
+
+        `adapter` / `model` are registered names or folders (a folder is registered under its
+        path). `prefix` (persona text or token ids) is pre-filled into the prefix cache now.
+        """
+        weights = self.engine.weights
+        if adapter is not None and adapter not in weights.adapters and Path(adapter).is_dir():
+            weights.add_adapter(adapter, adapter)
+        if model is not None and model not in weights.models and Path(model).is_dir():
+            weights.add_private_model(model, model)
+        self.engine.register_agent(agent_id, adapter=adapter, model=model,
+                                   prefix=prefix if isinstance(prefix, str) else None)
+        if prefix:
+            self._run([self.engine.tokenize(prefix)], [SamplingParams(max_tokens=1, temperature=0)], [agent_id],
+                      [(None, None)], use_tqdm=False)
+
+    def hint(self, step: int | None = None, **hints) -> dict:
+        """Tell the memory layer who calls next: see `scalesim.engine.hints` for the accepted hints
+        (distances, schedule, plans, probabilities/active, turn_order, frontier/graph, positions,
+        and the paper's agent_data/timestep_data/timestep_cnt)."""
+        return self.engine.hint(step, **hints)
+
+    def set_future(self, calls: dict[str, list[float]]) -> None:
+        """The true future (steps of each agent's calls), for the `oracle` policy."""
+        self.engine.set_future(calls)
+
+    def memory_stats(self) -> dict:
+        """Memory counters per tier and kind (hits, misses, bytes moved, prefetches, stall seconds)."""
+        return self.engine.memory_stats()
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  agent_ids: str | list[str | None] | None = None, use_tqdm: bool = False,

@@ -36,3 +36,26 @@ def test_bad_flag_value_is_exit_code_2(capsys):
 def test_console_script_runs_as_a_process():
     done = subprocess.run([sys.executable, "-m", "scalesim.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "generate" in done.stdout
+
+
+def test_memory_flags_reach_the_engine(capsys):
+    assert main(["generate", "tiny-random", "hi", "--max-tokens", "2", "--policy", "lru", "--device-memory", "1MiB",
+                 "--host-memory", "2MiB"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", "tiny-random", "hi", "--device-memory", "lots"]) == 2
+    assert "not a byte size" in capsys.readouterr().err
+
+
+def test_unknown_policy_is_rejected_by_the_parser():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "tiny-random", "hi", "--policy", "nope"])
+    assert exit_info.value.code == 2
+
+
+def test_memory_microbench_writes_the_decision_percentiles(tmp_path, capsys):
+    import json
+    out = tmp_path / "memory.json"
+    assert main(["microbench", "memory", "--agents", "200", "--objects", "2000", "--decisions", "100",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["objects"] == 2000 and result["decision_ms_p99"] >= result["decision_ms_p50"] > 0

@@ -251,3 +251,90 @@ def test_memory_stats_report_counters_per_tier_and_kind():
     for key in ("device_used_nbytes", "host_used_nbytes", "stall_s", "bytes_out", "evicted", "policy"):
         assert key in stats, key
     assert stats["device_used_nbytes"] <= stats["device_budget_nbytes"]
+
+
+# --- invocation distance and hints ----------------------------------------------------------
+
+def test_distances_decay_by_one_per_step_and_a_request_sets_zero():
+    tracker = DistanceTracker()
+    tracker.hint({"alice": 5})
+    tracker.advance(2)
+    assert tracker.distance("alice") == 3
+    tracker.on_request("alice")
+    assert tracker.distance("alice") == 0
+    tracker.on_finish("alice")
+    assert tracker.distance("alice") == 3, "the hint still lies in the future"
+
+
+def test_without_hints_the_learned_fallback_uses_the_agents_own_inter_arrival_time():
+    now = [0.0]
+    tracker = DistanceTracker(clock=lambda: now[0])
+    for t in (0.0, 10.0, 20.0):
+        now[0] = t
+        tracker.on_request("bob")
+        tracker.on_finish("bob")
+    now[0] = 25.0
+    assert tracker.distance("bob") == pytest.approx(5.0 / tracker.seconds_per_step)
+    assert tracker.distance("stranger") == float("inf")
+
+
+def test_estimators_combine_by_minimum():
+    from scalesim.engine.hints import estimate_distances
+    d = estimate_distances(10, distances={"a": 7}, schedule={"a": 12, "b": 30}, turn_order=["c", "b"],
+                           probabilities={"d": 0.25}, active=["e"], frontier=["f"], graph={"f": ["g"], "g": ["h"]},
+                           positions={"i": [0, 0], "j": [0, 4]}, speed=1.0, cooldowns={"j": 9})
+    assert d == {"a": 2, "b": 1, "c": 0, "d": 4.0, "e": 0, "f": 0, "g": 1, "h": 2, "i": 2, "j": 9}
+
+
+def test_the_papers_update_shape_is_accepted(tiny_llm):
+    accepted = tiny_llm.hint(agent_data={"x": 3}, timestep_data={"1": ["y", "z"]}, timestep_cnt=4)
+    assert accepted["step"] >= 4 and accepted["agents"] == 3
+    assert tiny_llm.engine.tracker.distance("y") == 1
+
+
+def test_hints_naming_unknown_agents_are_accepted_and_counted(tiny_llm):
+    before = tiny_llm.memory_stats().get("hinted_unknown_agents", 0)
+    tiny_llm.hint(distances={"nobody-1": 1, "nobody-2": 2})
+    assert tiny_llm.memory_stats()["hinted_unknown_agents"] == before + 2
+
+
+@pytest.mark.parametrize("hints", [{"distances": {"a": -1}}, {"distances": ["a"]}, {"probabilities": {"a": 2}},
+                                   {"turn_order": "abc"}, {"positions": {"a": [1]}}, {"step": -3}])
+def test_bad_hints_get_a_clear_error(tiny_llm, hints):
+    from scalesim.errors import InvalidRequestError
+    with pytest.raises(InvalidRequestError):
+        tiny_llm.hint(**hints)
+
+
+def test_a_registered_agent_runs_with_its_adapter_and_prefilled_persona(tmp_path):
+    from scalesim.weights.fixtures import make_random_adapters
+    folder = make_random_adapters("tiny-random", tmp_path, count=1, rank=4)[0]
+    llm = LLM("tiny-random", kv_cache_memory="4MiB", block_size_tokens=4)
+    persona = "I am Isabella and I run the cafe in the village with my friend Maria"
+    llm.register_agent("isabella", adapter=str(folder), prefix=persona)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    ids = llm.tokenizer.encode(persona + " today I will")
+    by_agent = llm.generate([ids], params, agent_ids=["isabella"])[0]
+    assert by_agent.num_cached_tokens >= 12, "the persona was pre-filled under the agent's adapter"
+    assert by_agent.outputs[0].token_ids == llm.generate([ids], params, adapters=[str(folder)])[0].outputs[0].token_ids
+    assert by_agent.outputs[0].token_ids != llm.generate([ids], params)[0].outputs[0].token_ids
+
+
+def test_adapters_and_kv_compete_for_one_device_budget(tmp_path):
+    from scalesim.weights.fixtures import make_random_adapters
+    folders = make_random_adapters("tiny-random", tmp_path, count=3, rank=8)
+    llm = LLM("tiny-random", device_memory="160KiB", block_size_tokens=4)
+    for i, folder in enumerate(folders):
+        llm.register_agent(f"agent-{i}", adapter=str(folder))
+    adapter_nbytes = llm.engine.weights.adapters[str(folders[0])].nbytes
+    assert 2 * adapter_nbytes < 160 * 1024 < 3 * adapter_nbytes + 160 * 1024
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for i in range(3):
+        llm.generate([_prefix(i, 20)], params, agent_ids=[f"agent-{i}"])
+    llm.hint(step=1, distances={"agent-0": 0, "agent-1": 30, "agent-2": 30})
+    llm.engine.memory.prefetch_once()
+    weights = llm.engine.weights.adapters
+    assert weights[str(folders[0])].tier == "device"
+    stats = llm.memory_stats()
+    assert stats["device_used_nbytes"] <= stats["device_budget_nbytes"]
+    assert stats.get("evicted.adapter.device", 0) > 0, "an adapter was demoted to make room"

@@ -1,17 +1,18 @@
 """The engine's side of the memory layer: what requests use, and on-demand loads of their pages.
 
-Implements the scheduler's MemoryHooks over the MemoryManager: eviction by policy, loading a
-request's cached prefix back from host or disk before it is matched (counted as stall: it is on
-the critical path), and recording which agent uses which pages and weights, with hit/miss and
-recomputed-token counters.
+Implements the scheduler's MemoryHooks over the MemoryManager: eviction by policy, on-demand
+loads of a waiting request's cached prefix from host or disk (the request waits, the batch runs
+on), and recording which agent uses which pages and weights, with hit/miss and recomputed-token
+counters.
 """
-
-import time
 
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.radix_cache import RadixCache
 from scalesim.engine.sequence import Sequence
 from scalesim.memory.manager import MemoryManager
+
+
+MAX_PREFIX_WAITS = 2000  # scheduler checks (about 5 ms apart when idle) before recomputing instead
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -29,33 +30,44 @@ class ManagedMemory:
         self.pool = pool
         self.last_tokens: dict[tuple[str, str], list[int]] = {}
         self._counted: set[int] = set()
+        self._waits: dict[int, int] = {}
 
     def evict(self, num_blocks: int) -> int:
         before = self.pool.num_free
         self.manager.make_device_room(before + num_blocks)
         return self.pool.num_free - before
 
-    def load_prefix(self, seq: Sequence) -> None:
+    def prefix_ready(self, seq: Sequence) -> bool:
+        """True when the sequence's cached prefix is on the device as far as it goes; otherwise
+        queue on-demand loads of the pages kept on host or disk and let the sequence wait (after
+        MAX_PREFIX_WAITS checks it goes ahead and recomputes, so nothing waits forever)."""
         page, stats = self.pool.block_size, self.manager.stats
         node, rest = self.cache.root(seq.namespace), tuple(seq.token_ids[:-1])
+        hit_tokens, pending = 0, []
         while len(rest) >= page:
             child = node.children.get(rest[:page])
             if child is None:
                 break
             common = self.cache.common_pages(child.tokens, rest)
             if not child.on_device:
-                started = time.perf_counter()
-                source = child.resident.tier
-                if child.resident.loading or not self.manager.promote(child.resident):
-                    stats.add("miss", "kv", common * page, tier=source)
-                    break
-                stats.add("miss", "kv", common * page, tier=source)
-                stats.stall_s += time.perf_counter() - started
+                pending.append(child.resident)
             else:
-                stats.add("hit", "kv", common * page, tier="device")
+                hit_tokens += common * page
             if common * page < len(child.tokens):
                 break
             node, rest = child, rest[len(child.tokens):]
+        waits = self._waits.get(id(seq), 0)
+        if pending and waits < MAX_PREFIX_WAITS:
+            if waits == 0:
+                for obj in pending:
+                    stats.add("miss", "kv", obj.nbytes // self.pool.block_nbytes * page, tier=obj.tier)
+            self._waits[id(seq)] = waits + 1
+            for obj in pending:
+                self.manager.request_load(obj)
+            return False
+        self._waits.pop(id(seq), None)
+        stats.add("hit", "kv", hit_tokens, tier="device")
+        return True
 
     def used(self, seq: Sequence) -> None:
         agent = seq.agent_id
@@ -75,5 +87,6 @@ class ManagedMemory:
 
     def finished(self, seq: Sequence) -> None:
         self._counted.discard(id(seq))
+        self._waits.pop(id(seq), None)
         if seq.agent_id is not None:
             self.last_tokens[(seq.agent_id, seq.namespace)] = seq.token_ids[: seq.num_computed_tokens]

@@ -46,8 +46,8 @@ class MemoryHooks(Protocol):
     def evict(self, num_blocks: int) -> int:
         """Free about `num_blocks` device blocks held by unpinned state; return how many were freed."""
 
-    def load_prefix(self, seq: Sequence) -> None:
-        """Bring the sequence's cached prefix pages back to the device before matching."""
+    def prefix_ready(self, seq: Sequence) -> bool:
+        """False while pages of the sequence's cached prefix are being brought back to the device."""
 
     def used(self, seq: Sequence) -> None:
         """The sequence now holds (pins) its prefix pages and weights."""
@@ -59,8 +59,8 @@ class CacheOnlyHooks:
     def __init__(self, cache: RadixCache) -> None:
         self.evict = cache.evict
 
-    def load_prefix(self, seq: Sequence) -> None:
-        pass
+    def prefix_ready(self, seq: Sequence) -> bool:
+        return True
 
     def used(self, seq: Sequence) -> None:
         pass
@@ -103,8 +103,8 @@ class Scheduler:
         not_ready: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if not seq.weights_on_device:
-                not_ready.append(seq)  # its adapter or model is still loading: let others run
+            if not seq.weights_on_device or not self.hooks.prefix_ready(seq):
+                not_ready.append(seq)  # its state is still loading: let the others run
                 continue
             self._admit(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
@@ -125,7 +125,6 @@ class Scheduler:
         """Reuse the longest cached prefix (never all tokens: the last one must be computed)."""
         for handle in seq.weights:
             handle.pin()
-        self.hooks.load_prefix(seq)
         match = self.cache.match_prefix(seq.namespace, seq.token_ids[:-1])
         self.pool.incref(match.blocks)
         self.cache.lock(match.node)

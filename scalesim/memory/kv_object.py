@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from scalesim.memory.disk_store import DiskStore
-from scalesim.memory.resident import ResidentObject
+from scalesim.memory.resident import ResidentObject, to_host
 
 _ids = itertools.count()
 
@@ -94,7 +94,7 @@ class KVNodeObject(ResidentObject):
         return slots.view(-1).to(self.pool.kv_cache.device)
 
     def _gather(self) -> torch.Tensor:
-        return self.pool.kv_cache.index_select(2, self._slots(self.node.blocks)).to("cpu")
+        return to_host(self.pool.kv_cache.index_select(2, self._slots(self.node.blocks)))
 
     def _read_disk(self) -> torch.Tensor:
         return self.store.read(self.disk_key)["kv"]

@@ -56,7 +56,7 @@ class MemoryManager:
         self.objects: dict[str, ResidentObject] = {}
         self.reserved: dict[str, list[int]] = {}
         self.heaps = {"device": MaxHeap(), "host": MaxHeap()}
-        self.agent_heap = MaxHeap()
+        self.wanted = MaxHeap()  # objects off the device, nearest next call on top (negated keys)
         self.by_agent: dict[str, set[str]] = defaultdict(set)
         self.host_used = 0
         self.stats = MemoryStats()
@@ -71,11 +71,16 @@ class MemoryManager:
         return self.policy.key(obj, self.ctx)
 
     def _index(self, obj: ResidentObject) -> None:
+        key = self._key(obj)
         for tier, heap in self.heaps.items():
             if tier == obj.tier:
-                heap.push(obj.key, self._key(obj))
+                heap.push(obj.key, key)
             else:
                 heap.discard(obj.key)
+        if obj.tier == "device" or obj.tier is None:
+            self.wanted.discard(obj.key)
+        else:
+            self.wanted.push(obj.key, tuple(-x for x in key))
 
     def add(self, obj: ResidentObject) -> None:
         """Start managing `obj` in its current tier (device objects other than KV reserve blocks)."""
@@ -99,7 +104,7 @@ class MemoryManager:
                 self.pool.decref(self.reserved.pop(obj.key))
             if obj.tier == "host":
                 self.host_used -= obj.nbytes
-            for heap in self.heaps.values():
+            for heap in (*self.heaps.values(), self.wanted):
                 heap.discard(obj.key)
             for agent in obj.owners:
                 self.by_agent[agent].discard(obj.key)
@@ -126,22 +131,12 @@ class MemoryManager:
                 self._index(obj)
 
     def agents_changed(self, agents: list[str]) -> None:
-        """Distances of `agents` changed: re-key their objects and their place in the prefetch order."""
+        """Distances of `agents` changed: re-key their objects (O(objects of those agents))."""
         with self.lock:
             for agent in agents:
                 for key in self.by_agent.get(agent, ()):
                     if key in self.objects:
                         self._index(self.objects[key])
-                expected = self._agent_expected(agent)
-                if math.isfinite(expected):
-                    self.agent_heap.push(agent, (-expected,))
-                else:
-                    self.agent_heap.discard(agent)
-
-    def _agent_expected(self, agent: str) -> float:
-        if self.policy.name == "oracle":
-            return self.ctx.next_call_step(agent)
-        return self.tracker.expected_step(agent)
 
     # --- usage ---------------------------------------------------------------------------
     def usage(self) -> dict[str, int]:
@@ -298,36 +293,32 @@ class MemoryManager:
 
     # --- prefetch ------------------------------------------------------------------------
     def prefetch_once(self) -> int:
-        """Promote the objects of the agents due soonest; return the bytes moved."""
+        """Promote the off-device objects whose owners call soonest, while their call is within
+        the horizon (or nearer than their load time plus a margin) and room can be made from
+        objects with a strictly larger key; return the bytes moved."""
         if not self.policy.prefetch:
             return 0
+        moved, settings = 0, self.prefetch_settings
         with self.lock:
-            moved, popped = 0, []
-            settings = self.prefetch_settings
-            try:
-                while moved < settings.max_bytes_in_flight:
-                    entry = self.agent_heap.pop()
-                    if entry is None:
-                        break
-                    agent, key = entry
-                    popped.append((agent, key))
-                    expected = -key[0]
-                    distance_steps = expected - self.tracker.step
-                    deadline_s = distance_steps * self.tracker.seconds_per_step
-                    pending = [self.objects[k] for k in self.by_agent.get(agent, ()) if k in self.objects
-                               and self.objects[k].tier != "device" and not self.objects[k].loading]
-                    load_s = sum(o.reload_seconds(self.ctx.bandwidth) for o in pending)
-                    if distance_steps > settings.horizon_steps and deadline_s > load_s + settings.margin_s:
-                        break
-                    for obj in pending:
-                        if self.promote(obj, prefetch=True, only_above=self._key(obj)):
-                            moved += obj.nbytes
-                        else:
-                            return moved
-            finally:
-                for agent, key in popped:
-                    self.agent_heap.push(agent, key)
-            return moved
+            while moved < settings.max_bytes_in_flight:
+                entry = self.wanted.peek()
+                if entry is None:
+                    return moved
+                obj = self.objects.get(entry[0])
+                if obj is None or obj.tier == "device":
+                    self.wanted.discard(entry[0])
+                    continue
+                key = tuple(-x for x in entry[1])
+                distance_steps = key[0] - self.tracker.step
+                deadline_s = distance_steps * self.tracker.seconds_per_step
+                if not math.isfinite(distance_steps) or (
+                        distance_steps > settings.horizon_steps
+                        and deadline_s > obj.reload_seconds(self.ctx.bandwidth) + settings.margin_s):
+                    return moved
+                if obj.loading or not self.promote(obj, prefetch=True, only_above=key):
+                    return moved
+                moved += obj.nbytes
+        return moved
 
     def snapshot(self) -> dict:
         with self.lock:
