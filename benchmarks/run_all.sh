@@ -10,3 +10,4 @@ $S microbench engine --model smollm2-135m --batch 16 --prompt-len 128 --gen-len 
 $S microbench prefix --model smollm2-135m --prefix-len 1000 --out $R/prefix.json
 $S microbench adapters --model smollm2-135m --dtype fp32 --out $R/adapters-fp32.json
 $S microbench adapters --model smollm2-135m --dtype bf16 --out $R/adapters-bf16.json
+$S microbench memory --agents 10000 --objects 100000 --out $R/memory.json

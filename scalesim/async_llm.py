@@ -87,6 +87,14 @@ class AsyncLLM:
             self._wake.notify()
         return request_id
 
+    def register_agent(self, agent_id: str, adapter: str | None = None, model: str | None = None) -> None:
+        with self._lock:
+            self.engine.register_agent(agent_id, adapter=adapter, model=model)
+
+    def set_future(self, calls: dict[str, list[float]]) -> None:
+        with self._lock:
+            self.engine.set_future(calls)
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self.engine.abort(request_id)

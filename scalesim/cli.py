@@ -73,6 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     _add_engine_flags(gen)
 
+    sim = commands.add_parser("bench", help="run a simulation workload under several memory policies, side by side",
+                              description="Run the same workload trace under several memory policies on the same "
+                                          "engine and budgets; print a table and ratios, write JSON and a plot.")
+    sim.add_argument("workloads", help="comma-separated: town, feed, survey, city, rounds, or all")
+    sim.add_argument("--model", default="smollm2-135m", help="model to serve (default: smollm2-135m)")
+    sim.add_argument("--policies", default="ideal,scalesim,lru",
+                     help="comma-separated policies: ideal, scalesim, lru, lfu, oracle (default: ideal,scalesim,lru)")
+    sim.add_argument("--agents", type=int, default=None, help="agents (default: 24; 12 with --quick)")
+    sim.add_argument("--steps", type=int, default=None, help="simulation steps (default: 4; 3 with --quick)")
+    sim.add_argument("--state", default="none", choices=["none", "lora-agent", "lora-cluster", "model"],
+                     help="per-agent state besides KV (default: none)")
+    sim.add_argument("--output-tokens", type=int, default=None, help="tokens per reply (default: 8; 4 with --quick)")
+    sim.add_argument("--device-fraction", type=float, default=0.25,
+                     help="device budget as a fraction of the total agent state, in (0, 1] (default: 0.25)")
+    sim.add_argument("--host-fraction", type=float, default=0.5,
+                     help="host budget as a fraction of the total agent state, in (0, 1]; the rest goes to disk "
+                          "(default: 0.5)")
+    sim.add_argument("--hint-noise", type=float, default=0.0,
+                     help="random error (steps) added to every hinted distance; 'inf' withholds hints (default: 0)")
+    sim.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    sim.add_argument("--quick", action="store_true", help="a CI-sized preset (few agents, steps and tokens)")
+    sim.add_argument("--url", default=None,
+                     help="drive this OpenAI-compatible server instead of an engine in this process "
+                          "(one run, no policy comparison)")
+    sim.add_argument("--out", default=None, help="write the JSON results here")
+    sim.add_argument("--plot", default=None, help="write a PNG with makespan bars and device occupancy")
+
     bench = commands.add_parser("microbench", help="microbenchmarks that print ratios from one run")
     kinds = bench.add_subparsers(dest="kind", required=True)
     eng = kinds.add_parser("engine", help="decode throughput vs transformers' generate, same batch and machine")
@@ -150,6 +177,33 @@ def _microbench(args: argparse.Namespace) -> None:
         write_result(run_prefix_bench(args.model, args.prefix_len, args.suffix_len), args.out)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from scalesim.bench.sim_bench import plot, print_table, run_sim_bench, write_json
+    from scalesim.sim.workloads import WORKLOADS, WorkloadConfig
+
+    names = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workload {unknown[0]!r}; choose from {', '.join(WORKLOADS)} or all")
+    policies = tuple(args.policies.split(","))
+    bad = [p for p in policies if p not in POLICIES]
+    if bad:
+        raise ValueError(f"unknown policy {bad[0]!r}; choose from {', '.join(POLICIES)}")
+    for name, value in (("--device-fraction", args.device_fraction), ("--host-fraction", args.host_fraction)):
+        if not 0 < value <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    quick = args.quick
+    cfg = dict(agents=args.agents or (12 if quick else 24), steps=args.steps or (3 if quick else 4),
+               output_tokens=args.output_tokens or (4 if quick else 8), state=args.state, seed=args.seed)
+    results = [run_sim_bench(name, args.model, WorkloadConfig(**cfg), policies, args.device_fraction,
+                             args.host_fraction, args.hint_noise) for name in names]
+    print_table(results)
+    if args.out:
+        write_json(results, args.out)
+    if args.plot:
+        plot(results, args.plot)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
@@ -159,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
         elif args.command == "microbench":
             _microbench(args)
+        elif args.command == "bench":
+            _bench(args)
     except (ScaleSimError, ValueError) as exc:
         print(f"scalesim: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -106,6 +106,7 @@ def test_a_shared_page_takes_its_nearest_owners_priority():
 
 def test_prefetch_displaces_only_objects_of_farther_agents():
     manager = _manager(blocks=4)
+    manager.prefetch_settings.max_prefetched_device_fraction = 1.0
     block = manager.pool.block_nbytes
     resident = FakeWeights("resident", 4 * block, ["bob"])
     wanted = FakeWeights("wanted", 4 * block, ["alice"])
@@ -119,13 +120,15 @@ def test_prefetch_displaces_only_objects_of_farther_agents():
     assert wanted.tier == "device" and resident.tier == "host"
 
 
-OPERATIONS = st.lists(st.tuples(st.sampled_from(["add", "promote", "pin", "unpin", "hint", "evict"]),
+OPERATIONS = st.lists(st.tuples(st.sampled_from(["add", "promote", "pin", "unpin", "hint", "evict", "prefetch"]),
                                 st.integers(0, 7), st.integers(1, 6), st.integers(0, 40)), max_size=60)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPERATIONS)
 def test_budgets_are_never_exceeded_under_random_operations(operations):
+    """Random adds, loads, pins, hints, evictions and prefetches: no tier ever exceeds its budget
+    and a pinned object never leaves the device."""
     host_nbytes = 10 * _manager().pool.block_nbytes
     manager = _manager(blocks=12, host_nbytes=host_nbytes)
     block = manager.pool.block_nbytes
@@ -147,10 +150,13 @@ def test_budgets_are_never_exceeded_under_random_operations(operations):
             manager.agents_changed(manager.tracker.hint({f"agent-{index}": distance}))
         elif op == "evict":
             manager.make_device_room(manager.pool.num_free + size)
+        elif op == "prefetch":
+            manager.prefetch_once()
         device_bytes = sum(o.nbytes for o in objects.values() if o.tier == "device")
         assert device_bytes <= manager.pool.num_blocks * block
         assert manager.host_used == sum(o.nbytes for o in objects.values() if o.tier == "host") <= host_nbytes
         assert all(o.tier == "device" for o in objects.values() if o.pins)
+        assert manager.prefetched_nbytes == sum(o.nbytes for o in objects.values() if getattr(o, "prefetched", False))
 
 
 # --- through the engine ---------------------------------------------------------------------

@@ -168,7 +168,6 @@ class LLMEngine:
             for handle in seq.weights:
                 if not handle.on_device:
                     self.memory.request_load(handle)
-                    self.worker.wake.set()
 
     def _finished(self, seq: Sequence) -> None:
         self.memory_hooks.finished(seq)
@@ -185,6 +184,7 @@ class LLMEngine:
         with self.memory.lock:
             self._request_waiting_weights()
             batch = self.scheduler.schedule()
+            self.memory.release_held()
         if not batch:
             if self.has_unfinished():
                 self.memory.loaded.wait(0.005)

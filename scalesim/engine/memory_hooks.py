@@ -81,7 +81,8 @@ class ManagedMemory:
         if agent is not None and id(seq) not in self._counted:
             self._counted.add(id(seq))
             before = self.last_tokens.get((agent, seq.namespace), [])
-            recomputed = _common_prefix_len(before, seq.token_ids) - seq.num_cached_tokens
+            reusable = _common_prefix_len(before, seq.token_ids) // self.pool.block_size * self.pool.block_size
+            recomputed = reusable - seq.num_cached_tokens
             if recomputed > 0:
                 self.manager.stats.add("recomputed_tokens", "kv", recomputed)
 

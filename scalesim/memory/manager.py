@@ -27,9 +27,10 @@ from scalesim.memory.policies import Policy, PolicyContext
 from scalesim.memory.resident import ResidentObject, TierBandwidth
 
 logger = logging.getLogger(__name__)
-DEFAULT_PREFETCH_HORIZON_STEPS = 2
+DEFAULT_PREFETCH_HORIZON_STEPS = 1
 DEFAULT_PREFETCH_MARGIN_S = 0.05
 DEFAULT_MAX_PREFETCH_BYTES_IN_FLIGHT = 256 * 2**20
+DEFAULT_MAX_PREFETCHED_DEVICE_FRACTION = 0.5
 
 
 @dataclass
@@ -37,6 +38,9 @@ class PrefetchSettings:
     horizon_steps: float = DEFAULT_PREFETCH_HORIZON_STEPS
     margin_s: float = DEFAULT_PREFETCH_MARGIN_S
     max_bytes_in_flight: int = DEFAULT_MAX_PREFETCH_BYTES_IN_FLIGHT
+    # Prefetched-but-not-yet-used bytes may take at most this share of the device, so that
+    # speculation never crowds out the requests that are running or waiting now.
+    max_prefetched_device_fraction: float = DEFAULT_MAX_PREFETCHED_DEVICE_FRACTION
 
 
 class MemoryManager:
@@ -61,7 +65,10 @@ class MemoryManager:
         self.host_used = 0
         self.stats = MemoryStats()
         self.on_demand: deque[ResidentObject] = deque()
-        self.loaded = threading.Event()
+        self.loaded = threading.Event()  # set by the worker after serving on-demand loads
+        self.wake = threading.Event()  # wakes the worker: a load was requested, a hint arrived
+        self.held: set[str] = set()  # loaded on demand for a waiting request: kept until it is scheduled
+        self.prefetched_nbytes = 0  # on the device by prefetch and not used yet
         self.can_drop: Callable[[ResidentObject], bool] = lambda obj: obj.can_drop
         self.on_dropped: Callable[[ResidentObject], None] = lambda obj: None
         self.discard: Callable[[ResidentObject], None] = self._drop  # a copy failed its checksum
@@ -104,6 +111,8 @@ class MemoryManager:
                 self.pool.decref(self.reserved.pop(obj.key))
             if obj.tier == "host":
                 self.host_used -= obj.nbytes
+            if getattr(obj, "prefetched", False):
+                self._unmark_prefetched(obj)
             for heap in (*self.heaps.values(), self.wanted):
                 heap.discard(obj.key)
             for agent in obj.owners:
@@ -115,7 +124,7 @@ class MemoryManager:
             obj.last_use_s = time.monotonic()
             obj.use_count += 1
             if getattr(obj, "prefetched", False):
-                obj.prefetched = False
+                self._unmark_prefetched(obj)
                 self.stats.add("prefetch_used", obj.kind)
             if agent_id is not None and agent_id not in obj.owners:
                 obj.owners.add(agent_id)
@@ -162,8 +171,13 @@ class MemoryManager:
         self.stats.add(direction, obj.kind, obj.nbytes, tier=f"{old}_to_{tier}")
         self._index(obj)
 
+    def _unmark_prefetched(self, obj: ResidentObject) -> None:
+        obj.prefetched = False
+        self.prefetched_nbytes -= obj.prefetched_mark_nbytes  # its size may have changed since (a split)
+
     def _drop(self, obj: ResidentObject) -> None:
         if getattr(obj, "prefetched", False):
+            self._unmark_prefetched(obj)
             self.stats.add("prefetch_wasted", obj.kind)
         if obj.tier == "host":
             self.host_used -= obj.nbytes
@@ -173,7 +187,16 @@ class MemoryManager:
         self.on_dropped(obj)
 
     def _evictable(self, obj: ResidentObject | None, tier: str) -> bool:
-        return obj is not None and obj.tier == tier and obj.pin_count == 0 and not obj.loading
+        return (obj is not None and obj.tier == tier and obj.pin_count == 0 and not obj.loading
+                and obj.key not in self.held)
+
+    def release_held(self) -> None:
+        """The scheduler has run: objects loaded for waiting requests are now pinned or free game."""
+        with self.lock:
+            for key in self.held:
+                if key in self.objects:
+                    self._index(self.objects[key])
+            self.held.clear()
 
     def _demote_from_host(self, above: tuple | None) -> bool:
         """Push the host object with the largest key (if larger than `above`) to disk or drop it."""
@@ -234,7 +257,7 @@ class MemoryManager:
                         skipped.append(obj)
                         return False
                     if getattr(obj, "prefetched", False):
-                        obj.prefetched = False
+                        self._unmark_prefetched(obj)
                         self.stats.add("prefetch_wasted", obj.kind)
                     if not self._place_below_device(obj, key):
                         skipped.append(obj)
@@ -254,6 +277,8 @@ class MemoryManager:
             source = obj.tier
             if not self.make_device_room(obj.device_blocks_needed(self.pool.block_nbytes), only_above):
                 return False
+            if not prefetch:
+                obj.last_use_s = time.monotonic()  # a load for a request is a use (what LRU sees)
             try:
                 self._move(obj, "device")
             except CorruptObjectError as exc:
@@ -261,7 +286,9 @@ class MemoryManager:
                 self.stats.add("corrupt", obj.kind)
                 self.discard(obj)
                 return False
-            obj.prefetched = prefetch
+            if prefetch:
+                obj.prefetched, obj.prefetched_mark_nbytes = True, obj.nbytes
+                self.prefetched_nbytes += obj.nbytes
             self.stats.add("prefetches" if prefetch else "on_demand_loads", obj.kind, tier=source)
             self.stats.add("load_s", obj.kind, time.perf_counter() - started)
             return True
@@ -273,6 +300,7 @@ class MemoryManager:
             if obj.tier != "device" and obj not in self.on_demand:
                 self.on_demand.append(obj)
                 obj.requested_s = time.perf_counter()
+            self.wake.set()
 
     def serve_on_demand(self) -> int:
         """Load every queued on-demand object that room can be made for; return how many."""
@@ -284,6 +312,7 @@ class MemoryManager:
                     continue
                 if self.promote(obj):
                     self.stats.stall_s += time.perf_counter() - getattr(obj, "requested_s", time.perf_counter())
+                    self.held.add(obj.key)
                     served += 1
                 elif obj.key in self.objects:
                     self.on_demand.append(obj)  # every byte is pinned now: retry when requests finish
@@ -300,6 +329,7 @@ class MemoryManager:
             return 0
         moved, settings = 0, self.prefetch_settings
         with self.lock:
+            cap = settings.max_prefetched_device_fraction * self.pool.num_blocks * self.pool.block_nbytes
             while moved < settings.max_bytes_in_flight:
                 entry = self.wanted.peek()
                 if entry is None:
@@ -314,6 +344,8 @@ class MemoryManager:
                 if not math.isfinite(distance_steps) or (
                         distance_steps > settings.horizon_steps
                         and deadline_s > obj.reload_seconds(self.ctx.bandwidth) + settings.margin_s):
+                    return moved
+                if self.prefetched_nbytes + obj.nbytes > cap:
                     return moved
                 if obj.loading or not self.promote(obj, prefetch=True, only_above=key):
                     return moved
@@ -338,7 +370,7 @@ class PrefetchWorker:
     def __init__(self, manager: MemoryManager, interval_s: float = 0.05) -> None:
         self.manager = manager
         self.interval_s = interval_s
-        self.wake = threading.Event()
+        self.wake = manager.wake
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="scalesim-prefetch", daemon=True)
         self.thread.start()

@@ -1,0 +1,1 @@
+"""Simulation workloads, the runner that drives them, and (later) the SDK for simulation authors."""

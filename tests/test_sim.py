@@ -1,0 +1,68 @@
+"""Workload generators, the runner and the side-by-side policy bench (CI-sized)."""
+
+import json
+
+import pytest
+
+from scalesim.cli import main
+from scalesim.sim.workloads import WORKLOADS, WorkloadConfig
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_generators_are_seeded_and_grounded(name):
+    cfg = WorkloadConfig(agents=16, steps=4, seed=3, state="lora-cluster")
+    first, again = WORKLOADS[name](cfg), WORKLOADS[name](cfg)
+    assert first == again
+    assert first != WORKLOADS[name](WorkloadConfig(agents=16, steps=4, seed=4, state="lora-cluster"))
+    assert first.num_calls > 0 and len(first.steps) <= 4
+    ids = {a.agent_id for a in first.agents}
+    for step in first.steps:
+        for i, call in enumerate(step.calls):
+            assert call.agent_id in ids and all(j < i for j in call.after), "dependencies point backwards"
+        assert step.hints, "a real simulation knows something about who calls next"
+    assert {a.adapter_cluster for a in first.agents} <= set(range(cfg.clusters))
+    future = first.future()
+    assert sum(len(v) for v in future.values()) == first.num_calls
+
+
+def test_feed_activates_a_sparse_share_of_agents_each_step():
+    trace = WORKLOADS["feed"](WorkloadConfig(agents=200, steps=10))
+    shares = [len({c.agent_id for c in s.calls}) / 200 for s in trace.steps]
+    assert 0.02 < sum(shares) / len(shares) < 0.3
+
+
+def test_quick_bench_completes_every_request_under_every_policy(tmp_path):
+    out, plot = tmp_path / "results.json", tmp_path / "plot.png"
+    assert main(["bench", "feed,rounds", "--quick", "--model", "tiny-random", "--policies", "ideal,scalesim,lru,oracle",
+                 "--out", str(out), "--plot", str(plot)]) == 0
+    results = json.loads(out.read_text())
+    assert [r["workload"] for r in results] == ["feed", "rounds"]
+    for result in results:
+        assert set(result["ratios"]) == {"scalesim_vs_ideal", "lru_vs_scalesim"}
+        for run in result["runs"]:
+            assert run["requests"] == result["calls"], run["policy"]
+            assert run["tokens_out"] == 4 * result["calls"]
+            for key in ("makespan_s", "ttft_mean_s", "ttft_p90_s", "device_hit_rate", "device_hit_rate_per_kind",
+                        "bytes_loaded", "stall_s", "recomputed_tokens", "prefetch_used", "prefetch_wasted"):
+                assert key in run
+    assert plot.stat().st_size > 10_000
+
+
+def test_quick_bench_with_per_agent_adapters(tmp_path):
+    out = tmp_path / "results.json"
+    assert main(["bench", "town", "--quick", "--model", "tiny-random", "--state", "lora-cluster",
+                 "--out", str(out)]) == 0
+    run = json.loads(out.read_text())[0]["runs"][1]
+    assert run["policy"] == "scalesim" and "adapter" in run["device_hit_rate_per_kind"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "nope", "--quick"], "unknown workload"),
+    (["bench", "feed", "--quick", "--policies", "ideal,fifo"], "unknown policy"),
+    (["bench", "feed", "--quick", "--device-fraction", "0"], "--device-fraction"),
+    (["bench", "feed", "--quick", "--host-fraction", "1.5"], "--host-fraction"),
+])
+def test_bad_bench_input_is_a_one_line_error_with_exit_code_2(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
