@@ -113,7 +113,7 @@ def test_agent_id_is_recorded_on_the_request_and_its_sequences(tiny_llm):
 
 def test_abort_frees_every_page_the_request_held(tiny_llm):
     engine = tiny_llm.engine
-    tiny_llm.engine.cache.evict(10**9)
+    tiny_llm.engine.reset_prefix_cache()
     free = engine.pool.num_free
     request_id = engine.add_request(list(range(10, 60)), SamplingParams(max_tokens=50, ignore_eos=True))
     for _ in range(3):
@@ -121,7 +121,7 @@ def test_abort_frees_every_page_the_request_held(tiny_llm):
     assert engine.pool.num_free < free
     engine.abort(request_id)
     assert not engine.has_unfinished()
-    engine.cache.evict(10**9)
+    engine.reset_prefix_cache()
     assert engine.pool.num_free == free
 
 

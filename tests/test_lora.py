@@ -76,7 +76,7 @@ def test_a_batch_mixing_adapters_base_and_private_models_equals_each_alone(mixed
     requests = [dict(r, prompt=f"{PROMPT} number {i}") for i, r in enumerate(MIXED)]
     together = _engine_logits(mixed_llm, requests)
     for request, logits in zip(requests, together):
-        mixed_llm.engine.cache.evict(10**9)
+        mixed_llm.engine.reset_prefix_cache()
         alone = _engine_logits(mixed_llm, [request])[0]
         assert alone.shape == logits.shape
         assert (alone - logits).abs().max().item() <= TOLERANCE, request
@@ -108,7 +108,7 @@ def test_kv_written_under_one_adapter_is_never_reused_under_another(mixed_llm):
 def test_model_alias_base_colon_adapter_selects_the_adapter(mixed_llm):
     ids = mixed_llm.tokenizer.encode(PROMPT)
     by_alias = mixed_llm.prompt_logits(ids, model="tiny-random:lora-2")
-    mixed_llm.engine.cache.evict(10**9)
+    mixed_llm.engine.reset_prefix_cache()
     by_name = mixed_llm.prompt_logits(ids, adapter="lora-2")
     assert torch.equal(by_alias, by_name)
 
@@ -119,7 +119,7 @@ def test_an_adapter_moved_to_disk_is_reloaded_before_it_runs(mixed_llm):
     adapter = mixed_llm.engine.weights.adapters["lora-3"]
     adapter.move_to("disk")
     assert adapter.weights == {}
-    mixed_llm.engine.cache.evict(10**9)
+    mixed_llm.engine.reset_prefix_cache()
     assert mixed_llm.generate(["hello world"], params, adapters=["lora-3"])[0].outputs[0].token_ids == expected
     assert adapter.tier == "device"
 

@@ -344,3 +344,57 @@ def test_adapters_and_kv_compete_for_one_device_budget(tmp_path):
     stats = llm.memory_stats()
     assert stats["device_used_nbytes"] <= stats["device_budget_nbytes"]
     assert stats.get("evicted.adapter.device", 0) > 0, "an adapter was demoted to make room"
+
+
+def test_a_heap_entry_discarded_earlier_never_comes_back():
+    from scalesim.memory.heap import MaxHeap
+    heap = MaxHeap()
+    heap.push("a", (100,))
+    heap.discard("a")
+    heap.push("a", (1,))
+    heap.push("b", (50,))
+    assert heap.pop() == ("b", (50,))
+    assert heap.pop() == ("a", (1,))
+    assert heap.pop() is None
+
+
+def test_making_room_never_evicts_the_object_being_loaded():
+    manager = _manager(blocks=2, host_nbytes=_manager().pool.block_nbytes)
+    block = manager.pool.block_nbytes
+    old = FakeWeights("old", block, ["a"])
+    manager.add(old)
+    manager.touch(old, None)
+    on_device = FakeWeights("on-device", 2 * block, ["b"])
+    on_device.move_to("disk")
+    manager.add(on_device)
+    assert manager.promote(on_device)
+    assert manager.promote(old), "loading `old` may demote `on-device`, never `old` itself"
+    assert old.tier == "device" and old.moves == ["device"]
+
+
+def test_a_weight_file_that_went_missing_fails_its_requests_and_leaks_nothing(tmp_path):
+    import shutil
+    from scalesim.weights.fixtures import make_random_adapters
+    folder = make_random_adapters("tiny-random", tmp_path, count=1, rank=4)[0]
+    llm = LLM("tiny-random", device_memory="256KiB", block_size_tokens=4)
+    llm.add_adapter("a", str(folder))
+    adapter = llm.engine.weights.adapters["a"]
+    adapter.move_to("disk")  # as the manager does for a cold adapter (its files are the truth)
+    llm.engine.memory.remove(adapter)
+    llm.engine.memory.add(adapter)
+    shutil.rmtree(folder)
+    free = llm.engine.pool.num_free
+    out = llm.generate(["hello"], SamplingParams(max_tokens=2), adapters=["a"])[0]
+    assert out.outputs[0].finish_reason == "error"
+    assert llm.engine.pool.num_free == free
+    assert llm.generate(["hello"], SamplingParams(max_tokens=2))[0].outputs[0].finish_reason == "length"
+
+
+def test_disk_objects_of_another_page_size_are_not_restored(tmp_path):
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    first = _llm(tmp_path, host_memory=0)
+    first.generate([_prefix(i) for i in range(6)], params)
+    first.engine.shutdown()
+    other = _llm(tmp_path, host_memory=0, block_size_tokens=8)
+    assert other.engine.memory.store.entries("kv") == []
+    assert other.generate([_prefix(0)], params)[0].num_cached_tokens == 0

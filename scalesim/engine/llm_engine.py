@@ -29,6 +29,7 @@ from scalesim.models.registry import resolve_model
 from scalesim.outputs import SequenceDelta
 from scalesim.sampling_params import SamplingParams
 from scalesim.memory.disk_store import DiskStore
+from scalesim.memory.kv_object import path_tokens as path_of
 from scalesim.memory.kv_objects import KVObjects
 from scalesim.memory.manager import MemoryManager, PrefetchWorker
 from scalesim.memory.policies import POLICIES
@@ -62,7 +63,10 @@ class LLMEngine:
                               config.torch_kv_cache_dtype, config.device)
         self.cache = RadixCache(self.pool)
         self.tracker = DistanceTracker()
-        store = DiskStore(config.disk_dir, config.disk_nbytes) if config.disk_dir else None
+        identity = {"model": str(self.model_path), "block_size_tokens": config.block_size_tokens,
+                    "kv_cache_dtype": config.kv_cache_dtype, "kv_shape": list(self.pool.kv_cache.shape[3:]),
+                    "layers": self.model_config.num_hidden_layers}
+        store = DiskStore(config.disk_dir, config.disk_nbytes, identity) if config.disk_dir else None
         self.memory = MemoryManager(self.pool, self.tracker, POLICIES[config.policy], config.host_nbytes, store)
         self.kv_objects = KVObjects(self.memory, self.cache)
         self.kv_objects.restore()
@@ -162,12 +166,28 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    def _request_waiting_weights(self) -> None:
-        """Ask the memory worker to load the adapters and models that waiting requests need."""
-        for seq in self.scheduler.waiting:
+    def _request_waiting_weights(self) -> list[SequenceDelta]:
+        """Ask the memory worker to load the adapters and models that waiting requests need;
+        fail the requests whose weights could not be loaded (a source file went missing)."""
+        failed = []
+        for seq in list(self.scheduler.waiting):
+            broken = [h for h in seq.weights if getattr(h, "load_error", None)]
+            if broken:
+                logger.warning("failing %s: %s", seq.request_id, broken[0].load_error)
+                self.scheduler.finish(seq, "error")
+                self._finished(seq)
+                failed.append(SequenceDelta(seq.request_id, seq.index, "", [], finish_reason="error",
+                                            num_prompt_tokens=len(seq.prompt_token_ids)))
+                if all(s.is_finished for s in self.requests[seq.request_id].seqs):
+                    del self.requests[seq.request_id]
+                continue
             for handle in seq.weights:
                 if not handle.on_device:
                     self.memory.request_load(handle)
+        for seq in self.scheduler.waiting:
+            for handle in seq.weights:
+                handle.load_error = None  # the next request for it tries again
+        return failed
 
     def _finished(self, seq: Sequence) -> None:
         self.memory_hooks.finished(seq)
@@ -182,17 +202,17 @@ class LLMEngine:
         A request whose weights are still loading waits; the others run.
         """
         with self.memory.lock:
-            self._request_waiting_weights()
+            failed = self._request_waiting_weights()
             batch = self.scheduler.schedule()
             self.memory.release_held()
         if not batch:
-            if self.has_unfinished():
+            if self.has_unfinished() and not failed:
                 self.memory.loaded.wait(0.005)
                 self.memory.loaded.clear()
-            return []
+            return failed
         sampled = self.runner.run(batch)
         with self.memory.lock:
-            return self._record(batch, sampled)
+            return failed + self._record(batch, sampled)
 
     def _record(self, batch, sampled) -> list[SequenceDelta]:
         for item in batch:
@@ -260,10 +280,15 @@ class LLMEngine:
             step = hints["timestep_cnt"]
         if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
             raise InvalidRequestError(f"step must be a non-negative integer, got {step!r}")
-        distances = estimate_distances(self.tracker.step if step is None else step, **hints)
+        try:
+            distances = estimate_distances(self.tracker.step if step is None else step, **hints)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequestError(f"bad hint: {exc}") from exc
         with self.memory.lock:
-            if step is not None:
+            if step is not None and step > self.tracker.step:
                 self.tracker.advance(step)
+                # estimates learned from inter-arrival times are relative to the step's start: re-key them
+                self.memory.agents_changed([a for a, s in self.tracker.agents.items() if s.gap_s is not None])
             changed = self.tracker.hint(distances)
             self.memory.agents_changed(changed)
             unknown = [a for a in distances if a not in self.agents and a not in self.memory.by_agent]
@@ -276,6 +301,17 @@ class LLMEngine:
         with self.memory.lock:
             self.memory.ctx.future = {a: sorted(steps) for a, steps in calls.items()}
             self.memory.agents_changed(list(calls))
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached KV page no running request holds, in every tier; return how many
+        radix nodes were dropped (like vLLM's reset_prefix_cache)."""
+        with self.memory.lock:
+            dropped = 0
+            for node in sorted(self.cache.nodes(), key=lambda n: -len(path_of(n))):
+                if node.resident is not None and node.lock_ref == 0 and not node.children:
+                    self.memory._drop(node.resident)
+                    dropped += 1
+            return dropped
 
     def memory_stats(self) -> dict:
         """Counters per tier and kind: hits, misses, bytes moved, prefetches, stall seconds, ..."""

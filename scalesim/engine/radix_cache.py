@@ -191,7 +191,10 @@ class RadixCache:
         del node.parent.children[node.tokens[: self.page]]
 
     def evict(self, num_blocks: int) -> int:
-        """Free at least `num_blocks` blocks if possible by dropping unlocked leaves; return freed."""
+        """Free at least `num_blocks` blocks if possible by dropping unlocked leaves; return freed.
+
+        Only for a cache without a memory layer: with an observer, the memory manager evicts."""
+        assert self.observer is None, "a managed cache is evicted through the memory manager"
         order = itertools.count()
         heap = [(self.priority(n), next(order), n) for n in self.nodes()
                 if not n.children and n.lock_ref == 0 and not n.is_root]

@@ -19,7 +19,10 @@ class CorruptObjectError(Exception):
 
 
 class DiskStore:
-    def __init__(self, root: Path, budget_nbytes: int) -> None:
+    def __init__(self, root: Path, budget_nbytes: int, identity: dict | None = None) -> None:
+        """`identity` (model, page size, KV shape, ...) is stored with every object; objects
+        written under another identity are never served (see `entries`)."""
+        self.identity = identity or {}
         self.root = Path(root)
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
         self.budget_nbytes = budget_nbytes
@@ -49,7 +52,8 @@ class DiskStore:
         os.replace(tmp, path)
         with self._lock:
             self.db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?)",
-                            (key, kind, path.name, len(data), hashlib.sha256(data).hexdigest(), json.dumps(meta)))
+                            (key, kind, path.name, len(data), hashlib.sha256(data).hexdigest(),
+                             json.dumps({**meta, "identity": self.identity})))
             self.db.commit()
         return len(data)
 
@@ -76,10 +80,18 @@ class DiskStore:
             (self.root / "objects" / row[0]).unlink(missing_ok=True)
 
     def entries(self, kind: str) -> list[tuple[str, int, dict]]:
-        """(key, nbytes, meta) of every stored object of `kind`."""
+        """(key, nbytes, meta) of every stored object of `kind` written under this identity;
+        objects of another identity (another model, page size or dtype) are deleted."""
         with self._lock:
             rows = self.db.execute("SELECT key, nbytes, meta FROM objects WHERE kind = ?", (kind,)).fetchall()
-        return [(k, n, json.loads(m)) for k, n, m in rows]
+        out = []
+        for key, nbytes, raw in rows:
+            meta = json.loads(raw)
+            if meta.get("identity") == json.loads(json.dumps(self.identity)):
+                out.append((key, nbytes, meta))
+            else:
+                self.delete(key)
+        return out
 
     def path_of(self, key: str) -> Path | None:
         with self._lock:

@@ -25,9 +25,9 @@ class MaxHeap:
         return len(self._version)
 
     def push(self, name: str, key: tuple) -> None:
-        version = self._version.get(name, 0) + 1
+        version = next(self._order)  # never reused, so an entry discarded earlier cannot come back
         self._version[name] = version
-        heapq.heappush(self._entries, (_Reversed(key), next(self._order), name, version))
+        heapq.heappush(self._entries, (_Reversed(key), version, name, version))
         if len(self._entries) > 4 * len(self._version) + 64:
             self._compact()
 

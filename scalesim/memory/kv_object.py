@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from scalesim.memory.disk_store import DiskStore
+from scalesim.memory.disk_store import CorruptObjectError, DiskStore
 from scalesim.memory.resident import ResidentObject, to_host
 
 _ids = itertools.count()
@@ -105,9 +105,17 @@ class KVNodeObject(ResidentObject):
         assert self.pin_count == 0 or tier == "device", f"{self.key} is pinned"
         if tier == "device":
             kv = self.host_kv if self._tier == "host" else self._read_disk()
+            expected = self.pool.kv_cache.shape[:2] + (len(self.node.tokens),) + self.pool.kv_cache.shape[3:]
+            if tuple(kv.shape) != tuple(expected):
+                raise CorruptObjectError(f"{self.key}: stored pages have shape {tuple(kv.shape)}, expected {expected}")
             blocks = self.pool.allocate(self.num_blocks)
             assert blocks is not None, "the manager must make room before moving KV to the device"
-            self.pool.kv_cache.index_copy_(2, self._slots(blocks), kv.to(self.pool.kv_cache.device))
+            try:
+                self.pool.kv_cache.index_copy_(2, self._slots(blocks), kv.to(self.pool.kv_cache.device,
+                                                                              self.pool.kv_cache.dtype))
+            except BaseException:
+                self.pool.decref(blocks)
+                raise
             self.node.blocks = blocks
         elif tier == "host":
             self.host_kv = self._gather() if self._tier == "device" else self._read_disk()

@@ -57,7 +57,7 @@ class KVObjects:
         """Drop a node and everything below it (a node off the device is never locked, nor are
         its descendants, as matching stops at it)."""
         if obj.kind != "kv":
-            self.manager._drop(obj)
+            self.manager._drop(obj) if obj.can_drop else self.manager.remove(obj)
             return
         for child in list(obj.node.children.values()):
             if child.resident is not None:

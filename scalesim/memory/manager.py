@@ -69,9 +69,10 @@ class MemoryManager:
         self.wake = threading.Event()  # wakes the worker: a load was requested, a hint arrived
         self.held: set[str] = set()  # loaded on demand for a waiting request: kept until it is scheduled
         self.prefetched_nbytes = 0  # on the device by prefetch and not used yet
+        self._host_skipped: list[ResidentObject] = []
         self.can_drop: Callable[[ResidentObject], bool] = lambda obj: obj.can_drop
         self.on_dropped: Callable[[ResidentObject], None] = lambda obj: None
-        self.discard: Callable[[ResidentObject], None] = self._drop  # a copy failed its checksum
+        self.discard: Callable[[ResidentObject], None] | None = None  # kind-aware removal of a bad copy
 
     # --- bookkeeping -----------------------------------------------------------------------
     def _key(self, obj: ResidentObject) -> tuple:
@@ -160,7 +161,12 @@ class MemoryManager:
             blocks = self.pool.allocate(obj.device_blocks_needed(self.pool.block_nbytes))
             assert blocks is not None, "room must be made before a move to the device"
             self.reserved[obj.key] = blocks
-        obj.move_to(tier)
+        try:
+            obj.move_to(tier)
+        except BaseException:
+            if tier == "device" and obj.key in self.reserved:
+                self.pool.decref(self.reserved.pop(obj.key))
+            raise
         if old == "device" and obj.key in self.reserved:
             self.pool.decref(self.reserved.pop(obj.key))
         if old == "host":
@@ -170,6 +176,15 @@ class MemoryManager:
         direction = "bytes_in" if tier == "device" else "bytes_out"
         self.stats.add(direction, obj.kind, obj.nbytes, tier=f"{old}_to_{tier}")
         self._index(obj)
+
+    def _discard(self, obj: ResidentObject) -> None:
+        """Forget an object whose copy cannot be loaded: KV is recomputed, weights reload later."""
+        if self.discard is not None:
+            self.discard(obj)
+        elif obj.can_drop:
+            self._drop(obj)
+        else:
+            self.remove(obj)
 
     def _unmark_prefetched(self, obj: ResidentObject) -> None:
         obj.prefetched = False
@@ -206,22 +221,29 @@ class MemoryManager:
         self.heaps["host"].pop()
         obj = self.objects.get(entry[0])
         if not self._evictable(obj, "host"):
-            return True  # stale or pinned: skip it, the caller tries again
-        if self.store is not None and obj.kind == "kv" and self.store.used_nbytes + obj.nbytes <= self.store.budget_nbytes:
-            self._move(obj, "disk")
-        elif obj.kind != "kv":
+            if obj is not None and obj.tier == "host":
+                self._host_skipped.append(obj)
+            return True  # pinned or loading: skip it, the caller tries the next one
+        if obj.kind != "kv" or (self.store is not None and
+                                self.store.used_nbytes + obj.nbytes <= self.store.budget_nbytes):
             self._move(obj, "disk")
         elif self.can_drop(obj):
             self._drop(obj)
         else:
-            self._move(obj, "disk") if self.store is not None else None
+            self._host_skipped.append(obj)  # an inner node with nowhere to go: it stays
         return True
 
     def _place_below_device(self, obj: ResidentObject, key: tuple) -> bool:
         """Demote a device object: host if it fits (displacing larger keys), else disk, else drop."""
-        while self.host_used + obj.nbytes > self.host_nbytes:
-            if not self._demote_from_host(above=key):
-                break
+        self._host_skipped = []
+        try:
+            while self.host_used + obj.nbytes > self.host_nbytes:
+                if not self._demote_from_host(above=key):
+                    break
+        finally:
+            for skipped in self._host_skipped:
+                if skipped.key in self.objects and skipped.tier == "host":
+                    self._index(skipped)
         if self.host_used + obj.nbytes <= self.host_nbytes:
             self._move(obj, "host")
         elif obj.kind != "kv":
@@ -275,17 +297,29 @@ class MemoryManager:
                 return True
             started = time.perf_counter()
             source = obj.tier
-            if not self.make_device_room(obj.device_blocks_needed(self.pool.block_nbytes), only_above):
-                return False
-            if not prefetch:
-                obj.last_use_s = time.monotonic()  # a load for a request is a use (what LRU sees)
+            obj.loading = True  # so that making room never evicts the object being loaded
             try:
+                if not self.make_device_room(obj.device_blocks_needed(self.pool.block_nbytes), only_above):
+                    return False
+                if not prefetch:
+                    obj.last_use_s = time.monotonic()  # a load for a request is a use (what LRU sees)
                 self._move(obj, "device")
             except CorruptObjectError as exc:
                 logger.warning("discarding %s: %s", obj.key, exc)
                 self.stats.add("corrupt", obj.kind)
-                self.discard(obj)
+                self._discard(obj)
                 return False
+            except Exception as exc:  # a missing or unreadable source: never retry it forever
+                logger.warning("cannot load %s: %s", obj.key, exc)
+                self.stats.add("load_failed", obj.kind)
+                obj.load_error = str(exc)
+                if obj.kind == "kv":
+                    self._discard(obj)
+                return False
+            finally:
+                obj.loading = False
+                if obj.key in self.objects and obj.tier is not None:
+                    self._index(obj)
             if prefetch:
                 obj.prefetched, obj.prefetched_mark_nbytes = True, obj.nbytes
                 self.prefetched_nbytes += obj.nbytes
