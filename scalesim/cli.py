@@ -100,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default=None, help="write the JSON results here")
     sim.add_argument("--plot", default=None, help="write a PNG with makespan bars and device occupancy")
 
+    proj = commands.add_parser("project", help="GPU projection: a discrete-event cost model (not a measurement)",
+                               description="Project makespan per policy on an H100 with an 8B model, using the "
+                                           "same memory-policy code as the engine. A model projection, never a "
+                                           "measurement.")
+    proj.add_argument("workload", help="town, feed, survey, city or rounds")
+    proj.add_argument("--agents", type=int, default=1000, help="agents (default: 1000)")
+    proj.add_argument("--steps", type=int, default=8, help="simulation steps (default: 8)")
+    proj.add_argument("--state", default="lora-agent", choices=["none", "lora-agent", "lora-cluster"],
+                      help="per-agent state besides KV (default: lora-agent)")
+    proj.add_argument("--policies", default="ideal,scalesim,lru", help="comma-separated policies")
+    proj.add_argument("--device-fraction", type=float, default=0.25, help="device budget share of all agent state")
+    proj.add_argument("--host-fraction", type=float, default=0.5, help="host budget share of all agent state")
+    proj.add_argument("--out", default=None, help="write the JSON projection here too")
+
     bench = commands.add_parser("microbench", help="microbenchmarks that print ratios from one run")
     kinds = bench.add_subparsers(dest="kind", required=True)
     eng = kinds.add_parser("engine", help="decode throughput vs transformers' generate, same batch and machine")
@@ -195,13 +209,37 @@ def _bench(args: argparse.Namespace) -> None:
     quick = args.quick
     cfg = dict(agents=args.agents or (12 if quick else 24), steps=args.steps or (3 if quick else 4),
                output_tokens=args.output_tokens or (4 if quick else 8), state=args.state, seed=args.seed)
-    results = [run_sim_bench(name, args.model, WorkloadConfig(**cfg), policies, args.device_fraction,
-                             args.host_fraction, args.hint_noise) for name in names]
+    if args.url:
+        from scalesim.bench.sim_bench import run_remote
+        results = [run_remote(name, WorkloadConfig(**cfg), args.url, args.model, args.hint_noise) for name in names]
+    else:
+        results = [run_sim_bench(name, args.model, WorkloadConfig(**cfg), policies, args.device_fraction,
+                                 args.host_fraction, args.hint_noise) for name in names]
     print_table(results)
     if args.out:
         write_json(results, args.out)
     if args.plot:
         plot(results, args.plot)
+
+
+def _project(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from scalesim.bench.costmodel import project_workload
+    from scalesim.sim.workloads import WORKLOADS
+
+    if args.workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {args.workload!r}; choose from {', '.join(WORKLOADS)}")
+    policies = tuple(args.policies.split(","))
+    if any(p not in POLICIES for p in policies):
+        raise ValueError(f"unknown policy in {args.policies!r}; choose from {', '.join(POLICIES)}")
+    result = project_workload(args.workload, args.agents, args.steps, args.state, policies, args.device_fraction,
+                              args.host_fraction)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             _microbench(args)
         elif args.command == "bench":
             _bench(args)
+        elif args.command == "project":
+            _project(args)
     except (ScaleSimError, ValueError) as exc:
         print(f"scalesim: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

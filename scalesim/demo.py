@@ -1,55 +1,40 @@
-"""`make demo`: a few simulated agents share one engine and one cached town prompt.
+"""`make demo`: a Smallville-style town of 40 agents on the built-in model, run three times on
+the same engine — with ScaleSim's invocation-distance memory, with LRU (what SGLang does), and
+with unbounded memory (the limit) — under the same budgets: the device holds a quarter of all
+agent state, the host half, the rest goes to disk. Prints the comparison, two agents' actual
+lines, and saves a plot."""
 
-Five agents of a Smallville-like town ask the built-in model what they do next. They share a
-common system prompt (stored once in the prefix cache) and each has a private persona. The demo
-prints their replies and what the cache saved.
-"""
-
-import time
+import sys
 
 from rich.console import Console
-from rich.table import Table
 
-from scalesim import LLM, SamplingParams
+from scalesim.bench.sim_bench import plot, print_table, run_sim_bench, write_json
+from scalesim.sim.workloads import WorkloadConfig
 
-TOWN = ("You are a resident of the small town of Willow Creek. The town has a cafe, a library, a park, "
-        "a market and a school. Answer in one short sentence, in the first person, about what you do next.")
-AGENTS = {
-    "isabella": "I am Isabella, I run the cafe and I am planning a Valentine's Day party.",
-    "klaus": "I am Klaus, a student writing a research paper on gentrification.",
-    "maria": "I am Maria, a student who loves streaming games and chatting with Klaus.",
-    "john": "I am John, the pharmacist, and I like to talk about local politics.",
-    "eddy": "I am Eddy, a music student composing a new piece for the school concert.",
-}
+DEMO_AGENTS = 40
+DEMO_STEPS = 3
+DEMO_OUTPUT_TOKENS = 12
+PLOT_PATH = "demo.png"
+JSON_PATH = "demo.json"
 
 
 def main() -> None:
-    console = Console()
-    console.print("[bold]ScaleSim demo[/bold]: loading smollm2-135m (converted from its GGUF file once, then cached)")
-    started = time.perf_counter()
-    llm = LLM("smollm2-135m", kv_cache_memory="512MiB")
-    console.print(f"loaded in {time.perf_counter() - started:.1f} s")
-    conversations = [[{"role": "system", "content": TOWN + " " + persona},
-                      {"role": "user", "content": "It is 8 am. What do you do now?"}] for persona in AGENTS.values()]
-    params = SamplingParams(max_tokens=40, temperature=0.7, top_p=0.9, seed=0)
-    for hour in ("8 am", "noon"):
-        for conversation in conversations:
-            conversation[-1]["content"] = f"It is {hour}. What do you do now?"
-        started = time.perf_counter()
-        outputs = llm.chat(conversations, params, agent_ids=list(AGENTS))
-        elapsed = time.perf_counter() - started
-        table = Table(title=f"{hour}: {len(AGENTS)} agents in one batch, {elapsed:.1f} s")
-        table.add_column("agent")
-        table.add_column("reply")
-        table.add_column("cached prompt tokens", justify="right")
-        for agent, out in zip(AGENTS, outputs):
-            table.add_row(agent, out.outputs[0].text.strip(), f"{out.num_cached_tokens}/{len(out.prompt_token_ids)}")
-        console.print(table)
-    stats = llm.stats()
-    console.print(f"prefix cache: {stats['cached_prompt_tokens']} of {stats['prompt_tokens']} prompt tokens "
-                  f"came from cached pages; {stats['kv_blocks_cached']} pages cached, "
-                  f"{stats['kv_blocks_total']} in the pool")
+    console = Console(width=200)
+    console.print(f"[bold]ScaleSim demo[/bold]: town workload, {DEMO_AGENTS} agents, {DEMO_STEPS} steps, "
+                  "smollm2-135m on this machine; policies ideal, scalesim, lru")
+    result = run_sim_bench("town", "smollm2-135m", WorkloadConfig(agents=DEMO_AGENTS, steps=DEMO_STEPS,
+                                                                   output_tokens=DEMO_OUTPUT_TOKENS))
+    print_table([result], console)
+    ratios = result["ratios"]
+    console.print(f"ScaleSim makespan is {ratios['scalesim_vs_ideal']:.2f}x that of unbounded memory; "
+                  f"LRU takes {ratios['lru_vs_scalesim']:.2f}x as long as ScaleSim.")
+    scalesim = next(r for r in result["runs"] if r["policy"] == "scalesim")
+    for agent, step, text in scalesim["samples"][:2]:
+        console.print(f"  [cyan]{agent}[/cyan] at step {step}: {text.strip()!r}")
+    write_json([result], JSON_PATH)
+    plot([result], PLOT_PATH)
+    console.print(f"wrote {JSON_PATH} and {PLOT_PATH}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

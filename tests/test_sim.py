@@ -66,3 +66,19 @@ def test_bad_bench_input_is_a_one_line_error_with_exit_code_2(capsys, args, mess
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_gpu_projection_is_labelled_and_runs_the_real_policy_code(capsys):
+    assert main(["project", "feed", "--agents", "200", "--steps", "4", "--policies", "ideal,scalesim,lru,oracle"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "PROJECTION" in result["label"] and result["is_measurement"] is False
+    runs = {r["policy"]: r for r in result["runs"]}
+    assert set(runs) == {"ideal", "scalesim", "lru", "oracle"}
+    assert runs["ideal"]["stall_s"] == 0.0 and runs["ideal"]["recomputed_tokens"] == 0
+    assert all(r["makespan_s"] >= runs["ideal"]["makespan_s"] * 0.999 for r in runs.values())
+
+
+def test_a_target_url_that_does_not_answer_is_a_one_line_error(capsys):
+    assert main(["bench", "feed", "--quick", "--url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not answer" in err and "\n" not in err

@@ -24,6 +24,7 @@ from scalesim.sim.workloads import WORKLOADS, Trace, WorkloadConfig
 DEFAULT_POLICIES = ("ideal", "scalesim", "lru")
 CHAT_TEMPLATE_TOKENS_PER_TURN = 8
 BENCH_ADAPTER_RANK = 8
+SAMPLES_PER_RUN = 4
 
 
 @dataclass
@@ -42,7 +43,17 @@ class PolicyRun:
     prefetch_used: int
     prefetch_wasted: int
     occupancy: list = field(default_factory=list)
+    samples: list = field(default_factory=list)  # a few (agent, step, reply) as generated
     memory: dict = field(default_factory=dict)
+
+
+def _first_reply_per_agent(result: RunResult) -> list[tuple[str, int, str]]:
+    seen, out = set(), []
+    for call in result.calls:
+        if call.agent_id not in seen:
+            seen.add(call.agent_id)
+            out.append((call.agent_id, call.step, call.text))
+    return out
 
 
 def _hit_rates(stats: dict) -> tuple[float, dict]:
@@ -145,7 +156,8 @@ def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tupl
             device_hit_rate_per_kind=per_kind, bytes_loaded=int(stats.get("bytes_in", 0)),
             stall_s=round(stats.get("stall_s", 0.0), 4), recomputed_tokens=int(stats.get("recomputed_tokens", 0)),
             prefetch_used=int(stats.get("prefetch_used", 0)), prefetch_wasted=int(stats.get("prefetch_wasted", 0)),
-            occupancy=[(round(t, 3), n) for t, n in result.occupancy], memory=stats))
+            occupancy=[(round(t, 3), n) for t, n in result.occupancy],
+            samples=_first_reply_per_agent(result)[:SAMPLES_PER_RUN], memory=stats))
     makespan = {r.policy: r.makespan_s for r in runs}
     ratios = {}
     if "scalesim" in makespan and "ideal" in makespan:
@@ -156,6 +168,30 @@ def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tupl
             "agents": len(trace.agents), "total_state_nbytes": total, "device_nbytes": device_nbytes,
             "host_nbytes": host_nbytes, "device_fraction": device_fraction, "host_fraction": host_fraction,
             "hint_noise_steps": hint_noise_steps, "runs": [asdict(r) for r in runs], "ratios": ratios}
+
+
+def run_remote(workload: str, cfg: WorkloadConfig, url: str, model: str, hint_noise_steps: float = 0.0) -> dict:
+    """Drive `workload` against an OpenAI-compatible server (one run; its memory is its own)."""
+    import httpx
+
+    from scalesim.sim.runner import OpenAITarget
+
+    root = url.rstrip("/").removesuffix("/v1")
+    try:
+        httpx.get(root + "/v1/models", timeout=5.0).raise_for_status()
+    except (httpx.HTTPError, OSError) as exc:
+        raise ValueError(f"target URL {url} does not answer /v1/models: {exc}") from exc
+    trace = WORKLOADS[workload](cfg)
+    result = asyncio.run(run_trace(trace, OpenAITarget(root, model), desc=url, hint_noise_steps=hint_noise_steps))
+    ttfts = sorted(c.ttft_s for c in result.calls)
+    run = {"policy": f"remote:{root}", "makespan_s": round(result.makespan_s, 4),
+           "ttft_mean_s": round(statistics.fmean(ttfts), 4), "ttft_p90_s": round(ttfts[int(0.9 * (len(ttfts) - 1))], 4),
+           "requests": len(result.calls), "tokens_out": sum(c.tokens_out for c in result.calls),
+           "device_hit_rate": float("nan"), "device_hit_rate_per_kind": {}, "bytes_loaded": 0, "stall_s": 0.0,
+           "recomputed_tokens": 0, "prefetch_used": 0, "prefetch_wasted": 0, "occupancy": [],
+           "samples": _first_reply_per_agent(result)[:SAMPLES_PER_RUN], "memory": {}}
+    return {"workload": workload, "model": model, "config": asdict(cfg), "calls": trace.num_calls,
+            "agents": len(trace.agents), "device_nbytes": 0, "runs": [run], "ratios": {}}
 
 
 def print_table(results: list[dict], console: Console | None = None) -> None:

@@ -2,9 +2,9 @@
 
 Distances are stored as the absolute step at which each agent is expected to call, so the decay
 of every distance by one per simulation step costs nothing and keys built from them stay valid
-between steps. An arriving request sets its agent's distance to 0 until it finishes; a finished
-request leaves the hint (if it still lies in the future) or falls back to the agent's own learned
-inter-arrival time. Seconds per step (an EWMA of the time between hinted steps) converts a
+between steps. An arriving request sets its agent's distance to 0 until it finishes; a hint stays in force
+for the whole of its step (an agent may make a chain of calls in it) and is spent when the
+simulation moves past it; without a hint, the agent's own learned inter-arrival time is used. Seconds per step (an EWMA of the time between hinted steps) converts a
 distance into a deadline in seconds for prefetching.
 """
 
@@ -38,16 +38,25 @@ class DistanceTracker:
     def _agent(self, agent_id: str) -> _Agent:
         return self.agents.setdefault(agent_id, _Agent())
 
-    def advance(self, step: int) -> None:
-        """The simulation reached `step`: every distance shrinks by the steps that passed."""
-        if step < self.step:
-            return
+    def advance(self, step: int) -> list[str]:
+        """The simulation reached `step`: every distance shrinks by the steps that passed. Hints
+        for steps now past are spent (the call came, or the simulation changed its mind); return
+        the agents whose expected step changed other than by the shift."""
+        if step <= self.step:
+            return []
         now = self.clock()
-        if step > self.step:
-            measured = (now - self.step_started_s) / (step - self.step)
-            self.seconds_per_step = (1 - EWMA_WEIGHT) * self.seconds_per_step + EWMA_WEIGHT * measured
-            self.step, self.step_started_s = step, now
-            self.version += 1
+        measured = (now - self.step_started_s) / (step - self.step)
+        self.seconds_per_step = (1 - EWMA_WEIGHT) * self.seconds_per_step + EWMA_WEIGHT * measured
+        self.step, self.step_started_s = step, now
+        self.version += 1
+        changed = []
+        for agent_id, state in self.agents.items():
+            if state.hinted_step < step:
+                state.hinted_step = INF
+                changed.append(agent_id)
+            elif state.gap_s is not None:
+                changed.append(agent_id)  # the learned estimate is relative to the step's start
+        return changed
 
     def hint(self, distances: dict[str, float]) -> list[str]:
         """Set each named agent's distance (steps from now); return the agents that changed."""
@@ -70,8 +79,6 @@ class DistanceTracker:
         state.last_arrival_s = now
         state.in_flight += 1
         state.requests += 1
-        if state.hinted_step <= self.step:
-            state.hinted_step = INF  # the hinted call has come; the next hint will say when the next one is
         self.version += 1
 
     def on_finish(self, agent_id: str) -> None:

@@ -286,9 +286,7 @@ class LLMEngine:
             raise InvalidRequestError(f"bad hint: {exc}") from exc
         with self.memory.lock:
             if step is not None and step > self.tracker.step:
-                self.tracker.advance(step)
-                # estimates learned from inter-arrival times are relative to the step's start: re-key them
-                self.memory.agents_changed([a for a, s in self.tracker.agents.items() if s.gap_s is not None])
+                self.memory.agents_changed(self.tracker.advance(step))
             changed = self.tracker.hint(distances)
             self.memory.agents_changed(changed)
             unknown = [a for a in distances if a not in self.agents and a not in self.memory.by_agent]

@@ -363,6 +363,8 @@ class MemoryManager:
             return 0
         moved, settings = 0, self.prefetch_settings
         with self.lock:
+            if self.on_demand or self.held:
+                return 0  # requests are waiting for loads now: speculation would only compete with them
             cap = settings.max_prefetched_device_fraction * self.pool.num_blocks * self.pool.block_nbytes
             while moved < settings.max_bytes_in_flight:
                 entry = self.wanted.peek()

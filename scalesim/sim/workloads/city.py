@@ -23,6 +23,7 @@ def generate(cfg: WorkloadConfig) -> Trace:
     steps = []
     for index in range(cfg.steps):
         calls: list[Call] = []
+        hints = {"schedule": dict(wake)}  # as known when the step starts; messages are not announced
         for agent in [a for a in ids if wake[a] == index]:
             for k in range(rng.randint(*CHAIN_CALLS)):
                 calls.append(Call(agent, observation(rng, 15) + " What next?", cfg.output_tokens,
@@ -34,5 +35,5 @@ def generate(cfg: WorkloadConfig) -> Trace:
             calls.append(Call(receiver, "You received a message from a neighbour. Reply.", cfg.output_tokens))
             if depth < MAX_CASCADE_DEPTH and rng.random() < 0.5:
                 inbox.setdefault(index + 1, []).append((rng.choice(ids), depth + 1))
-        steps.append(Step(index, calls, {"schedule": dict(wake)}))
+        steps.append(Step(index, calls, hints))
     return Trace("city", agents, steps, max_concurrency=64)

@@ -23,6 +23,9 @@ def generate(cfg: WorkloadConfig) -> Trace:
     steps = []
     for index in range(cfg.steps):
         calls: list[Call] = []
+        busy = {a: float(end - index) for a, end in ends.items() if end > index}  # mid-action: no chat before it ends
+        hints = {"schedule": dict(ends), "positions": {a: [float(p), 0.0] for a, p in place.items()}, "speed": 1.0,
+                 "cooldowns": busy}
         due = [a.agent_id for a in agents if ends[a.agent_id] == index]
         for agent in due:
             place[agent] = rng.randrange(len(PLACES))
@@ -37,6 +40,5 @@ def generate(cfg: WorkloadConfig) -> Trace:
                 speaker = (a, b)[turn % 2]
                 calls.append(Call(speaker, "Continue the conversation with the other person:", cfg.output_tokens,
                                   after=[len(calls) - 1], quote_replies=True))
-        hints = {"schedule": dict(ends), "positions": {a: [float(p), 0.0] for a, p in place.items()}, "speed": 1.0}
-        steps.append(Step(index, calls, hints))
+        steps.append(Step(index, calls, hints))  # hints as known when the step starts
     return Trace("town", agents, steps, max_concurrency=32)

@@ -1,0 +1,184 @@
+"""GPU projection: a discrete-event model of a workload on a hardware profile. A MODEL
+PROJECTION, not a measurement: it never replaces the measured numbers of `scalesim bench`.
+
+It replays a workload trace step by step through the real memory manager and policy code
+(`memory/manager.py`, `memory/policies.py`) with byte-sized stand-ins for each agent's KV
+context and adapter, and charges time from a hardware profile:
+- prefill: new (uncached or recomputed) tokens x 2 x params FLOPs at the profile's FLOP rate;
+- decode: per generated token of the step's batch, the weights plus the batch's KV read from HBM;
+- on-demand loads: bytes over PCIe (host) or from disk, on the critical path (stall);
+- prefetch: loads issued by the policy while the previous step computed, free up to the bytes
+  PCIe moves in that time.
+"""
+
+from dataclasses import asdict, dataclass
+
+from scalesim.distance.tracker import DistanceTracker
+from scalesim.engine.hints import estimate_distances
+from scalesim.memory.manager import MemoryManager, PrefetchSettings
+from scalesim.memory.policies import POLICIES
+from scalesim.memory.resident import ResidentObject, TierBandwidth
+from scalesim.sim.workloads import WORKLOADS, Trace, WorkloadConfig
+
+PROJECTION_LABEL = "MODEL PROJECTION (discrete-event cost model, not a measurement)"
+WORDS_TO_TOKENS = 1.3
+ALLOCATION_UNIT_BYTES = 2**20
+
+
+@dataclass
+class HardwareProfile:
+    name: str = "H100-SXM-80GB"
+    flops_per_s: float = 989e12 * 0.5     # bf16 dense at 50% utilisation
+    hbm_bytes_per_s: float = 3.35e12 * 0.8
+    pcie_bytes_per_s: float = 25e9        # PCIe 5.0 x16, effective
+    disk_bytes_per_s: float = 5e9         # NVMe
+
+
+@dataclass
+class ModelProfile:
+    name: str = "8B, Llama-3-8B shape (GQA), bf16"
+    params: float = 8.0e9
+    bytes_per_param: float = 2
+    kv_bytes_per_token: int = 2 * 32 * 8 * 128 * 2
+    lora_bytes: int = 32 * 81920 * 16 * 2  # rank 16 on all seven projections
+
+
+class _CountingPool:
+    """Only the bookkeeping of a KV pool: units of ALLOCATION_UNIT_BYTES, no tensor."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.block_nbytes = ALLOCATION_UNIT_BYTES
+        self.block_size = 1
+        self.num_blocks = nbytes // ALLOCATION_UNIT_BYTES
+        self.num_free = self.num_blocks
+
+    def allocate(self, count: int) -> list[int] | None:
+        if count > self.num_free:
+            return None
+        self.num_free -= count
+        return [0] * count
+
+    def decref(self, blocks: list[int]) -> None:
+        self.num_free += len(blocks)
+
+
+class _State(ResidentObject):
+    def __init__(self, key: str, kind: str, nbytes: int, owners: set[str], tier: str | None) -> None:
+        super().__init__()
+        self._key, self.kind, self._nbytes, self._tier, self.owners = key, kind, nbytes, tier, owners
+        self.can_drop = kind == "kv"
+        self.pins = 0
+
+    key = property(lambda self: self._key)
+    nbytes = property(lambda self: self._nbytes)
+    tier = property(lambda self: self._tier)
+    pin_count = property(lambda self: self.pins)
+
+    def move_to(self, tier: str) -> None:
+        self._tier = tier
+
+    def drop(self) -> None:
+        self._tier = None
+
+
+def _context_tokens(trace: Trace) -> dict[str, int]:
+    tokens = {a.agent_id: int(len(a.system.split()) * WORDS_TO_TOKENS) for a in trace.agents}
+    for step in trace.steps:
+        for call in step.calls:
+            tokens[call.agent_id] += int(len(call.user.split()) * WORDS_TO_TOKENS) + call.max_tokens
+    return tokens
+
+
+def project(trace: Trace, policy: str, device_fraction: float, host_fraction: float,
+            hardware: HardwareProfile | None = None, model: ModelProfile | None = None) -> dict:
+    """Projected makespan and its parts for `trace` under `policy` (see the module docstring)."""
+    hw, mp = hardware or HardwareProfile(), model or ModelProfile()
+    context = _context_tokens(trace)
+    kv_nbytes = {a: t * mp.kv_bytes_per_token for a, t in context.items()}
+    clusters: dict[int, set[str]] = {}
+    for agent in trace.agents:
+        if agent.adapter_cluster is not None:
+            clusters.setdefault(agent.adapter_cluster, set()).add(agent.agent_id)
+    total = sum(kv_nbytes.values()) + len(clusters) * mp.lora_bytes
+    unbounded = POLICIES[policy].unbounded_device
+    pool = _CountingPool(int(2 * total if unbounded else device_fraction * total) + ALLOCATION_UNIT_BYTES)
+    tracker = DistanceTracker(clock=lambda: 0.0)
+    manager = MemoryManager(pool, tracker, POLICIES[policy], 0 if unbounded else int(host_fraction * total), None,
+                            TierBandwidth(host=hw.pcie_bytes_per_s, disk=hw.disk_bytes_per_s))
+    manager.ctx.future = trace.future()
+    kv: dict[str, _State] = {}
+    adapters = {c: _State(f"lora:{c}", "adapter", mp.lora_bytes, owners, "disk") for c, owners in clusters.items()}
+    for obj in adapters.values():
+        manager.add(obj)
+        if unbounded:
+            manager.promote(obj)  # the limit of unbounded memory: everything is resident from the start
+    agent_adapter = {a.agent_id: adapters.get(a.adapter_cluster) for a in trace.agents}
+    makespan = stall = prefill = decode = 0.0
+    recomputed_tokens = loaded = 0
+    previous_step_s = 0.0
+    for step in trace.steps:
+        tracker.advance(step.index)
+        manager.agents_changed(tracker.hint(estimate_distances(step.index, **step.hints)))
+        manager.prefetch_settings = PrefetchSettings(max_bytes_in_flight=int(previous_step_s * hw.pcie_bytes_per_s))
+        manager.prefetch_once()  # overlapped with the previous step's compute
+        step_stall = step_prefill_tokens = 0.0
+        active = []
+        for call in step.calls:
+            agent = call.agent_id
+            tracker.on_request(agent)
+            objects = [o for o in (agent_adapter[agent], kv.get(agent)) if o is not None]
+            for obj in objects:
+                source = obj.tier
+                if source != "device":
+                    if not manager.promote(obj):
+                        continue  # no room: it runs from where it is (counted as a miss below)
+                    step_stall += obj.nbytes / (hw.pcie_bytes_per_s if source == "host" else hw.disk_bytes_per_s)
+                    loaded += obj.nbytes
+                obj.pins += 1
+                active.append(obj)
+            new_tokens = int(len(call.user.split()) * WORDS_TO_TOKENS) + call.max_tokens
+            if agent not in kv or kv[agent].tier is None:
+                recomputed_tokens += context[agent] if agent in kv else 0
+                new_tokens += context[agent] // 2  # on average half of the final context exists by now
+                kv[agent] = _State(f"kv:{agent}", "kv", kv_nbytes[agent], {agent}, None)  # computed now
+                manager.add(kv[agent])
+                if manager.promote(kv[agent]):
+                    kv[agent].pins += 1
+                    active.append(kv[agent])
+            step_prefill_tokens += new_tokens
+        for obj in active:
+            obj.pins -= 1
+        for call in step.calls:
+            tracker.on_finish(call.agent_id)
+        manager.agents_changed([c.agent_id for c in step.calls])
+        batch_kv_bytes = sum(kv_nbytes[c.agent_id] for c in step.calls)
+        max_output = max((c.max_tokens for c in step.calls), default=0)
+        chain = max((sum(1 for c in step.calls if c.agent_id == a) for a in {c.agent_id for c in step.calls}),
+                    default=0)
+        step_decode = max_output * chain * (mp.params * mp.bytes_per_param + batch_kv_bytes) / hw.hbm_bytes_per_s
+        step_prefill = step_prefill_tokens * 2 * mp.params / hw.flops_per_s
+        previous_step_s = step_prefill + step_decode
+        makespan += previous_step_s + step_stall
+        stall, prefill, decode = stall + step_stall, prefill + step_prefill, decode + step_decode
+    return {"label": PROJECTION_LABEL, "policy": policy, "makespan_s": round(makespan, 4),
+            "stall_s": round(stall, 4), "prefill_s": round(prefill, 4), "decode_s": round(decode, 4),
+            "loaded_bytes": loaded, "recomputed_tokens": recomputed_tokens, "total_state_bytes": total}
+
+
+def project_workload(workload: str, agents: int, steps: int, state: str = "lora-agent",
+                     policies: tuple[str, ...] = ("ideal", "scalesim", "lru"), device_fraction: float = 0.25,
+                     host_fraction: float = 0.5) -> dict:
+    trace = WORKLOADS[workload](WorkloadConfig(agents=agents, steps=steps, state=state, output_tokens=64))
+    runs = [project(trace, p, device_fraction, host_fraction) for p in policies]
+    makespan = {r["policy"]: r["makespan_s"] for r in runs}
+    ratios = {}
+    if "scalesim" in makespan and "ideal" in makespan:
+        ratios["scalesim_vs_ideal"] = round(makespan["scalesim"] / makespan["ideal"], 4)
+    if "scalesim" in makespan and "lru" in makespan and makespan["scalesim"] > 0:
+        ratios["lru_vs_scalesim"] = round(makespan["lru"] / makespan["scalesim"], 4)
+    return {"label": PROJECTION_LABEL, "workload": workload, "agents": agents, "steps": steps, "state": state,
+            "hardware": asdict(HardwareProfile()), "model": asdict(ModelProfile()), "runs": runs, "ratios": ratios,
+            "is_measurement": False, "note": "a model projection; see bench/costmodel.py for what it charges"}
+
+
+__all__ = ["project", "project_workload", "HardwareProfile", "ModelProfile", "PROJECTION_LABEL"]
