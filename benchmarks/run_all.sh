@@ -11,3 +11,6 @@ $S microbench prefix --model smollm2-135m --prefix-len 1000 --out $R/prefix.json
 $S microbench adapters --model smollm2-135m --dtype fp32 --out $R/adapters-fp32.json
 $S microbench adapters --model smollm2-135m --dtype bf16 --out $R/adapters-bf16.json
 $S microbench memory --agents 10000 --objects 100000 --out $R/memory.json
+# Simulation workloads, three policies side by side (about 25 minutes on 2 cores):
+$S bench all --out $R/sim-none.json --plot $R/sim-none.png
+$S bench all --state lora-agent --out $R/sim-lora-agent.json --plot $R/sim-lora-agent.png
