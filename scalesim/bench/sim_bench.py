@@ -126,7 +126,6 @@ def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tupl
                   device_fraction: float = 0.25, host_fraction: float = 0.5, hint_noise_steps: float = 0.0,
                   engine_args: dict | None = None) -> dict:
     """Run `workload` under each policy; return the JSON-ready result (runs and ratios)."""
-    from scalesim.engine.llm_engine import LLMEngine  # noqa: F401 (import cost paid once, outside timings)
     from scalesim.llm import LLM
 
     engine_args = engine_args or {}

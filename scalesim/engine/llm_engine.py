@@ -31,7 +31,8 @@ from scalesim.sampling_params import SamplingParams
 from scalesim.memory.disk_store import DiskStore
 from scalesim.memory.kv_object import path_tokens as path_of
 from scalesim.memory.kv_objects import KVObjects
-from scalesim.memory.manager import MemoryManager, PrefetchWorker
+from scalesim.memory.manager import MemoryManager
+from scalesim.memory.worker import PrefetchWorker
 from scalesim.memory.policies import POLICIES
 from scalesim.weights.registry import WeightRegistry, kv_namespace
 
