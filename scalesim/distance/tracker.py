@@ -23,7 +23,6 @@ class _Agent:
     in_flight: int = 0
     last_arrival_s: float | None = None
     gap_s: float | None = None        # EWMA of this agent's inter-arrival time
-    requests: int = 0
 
 
 class DistanceTracker:
@@ -33,7 +32,6 @@ class DistanceTracker:
         self.step_started_s = clock()
         self.seconds_per_step = DEFAULT_SECONDS_PER_STEP
         self.agents: dict[str, _Agent] = {}
-        self.version = 0  # bumped on every change, so caches of keys can tell they are stale
 
     def _agent(self, agent_id: str) -> _Agent:
         return self.agents.setdefault(agent_id, _Agent())
@@ -48,7 +46,6 @@ class DistanceTracker:
         measured = (now - self.step_started_s) / (step - self.step)
         self.seconds_per_step = (1 - EWMA_WEIGHT) * self.seconds_per_step + EWMA_WEIGHT * measured
         self.step, self.step_started_s = step, now
-        self.version += 1
         changed = []
         for agent_id, state in self.agents.items():
             if state.hinted_step < step:
@@ -67,7 +64,6 @@ class DistanceTracker:
             if state.hinted_step != expected:
                 state.hinted_step = expected
                 changed.append(agent_id)
-        self.version += bool(changed)
         return changed
 
     def on_request(self, agent_id: str) -> None:
@@ -78,13 +74,10 @@ class DistanceTracker:
             state.gap_s = gap if state.gap_s is None else (1 - EWMA_WEIGHT) * state.gap_s + EWMA_WEIGHT * gap
         state.last_arrival_s = now
         state.in_flight += 1
-        state.requests += 1
-        self.version += 1
 
     def on_finish(self, agent_id: str) -> None:
         state = self._agent(agent_id)
         state.in_flight = max(0, state.in_flight - 1)
-        self.version += 1
 
     def expected_step(self, agent_id: str | None) -> float:
         """Absolute step of the agent's next call: now if in flight, else min(hint, learned)."""

@@ -29,7 +29,6 @@ class RadixNode:
     children: dict[tuple[int, ...], "RadixNode"] = field(default_factory=dict)
     lock_ref: int = 0
     last_access: int = 0
-    hits: int = 0
     resident: object | None = None  # the memory layer's object for these pages, when one is attached
 
     @property
@@ -42,7 +41,6 @@ class RadixNode:
 
     def touch(self) -> None:
         self.last_access = next(_access_clock)
-        self.hits += 1
 
 
 def lru_priority(node: RadixNode) -> tuple:
@@ -175,9 +173,6 @@ class RadixCache:
             out.append(node)
             stack.extend(node.children.values())
         return out
-
-    def evictable_blocks(self) -> int:
-        return sum(len(n.blocks) for n in self.nodes() if n.lock_ref == 0)
 
     def attach_offline(self, parent: RadixNode, tokens: tuple[int, ...]) -> RadixNode:
         """Add a node whose pages are kept off the device (restored from disk)."""

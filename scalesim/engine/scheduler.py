@@ -35,7 +35,6 @@ class ScheduledSequence:
 class SchedulerStats:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
-    computed_tokens: int = 0
     preemptions: int = 0
     evicted_blocks: int = 0
 

@@ -72,13 +72,5 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < len(self.prompt_token_ids) or not self.output_token_ids
-
-    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    @property
-    def max_total_tokens(self) -> int:
-        return len(self.prompt_token_ids) + self.params.max_tokens
