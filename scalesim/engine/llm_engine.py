@@ -170,10 +170,11 @@ class LLMEngine:
     def _request_waiting_weights(self) -> list[SequenceDelta]:
         """Ask the memory worker to load the adapters and models that waiting requests need;
         fail the requests whose weights could not be loaded (a source file went missing)."""
-        failed = []
+        failed, broken_handles = [], set()
         for seq in list(self.scheduler.waiting):
             broken = [h for h in seq.weights if getattr(h, "load_error", None)]
             if broken:
+                broken_handles.update(broken)
                 logger.warning("failing %s: %s", seq.request_id, broken[0].load_error)
                 self.scheduler.finish(seq, "error")
                 self._finished(seq)
@@ -185,9 +186,8 @@ class LLMEngine:
             for handle in seq.weights:
                 if not handle.on_device:
                     self.memory.request_load(handle)
-        for seq in self.scheduler.waiting:
-            for handle in seq.weights:
-                handle.load_error = None  # the next request for it tries again
+        for handle in broken_handles:
+            handle.load_error = None  # its requests have failed; a later request tries again
         return failed
 
     def _finished(self, seq: Sequence) -> None:
