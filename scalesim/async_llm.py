@@ -2,12 +2,14 @@
 
 A background thread owns the engine loop. `generate` is an async generator of `SequenceDelta`s;
 leaving it early (a client disconnects, a task is cancelled) aborts the request and frees its
-pages. Adding a request takes the engine lock in a worker thread, so the event loop never blocks
-on a running step.
+pages before the next step. Adding a request takes the engine lock in a worker thread, so the
+event loop never blocks on a running step; an abort is queued without waiting at all, so it
+happens even when the caller's task is being cancelled.
 """
 
 import asyncio
 import logging
+import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._streams: dict[str, _Stream] = {}
+        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="scalesim-engine", daemon=True)
         self._thread.start()
@@ -64,7 +67,7 @@ class AsyncLLM:
                 yield item
         finally:
             if remaining:
-                await loop.run_in_executor(None, self.abort, request_id)
+                self._aborts.put(request_id)
             self._streams.pop(request_id, None)
 
     async def chat(self, messages: Messages, sampling_params: SamplingParams | None = None,
@@ -87,9 +90,25 @@ class AsyncLLM:
             self._wake.notify()
         return request_id
 
-    def register_agent(self, agent_id: str, adapter: str | None = None, model: str | None = None) -> None:
+    def register_agent(self, agent_id: str, adapter: str | None = None, model: str | None = None,
+                       prefix: str | None = None) -> None:
+        """Record the agent's adapter / private model (registered names); see `prefill` for its prefix."""
         with self._lock:
-            self.engine.register_agent(agent_id, adapter=adapter, model=model)
+            self.engine.register_agent(agent_id, adapter=adapter, model=model, prefix=prefix)
+
+    def unregister_agent(self, agent_id: str) -> None:
+        with self._lock:
+            self.engine.unregister_agent(agent_id)
+
+    async def prefill(self, agent_id: str, prompt: Prompt) -> int:
+        """Compute and cache the KV of `prompt` for the agent now; return its prompt tokens."""
+        tokens = 0
+        async for delta in self.generate(prompt, SamplingParams(max_tokens=1, temperature=0), agent_id=agent_id):
+            tokens = delta.num_prompt_tokens or tokens
+        return tokens
+
+    def agent_state(self, agent_id: str) -> list[dict]:
+        return self.engine.agent_state(agent_id)
 
     def set_future(self, calls: dict[str, list[float]]) -> None:
         with self._lock:
@@ -125,6 +144,10 @@ class AsyncLLM:
                     self._wake.wait()
                 if self._stopping:
                     return
+                while not self._aborts.empty():
+                    self.engine.abort(self._aborts.get())
+                if not self.engine.has_unfinished():
+                    continue
                 try:
                     deltas = self.engine.step()
                 except Exception as exc:  # keep serving: fail the requests in flight, not the process

@@ -7,6 +7,7 @@ from scalesim.errors import InvalidRequestError
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_N = 16
+MAX_LOGIT_BIAS_ENTRIES = 300
 
 
 @dataclass
@@ -29,6 +30,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    json_mode: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +62,11 @@ class SamplingParams:
                     f"each stop string must be a non-empty string of at most {MAX_STOP_STRING_CHARS} characters")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids must be non-negative integers")
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES or any(
+                not isinstance(t, int) or t < 0 or not isinstance(b, (int, float)) or not -100 <= b <= 100
+                for t, b in self.logit_bias.items()):
+            raise InvalidRequestError(f"logit_bias must map at most {MAX_LOGIT_BIAS_ENTRIES} token ids to "
+                                      "biases in [-100, 100]")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise InvalidRequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 

@@ -15,6 +15,8 @@ import torch
 from scalesim.config import EngineConfig
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.detokenizer import IncrementalDetokenizer
+from scalesim.engine.json_constraint import JsonPrefix
+from scalesim.engine.logits_processors import TokenTexts
 from scalesim.engine.model_runner import ModelRunner
 from scalesim.engine.radix_cache import RadixCache
 from scalesim.distance.tracker import DistanceTracker
@@ -74,7 +76,8 @@ class LLMEngine:
         self.memory_hooks = ManagedMemory(self.memory, self.cache, self.pool)
         self.scheduler = Scheduler(self.pool, self.cache, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.memory_hooks)
-        self.runner = ModelRunner(self.model, self.pool, config.device)
+        self.runner = ModelRunner(self.model, self.pool, config.device,
+                                  TokenTexts(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids))
         self.weights = WeightRegistry(config.model, self.model_config, config.device, config.torch_dtype,
                                       config.max_lora_rank, self.memory)
         self.agents: dict[str, Agent] = {}
@@ -122,6 +125,8 @@ class LLMEngine:
         lora, private = self.weights.resolve(adapter, model)
         namespace = kv_namespace(lora, private)
         prompt_ids = self.tokenize(prompt)
+        if any(not 0 <= t < self.model_config.vocab_size for t in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.model_config.vocab_size})")
         total = len(prompt_ids) + params.max_tokens
         if len(prompt_ids) >= self.max_model_len or total > self.max_model_len:
             raise RequestTooLargeError(
@@ -139,7 +144,7 @@ class LLMEngine:
             seq = Sequence(request_id=request_id, index=index, prompt_token_ids=list(prompt_ids), params=params,
                            agent_id=agent_id, namespace=namespace, eos_token_ids=self.eos_token_ids,
                            generator=generator, want_prompt_logits=want_prompt_logits and index == 0,
-                           adapter=lora, private_model=private)
+                           adapter=lora, private_model=private, json=JsonPrefix() if params.json_mode else None)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.stop))
             self.scheduler.add(seq)
@@ -274,6 +279,13 @@ class LLMEngine:
     def unregister_agent(self, agent_id: str) -> None:
         if self.agents.pop(agent_id, None) is None:
             raise InvalidRequestError(f"no agent {agent_id!r}")
+
+    def agent_state(self, agent_id: str) -> list[dict]:
+        """Where each object the agent uses lives now: key, kind, tier, nbytes, pinned."""
+        with self.memory.lock:
+            objects = [self.memory.objects[k] for k in self.memory.by_agent.get(agent_id, ()) if k in self.memory.objects]
+            return [{"key": o.key, "kind": o.kind, "tier": o.tier, "nbytes": o.nbytes, "pinned": o.pin_count > 0}
+                    for o in sorted(objects, key=lambda o: o.key)]
 
     def hint(self, step: int | None = None, **hints) -> dict:
         """Feed invocation-distance estimates (see engine/hints.py); return what was accepted."""

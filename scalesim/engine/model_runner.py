@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from scalesim.engine.block_pool import BlockPool
+from scalesim.engine.logits_processors import TokenTexts, advance_constraints, process_logits
 from scalesim.engine.sampler import sample, top_logprobs
 from scalesim.engine.scheduler import ScheduledSequence
 from scalesim.engine.sequence import Sequence
@@ -21,8 +22,9 @@ class SampledToken:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: BlockPool, device: str) -> None:
+    def __init__(self, model: LlamaForCausalLM, pool: BlockPool, device: str, token_texts: TokenTexts) -> None:
         self.model = model
+        self.token_texts = token_texts
         self.pool = pool
         self.device = torch.device(device)
         self.lora_stacks = LoRAStackCache()
@@ -84,7 +86,11 @@ class ModelRunner:
         rows = torch.tensor([row for _, row in sampling], device=self.device)
         logits = model.compute_logits(hidden.index_select(0, rows))
         seqs = [s.seq for s, _ in sampling]
+        if any(q.params.logit_bias or q.json is not None for q in seqs):
+            logits = process_logits(logits, seqs, self.token_texts)
         tokens = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
+        if any(q.json is not None for q in seqs):
+            advance_constraints(seqs, tokens.tolist(), self.token_texts)
         want = max((q.params.logprobs for q in seqs if q.params.logprobs is not None), default=None)
         infos = top_logprobs(logits, tokens, want) if want is not None else [None] * len(seqs)
         return [SampledToken(q, int(t), info if q.params.logprobs is not None else None)

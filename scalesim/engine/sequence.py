@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scalesim.engine.json_constraint import JsonPrefix
 from scalesim.engine.radix_cache import RadixNode
 from scalesim.sampling_params import SamplingParams
 from scalesim.weights.lora import LoRAAdapter
@@ -49,6 +50,7 @@ class Sequence:
     arrival_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     num_preemptions: int = 0
+    json: JsonPrefix | None = None  # JSON mode: what the output so far is a prefix of
 
     @property
     def weights(self) -> tuple:
