@@ -1,4 +1,4 @@
-"""The `scalesim` command line: generate text, and run the microbenchmarks."""
+"""The `scalesim` command line: generate text, serve over HTTP, run the benchmarks."""
 
 import argparse
 import logging
@@ -8,6 +8,7 @@ from scalesim.config import DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, DEFA
     DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, DTYPES
 from scalesim.memory.policies import POLICIES
 from scalesim.errors import ScaleSimError
+from scalesim.server.serve import add_serve_flags
 
 EXIT_USAGE = 2
 
@@ -38,7 +39,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "default: --kv-cache-memory")
     memory.add_argument("--host-memory", default=DEFAULT_HOST_MEMORY,
                         help=f"byte budget of the host tier (default: {DEFAULT_HOST_MEMORY})")
-    memory.add_argument("--disk-dir", default=None, help="state directory of the disk tier (default: no disk tier)")
+    memory.add_argument("--disk-dir", default=None, help="state directory: the disk tier, and for serve the agent registry (default: none, nothing persisted)")
     memory.add_argument("--disk-memory", default=DEFAULT_DISK_MEMORY,
                         help=f"byte budget of the disk tier (default: {DEFAULT_DISK_MEMORY})")
 
@@ -72,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--agent-id", default=None, help="agent that issues the request (recorded by the engine)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     _add_engine_flags(gen)
+
+    srv = commands.add_parser("serve", help="serve MODEL over an OpenAI-compatible HTTP API",
+                              description="Serve MODEL over the OpenAI API (chat, completions, models) with "
+                                          "ScaleSim's agent registry and hints; /health and /metrics too.")
+    srv.add_argument("model", help="smollm2-135m, tiny-random, a Hugging Face folder, or a .gguf file")
+    add_serve_flags(srv)
+    _add_engine_flags(srv)
 
     sim = commands.add_parser("bench", help="run a simulation workload under several memory policies, side by side",
                               description="Run the same workload trace under several memory policies on the same "
@@ -249,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             _generate(args)
+        elif args.command == "serve":
+            from scalesim.server.serve import serve
+            serve(args, _engine_args(args))
         elif args.command == "microbench":
             _microbench(args)
         elif args.command == "bench":

@@ -1,1 +1,5 @@
-"""Simulation workloads, the runner that drives them, and (later) the SDK for simulation authors."""
+"""Simulation workloads, the runner that drives them, and the SDK for simulation authors."""
+
+from scalesim.sim.sdk import Simulation, SimulationError
+
+__all__ = ["Simulation", "SimulationError"]

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one `AsyncLLM`."""

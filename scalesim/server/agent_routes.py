@@ -1,0 +1,99 @@
+"""The ScaleSim extensions: the agent registry (`/v1/agents`) and hints (`/v1/hints`, `/v1/update`)."""
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from scalesim.server.agent_store import AgentRecord
+from scalesim.server.chat_render import render_prompt
+from scalesim.server.errors import APIError
+from scalesim.server.protocol import AgentCreate, HintBatch, PaperUpdate
+from scalesim.server.state import ServerState
+
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.scalesim
+
+
+def _agent_view(state: ServerState, agent_id: str) -> dict:
+    record = state.agents.get(agent_id)
+    registered = state.llm.engine.agents.get(agent_id)
+    objects = state.llm.agent_state(agent_id)
+    distance = state.llm.engine.tracker.distance(agent_id)
+    if record is None and registered is None and not objects:
+        raise APIError(404, f"no agent {agent_id!r}", param="id", code="agent_not_found")
+    by_tier: dict[str, int] = {}
+    for obj in objects:
+        by_tier[obj["tier"] or "dropped"] = by_tier.get(obj["tier"] or "dropped", 0) + obj["nbytes"]
+    return {"id": agent_id, "object": "agent", "registered": record is not None,
+            "adapter": registered.adapter if registered else None, "model": registered.model if registered else None,
+            "adapter_path": record.adapter_path if record else None,
+            "model_path": record.model_path if record else None,
+            "distance_steps": distance if distance != float("inf") else None,
+            "nbytes_by_tier": by_tier, "objects": objects}
+
+
+@router.post("/v1/agents")
+async def create_agent(body: AgentCreate, request: Request):
+    """Register an agent: its adapter / private model (folders under --allowed-local-paths) and a
+    persona prefix pre-filled into the prefix cache now: `prefix` (raw prompt text) or `system`
+    (its system message, rendered as the first turn of its chats)."""
+    state = _state(request)
+    if body.prefix and body.system:
+        raise APIError(400, "give either prefix or system, not both", param="system")
+    prefix = body.prefix
+    if body.system:
+        prefix = render_prompt(state.llm.tokenizer, [{"role": "system", "content": body.system}],
+                               add_generation_prompt=False)
+    record = AgentRecord(body.id, body.adapter_path, body.model_path, prefix)
+    await run_in_threadpool(state.register, record)
+    prefilled = await state.llm.prefill(body.id, prefix) if prefix else 0
+    return {**await run_in_threadpool(_agent_view, state, body.id), "prefilled_tokens": prefilled}
+
+
+@router.get("/v1/agents/{agent_id}")
+def get_agent(agent_id: str, request: Request):
+    """Where each of the agent's objects lives now (device, host, disk)."""
+    return _agent_view(_state(request), agent_id)
+
+
+@router.delete("/v1/agents/{agent_id}")
+def delete_agent(agent_id: str, request: Request):
+    state = _state(request)
+    removed = state.agents.delete(agent_id)
+    if agent_id in state.llm.engine.agents:
+        state.llm.unregister_agent(agent_id)
+        removed = True
+    if not removed:
+        raise APIError(404, f"no agent {agent_id!r}", param="id", code="agent_not_found")
+    return {"id": agent_id, "object": "agent", "deleted": True}
+
+
+def _hint(state: ServerState, step: int | None, hints: dict) -> dict:
+    accepted = state.llm.hint(step, **{k: v for k, v in hints.items() if v is not None})
+    state.metrics.unknown_hinted_agents.inc(accepted["unknown"])
+    return {"object": "hint_result", **accepted}
+
+
+@router.post("/v1/hints")
+async def hints(body: HintBatch, request: Request):
+    """Invocation-distance hints for the coming steps (see scalesim.engine.hints). Agents the
+    server does not know yet are accepted and counted: they may call later."""
+    fields = body.model_dump(exclude={"step"})
+    return await run_in_threadpool(_hint, _state(request), body.step, fields)
+
+
+@router.post("/v1/update")
+async def paper_update(body: PaperUpdate, request: Request):
+    """The ScaleSim paper's shape: agent_data {agent: distance}, timestep_data {distance: [agents]}."""
+    fields = body.model_dump(exclude={"timestep_cnt"})
+    return await run_in_threadpool(_hint, _state(request), body.timestep_cnt, fields)
+
+
+async def prefill_registered(state: ServerState) -> None:
+    """After a restart: pre-fill the persona prefixes of the restored agents."""
+    records = [r for r in state.agents.all() if r.prefix and r.agent_id in state.llm.engine.agents]
+    await asyncio.gather(*(state.llm.prefill(r.agent_id, r.prefix) for r in records))

@@ -1,0 +1,195 @@
+"""`/v1/chat/completions` and `/v1/completions`, streamed over SSE or not."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from scalesim.outputs import CompletionOutput
+from scalesim.server.chat_render import render_prompt
+from scalesim.server.errors import APIError
+from scalesim.server.generation import (Run, chat_logprobs, completion_logprobs, new_id, now_s, run_to_end,
+                                        sampling_params, stream_deltas, tokenize)
+from scalesim.server.identity import resolve_identity
+from scalesim.server.protocol import ChatCompletionRequest, CompletionRequest
+from scalesim.server.sse import DONE, event, primed, sse_response
+from scalesim.server.state import ServerState
+from scalesim.server.tool_calls import function_names, parse_tool_calls
+
+router = APIRouter()
+JSON_FORMATS = ("json_object", "json_schema")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.scalesim
+
+
+def _offered_tools(req: ChatCompletionRequest) -> list[dict] | None:
+    choice = req.tool_choice if req.tool_choice is not None else "auto"
+    if choice not in ("auto", "none"):
+        raise APIError(400, "tool_choice must be 'auto' or 'none' (forcing a function is not supported)",
+                       param="tool_choice")
+    return req.tools if req.tools and choice == "auto" else None
+
+
+def _json_mode(req: ChatCompletionRequest) -> bool:
+    kind = (req.response_format or {}).get("type", "text")
+    if kind not in ("text", *JSON_FORMATS):
+        raise APIError(400, f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                       param="response_format")
+    return kind in JSON_FORMATS
+
+
+def _chat_message(output: CompletionOutput, offered: list[str]) -> tuple[dict, str | None]:
+    if offered:
+        calls, content = parse_tool_calls(output.text, offered)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": [c.as_openai() for c in calls]}, "tool_calls"
+    return {"role": "assistant", "content": output.text}, output.finish_reason
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    state = _state(request)
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"), messages,
+                                state.config.infer_agents)
+    adapter, model = state.resolve_model(identity.model)
+    tools = _offered_tools(req)
+    offered = function_names(tools) if tools else []
+    prompt = tokenize(state, render_prompt(state.llm.tokenizer, messages, tools))
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(state, req, len(prompt), req.max_completion_tokens or req.max_tokens, logprobs,
+                             json_mode=_json_mode(req))
+    run = Run([CompletionOutput(i) for i in range(params.n)], prompt_tokens=len(prompt))
+    head = {"id": new_id("chatcmpl"), "created": now_s(), "model": req.model}
+    if req.stream:
+        deltas = await primed(stream_deltas(state, prompt, params, identity.agent_id, adapter, model, run))
+        return sse_response(_chat_events(head, deltas, run, offered, req, state))
+    run = await run_to_end(state, prompt, params, identity.agent_id, adapter, model)
+    choices = []
+    for output in run.outputs:
+        message, finish = _chat_message(output, offered)
+        choices.append({"index": output.index, "message": message, "finish_reason": finish,
+                        "logprobs": chat_logprobs(state, output.logprobs) if logprobs is not None else None})
+    return {**head, "object": "chat.completion", "choices": choices, "usage": run.usage()}
+
+
+async def _chat_events(head: dict, deltas: AsyncIterator, run: Run, offered: list[str],
+                       req: ChatCompletionRequest, state: ServerState) -> AsyncIterator[str]:
+    """Chunks as OpenAI streams them; with tools offered a completion is held back until it ends,
+    then sent as tool_calls or as text."""
+    head = {**head, "object": "chat.completion.chunk"}
+
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> str:
+        return event({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                           "finish_reason": finish}]})
+
+    for index in range(len(run.outputs)):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    async for delta in deltas:
+        if offered:
+            if delta.finished:
+                message, finish = _chat_message(run.outputs[delta.index], offered)
+                if "tool_calls" in message:
+                    calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+                    yield chunk(delta.index, {"content": message["content"], "tool_calls": calls}, finish)
+                else:
+                    yield chunk(delta.index, {"content": message["content"]}, finish)
+            continue
+        logprobs = chat_logprobs(state, delta.logprobs) if delta.logprobs else None
+        yield chunk(delta.index, {"content": delta.text} if delta.text or not delta.finished else {},
+                    delta.finish_reason, logprobs)
+    if (req.stream_options or {}).get("include_usage"):
+        yield event({**head, "choices": [], "usage": run.usage()})
+    yield DONE
+
+
+def _prompts(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    return list(prompt)
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    state = _state(request)
+    identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"), None,
+                                state.config.infer_agents)
+    adapter, model = state.resolve_model(identity.model)
+    prompts = [tokenize(state, p) for p in _prompts(req.prompt)]
+    params = [sampling_params(state, req, len(p), req.max_tokens, req.logprobs) for p in prompts]
+    runs = [Run([CompletionOutput(i) for i in range(q.n)], prompt_tokens=len(p)) for p, q in zip(prompts, params)]
+    echoes = [state.llm.tokenizer.decode(p, skip_special_tokens=False) if req.echo else "" for p in prompts]
+    head = {"id": new_id("cmpl"), "created": now_s(), "model": req.model}
+    streams = [stream_deltas(state, p, q, identity.agent_id, adapter, model, r)
+               for p, q, r in zip(prompts, params, runs)]
+    if req.stream:
+        merged = await primed(_merge(streams))
+        return sse_response(_completion_events(head, merged, runs, echoes, req, state))
+    await asyncio.gather(*(_drain(s) for s in streams))
+    choices = []
+    for p, (run, echo) in enumerate(zip(runs, echoes)):
+        for output in run.outputs:
+            choices.append({"index": p * req.n + output.index, "text": echo + output.text,
+                            "finish_reason": output.finish_reason,
+                            "logprobs": completion_logprobs(state, output.logprobs, len(echo))
+                            if req.logprobs is not None else None})
+    usage = {k: sum(r.usage()[k] for r in runs) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return {**head, "object": "text_completion", "choices": choices, "usage": usage}
+
+
+async def _drain(stream: AsyncIterator) -> None:
+    async for _ in stream:
+        pass
+
+
+async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Items of several streams as they come, tagged with the stream's position; closing the
+    merged stream closes (and so aborts) every source."""
+    queue: asyncio.Queue = asyncio.Queue()
+    finished = object()
+
+    async def pump(position: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((position, item))
+            await queue.put((position, finished))
+        except Exception as exc:
+            await queue.put((position, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            position, item = await queue.get()
+            if item is finished:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield position, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _completion_events(head: dict, merged: AsyncIterator, runs: list[Run], echoes: list[str],
+                             req: CompletionRequest, state: ServerState) -> AsyncIterator[str]:
+    head = {**head, "object": "text_completion"}
+    started: set[tuple[int, int]] = set()
+    async for position, delta in merged:
+        key = (position, delta.index)
+        text = delta.text if key in started else echoes[position] + delta.text
+        started.add(key)
+        logprobs = completion_logprobs(state, delta.logprobs) if delta.logprobs else None
+        yield event({**head, "choices": [{"index": position * req.n + delta.index, "text": text,
+                                          "logprobs": logprobs, "finish_reason": delta.finish_reason}]})
+    if (req.stream_options or {}).get("include_usage"):
+        usage = {k: sum(r.usage()[k] for r in runs) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        yield event({**head, "choices": [], "usage": usage})
+    yield DONE

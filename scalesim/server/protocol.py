@@ -1,0 +1,95 @@
+"""Request bodies of the OpenAI API as real clients send them.
+
+Unknown fields are ignored (clients send many: `reasoning_effort`, `frequency_penalty`, ...);
+known fields are type-checked, so a wrong type is a 400 naming the field. ScaleSim's extensions
+are `agent_id`, `ignore_eos` and `top_k`, sent by openai clients through `extra_body`.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _Sampling(_Lenient):
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: StrictInt = 1
+    max_tokens: StrictInt | None = None
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    agent_id: str | None = None
+    ignore_eos: StrictBool = False
+    logit_bias: dict[str, float] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None
+    echo: StrictBool = False
+
+
+class AgentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=256)
+    adapter_path: str | None = None
+    model_path: str | None = None
+    prefix: str | None = None
+    system: str | None = None  # the agent's system message: its rendered turn becomes the prefix
+
+
+class HintBatch(BaseModel):
+    """`POST /v1/hints`: the Python `hint()` API over HTTP (see scalesim.engine.hints)."""
+
+    model_config = ConfigDict(extra="forbid")
+    step: StrictInt | None = None
+    distances: dict[str, float] | None = None
+    schedule: dict[str, float] | None = None
+    plans: dict[str, float] | None = None
+    probabilities: dict[str, float] | None = None
+    active: list[str] | None = None
+    turn_order: list[str] | None = None
+    frontier: list[str] | None = None
+    graph: dict[str, list[str]] | None = None
+    positions: dict[str, list[float]] | None = None
+    speed: float | None = None
+    cooldowns: dict[str, float] | None = None
+
+
+class PaperUpdate(BaseModel):
+    """`POST /v1/update` in the ScaleSim paper's shape."""
+
+    model_config = ConfigDict(extra="forbid")
+    agent_data: dict[str, float] | None = None
+    timestep_data: dict[str, list[str]] | None = None
+    timestep_cnt: StrictInt | None = None
+
+
+ToolChoice = Literal["auto", "none"]

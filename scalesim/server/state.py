@@ -1,0 +1,91 @@
+"""What every route shares: the engine, the settings, the agent registry and the metrics."""
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scalesim.async_llm import AsyncLLM
+from scalesim.server.agent_store import AgentRecord, AgentStore
+from scalesim.server.config import ServerConfig
+from scalesim.server.errors import APIError
+from scalesim.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    llm: AsyncLLM
+    config: ServerConfig
+    agents: AgentStore
+    metrics: ServerMetrics
+    weight_names: dict[str, str] = field(default_factory=dict)  # resolved folder -> registered name
+
+    @property
+    def base_name(self) -> str:
+        return self.llm.engine.weights.base_name
+
+    def model_names(self) -> list[str]:
+        """What `/v1/models` lists: the served name, 'served:adapter' per adapter, private models."""
+        weights = self.llm.engine.weights
+        return ([self.config.served_model_name] + [f"{self.config.served_model_name}:{a}" for a in weights.adapters]
+                + list(weights.models))
+
+    def resolve_model(self, name: str) -> tuple[str | None, str | None]:
+        """(adapter, private model) that a request's `model` names; 404 for an unknown name."""
+        weights = self.llm.engine.weights
+        served = self.config.served_model_name
+        if name in (served, self.base_name):
+            return None, None
+        base, sep, adapter = name.partition(":")
+        if sep and base in (served, self.base_name) and adapter in weights.adapters:
+            return adapter, None
+        if name in weights.models:
+            return None, name
+        raise APIError(404, f"the model {name!r} does not exist; served: {self.model_names()}", param="model",
+                       code="model_not_found")
+
+    # --- the agent registry ------------------------------------------------------------------
+    def allowed_path(self, path: str, what: str) -> Path:
+        """`path` resolved, if it is a folder under one of the allowed directories; else a 400."""
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root) for root in self.config.allowed_local_paths):
+            raise APIError(400, f"{what} {path!r} is outside the allowed directories "
+                                f"(start the server with --allowed-local-paths)", param=what)
+        if not resolved.is_dir():
+            raise APIError(400, f"{what} {path!r} is not a folder", param=what)
+        return resolved
+
+    def _weight_name(self, folder: Path, kind: str) -> str:
+        """Register the folder's weights once, under a readable name; agents sharing it share one copy."""
+        key = str(folder)
+        if key not in self.weight_names:
+            digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+            name = f"{folder.name[:100]}-{digest}"
+            weights = self.llm.engine.weights
+            (self.llm.add_adapter if kind == "adapter" else self.llm.add_private_model)(name, key)
+            self.weight_names[key] = name
+            assert name in weights.adapters or name in weights.models
+        return self.weight_names[key]
+
+    def register(self, record: AgentRecord, persist: bool = True) -> None:
+        """Register weights and the agent with the engine (and the SQLite registry when `persist`)."""
+        adapter = self._weight_name(self.allowed_path(record.adapter_path, "adapter_path"), "adapter") \
+            if record.adapter_path else None
+        model = self._weight_name(self.allowed_path(record.model_path, "model_path"), "model") \
+            if record.model_path else None
+        self.llm.register_agent(record.agent_id, adapter=adapter, model=model, prefix=record.prefix)
+        if persist:
+            self.agents.put(record)
+
+    def restore_agents(self) -> int:
+        """Re-register every agent of the SQLite registry (after a restart); return how many."""
+        restored = 0
+        for record in self.agents.all():
+            try:
+                self.register(record, persist=False)
+                restored += 1
+            except Exception as exc:  # a folder that went away must not stop the server
+                logger.warning("agent %s not restored: %s", record.agent_id, exc)
+        return restored

@@ -1,0 +1,126 @@
+"""The OpenAI API over HTTP, driven by the official openai client against a real uvicorn server."""
+
+import json
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from scalesim import AsyncLLM
+from scalesim.engine.json_constraint import JsonPrefix
+from scalesim.server.config import ServerConfig
+from tests.server_util import running_server
+
+MODEL = "tiny-random"
+API_KEY = "sk-test-key"
+CHAT = [{"role": "system", "content": "You are Ada, a baker in a small town."},
+        {"role": "user", "content": "What will you do today?"}]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    llm = AsyncLLM(MODEL, kv_cache_memory="16MiB", block_size_tokens=4)
+    config = ServerConfig(MODEL, api_key=API_KEY, default_max_tokens=12, max_body_nbytes=256 * 1024)
+    with running_server(llm, config) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_completion_returns_text_and_usage(client):
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.message.content and choice.finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 8 and reply.usage.prompt_tokens > 10
+
+
+def test_streamed_chat_equals_the_unstreamed_reply(client):
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0, stream=True,
+                                           stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+
+
+def test_n_with_a_seed_gives_n_reproducible_choices(client):
+    kwargs = dict(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, n=3, seed=7)
+    first, second = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in second.choices]
+    assert len(set(texts)) > 1
+
+
+def test_stop_string_cuts_the_reply_before_it(client):
+    full = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0,
+                                    stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
+
+
+def test_completions_take_several_prompts_and_token_ids_and_echo(client):
+    reply = client.completions.create(model=MODEL, prompt=["hello there", "good morning"], n=2, max_tokens=4,
+                                      temperature=0, logprobs=2)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert reply.choices[0].text == reply.choices[1].text  # greedy: both completions agree
+    assert len(reply.choices[0].logprobs.tokens) == len(reply.choices[0].logprobs.token_logprobs) > 0
+    by_ids = client.completions.create(model=MODEL, prompt=[10, 11, 12, 13], max_tokens=3, temperature=0, echo=True)
+    assert by_ids.usage.prompt_tokens == 4 and by_ids.choices[0].text
+
+
+def test_streamed_completion_equals_the_unstreamed_one(client):
+    whole = client.completions.create(model=MODEL, prompt="The river", max_tokens=10, temperature=0)
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The river", max_tokens=10, temperature=0, stream=True))
+    assert text == whole.choices[0].text
+
+
+def test_missing_max_tokens_uses_the_server_default_cap(client):
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 12
+
+
+def test_chat_logprobs_come_back_per_token(client):
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
+                                           top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+
+
+def test_json_mode_output_is_always_a_json_prefix(client):
+    reply = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=40, temperature=0.8, seed=3,
+                                           response_format={"type": "json_object"})
+    text = reply.choices[0].message.content
+    assert text.lstrip().startswith("{") and JsonPrefix().accepts(text)
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+def test_unknown_request_fields_are_ignored(url):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 3, "reasoning_effort": "low", "frequency_penalty": 0.5,
+            "logit_bias": {}, "parallel_tool_calls": False}
+    response = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200, response.text
+
+
+def test_logit_bias_forces_a_token(client):
+    reply = client.completions.create(model=MODEL, prompt="abc", max_tokens=3, temperature=0,
+                                      logit_bias={"42": 100}, logprobs=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].logprobs.token_logprobs == pytest.approx([0.0] * 3, abs=1e-3)
