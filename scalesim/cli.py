@@ -11,6 +11,8 @@ from scalesim.errors import ScaleSimError
 from scalesim.server.serve import add_serve_flags
 
 EXIT_USAGE = 2
+DEFAULT_PRESET = {"agents": 24, "steps": 4, "output_tokens": 8}
+QUICK_PRESET = {"agents": 12, "steps": 3, "output_tokens": 4}
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--prefix-len", type=int, default=1000, help="shared prefix tokens (default: 1000)")
     pre.add_argument("--suffix-len", type=int, default=16, help="private suffix tokens (default: 16)")
     pre.add_argument("--out", default=None, help="write the JSON result here too")
+    htp = kinds.add_parser("http", help="the same workload trace in-process and through the HTTP server")
+    htp.add_argument("--workload", default="town", help="town, feed, survey, city or rounds (default: town)")
+    htp.add_argument("--model", default="smollm2-135m", help="model to serve (default: smollm2-135m)")
+    htp.add_argument("--policy", default="scalesim", choices=sorted(POLICIES), help="memory policy (default: scalesim)")
+    htp.add_argument("--rounds", type=int, default=2, help="alternating rounds of both runs (default: 2)")
+    htp.add_argument("--out", default=None, help="write the JSON result here too")
     return parser
 
 
@@ -197,6 +205,13 @@ def _microbench(args: argparse.Namespace) -> None:
         write_result(run_memory_bench(args.agents, args.objects, args.decisions), args.out)
     elif args.kind == "prefix":
         write_result(run_prefix_bench(args.model, args.prefix_len, args.suffix_len), args.out)
+    elif args.kind == "http":
+        from scalesim.bench.http_bench import run_http_bench
+        from scalesim.sim.workloads import WORKLOADS, WorkloadConfig
+        if args.workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {args.workload!r}; choose from {', '.join(WORKLOADS)}")
+        cfg = WorkloadConfig(**QUICK_PRESET)
+        write_result(run_http_bench(args.workload, args.model, cfg, args.policy, args.rounds), args.out)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -214,9 +229,9 @@ def _bench(args: argparse.Namespace) -> None:
     for name, value in (("--device-fraction", args.device_fraction), ("--host-fraction", args.host_fraction)):
         if not 0 < value <= 1:
             raise ValueError(f"{name} must be in (0, 1], got {value}")
-    quick = args.quick
-    cfg = dict(agents=args.agents or (12 if quick else 24), steps=args.steps or (3 if quick else 4),
-               output_tokens=args.output_tokens or (4 if quick else 8), state=args.state, seed=args.seed)
+    preset = QUICK_PRESET if args.quick else DEFAULT_PRESET
+    cfg = dict(agents=args.agents or preset["agents"], steps=args.steps or preset["steps"],
+               output_tokens=args.output_tokens or preset["output_tokens"], state=args.state, seed=args.seed)
     if args.url:
         from scalesim.bench.sim_bench import run_remote
         results = [run_remote(name, WorkloadConfig(**cfg), args.url, args.model, args.hint_noise) for name in names]

@@ -161,3 +161,17 @@ def test_the_sdk_registers_agents_sends_hints_and_binds_clients(url):
         assert sim.agent("sdk-ann")["distance_steps"] is not None
         with pytest.raises(SimulationError, match="404"):
             sim.agent("sdk-nobody")
+
+
+@pytest.mark.parametrize("example", ["oasis_plain.py", "oasis_sdk.py"])
+def test_the_examples_run_against_a_server(url, example):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / example
+    env = {**os.environ, "SCALESIM_URL": url, "SCALESIM_MODEL": MODEL}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) >= 3  # one line per active agent per step

@@ -11,7 +11,7 @@ import logging
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, is_dataclass, dataclass
 from pathlib import Path
 
 import torch
@@ -100,7 +100,7 @@ def run_engine_bench(model: str, batch: int, prompt_len: int, gen_len: int, dtyp
 
 
 def write_result(result, out: str | None) -> None:
-    text = json.dumps(asdict(result), indent=2)
+    text = json.dumps(asdict(result) if is_dataclass(result) else result, indent=2)
     print(text)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -122,13 +122,21 @@ def _run_policy(model: str, policy: str, trace: Trace, folders: dict[str, str], 
             llm.shutdown()
 
 
-def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tuple[str, ...] = DEFAULT_POLICIES,
-                  device_fraction: float = 0.25, host_fraction: float = 0.5, hint_noise_steps: float = 0.0,
-                  engine_args: dict | None = None) -> dict:
-    """Run `workload` under each policy; return the JSON-ready result (runs and ratios)."""
+@dataclass
+class BenchSetup:
+    """A workload's trace, its weight folders, and the byte budgets its fractions come to."""
+
+    trace: Trace
+    folders: dict[str, str]
+    total_nbytes: int
+    device_nbytes: int
+    host_nbytes: int
+
+
+def prepare(workload: str, model: str, cfg: WorkloadConfig, device_fraction: float, host_fraction: float,
+            engine_args: dict) -> BenchSetup:
     from scalesim.llm import LLM
 
-    engine_args = engine_args or {}
     trace = WORKLOADS[workload](cfg)
     folders = _prepare_weights(model, trace)
     probe = LLM(model, kv_cache_memory="1MiB", **engine_args)
@@ -140,7 +148,17 @@ def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tupl
         weight_nbytes[name] = handle.nbytes
     probe.engine.shutdown()
     total = estimate_state_nbytes(trace, probe.tokenizer, kv_bytes_per_token, weight_nbytes)
-    device_nbytes, host_nbytes = int(total * device_fraction), int(total * host_fraction)
+    return BenchSetup(trace, folders, total, int(total * device_fraction), int(total * host_fraction))
+
+
+def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tuple[str, ...] = DEFAULT_POLICIES,
+                  device_fraction: float = 0.25, host_fraction: float = 0.5, hint_noise_steps: float = 0.0,
+                  engine_args: dict | None = None) -> dict:
+    """Run `workload` under each policy; return the JSON-ready result (runs and ratios)."""
+    engine_args = engine_args or {}
+    setup = prepare(workload, model, cfg, device_fraction, host_fraction, engine_args)
+    trace, folders, total = setup.trace, setup.folders, setup.total_nbytes
+    device_nbytes, host_nbytes = setup.device_nbytes, setup.host_nbytes
     runs = []
     for policy in policies:
         unbounded = POLICIES[policy].unbounded_device  # every agent's state fits on the device, with room to spare

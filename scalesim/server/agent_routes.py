@@ -48,7 +48,7 @@ async def create_agent(body: AgentCreate, request: Request):
     if body.system:
         prefix = render_prompt(state.llm.tokenizer, [{"role": "system", "content": body.system}],
                                add_generation_prompt=False)
-    record = AgentRecord(body.id, body.adapter_path, body.model_path, prefix)
+    record = AgentRecord(body.id, body.adapter_path, body.model_path, prefix, adapter=body.adapter, model=body.model)
     await run_in_threadpool(state.register, record)
     prefilled = await state.llm.prefill(body.id, prefix) if prefix else 0
     return {**await run_in_threadpool(_agent_view, state, body.id), "prefilled_tokens": prefilled}

@@ -16,6 +16,8 @@ class AgentRecord:
     model_path: str | None = None
     prefix: str | None = None
     created_s: float = 0.0
+    adapter: str | None = None  # an adapter or private model loaded at start-up, by name
+    model: str | None = None
 
 
 class AgentStore:
@@ -29,13 +31,13 @@ class AgentStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL" if state_dir is not None else "PRAGMA journal_mode=MEMORY")
         self._db.execute("CREATE TABLE IF NOT EXISTS agents (agent_id TEXT PRIMARY KEY, adapter_path TEXT, "
-                         "model_path TEXT, prefix TEXT, created_s REAL NOT NULL)")
+                         "model_path TEXT, prefix TEXT, created_s REAL NOT NULL, adapter TEXT, model TEXT)")
 
     def put(self, record: AgentRecord) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?)",
+            self._db.execute("INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (record.agent_id, record.adapter_path, record.model_path, record.prefix,
-                              record.created_s or time.time()))
+                              record.created_s or time.time(), record.adapter, record.model))
 
     def get(self, agent_id: str) -> AgentRecord | None:
         with self._lock:

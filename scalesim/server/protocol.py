@@ -59,6 +59,8 @@ class CompletionRequest(_Sampling):
 class AgentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=256)
+    adapter: str | None = None  # a name loaded at start-up (--lora-modules), instead of a path
+    model: str | None = None  # a private model loaded at start-up (--private-models)
     adapter_path: str | None = None
     model_path: str | None = None
     prefix: str | None = None

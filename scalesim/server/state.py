@@ -71,10 +71,12 @@ class ServerState:
 
     def register(self, record: AgentRecord, persist: bool = True) -> None:
         """Register weights and the agent with the engine (and the SQLite registry when `persist`)."""
+        if (record.adapter and record.adapter_path) or (record.model and record.model_path):
+            raise APIError(400, "name an adapter or model either by name or by path, not both")
         adapter = self._weight_name(self.allowed_path(record.adapter_path, "adapter_path"), "adapter") \
-            if record.adapter_path else None
+            if record.adapter_path else record.adapter
         model = self._weight_name(self.allowed_path(record.model_path, "model_path"), "model") \
-            if record.model_path else None
+            if record.model_path else record.model
         self.llm.register_agent(record.agent_id, adapter=adapter, model=model, prefix=record.prefix)
         if persist:
             self.agents.put(record)

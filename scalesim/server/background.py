@@ -1,0 +1,42 @@
+"""Run the server in a background thread of this process (benchmarks, tests, notebooks)."""
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from scalesim.async_llm import AsyncLLM
+from scalesim.server.app import build_app
+from scalesim.server.config import ServerConfig
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = True) -> Iterator[str]:
+    """Yield the base URL (http://127.0.0.1:PORT) of `llm` served with `config` on a free loopback
+    port; stop the server (and the engine, when `shutdown_llm`) on exit."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(llm, config, shutdown_llm=shutdown_llm), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="scalesim-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
