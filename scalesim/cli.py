@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: 0.5)")
     sim.add_argument("--hint-noise", type=float, default=0.0,
                      help="random error (steps) added to every hinted distance; 'inf' withholds hints (default: 0)")
+    sim.add_argument("--hint-noise-sweep", default=None, metavar="LEVELS",
+                     help="instead of the policy comparison: scalesim at each hint error in LEVELS (e.g. "
+                          "0,1,2,4,inf), with ideal and lru as references; --plot draws makespan against it")
     sim.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     sim.add_argument("--quick", action="store_true", help="a CI-sized preset (few agents, steps and tokens)")
     sim.add_argument("--url", default=None,
@@ -215,6 +218,8 @@ def _microbench(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    import json
+
     from scalesim.bench.sim_bench import plot, print_table, run_sim_bench, write_json
     from scalesim.sim.workloads import WORKLOADS, WorkloadConfig
 
@@ -232,6 +237,18 @@ def _bench(args: argparse.Namespace) -> None:
     preset = QUICK_PRESET if args.quick else DEFAULT_PRESET
     cfg = dict(agents=args.agents or preset["agents"], steps=args.steps or preset["steps"],
                output_tokens=args.output_tokens or preset["output_tokens"], state=args.state, seed=args.seed)
+    if args.hint_noise_sweep:
+        from scalesim.bench.noise_sweep import parse_noise_levels, plot_noise_sweep, run_noise_sweep
+        levels = parse_noise_levels(args.hint_noise_sweep)
+        results = [run_noise_sweep(name, args.model, WorkloadConfig(**cfg), levels, args.device_fraction,
+                                   args.host_fraction) for name in names]
+        for result in results:
+            print(json.dumps({k: result[k] for k in ("workload", "reference_makespan_s", "sweep")}))
+        if args.out:
+            write_json(results, args.out)
+        if args.plot:
+            plot_noise_sweep(results, args.plot)
+        return
     if args.url:
         from scalesim.bench.sim_bench import run_remote
         results = [run_remote(name, WorkloadConfig(**cfg), args.url, args.model, args.hint_noise) for name in names]

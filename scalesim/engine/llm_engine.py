@@ -172,9 +172,8 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    def _request_waiting_weights(self) -> list[SequenceDelta]:
-        """Ask the memory worker to load the adapters and models that waiting requests need;
-        fail the requests whose weights could not be loaded (a source file went missing)."""
+    def _fail_broken_weights(self) -> list[SequenceDelta]:
+        """Fail the waiting requests whose weights could not be loaded (a source file went missing)."""
         failed, broken_handles = [], set()
         for seq in list(self.scheduler.waiting):
             broken = [h for h in seq.weights if getattr(h, "load_error", None)]
@@ -187,10 +186,6 @@ class LLMEngine:
                                             num_prompt_tokens=len(seq.prompt_token_ids)))
                 if all(s.is_finished for s in self.requests[seq.request_id].seqs):
                     del self.requests[seq.request_id]
-                continue
-            for handle in seq.weights:
-                if not handle.on_device:
-                    self.memory.request_load(handle)
         for handle in broken_handles:
             handle.load_error = None  # its requests have failed; a later request tries again
         return failed
@@ -208,9 +203,10 @@ class LLMEngine:
         A request whose weights are still loading waits; the others run.
         """
         with self.memory.lock:
-            failed = self._request_waiting_weights()
+            failed = self._fail_broken_weights()
             batch = self.scheduler.schedule()
-            self.memory.release_held()
+            if not batch and not self.scheduler.running and self.scheduler.waiting and self.memory.held:
+                self.memory.release_all_held()  # no request can start: free what later ones hold
         if not batch:
             if self.has_unfinished() and not failed:
                 self.memory.loaded.wait(0.005)

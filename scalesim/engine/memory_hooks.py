@@ -1,8 +1,9 @@
-"""The engine's side of the memory layer: what requests use, and on-demand loads of their pages.
+"""The engine's side of the memory layer: what requests use, and on-demand loads of their state.
 
 Implements the scheduler's MemoryHooks over the MemoryManager: eviction by policy, on-demand
-loads of a waiting request's cached prefix from host or disk (the request waits, the batch runs
-on), and recording which agent uses which pages and weights, with hit/miss and recomputed-token
+loads of a waiting request's weights and cached prefix from host or disk as one group (the
+request waits, the batch runs on; what the group loaded is held until the request is admitted),
+and recording which agent uses which pages and weights, with hit/miss and recomputed-token
 counters.
 """
 
@@ -37,10 +38,11 @@ class ManagedMemory:
         self.manager.make_device_room(before + num_blocks)
         return self.pool.num_free - before
 
-    def prefix_ready(self, seq: Sequence) -> bool:
-        """True when the sequence's cached prefix is on the device as far as it goes; otherwise
-        queue on-demand loads of the pages kept on host or disk and let the sequence wait (after
-        MAX_PREFIX_WAITS checks it goes ahead and recomputes, so nothing waits forever)."""
+    def state_ready(self, seq: Sequence) -> bool:
+        """True when the sequence's weights and cached prefix (as far as it goes) are on the device;
+        otherwise queue one on-demand load group for what is on host or disk and let the sequence
+        wait. After MAX_PREFIX_WAITS checks a prefix still not loaded is recomputed instead, so
+        nothing waits forever; weights are always waited for."""
         page, stats = self.pool.block_size, self.manager.stats
         node, rest = self.cache.root(seq.namespace), tuple(seq.token_ids[:-1])
         hit_tokens, pending = 0, []
@@ -57,19 +59,22 @@ class ManagedMemory:
                 break
             node, rest = child, rest[len(child.tokens):]
         waits = self._waits.get(id(seq), 0)
-        if pending and waits < MAX_PREFIX_WAITS:
+        if waits >= MAX_PREFIX_WAITS:
+            pending = []
+        weights = [h for h in seq.weights if not h.on_device]
+        if pending or weights:
             if waits == 0:
                 for obj in pending:
                     stats.add("miss", "kv", obj.nbytes // self.pool.block_nbytes * page, tier=obj.tier)
             self._waits[id(seq)] = waits + 1
-            for obj in pending:
-                self.manager.request_load(obj)
+            self.manager.request_group(id(seq), weights + pending)
             return False
         self._waits.pop(id(seq), None)
         stats.add("hit", "kv", hit_tokens, tier="device")
         return True
 
     def used(self, seq: Sequence) -> None:
+        self.manager.release_group(id(seq))  # admitted: its state is pinned now
         agent = seq.agent_id
         node = seq.cache_node
         while node is not None and not node.is_root:
@@ -87,6 +92,7 @@ class ManagedMemory:
                 self.manager.stats.add("recomputed_tokens", "kv", recomputed)
 
     def finished(self, seq: Sequence) -> None:
+        self.manager.release_group(id(seq))
         self._counted.discard(id(seq))
         self._waits.pop(id(seq), None)
         if seq.agent_id is not None:

@@ -45,8 +45,8 @@ class MemoryHooks(Protocol):
     def evict(self, num_blocks: int) -> int:
         """Free about `num_blocks` device blocks held by unpinned state; return how many were freed."""
 
-    def prefix_ready(self, seq: Sequence) -> bool:
-        """False while pages of the sequence's cached prefix are being brought back to the device."""
+    def state_ready(self, seq: Sequence) -> bool:
+        """False while the sequence's weights or cached prefix pages are being brought to the device."""
 
     def used(self, seq: Sequence) -> None:
         """The sequence now holds (pins) its prefix pages and weights."""
@@ -58,8 +58,8 @@ class CacheOnlyHooks:
     def __init__(self, cache: RadixCache) -> None:
         self.evict = cache.evict
 
-    def prefix_ready(self, seq: Sequence) -> bool:
-        return True
+    def state_ready(self, seq: Sequence) -> bool:
+        return seq.weights_on_device
 
     def used(self, seq: Sequence) -> None:
         pass
@@ -102,7 +102,7 @@ class Scheduler:
         not_ready: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if not seq.weights_on_device or not self.hooks.prefix_ready(seq):
+            if not self.hooks.state_ready(seq):
                 not_ready.append(seq)  # its state is still loading: let the others run
                 continue
             self._admit(seq)

@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,11 +64,17 @@ class MemoryManager:
         self.by_agent: dict[str, set[str]] = defaultdict(set)
         self.host_used = 0
         self.stats = MemoryStats()
-        self.on_demand: deque[ResidentObject] = deque()
+        # On-demand loads, one group per waiting request, served first come first served. What a
+        # group has loaded is held (never evicted) until its request is admitted or gone, so that
+        # requests waiting together cannot evict each other's state (thrashing).
+        self.groups: OrderedDict[int, list[ResidentObject]] = OrderedDict()
+        self.group_held: dict[int, set[str]] = {}
+        self.group_requested_s: dict[int, float] = {}  # when each group first asked: its wait is stall
+        self.held: Counter[str] = Counter()
         self.loaded = threading.Event()  # set by the worker after serving on-demand loads
         self.wake = threading.Event()  # wakes the worker: a load was requested, a hint arrived
-        self.held: set[str] = set()  # loaded on demand for a waiting request: kept until it is scheduled
         self.prefetched_nbytes = 0  # on the device by prefetch and not used yet
+        self.wasted_at_step: dict[str, int] = {}  # a prefetch evicted unused: not again in that step
         self._host_skipped: list[ResidentObject] = []
         self.can_drop: Callable[[ResidentObject], bool] = lambda obj: obj.can_drop
         self.on_dropped: Callable[[ResidentObject], None] = lambda obj: None
@@ -116,6 +122,7 @@ class MemoryManager:
                 self._unmark_prefetched(obj)
             for heap in (*self.heaps.values(), self.wanted):
                 heap.discard(obj.key)
+            self.wasted_at_step.pop(obj.key, None)
             for agent in obj.owners:
                 self.by_agent[agent].discard(obj.key)
 
@@ -205,13 +212,17 @@ class MemoryManager:
         return (obj is not None and obj.tier == tier and obj.pin_count == 0 and not obj.loading
                 and obj.key not in self.held)
 
-    def release_held(self) -> None:
-        """The scheduler has run: objects loaded for waiting requests are now pinned or free game."""
+    def release_group(self, group: int) -> None:
+        """The group's request was admitted (its state is pinned now) or left: stop holding its objects."""
         with self.lock:
-            for key in self.held:
-                if key in self.objects:
-                    self._index(self.objects[key])
-            self.held.clear()
+            self.groups.pop(group, None)
+            self.group_requested_s.pop(group, None)
+            for key in self.group_held.pop(group, ()):
+                self.held[key] -= 1
+                if self.held[key] <= 0:
+                    del self.held[key]
+                    if key in self.objects:
+                        self._index(self.objects[key])
 
     def _demote_from_host(self, above: tuple | None) -> bool:
         """Push the host object with the largest key (if larger than `above`) to disk or drop it."""
@@ -281,6 +292,7 @@ class MemoryManager:
                     if getattr(obj, "prefetched", False):
                         self._unmark_prefetched(obj)
                         self.stats.add("prefetch_wasted", obj.kind)
+                        self.wasted_at_step[obj.key] = self.tracker.step
                     if not self._place_below_device(obj, key):
                         skipped.append(obj)
                 return True
@@ -327,32 +339,62 @@ class MemoryManager:
             self.stats.add("load_s", obj.kind, time.perf_counter() - started)
             return True
 
-    # --- on-demand loads ------------------------------------------------------------------
-    def request_load(self, obj: ResidentObject) -> None:
-        """Queue an on-demand load (a waiting request needs `obj`); it overtakes prefetches."""
+    def release_all_held(self) -> None:
+        """Nothing runs and no waiting request can be admitted: the room is held by requests
+        waiting behind it. Let it all be evicted again (the groups stay queued)."""
         with self.lock:
-            if obj.tier != "device" and obj not in self.on_demand:
-                self.on_demand.append(obj)
-                obj.requested_s = time.perf_counter()
+            for group in list(self.group_held):
+                keys = self.group_held[group]
+                for key in keys:
+                    self.held[key] -= 1
+                    if self.held[key] <= 0:
+                        del self.held[key]
+                        if key in self.objects:
+                            self._index(self.objects[key])
+                keys.clear()
+            self.wake.set()
+
+    # --- on-demand loads ------------------------------------------------------------------
+    def request_group(self, group: int, objects: list[ResidentObject]) -> None:
+        """A waiting request (`group`) needs `objects` on the device; they overtake prefetches and
+        are loaded after the groups queued before it."""
+        with self.lock:
+            if group not in self.groups:
+                self.group_held[group] = set()
+                self.group_requested_s[group] = time.perf_counter()
+            self.groups[group] = list(objects)
             self.wake.set()
 
     def serve_on_demand(self) -> int:
-        """Load every queued on-demand object that room can be made for; return how many."""
+        """Load the queued groups in order, each wholly before the next; stop at the first that
+        room cannot be made for (the state of running and earlier requests is never evicted for
+        it). Return how many objects were loaded."""
         served = 0
         with self.lock:
-            for _ in range(len(self.on_demand)):
-                obj = self.on_demand.popleft()
-                if obj.tier == "device" or obj.key not in self.objects:
-                    continue
-                if self.promote(obj):
-                    self.stats.stall_s += time.perf_counter() - getattr(obj, "requested_s", time.perf_counter())
-                    self.held.add(obj.key)
-                    served += 1
-                elif obj.key in self.objects:
-                    self.on_demand.append(obj)  # every byte is pinned now: retry when requests finish
+            for group, objects in list(self.groups.items()):
+                for obj in objects:
+                    if obj.key not in self.objects or obj.tier is None:
+                        continue
+                    if obj.tier != "device":
+                        if not self.promote(obj):
+                            if served:
+                                self.loaded.set()
+                            return served
+                        served += 1
+                    if obj.key not in self.group_held[group]:
+                        self.group_held[group].add(obj.key)
+                        self.held[obj.key] += 1
+                if objects:
+                    self.stats.stall_s += time.perf_counter() - self.group_requested_s[group]
+                    self.groups[group] = []
+                self.group_requested_s[group] = time.perf_counter()  # a later ask waits from then on
         if served:
             self.loaded.set()
         return served
+
+    @property
+    def loads_pending(self) -> bool:
+        return any(self.groups.values())
 
     # --- prefetch ------------------------------------------------------------------------
     def prefetch_once(self) -> int:
@@ -363,7 +405,7 @@ class MemoryManager:
             return 0
         moved, settings = 0, self.prefetch_settings
         with self.lock:
-            if self.on_demand or self.held:
+            if self.loads_pending:
                 return 0  # requests are waiting for loads now: speculation would only compete with them
             cap = settings.max_prefetched_device_fraction * self.pool.num_blocks * self.pool.block_nbytes
             while moved < settings.max_bytes_in_flight:
@@ -383,6 +425,8 @@ class MemoryManager:
                     return moved
                 if self.prefetched_nbytes + obj.nbytes > cap:
                     return moved
+                if self.wasted_at_step.get(obj.key) == self.tracker.step:
+                    return moved  # it was prefetched and pushed out again this step: stop the ping-pong
                 if obj.loading or not self.promote(obj, prefetch=True, only_above=key):
                     return moved
                 moved += obj.nbytes

@@ -65,7 +65,6 @@ class WorkloadConfig:
     state: str = "none"
     clusters: int = 4
     output_tokens: int = 16
-    hint_noise_steps: float = 0.0
 
     def __post_init__(self) -> None:
         if self.state not in ("none", "lora-agent", "lora-cluster", "model"):

@@ -1,0 +1,65 @@
+"""`scalesim bench WORKLOAD --hint-noise-sweep 0,1,2,4,inf`: how much ScaleSim depends on good hints.
+
+The same trace runs under `scalesim` once per noise level (every hinted distance off by a
+uniform random error of up to +-noise steps; `inf` withholds the hints, leaving the learned
+fallback alone), with `ideal` and `lru` once each as reference lines, same engine and budgets.
+"""
+
+import math
+import statistics
+
+from scalesim.bench.sim_bench import _run_policy, prepare
+from scalesim.memory.policies import POLICIES
+from scalesim.sim.workloads import WorkloadConfig
+
+
+def parse_noise_levels(text: str) -> list[float]:
+    levels = [float(x) for x in text.split(",") if x.strip()]
+    if not levels or any(level < 0 for level in levels):
+        raise ValueError(f"--hint-noise-sweep takes non-negative numbers or inf, got {text!r}")
+    return levels
+
+
+def run_noise_sweep(workload: str, model: str, cfg: WorkloadConfig, noise_levels: list[float],
+                    device_fraction: float = 0.25, host_fraction: float = 0.5) -> dict:
+    setup = prepare(workload, model, cfg, device_fraction, host_fraction, {})
+
+    def makespan(policy: str, noise: float) -> float:
+        unbounded = POLICIES[policy].unbounded_device
+        result, _ = _run_policy(model, policy, setup.trace, setup.folders,
+                                2 * setup.total_nbytes if unbounded else setup.device_nbytes,
+                                0 if unbounded else setup.host_nbytes, noise, {})
+        return round(result.makespan_s, 4)
+
+    references = {policy: makespan(policy, 0.0) for policy in ("ideal", "lru")}
+    sweep = [{"hint_noise_steps": noise if math.isfinite(noise) else None,  # None: hints withheld
+              "hints": "exact" if noise == 0 else "noisy" if math.isfinite(noise) else "withheld (learned fallback)",
+              "makespan_s": makespan("scalesim", noise)} for noise in noise_levels]
+    for point in sweep:
+        point["vs_ideal"] = round(point["makespan_s"] / references["ideal"], 4)
+        point["lru_vs_scalesim"] = round(references["lru"] / point["makespan_s"], 4)
+    return {"benchmark": "hint_noise_sweep", "workload": workload, "model": model, "config": cfg.__dict__,
+            "device_fraction": device_fraction, "host_fraction": host_fraction, "calls": setup.trace.num_calls,
+            "reference_makespan_s": references, "sweep": sweep,
+            "spread_vs_exact": round(statistics.fmean(p["makespan_s"] for p in sweep) / sweep[0]["makespan_s"], 4)}
+
+
+def plot_noise_sweep(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 3.6), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        labels = ["none (learned)" if p["hint_noise_steps"] is None else f"±{p['hint_noise_steps']:g}"
+                  for p in result["sweep"]]
+        ax.plot(labels, [p["makespan_s"] for p in result["sweep"]], marker="o", label="scalesim")
+        for policy, style in (("ideal", "--"), ("lru", ":")):
+            ax.axhline(result["reference_makespan_s"][policy], color="grey", linestyle=style, label=policy)
+        ax.set_xlabel("hint error (steps); 'none' = no hints")
+        ax.set_ylabel("makespan (s)")
+        ax.set_title(f"{result['workload']}: makespan vs hint error")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
