@@ -11,6 +11,10 @@ $S microbench prefix --model smollm2-135m --prefix-len 1000 --out $R/prefix.json
 $S microbench adapters --model smollm2-135m --dtype fp32 --out $R/adapters-fp32.json
 $S microbench adapters --model smollm2-135m --dtype bf16 --out $R/adapters-bf16.json
 $S microbench memory --agents 10000 --objects 100000 --out $R/memory.json
-# Simulation workloads, three policies side by side (about 25 minutes on 2 cores):
+# Simulation workloads, three policies side by side (about 9 minutes each on 2 cores):
 $S bench all --out $R/sim-none.json --plot $R/sim-none.png
 $S bench all --state lora-agent --out $R/sim-lora-agent.json --plot $R/sim-lora-agent.png
+# ScaleSim's makespan against hint error, exact hints to none (about 6 minutes):
+$S bench town --hint-noise-sweep 0,1,2,4,inf --out $R/hint-noise-town.json --plot $R/hint-noise-town.png
+# The HTTP path vs in-process on the quick town preset (about 2 minutes):
+$S microbench http --workload town --out $R/http-vs-inprocess.json

@@ -56,7 +56,12 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
         request = dict(agent_id=agent_id, request_id=request_id, adapter=adapter, model=model)
-        request_id = await loop.run_in_executor(None, self._add, prompt, params, request, stream)
+        adding = loop.run_in_executor(None, self._add, prompt, params, request, stream)
+        try:
+            request_id = await asyncio.shield(adding)
+        except asyncio.CancelledError:  # the caller left while the request was being added: abort it then
+            adding.add_done_callback(self._abort_added)
+            raise
         remaining = params.n
         try:
             while remaining:
@@ -82,6 +87,11 @@ class AsyncLLM:
     def add_private_model(self, name: str, path: str) -> None:
         with self._lock:
             self.engine.weights.add_private_model(name, path)
+
+    def _abort_added(self, adding: asyncio.Future) -> None:
+        if not adding.cancelled() and adding.exception() is None:
+            self._streams.pop(adding.result(), None)
+            self._aborts.put(adding.result())
 
     def _add(self, prompt, params, request: dict, stream: _Stream) -> str:
         with self._wake:
@@ -160,7 +170,9 @@ class AsyncLLM:
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
 
     def _fail_all(self, error: Exception) -> None:
+        """Fail every request in flight, including any the engine holds without a listener."""
         for request_id, stream in list(self._streams.items()):
-            self.engine.abort(request_id)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
         self._streams.clear()

@@ -7,6 +7,7 @@ from scalesim.errors import InvalidRequestError
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_N = 16
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 MAX_LOGIT_BIAS_ENTRIES = 300
 
 
@@ -50,10 +51,11 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise InvalidRequestError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed <= MAX_SEED - self.n):
+            raise InvalidRequestError(f"seed must be an integer in [0, {MAX_SEED - self.n}], got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for stop in self.stop:

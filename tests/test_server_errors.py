@@ -154,3 +154,53 @@ def test_a_client_that_disconnects_mid_stream_frees_its_pages(url):
     assert metric(url, "scalesim_num_requests_running") == 0
     assert metric(url, "scalesim_kv_blocks_free") + metric(url, "scalesim_kv_blocks_cached") == \
         metric(url, "scalesim_kv_blocks_total")
+
+
+@pytest.mark.parametrize("body", [
+    {"n": 2, "seed": 2**64 - 1},                                                     # past torch's seed range
+    {"messages": [{"role": "system", "content": [{"type": "text", "text": 1}]}, *CHAT]},  # a non-string part
+    {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": "x"}]}, *CHAT]},
+])
+def test_odd_values_are_a_400_and_leave_the_engine_healthy(url, body):
+    _error(httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT, **body}, headers=AUTH),
+           400)
+    _still_serves(url)
+
+
+def test_json_mode_with_logprobs_returns_finite_numbers(url):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 6, "logprobs": True, "top_logprobs": 5,
+            "response_format": {"type": "json_object"}}
+    response = httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    for token in response.json()["choices"][0]["logprobs"]["content"]:
+        assert all(-10_000 <= t["logprob"] <= 0 for t in token["top_logprobs"])
+
+
+def test_a_non_ascii_authorization_header_is_a_401(url):
+    response = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT},
+                          headers={"Authorization": "Bearer \xe9t\xe9".encode("latin-1")})
+    _error(response, 401)
+
+
+@pytest.mark.parametrize("body", [{"step": 1, "positions": {"a": [0, 0], "b": [3, 4]}, "speed": 1e-310},
+                                  {"step": 10**400}])
+def test_hints_that_overflow_are_a_400(url, body):
+    import json
+    response = httpx.post(url + "/v1/hints", content=json.dumps(body),
+                          headers={**AUTH, "Content-Type": "application/json"})
+    _error(response, 400)
+    _still_serves(url)
+
+
+def test_a_bad_path_or_an_unfillable_prefix_registers_nothing(url):
+    _error(httpx.post(url + "/v1/agents", json={"id": "nul", "adapter_path": "/x/\u0000"}, headers=AUTH), 400)
+    too_long = " ".join(["word"] * 400)  # over this server's 256-token context
+    _error(httpx.post(url + "/v1/agents", json={"id": "verbose", "prefix": too_long}, headers=AUTH), 400)
+    assert httpx.get(url + "/v1/agents/verbose", headers=AUTH).status_code == 404
+
+
+def test_agent_ids_with_slashes_can_be_read_and_deleted(url):
+    created = httpx.post(url + "/v1/agents", json={"id": "town/ada"}, headers=AUTH)
+    assert created.status_code == 200, created.text
+    assert httpx.get(url + "/v1/agents/town/ada", headers=AUTH).json()["id"] == "town/ada"
+    assert httpx.delete(url + "/v1/agents/town/ada", headers=AUTH).status_code == 200

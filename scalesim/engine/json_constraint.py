@@ -8,6 +8,7 @@ the top-level object is closed only an end-of-sequence token may follow.
 from dataclasses import dataclass, field
 
 WHITESPACE = " \t\n\r"
+DIGITS = "0123456789"  # str.isdigit() would also take "²" and "٣"
 MAX_WHITESPACE_RUN = 8  # keep a model from padding the output with blank lines forever
 _LITERALS = {"t": "rue", "f": "alse", "n": "ull"}
 _NUMBER_END_OK = {"zero", "int", "frac", "exp"}
@@ -53,7 +54,7 @@ class JsonPrefix:
             self.mode, self.in_key = "string", False
         elif ch in _LITERALS:
             self.mode, self.pending = "literal", _LITERALS[ch]
-        elif ch == "-" or ch.isdigit():
+        elif ch == "-" or ch in DIGITS:
             self.mode = "number"
             self.number = "minus" if ch == "-" else "zero" if ch == "0" else "int"
         else:
@@ -150,7 +151,7 @@ class JsonPrefix:
             "esign": {"digit": "exp"},
             "exp": {"digit": "exp"},
         }[state]
-        kind = "0" if ch == "0" and "0" in transitions else "digit" if ch.isdigit() else \
+        kind = "0" if ch == "0" and "0" in transitions else "digit" if ch in DIGITS else \
             "e" if ch in "eE" else "sign" if ch in "+-" else ch
         if kind in transitions:
             self.number = transitions[kind]

@@ -147,8 +147,9 @@ class LLMEngine:
                            adapter=lora, private_model=private, json=JsonPrefix() if params.json_mode else None)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.stop))
-            self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, seqs, detoks)
+        for seq in seqs:  # queued only once all are built, so a failure leaves nothing behind
+            self.scheduler.add(seq)
         with self.memory.lock:
             for handle in (lora, private):
                 if handle is not None:
@@ -291,7 +292,7 @@ class LLMEngine:
             raise InvalidRequestError(f"step must be a non-negative integer, got {step!r}")
         try:
             distances = estimate_distances(self.tracker.step if step is None else step, **hints)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, ArithmeticError) as exc:
             raise InvalidRequestError(f"bad hint: {exc}") from exc
         with self.memory.lock:
             if step is not None and step > self.tracker.step:

@@ -28,14 +28,20 @@ class TokenTexts:
 
     @cached_property
     def single_chars(self) -> list[int]:
-        return [i for i, text in enumerate(self.texts) if len(text) == 1]
+        return [i for i, text in enumerate(self.texts) if len(text) == 1 and i not in self.special]
+
+    @cached_property
+    def special(self) -> frozenset[int]:
+        """Control tokens (end of turn, tool tags, ...): text that must never count as JSON."""
+        return frozenset(i for i, text in enumerate(self.texts)
+                         if text and not self.tokenizer.decode([i], skip_special_tokens=True))
 
 
 def _json_allowed(seq: Sequence, row: torch.Tensor, texts: TokenTexts) -> list[int]:
     if seq.json.done:
         return texts.eos_token_ids
     candidates = row.topk(min(JSON_CANDIDATES, row.shape[0])).indices.tolist()
-    allowed = [t for t in candidates if seq.json.accepts(texts.texts[t])]
+    allowed = [t for t in candidates if t not in texts.special and seq.json.accepts(texts.texts[t])]
     return allowed or [t for t in texts.single_chars if seq.json.accepts(texts.texts[t])]
 
 

@@ -8,6 +8,8 @@ import torch
 
 from scalesim.sampling_params import SamplingParams
 
+MIN_LOGPROB = -9999.0
+
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask (to -inf) everything outside each row's top-k and top-p nucleus."""
@@ -45,7 +47,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
 
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[dict]:
     """For each row: the chosen token's logprob and the k most likely alternatives."""
-    logprobs = logits.log_softmax(dim=-1)
+    logprobs = logits.log_softmax(dim=-1).clamp(min=MIN_LOGPROB)  # masked tokens (-inf) as OpenAI's floor
     chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     top_values, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (None, None)
     out = []

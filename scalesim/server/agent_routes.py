@@ -1,6 +1,7 @@
 """The ScaleSim extensions: the agent registry (`/v1/agents`) and hints (`/v1/hints`, `/v1/update`)."""
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -12,6 +13,8 @@ from scalesim.server.protocol import AgentCreate, HintBatch, PaperUpdate
 from scalesim.server.state import ServerState
 
 router = APIRouter()
+logger = logging.getLogger(__name__)
+MAX_HINT_STEP = 2**53  # steps are exact as floats up to here
 
 
 def _state(request: Request) -> ServerState:
@@ -49,18 +52,23 @@ async def create_agent(body: AgentCreate, request: Request):
         prefix = render_prompt(state.llm.tokenizer, [{"role": "system", "content": body.system}],
                                add_generation_prompt=False)
     record = AgentRecord(body.id, body.adapter_path, body.model_path, prefix, adapter=body.adapter, model=body.model)
-    await run_in_threadpool(state.register, record)
-    prefilled = await state.llm.prefill(body.id, prefix) if prefix else 0
+    await run_in_threadpool(state.register, record, False)
+    try:
+        prefilled = await state.llm.prefill(body.id, prefix) if prefix else 0
+    except Exception:
+        await run_in_threadpool(state.llm.unregister_agent, body.id)
+        raise
+    await run_in_threadpool(state.agents.put, record)  # persisted only once it is known to work
     return {**await run_in_threadpool(_agent_view, state, body.id), "prefilled_tokens": prefilled}
 
 
-@router.get("/v1/agents/{agent_id}")
+@router.get("/v1/agents/{agent_id:path}")
 def get_agent(agent_id: str, request: Request):
     """Where each of the agent's objects lives now (device, host, disk)."""
     return _agent_view(_state(request), agent_id)
 
 
-@router.delete("/v1/agents/{agent_id}")
+@router.delete("/v1/agents/{agent_id:path}")
 def delete_agent(agent_id: str, request: Request):
     state = _state(request)
     removed = state.agents.delete(agent_id)
@@ -73,7 +81,12 @@ def delete_agent(agent_id: str, request: Request):
 
 
 def _hint(state: ServerState, step: int | None, hints: dict) -> dict:
-    accepted = state.llm.hint(step, **{k: v for k, v in hints.items() if v is not None})
+    if step is not None and not 0 <= step <= MAX_HINT_STEP:
+        raise APIError(400, f"step must be in [0, {MAX_HINT_STEP}]", param="step")
+    try:
+        accepted = state.llm.hint(step, **{k: v for k, v in hints.items() if v is not None})
+    except ArithmeticError as exc:  # e.g. a speed so small that a distance overflows
+        raise APIError(400, f"hint values out of range: {exc}")
     state.metrics.unknown_hinted_agents.inc(accepted["unknown"])
     return {"object": "hint_result", **accepted}
 
@@ -96,4 +109,7 @@ async def paper_update(body: PaperUpdate, request: Request):
 async def prefill_registered(state: ServerState) -> None:
     """After a restart: pre-fill the persona prefixes of the restored agents."""
     records = [r for r in state.agents.all() if r.prefix and r.agent_id in state.llm.engine.agents]
-    await asyncio.gather(*(state.llm.prefill(r.agent_id, r.prefix) for r in records))
+    results = await asyncio.gather(*(state.llm.prefill(r.agent_id, r.prefix) for r in records), return_exceptions=True)
+    for record, result in zip(records, results):
+        if isinstance(result, Exception):
+            logger.warning("agent %s: persona prefix not pre-filled: %s", record.agent_id, result)

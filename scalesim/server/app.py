@@ -95,7 +95,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = False) -
     async def api_key_and_metrics(request: Request, call_next):
         path = request.url.path
         if config.api_key and path.startswith("/v1") and not secrets.compare_digest(
-                request.headers.get("authorization", ""), f"Bearer {config.api_key}"):
+                request.headers.get("authorization", "").encode(), f"Bearer {config.api_key}".encode()):
             response = error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                       code="invalid_api_key")
         else:

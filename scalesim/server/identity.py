@@ -34,7 +34,7 @@ def infer_from_system_message(messages: list[dict] | None) -> str | None:
         if message.get("role") in ("system", "developer"):
             text = message.get("content")
             if isinstance(text, list):
-                text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+                text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
             if isinstance(text, str) and text:
                 return INFERRED_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:INFERRED_HASH_CHARS]
             return None

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 
 from scalesim.outputs import CompletionOutput
 from scalesim.server.chat_render import render_prompt
-from scalesim.server.errors import APIError
+from scalesim.server.errors import APIError, error_body
 from scalesim.server.generation import (Run, chat_logprobs, completion_logprobs, new_id, now_s, run_to_end,
                                         sampling_params, stream_deltas, tokenize)
 from scalesim.server.identity import resolve_identity
@@ -87,7 +87,10 @@ async def _chat_events(head: dict, deltas: AsyncIterator, run: Run, offered: lis
 
     for index in range(len(run.outputs)):
         yield chunk(index, {"role": "assistant", "content": ""})
-    async for delta in deltas:
+    async for delta in _until_error(deltas):
+        if isinstance(delta, str):
+            yield delta
+            return
         if offered:
             if delta.finished:
                 message, finish = _chat_message(run.outputs[delta.index], offered)
@@ -103,6 +106,15 @@ async def _chat_events(head: dict, deltas: AsyncIterator, run: Run, offered: lis
     if (req.stream_options or {}).get("include_usage"):
         yield event({**head, "choices": [], "usage": run.usage()})
     yield DONE
+
+
+async def _until_error(items: AsyncIterator) -> AsyncIterator:
+    """The items, then, if the engine fails mid-stream, one SSE error event (a str) and [DONE]."""
+    try:
+        async for item in items:
+            yield item
+    except Exception as exc:  # the 200 is sent already: report in the stream, as OpenAI does
+        yield event(error_body(500, f"generation failed: {exc}")) + DONE
 
 
 def _prompts(prompt) -> list[str | list[int]]:
@@ -131,7 +143,12 @@ async def completions(req: CompletionRequest, request: Request):
     if req.stream:
         merged = await primed(_merge(streams))
         return sse_response(_completion_events(head, merged, runs, echoes, req, state))
-    await asyncio.gather(*(_drain(s) for s in streams))
+    try:
+        async with asyncio.TaskGroup() as group:  # one failing prompt cancels (and aborts) the others
+            for stream in streams:
+                group.create_task(_drain(stream))
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0]
     choices = []
     for p, (run, echo) in enumerate(zip(runs, echoes)):
         for output in run.outputs:
@@ -181,12 +198,17 @@ async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, objec
 async def _completion_events(head: dict, merged: AsyncIterator, runs: list[Run], echoes: list[str],
                              req: CompletionRequest, state: ServerState) -> AsyncIterator[str]:
     head = {**head, "object": "text_completion"}
-    started: set[tuple[int, int]] = set()
-    async for position, delta in merged:
+    offsets: dict[tuple[int, int], int] = {}  # characters sent so far per choice
+    async for item in _until_error(merged):
+        if isinstance(item, str):
+            yield item
+            return
+        position, delta = item
         key = (position, delta.index)
-        text = delta.text if key in started else echoes[position] + delta.text
-        started.add(key)
-        logprobs = completion_logprobs(state, delta.logprobs) if delta.logprobs else None
+        text = delta.text if key in offsets else echoes[position] + delta.text
+        logprobs = completion_logprobs(state, delta.logprobs, offsets.get(key, len(echoes[position]))) \
+            if delta.logprobs else None
+        offsets[key] = offsets.get(key, 0) + len(text)
         yield event({**head, "choices": [{"index": position * req.n + delta.index, "text": text,
                                           "logprobs": logprobs, "finish_reason": delta.finish_reason}]})
     if (req.stream_options or {}).get("include_usage"):

@@ -2,6 +2,8 @@
 
 import hashlib
 import logging
+import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ class ServerState:
     agents: AgentStore
     metrics: ServerMetrics
     weight_names: dict[str, str] = field(default_factory=dict)  # resolved folder -> registered name
+    weights_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def base_name(self) -> str:
@@ -49,7 +52,10 @@ class ServerState:
     # --- the agent registry ------------------------------------------------------------------
     def allowed_path(self, path: str, what: str) -> Path:
         """`path` resolved, if it is a folder under one of the allowed directories; else a 400."""
-        resolved = Path(path).resolve()
+        try:
+            resolved = Path(path).resolve()
+        except (ValueError, OSError) as exc:
+            raise APIError(400, f"{what} {path!r} is not a usable path: {exc}", param=what)
         if not any(resolved.is_relative_to(root) for root in self.config.allowed_local_paths):
             raise APIError(400, f"{what} {path!r} is outside the allowed directories "
                                 f"(start the server with --allowed-local-paths)", param=what)
@@ -60,9 +66,13 @@ class ServerState:
     def _weight_name(self, folder: Path, kind: str) -> str:
         """Register the folder's weights once, under a readable name; agents sharing it share one copy."""
         key = str(folder)
+        with self.weights_lock:
+            return self._register_weights(folder, key, kind)
+
+    def _register_weights(self, folder: Path, key: str, kind: str) -> str:
         if key not in self.weight_names:
             digest = hashlib.sha256(key.encode()).hexdigest()[:8]
-            name = f"{folder.name[:100]}-{digest}"
+            name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', folder.name)[:100]}-{digest}"
             weights = self.llm.engine.weights
             (self.llm.add_adapter if kind == "adapter" else self.llm.add_private_model)(name, key)
             self.weight_names[key] = name

@@ -53,7 +53,10 @@ def render_tool_calls(tool_calls: list[dict]) -> str:
     """An assistant turn's earlier tool calls as text, for templates that cannot render them."""
     blocks = []
     for call in tool_calls:
-        function = call.get("function", {}) if isinstance(call, dict) else {}
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise InvalidRequestError("each tool call must be {'type': 'function', 'function': {'name': ..., "
+                                      "'arguments': ...}}")
         arguments = function.get("arguments", "{}")
         try:
             arguments = json.loads(arguments) if isinstance(arguments, str) else arguments

@@ -7,6 +7,8 @@ the model through ordinary OpenAI clients that carry an agent's id.
 >>> sim.client("ada").chat.completions.create(model=sim.model, messages=[...])
 """
 
+from urllib.parse import quote
+
 import httpx
 from openai import AsyncOpenAI, OpenAI
 
@@ -51,10 +53,10 @@ class Simulation:
 
     def agent(self, agent_id: str) -> dict:
         """Where each of the agent's objects lives now (device, host, disk)."""
-        return self._call("GET", f"/v1/agents/{agent_id}")
+        return self._call("GET", f"/v1/agents/{quote(agent_id, safe='')}")
 
     def remove_agent(self, agent_id: str) -> None:
-        self._call("DELETE", f"/v1/agents/{agent_id}")
+        self._call("DELETE", f"/v1/agents/{quote(agent_id, safe='')}")
 
     # --- hints -------------------------------------------------------------------------------
     def step(self, n: int, **hints) -> dict:
