@@ -56,8 +56,20 @@ def test_quick_bench_with_per_agent_adapters(tmp_path):
     assert run["policy"] == "scalesim" and "adapter" in run["device_hit_rate_per_kind"]
 
 
+def test_hint_noise_sweep_runs_scalesim_per_level_with_references(tmp_path):
+    out, plot = tmp_path / "noise.json", tmp_path / "noise.png"
+    assert main(["bench", "feed", "--quick", "--model", "tiny-random", "--hint-noise-sweep", "0,2,inf",
+                 "--out", str(out), "--plot", str(plot)]) == 0
+    result = json.loads(out.read_text())[0]
+    assert set(result["reference_makespan_s"]) == {"ideal", "lru"}
+    assert [p["hint_noise_steps"] for p in result["sweep"]] == [0, 2, None]
+    assert [p["hints"].split()[0] for p in result["sweep"]] == ["exact", "noisy", "withheld"]
+    assert all(p["makespan_s"] > 0 for p in result["sweep"]) and plot.stat().st_size > 10_000
+
+
 @pytest.mark.parametrize("args, message", [
     (["bench", "nope", "--quick"], "unknown workload"),
+    (["bench", "feed", "--quick", "--hint-noise-sweep", "1,-2"], "--hint-noise-sweep"),
     (["bench", "feed", "--quick", "--policies", "ideal,fifo"], "unknown policy"),
     (["bench", "feed", "--quick", "--device-fraction", "0"], "--device-fraction"),
     (["bench", "feed", "--quick", "--host-fraction", "1.5"], "--host-fraction"),
