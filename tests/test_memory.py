@@ -284,6 +284,18 @@ def test_without_hints_the_learned_fallback_uses_the_agents_own_inter_arrival_ti
     assert tracker.distance("stranger") == float("inf")
 
 
+def test_an_overdue_agent_is_expected_a_period_later_not_any_moment():
+    now = [0.0]
+    tracker = DistanceTracker(clock=lambda: now[0])
+    for t in (0.0, 10.0, 20.0):  # every 10 s; then it goes quiet
+        now[0] = t
+        tracker.on_request("bob")
+        tracker.on_finish("bob")
+    now[0] = 36.0  # due at 30 s, missed: next due at 40 s
+    assert tracker.distance("bob") == pytest.approx(4.0 / tracker.seconds_per_step)
+    assert tracker.distance("bob") > 0
+
+
 def test_estimators_combine_by_minimum():
     from scalesim.engine.hints import estimate_distances
     d = estimate_distances(10, distances={"a": 7}, schedule={"a": 12, "b": 30}, turn_order=["c", "b"],

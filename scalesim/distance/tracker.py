@@ -79,6 +79,16 @@ class DistanceTracker:
         state = self._agent(agent_id)
         state.in_flight = max(0, state.in_flight - 1)
 
+    @staticmethod
+    def _next_due_s(state: _Agent, after_s: float) -> float:
+        """The agent's next expected arrival at or after `after_s`, taking its calls as periodic: an
+        agent past its due time is expected one period later, not any moment now (an overdue
+        estimate would otherwise hold its state on the device for ever)."""
+        due_s = state.last_arrival_s + state.gap_s
+        if due_s < after_s and state.gap_s > 0:
+            due_s += math.ceil((after_s - due_s) / state.gap_s) * state.gap_s
+        return due_s
+
     def expected_step(self, agent_id: str | None) -> float:
         """Absolute step of the agent's next call: now if in flight, else min(hint, learned)."""
         state = self.agents.get(agent_id) if agent_id is not None else None
@@ -88,7 +98,7 @@ class DistanceTracker:
             return float(self.step)
         learned = INF
         if state.gap_s is not None and state.last_arrival_s is not None:
-            due_s = state.last_arrival_s + state.gap_s
+            due_s = self._next_due_s(state, self.step_started_s)
             learned = self.step + max(0.0, due_s - self.step_started_s) / self.seconds_per_step
         return min(state.hinted_step, learned)
 
@@ -101,7 +111,8 @@ class DistanceTracker:
             return 0.0
         learned = INF
         if state.gap_s is not None and state.last_arrival_s is not None:
-            learned = max(0.0, state.last_arrival_s + state.gap_s - self.clock()) / self.seconds_per_step
+            now = self.clock()
+            learned = max(0.0, self._next_due_s(state, now) - now) / self.seconds_per_step
         return min(max(0.0, state.hinted_step - self.step), learned)
 
     def deadline_s(self, agent_id: str) -> float:

@@ -271,7 +271,9 @@ class MemoryManager:
     def make_device_room(self, blocks: int, only_above: tuple | None = None) -> bool:
         """Free device blocks until `blocks` are free, evicting by policy; False if impossible.
 
-        With `only_above`, only objects whose key is strictly larger may be evicted (hysteresis).
+        With `only_above`, only objects whose key starts with something strictly larger may be
+        evicted (hysteresis; a prefetch passes just the expected step, so it never displaces an
+        object needed in the same step, however the tie-breakers fall).
         """
         with self.lock:
             skipped = []
@@ -286,7 +288,7 @@ class MemoryManager:
                         if obj is not None and obj.tier == "device":
                             skipped.append(obj)
                         continue
-                    if only_above is not None and key <= only_above:
+                    if only_above is not None and key[:len(only_above)] <= only_above:
                         skipped.append(obj)
                         return False
                     if getattr(obj, "prefetched", False):
@@ -427,7 +429,7 @@ class MemoryManager:
                     return moved
                 if self.wasted_at_step.get(obj.key) == self.tracker.step:
                     return moved  # it was prefetched and pushed out again this step: stop the ping-pong
-                if obj.loading or not self.promote(obj, prefetch=True, only_above=key):
+                if obj.loading or not self.promote(obj, prefetch=True, only_above=key[:1]):
                     return moved
                 moved += obj.nbytes
         return moved
