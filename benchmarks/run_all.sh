@@ -18,3 +18,5 @@ $S bench all --state lora-agent --out $R/sim-lora-agent.json --plot $R/sim-lora-
 $S bench town --hint-noise-sweep 0,1,2,4,inf --out $R/hint-noise-town.json --plot $R/hint-noise-town.png
 # The HTTP path vs in-process on the quick town preset (about 2 minutes):
 $S microbench http --workload town --out $R/http-vs-inprocess.json
+# The town comparison repeated three times, policies in turn, median run per policy (about 7 minutes):
+$S bench town --repeats 3 --out $R/sim-town-repeats3.json

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--hint-noise-sweep", default=None, metavar="LEVELS",
                      help="instead of the policy comparison: scalesim at each hint error in LEVELS (e.g. "
                           "0,1,2,4,inf), with ideal and lru as references; --plot draws makespan against it")
+    sim.add_argument("--repeats", type=int, default=1,
+                     help="run the policies in turn this many times and report each one's median run (default: 1)")
     sim.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     sim.add_argument("--quick", action="store_true", help="a CI-sized preset (few agents, steps and tokens)")
     sim.add_argument("--url", default=None,
@@ -254,7 +256,7 @@ def _bench(args: argparse.Namespace) -> None:
         results = [run_remote(name, WorkloadConfig(**cfg), args.url, args.model, args.hint_noise) for name in names]
     else:
         results = [run_sim_bench(name, args.model, WorkloadConfig(**cfg), policies, args.device_fraction,
-                                 args.host_fraction, args.hint_noise) for name in names]
+                                 args.host_fraction, args.hint_noise, repeats=args.repeats) for name in names]
     print_table(results)
     if args.out:
         write_json(results, args.out)

@@ -48,12 +48,15 @@ def test_quick_bench_completes_every_request_under_every_policy(tmp_path):
     assert plot.stat().st_size > 10_000
 
 
-def test_quick_bench_with_per_agent_adapters(tmp_path):
+def test_quick_bench_with_per_agent_adapters_and_repeats(tmp_path):
     out = tmp_path / "results.json"
-    assert main(["bench", "town", "--quick", "--model", "tiny-random", "--state", "lora-cluster",
-                 "--out", str(out)]) == 0
-    run = json.loads(out.read_text())[0]["runs"][1]
+    assert main(["bench", "town", "--quick", "--model", "tiny-random", "--state", "lora-cluster", "--repeats", "3",
+                 "--policies", "scalesim,lru", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())[0]
+    run = result["runs"][0]
     assert run["policy"] == "scalesim" and "adapter" in run["device_hit_rate_per_kind"]
+    assert len(run["makespans_s"]) == 3 and run["makespan_s"] == sorted(run["makespans_s"])[1]
+    assert result["repeats"] == 3 and "lru_vs_scalesim" in result["ratios"]
 
 
 def test_hint_noise_sweep_runs_scalesim_per_level_with_references(tmp_path):
