@@ -410,3 +410,46 @@ def test_disk_objects_of_another_page_size_are_not_restored(tmp_path):
     other = _llm(tmp_path, host_memory=0, block_size_tokens=8)
     assert other.engine.memory.store.entries("kv") == []
     assert other.generate([_prefix(0)], params)[0].num_cached_tokens == 0
+
+
+def test_waiting_requests_load_in_order_and_never_evict_each_others_state():
+    manager = _manager(blocks=8)
+    block = manager.pool.block_nbytes
+    a1, a2, b1 = (FakeWeights(n, 4 * block, [o]) for n, o in (("a1", "ann"), ("a2", "ann"), ("b1", "ben")))
+    for obj in (a1, a2, b1):
+        manager.add(obj)
+    manager.request_group(1, [a1, a2])
+    manager.request_group(2, [b1])
+    assert manager.serve_on_demand() == 2
+    assert (a1.tier, a2.tier, b1.tier) == ("device", "device", "host"), "b waits: a's loads are held for a"
+    assert manager.loads_pending
+    manager.release_group(1)  # request a was admitted and has finished
+    assert manager.serve_on_demand() == 1 and b1.tier == "device" and not manager.loads_pending
+
+
+def test_a_prefetch_never_displaces_state_needed_in_the_same_step_whatever_the_recency():
+    manager = _manager(blocks=4)
+    manager.prefetch_settings.max_prefetched_device_fraction = 1.0
+    block = manager.pool.block_nbytes
+    resident, wanted = FakeWeights("resident", 4 * block, ["bob"]), FakeWeights("wanted", 4 * block, ["alice"])
+    manager.add(resident)
+    manager.promote(resident)
+    manager.add(wanted)
+    resident.last_use_s, wanted.last_use_s = 0.0, 100.0  # the tie-breaker alone would put resident out
+    manager.agents_changed(manager.tracker.hint({"alice": 1, "bob": 1}))
+    assert manager.prefetch_once() == 0 and resident.tier == "device"
+
+
+def test_a_prefetch_pushed_out_unused_is_not_retried_in_the_same_step():
+    manager = _manager(blocks=4)
+    manager.prefetch_settings.max_prefetched_device_fraction = 1.0
+    block = manager.pool.block_nbytes
+    wanted = FakeWeights("wanted", 4 * block, ["alice"])
+    manager.add(wanted)
+    manager.agents_changed(manager.tracker.hint({"alice": 1}))
+    assert manager.prefetch_once() == wanted.nbytes
+    assert manager.make_device_room(manager.pool.num_blocks) and wanted.tier == "host"  # pushed out unused
+    assert manager.prefetch_once() == 0
+    manager.agents_changed(manager.tracker.advance(1))
+    manager.agents_changed(manager.tracker.hint({"alice": 1}))
+    assert manager.prefetch_once() == wanted.nbytes

@@ -8,8 +8,7 @@ fallback alone), with `ideal` and `lru` once each as reference lines, same engin
 import math
 import statistics
 
-from scalesim.bench.sim_bench import _run_policy, prepare
-from scalesim.memory.policies import POLICIES
+from scalesim.bench.sim_bench import _run_policy, policy_budgets, prepare
 from scalesim.sim.workloads import WorkloadConfig
 
 
@@ -25,10 +24,7 @@ def run_noise_sweep(workload: str, model: str, cfg: WorkloadConfig, noise_levels
     setup = prepare(workload, model, cfg, device_fraction, host_fraction, {})
 
     def makespan(policy: str, noise: float) -> float:
-        unbounded = POLICIES[policy].unbounded_device
-        result, _ = _run_policy(model, policy, setup.trace, setup.folders,
-                                2 * setup.total_nbytes if unbounded else setup.device_nbytes,
-                                0 if unbounded else setup.host_nbytes, noise, {})
+        result, _ = _run_policy(model, policy, setup.trace, setup.folders, *policy_budgets(setup, policy), noise, {})
         return round(result.makespan_s, 4)
 
     references = {policy: makespan(policy, 0.0) for policy in ("ideal", "lru")}

@@ -152,6 +152,14 @@ def prepare(workload: str, model: str, cfg: WorkloadConfig, device_fraction: flo
     return BenchSetup(trace, folders, total, int(total * device_fraction), int(total * host_fraction))
 
 
+def policy_budgets(setup: BenchSetup, policy: str) -> tuple[int, int]:
+    """(device, host) bytes for `policy`: the fractions' budgets, or for the unbounded limit a
+    device that holds every agent's state with room to spare and no host tier."""
+    if POLICIES[policy].unbounded_device:
+        return 2 * setup.total_nbytes, 0
+    return setup.device_nbytes, setup.host_nbytes
+
+
 def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tuple[str, ...] = DEFAULT_POLICIES,
                   device_fraction: float = 0.25, host_fraction: float = 0.5, hint_noise_steps: float = 0.0,
                   engine_args: dict | None = None, repeats: int = 1) -> dict:
@@ -166,10 +174,9 @@ def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tupl
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     attempts: dict[str, list[PolicyRun]] = {p: [] for p in policies}
-    for _, policy in ((r, p) for r in range(repeats) for p in policies):
-        unbounded = POLICIES[policy].unbounded_device  # every agent's state fits on the device, with room to spare
-        result, stats = _run_policy(model, policy, trace, folders, 2 * total if unbounded else device_nbytes,
-                                    0 if unbounded else host_nbytes, hint_noise_steps, engine_args)
+    for policy in [p for _ in range(repeats) for p in policies]:
+        result, stats = _run_policy(model, policy, trace, folders, *policy_budgets(setup, policy), hint_noise_steps,
+                                    engine_args)
         ttfts = sorted(c.ttft_s for c in result.calls)
         overall, per_kind = _hit_rates(stats)
         attempts[policy].append(PolicyRun(

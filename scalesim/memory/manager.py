@@ -212,17 +212,20 @@ class MemoryManager:
         return (obj is not None and obj.tier == tier and obj.pin_count == 0 and not obj.loading
                 and obj.key not in self.held)
 
+    def _unhold(self, keys: set[str]) -> None:
+        for key in keys:
+            self.held[key] -= 1
+            if self.held[key] <= 0:
+                del self.held[key]
+                if key in self.objects:
+                    self._index(self.objects[key])
+
     def release_group(self, group: int) -> None:
         """The group's request was admitted (its state is pinned now) or left: stop holding its objects."""
         with self.lock:
             self.groups.pop(group, None)
             self.group_requested_s.pop(group, None)
-            for key in self.group_held.pop(group, ()):
-                self.held[key] -= 1
-                if self.held[key] <= 0:
-                    del self.held[key]
-                    if key in self.objects:
-                        self._index(self.objects[key])
+            self._unhold(self.group_held.pop(group, set()))
 
     def _demote_from_host(self, above: tuple | None) -> bool:
         """Push the host object with the largest key (if larger than `above`) to disk or drop it."""
@@ -345,14 +348,8 @@ class MemoryManager:
         """Nothing runs and no waiting request can be admitted: the room is held by requests
         waiting behind it. Let it all be evicted again (the groups stay queued)."""
         with self.lock:
-            for group in list(self.group_held):
-                keys = self.group_held[group]
-                for key in keys:
-                    self.held[key] -= 1
-                    if self.held[key] <= 0:
-                        del self.held[key]
-                        if key in self.objects:
-                            self._index(self.objects[key])
+            for keys in self.group_held.values():
+                self._unhold(keys)
                 keys.clear()
             self.wake.set()
 

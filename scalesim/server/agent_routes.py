@@ -10,15 +10,11 @@ from scalesim.server.agent_store import AgentRecord
 from scalesim.server.chat_render import render_prompt
 from scalesim.server.errors import APIError
 from scalesim.server.protocol import AgentCreate, HintBatch, PaperUpdate
-from scalesim.server.state import ServerState
+from scalesim.server.state import ServerState, server_state
 
 router = APIRouter()
 logger = logging.getLogger(__name__)
 MAX_HINT_STEP = 2**53  # steps are exact as floats up to here
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.scalesim
 
 
 def _agent_view(state: ServerState, agent_id: str) -> dict:
@@ -44,7 +40,7 @@ async def create_agent(body: AgentCreate, request: Request):
     """Register an agent: its adapter / private model (folders under --allowed-local-paths) and a
     persona prefix pre-filled into the prefix cache now: `prefix` (raw prompt text) or `system`
     (its system message, rendered as the first turn of its chats)."""
-    state = _state(request)
+    state = server_state(request)
     if body.prefix and body.system:
         raise APIError(400, "give either prefix or system, not both", param="system")
     prefix = body.prefix
@@ -65,12 +61,12 @@ async def create_agent(body: AgentCreate, request: Request):
 @router.get("/v1/agents/{agent_id:path}")
 def get_agent(agent_id: str, request: Request):
     """Where each of the agent's objects lives now (device, host, disk)."""
-    return _agent_view(_state(request), agent_id)
+    return _agent_view(server_state(request), agent_id)
 
 
 @router.delete("/v1/agents/{agent_id:path}")
 def delete_agent(agent_id: str, request: Request):
-    state = _state(request)
+    state = server_state(request)
     removed = state.agents.delete(agent_id)
     if agent_id in state.llm.engine.agents:
         state.llm.unregister_agent(agent_id)
@@ -96,14 +92,14 @@ async def hints(body: HintBatch, request: Request):
     """Invocation-distance hints for the coming steps (see scalesim.engine.hints). Agents the
     server does not know yet are accepted and counted: they may call later."""
     fields = body.model_dump(exclude={"step"})
-    return await run_in_threadpool(_hint, _state(request), body.step, fields)
+    return await run_in_threadpool(_hint, server_state(request), body.step, fields)
 
 
 @router.post("/v1/update")
 async def paper_update(body: PaperUpdate, request: Request):
     """The ScaleSim paper's shape: agent_data {agent: distance}, timestep_data {distance: [agents]}."""
     fields = body.model_dump(exclude={"timestep_cnt"})
-    return await run_in_threadpool(_hint, _state(request), body.timestep_cnt, fields)
+    return await run_in_threadpool(_hint, server_state(request), body.timestep_cnt, fields)
 
 
 async def prefill_registered(state: ServerState) -> None:

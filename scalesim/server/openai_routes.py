@@ -13,15 +13,11 @@ from scalesim.server.generation import (Run, chat_logprobs, completion_logprobs,
 from scalesim.server.identity import resolve_identity
 from scalesim.server.protocol import ChatCompletionRequest, CompletionRequest
 from scalesim.server.sse import DONE, event, primed, sse_response
-from scalesim.server.state import ServerState
+from scalesim.server.state import ServerState, server_state
 from scalesim.server.tool_calls import function_names, parse_tool_calls
 
 router = APIRouter()
 JSON_FORMATS = ("json_object", "json_schema")
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.scalesim
 
 
 def _offered_tools(req: ChatCompletionRequest) -> list[dict] | None:
@@ -50,7 +46,7 @@ def _chat_message(output: CompletionOutput, offered: list[str]) -> tuple[dict, s
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
-    state = _state(request)
+    state = server_state(request)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"), messages,
                                 state.config.infer_agents)
@@ -61,9 +57,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(state, req, len(prompt), req.max_completion_tokens or req.max_tokens, logprobs,
                              json_mode=_json_mode(req))
-    run = Run([CompletionOutput(i) for i in range(params.n)], prompt_tokens=len(prompt))
     head = {"id": new_id("chatcmpl"), "created": now_s(), "model": req.model}
     if req.stream:
+        run = Run([CompletionOutput(i) for i in range(params.n)], prompt_tokens=len(prompt))
         deltas = await primed(stream_deltas(state, prompt, params, identity.agent_id, adapter, model, run))
         return sse_response(_chat_events(head, deltas, run, offered, req, state))
     run = await run_to_end(state, prompt, params, identity.agent_id, adapter, model)
@@ -129,7 +125,7 @@ def _prompts(prompt) -> list[str | list[int]]:
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
-    state = _state(request)
+    state = server_state(request)
     identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"), None,
                                 state.config.infer_agents)
     adapter, model = state.resolve_model(identity.model)
@@ -156,8 +152,11 @@ async def completions(req: CompletionRequest, request: Request):
                             "finish_reason": output.finish_reason,
                             "logprobs": completion_logprobs(state, output.logprobs, len(echo))
                             if req.logprobs is not None else None})
-    usage = {k: sum(r.usage()[k] for r in runs) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    return {**head, "object": "text_completion", "choices": choices, "usage": usage}
+    return {**head, "object": "text_completion", "choices": choices, "usage": _total_usage(runs)}
+
+
+def _total_usage(runs: list[Run]) -> dict:
+    return {k: sum(r.usage()[k] for r in runs) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
 
 
 async def _drain(stream: AsyncIterator) -> None:
@@ -212,6 +211,5 @@ async def _completion_events(head: dict, merged: AsyncIterator, runs: list[Run],
         yield event({**head, "choices": [{"index": position * req.n + delta.index, "text": text,
                                           "logprobs": logprobs, "finish_reason": delta.finish_reason}]})
     if (req.stream_options or {}).get("include_usage"):
-        usage = {k: sum(r.usage()[k] for r in runs) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        yield event({**head, "choices": [], "usage": usage})
+        yield event({**head, "choices": [], "usage": _total_usage(runs)})
     yield DONE

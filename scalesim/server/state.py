@@ -16,6 +16,11 @@ from scalesim.server.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 
+def server_state(request) -> "ServerState":
+    """The state of the app serving `request`."""
+    return request.app.state.scalesim
+
+
 @dataclass
 class ServerState:
     llm: AsyncLLM
@@ -67,17 +72,13 @@ class ServerState:
         """Register the folder's weights once, under a readable name; agents sharing it share one copy."""
         key = str(folder)
         with self.weights_lock:
-            return self._register_weights(folder, key, kind)
-
-    def _register_weights(self, folder: Path, key: str, kind: str) -> str:
-        if key not in self.weight_names:
+            if key in self.weight_names:
+                return self.weight_names[key]
             digest = hashlib.sha256(key.encode()).hexdigest()[:8]
             name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', folder.name)[:100]}-{digest}"
-            weights = self.llm.engine.weights
             (self.llm.add_adapter if kind == "adapter" else self.llm.add_private_model)(name, key)
             self.weight_names[key] = name
-            assert name in weights.adapters or name in weights.models
-        return self.weight_names[key]
+            return name
 
     def register(self, record: AgentRecord, persist: bool = True) -> None:
         """Register weights and the agent with the engine (and the SQLite registry when `persist`)."""
