@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem = kinds.add_parser("memory", help="cost of one eviction or prefetch decision at scale (no model)")
     mem.add_argument("--agents", type=int, default=10_000, help="registered agents (default: 10000)")
     mem.add_argument("--objects", type=int, default=100_000, help="resident objects (default: 100000)")
-    mem.add_argument("--decisions", type=int, default=2_000, help="decisions to time (default: 2000)")
+    mem.add_argument("--steps", type=int, default=1_000, help="simulation steps to time, each with one hint and "
+                     "three decisions (default: 1000)")
     mem.add_argument("--out", default=None, help="write the JSON result here too")
     pre = kinds.add_parser("prefix", help="time to first token with and without a cached shared prefix")
     pre.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
@@ -207,7 +208,7 @@ def _microbench(args: argparse.Namespace) -> None:
                                         args.dtype), args.out)
     elif args.kind == "memory":
         from scalesim.bench.memory_bench import run_memory_bench
-        write_result(run_memory_bench(args.agents, args.objects, args.decisions), args.out)
+        write_result(run_memory_bench(args.agents, args.objects, args.steps), args.out)
     elif args.kind == "prefix":
         write_result(run_prefix_bench(args.model, args.prefix_len, args.suffix_len), args.out)
     elif args.kind == "http":

@@ -14,6 +14,7 @@ DEFAULT_MAX_LORA_RANK = 64
 DEFAULT_POLICY = "scalesim"
 DEFAULT_HOST_MEMORY = "4GiB"
 DEFAULT_DISK_MEMORY = "100GiB"
+DEFAULT_TRANSFER_THREADS = 2
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -25,7 +26,10 @@ class EngineConfig:
     `device_memory` (alias `kv_cache_memory`) is the exact byte budget of the device tier: the KV
     pool, in which adapters and private models on the device reserve their bytes too.
     `host_memory` bounds the host tier; `disk_dir` enables the disk tier (bounded by
-    `disk_memory`). `policy` is one of memory.policies.POLICIES.
+    `disk_memory`); its reads bypass the page cache unless `disk_page_cache`, and with
+    `persist_on_exit` (default: on when there is a disk tier) a clean shutdown writes the device
+    and host KV there for the next start. `transfer_threads` move state between tiers.
+    `policy` is one of memory.policies.POLICIES.
     """
 
     model: str
@@ -44,6 +48,9 @@ class EngineConfig:
     host_memory: str | int = DEFAULT_HOST_MEMORY
     disk_dir: str | None = None
     disk_memory: str | int = DEFAULT_DISK_MEMORY
+    disk_page_cache: bool = False
+    persist_on_exit: bool | None = None
+    transfer_threads: int = DEFAULT_TRANSFER_THREADS
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -59,6 +66,10 @@ class EngineConfig:
             device, self.host_nbytes = device + self.host_nbytes, 0
         self.kv_cache_nbytes = self.device_nbytes = device
         self.disk_nbytes = parse_nbytes(self.disk_memory)
+        if self.persist_on_exit is None:
+            self.persist_on_exit = self.disk_dir is not None
+        if self.transfer_threads < 1:
+            raise ValueError("transfer_threads must be at least 1")
         if self.block_size_tokens <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("block_size_tokens, max_num_seqs and max_num_batched_tokens must be positive")
         if self.device == "auto":

@@ -80,7 +80,7 @@ class LLM:
                       [(None, None)], use_tqdm=False)
 
     def hint(self, step: int | None = None, **hints) -> dict:
-        """Tell the memory layer who calls next: see `scalesim.engine.hints` for the accepted hints
+        """Tell the memory layer who calls next: see `scalesim.distance.hints` for the accepted hints
         (distances, schedule, plans, probabilities/active, turn_order, frontier/graph, positions,
         and the paper's agent_data/timestep_data/timestep_cnt)."""
         return self.engine.hint(step, **hints)

@@ -55,7 +55,7 @@ def test_unknown_policy_is_rejected_by_the_parser():
 def test_memory_microbench_writes_the_decision_percentiles(tmp_path, capsys):
     import json
     out = tmp_path / "memory.json"
-    assert main(["microbench", "memory", "--agents", "200", "--objects", "2000", "--decisions", "100",
+    assert main(["microbench", "memory", "--agents", "200", "--objects", "2000", "--steps", "100",
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["objects"] == 2000 and result["decision_ms_p99"] >= result["decision_ms_p50"] > 0

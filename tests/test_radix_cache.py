@@ -1,4 +1,5 @@
-"""The radix prefix cache: sharing, isolation by namespace, locking and eviction order."""
+"""The radix prefix cache: sharing, isolation by namespace, splitting (eviction is the memory
+layer's: see test_memory_kv.py)."""
 
 import pytest
 import torch
@@ -59,22 +60,3 @@ def test_partial_match_splits_a_node_at_a_page_boundary(cache):
     match = cache.match_prefix("", list(range(8)) + [99, 99, 99, 99])
     assert len(match.blocks) == 2
     assert len(cache.match_prefix("", list(range(12))).blocks) == 3
-
-
-def test_locked_pages_are_never_evicted(cache):
-    _store(cache, list(range(8)))
-    match = cache.match_prefix("", list(range(8)))
-    cache.lock(match.node)
-    assert cache.evict(100) == 0
-    cache.unlock(match.node)
-    assert cache.evict(100) == 2
-    assert cache.pool.num_free == cache.pool.num_blocks
-
-
-def test_least_recently_used_leaf_is_evicted_first(cache):
-    _store(cache, [1] * 4 + [2] * 4)
-    _store(cache, [3] * 8)
-    cache.match_prefix("", [1] * 4 + [2] * 4)  # touch the first
-    cache.evict(1)
-    assert len(cache.match_prefix("", [1] * 4 + [2] * 4).blocks) == 2
-    assert len(cache.match_prefix("", [3] * 8).blocks) < 2

@@ -14,7 +14,7 @@ context and adapter, and charges time from a hardware profile:
 from dataclasses import asdict, dataclass
 
 from scalesim.distance.tracker import DistanceTracker
-from scalesim.engine.hints import estimate_distances
+from scalesim.distance.hints import estimate_distances
 from scalesim.memory.manager import MemoryManager, PrefetchSettings
 from scalesim.memory.policies import POLICIES
 from scalesim.memory.resident import ResidentObject, TierBandwidth
@@ -50,23 +50,27 @@ class _CountingPool:
         self.block_nbytes = ALLOCATION_UNIT_BYTES
         self.block_size = 1
         self.num_blocks = nbytes // ALLOCATION_UNIT_BYTES
-        self.num_free = self.num_blocks
+        self.num_kv_blocks = 0  # stand-ins reserve their room instead of allocating pages
+        self.reserved_blocks = 0
 
-    def allocate(self, count: int) -> list[int] | None:
+    @property
+    def num_free(self) -> int:
+        return self.num_blocks - self.num_kv_blocks - self.reserved_blocks
+
+    def reserve(self, count: int) -> bool:
         if count > self.num_free:
-            return None
-        self.num_free -= count
-        return [0] * count
+            return False
+        self.reserved_blocks += count
+        return True
 
-    def decref(self, blocks: list[int]) -> None:
-        self.num_free += len(blocks)
+    def unreserve(self, count: int) -> None:
+        self.reserved_blocks -= count
 
 
 class _State(ResidentObject):
     def __init__(self, key: str, kind: str, nbytes: int, owners: set[str], tier: str | None) -> None:
         super().__init__()
         self._key, self.kind, self._nbytes, self._tier, self.owners = key, kind, nbytes, tier, owners
-        self.can_drop = kind == "kv"
         self.pins = 0
 
     key = property(lambda self: self._key)
@@ -77,7 +81,10 @@ class _State(ResidentObject):
     def move_to(self, tier: str) -> None:
         self._tier = tier
 
-    def drop(self) -> None:
+    def droppable(self) -> bool:
+        return self.kind == "kv" and self.pins == 0 and self.moving_to is None
+
+    def forget(self) -> None:
         self._tier = None
 
 
@@ -105,7 +112,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
     tracker = DistanceTracker(clock=lambda: 0.0)
     manager = MemoryManager(pool, tracker, POLICIES[policy], 0 if unbounded else int(host_fraction * total), None,
                             TierBandwidth(host=hw.pcie_bytes_per_s, disk=hw.disk_bytes_per_s))
-    manager.ctx.future = trace.future()
+    manager.set_future(trace.future())
     kv: dict[str, _State] = {}
     adapters = {c: _State(f"lora:{c}", "adapter", mp.lora_bytes, owners, "disk") for c, owners in clusters.items()}
     for obj in adapters.values():
@@ -117,15 +124,15 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
     recomputed_tokens = loaded = 0
     previous_step_s = 0.0
     for step in trace.steps:
-        tracker.advance(step.index)
-        manager.agents_changed(tracker.hint(estimate_distances(step.index, **step.hints)))
-        manager.prefetch_settings = PrefetchSettings(max_bytes_in_flight=int(previous_step_s * hw.pcie_bytes_per_s))
+        manager.advance(step.index)
+        manager.hint(estimate_distances(step.index, **step.hints))
+        manager.prefetcher.settings = PrefetchSettings(max_bytes_in_flight=int(previous_step_s * hw.pcie_bytes_per_s))
         manager.prefetch_once()  # overlapped with the previous step's compute
         step_stall = step_prefill_tokens = 0.0
         active = []
         for call in step.calls:
             agent = call.agent_id
-            tracker.on_request(agent)
+            manager.on_request(agent)
             objects = [o for o in (agent_adapter[agent], kv.get(agent)) if o is not None]
             for obj in objects:
                 source = obj.tier
@@ -149,8 +156,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
         for obj in active:
             obj.pins -= 1
         for call in step.calls:
-            tracker.on_finish(call.agent_id)
-        manager.agents_changed([c.agent_id for c in step.calls])
+            manager.on_finish(call.agent_id)
         batch_kv_bytes = sum(kv_nbytes[c.agent_id] for c in step.calls)
         max_output = max((c.max_tokens for c in step.calls), default=0)
         chain = max((sum(1 for c in step.calls if c.agent_id == a) for a in {c.agent_id for c in step.calls}),

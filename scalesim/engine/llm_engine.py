@@ -1,8 +1,9 @@
 """The engine loop: validate and queue requests, step the scheduler and model, emit deltas.
 
-One thread drives it (the `LLM` caller, or the `AsyncLLM` loop thread). The memory worker
-thread moves state concurrently; both take the memory manager's lock for bookkeeping, and the
-engine holds it only while scheduling and recording a step, never during the forward pass.
+One thread drives it (the `LLM` caller, or the `AsyncLLM` loop thread). The memory transfer
+threads move state concurrently; all take the memory manager's lock for bookkeeping, the engine
+only while scheduling and recording a step (never during the forward pass), the transfer threads
+never while bytes are copied, read or written.
 """
 
 import itertools
@@ -19,9 +20,9 @@ from scalesim.engine.json_constraint import JsonPrefix
 from scalesim.engine.logits_processors import TokenTexts
 from scalesim.engine.model_runner import ModelRunner
 from scalesim.engine.radix_cache import RadixCache
+from scalesim.distance.hints import estimate_distances
 from scalesim.distance.tracker import DistanceTracker
 from scalesim.engine.agents import Agent
-from scalesim.engine.hints import estimate_distances
 from scalesim.engine.memory_hooks import ManagedMemory
 from scalesim.engine.scheduler import Scheduler
 from scalesim.engine.sequence import Sequence
@@ -34,8 +35,8 @@ from scalesim.memory.disk_store import DiskStore
 from scalesim.memory.kv_object import path_tokens as path_of
 from scalesim.memory.kv_objects import KVObjects
 from scalesim.memory.manager import MemoryManager
-from scalesim.memory.worker import PrefetchWorker
 from scalesim.memory.policies import POLICIES
+from scalesim.memory.worker import TransferWorker
 from scalesim.weights.registry import WeightRegistry, kv_namespace
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class LLMEngine:
         identity = {"model": str(self.model_path), "block_size_tokens": config.block_size_tokens,
                     "kv_cache_dtype": config.kv_cache_dtype, "kv_shape": list(self.pool.kv_cache.shape[3:]),
                     "layers": self.model_config.num_hidden_layers}
-        store = DiskStore(config.disk_dir, config.disk_nbytes, identity) if config.disk_dir else None
+        store = (DiskStore(config.disk_dir, config.disk_nbytes, identity, page_cache=config.disk_page_cache)
+                 if config.disk_dir else None)
         self.memory = MemoryManager(self.pool, self.tracker, POLICIES[config.policy], config.host_nbytes, store)
         self.kv_objects = KVObjects(self.memory, self.cache)
         self.kv_objects.restore()
@@ -81,9 +83,10 @@ class LLMEngine:
         self.weights = WeightRegistry(config.model, self.model_config, config.device, config.torch_dtype,
                                       config.max_lora_rank, self.memory)
         self.agents: dict[str, Agent] = {}
-        self.worker = PrefetchWorker(self.memory)
+        self.worker = TransferWorker(self.memory, config.transfer_threads)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self._shut_down = False
         logger.info("loaded %s in %.2f s; KV pool %d pages of %d tokens (%d bytes)", config.model,
                     time.perf_counter() - started, self.pool.num_blocks, self.pool.block_size, self.pool.nbytes)
 
@@ -133,6 +136,8 @@ class LLMEngine:
                 f"this model's context is {self.max_model_len} tokens; the request has {len(prompt_ids)} prompt "
                 f"tokens and max_tokens {params.max_tokens}; shorten the prompt or lower max_tokens")
         weight_blocks = sum(h.device_blocks_needed(self.pool.block_nbytes) for h in (lora, private) if h)
+        if lora is not None:
+            weight_blocks += lora.device_blocks_needed(self.pool.block_nbytes)  # its stacked buffers in a step
         if self.pool.blocks_for(total) + weight_blocks > self.pool.num_blocks:
             raise RequestTooLargeError(
                 f"the request needs {self.pool.blocks_for(total) + weight_blocks} device pages (KV and weights) but "
@@ -150,13 +155,8 @@ class LLMEngine:
         self.requests[request_id] = _Request(request_id, seqs, detoks)
         for seq in seqs:  # queued only once all are built, so a failure leaves nothing behind
             self.scheduler.add(seq)
-        with self.memory.lock:
-            for handle in (lora, private):
-                if handle is not None:
-                    self.memory.stats.add("hit" if handle.on_device else "miss", handle.kind, tier=handle.tier)
-            if agent_id is not None:
-                self.tracker.on_request(agent_id)
-                self.memory.agents_changed([agent_id])
+        if agent_id is not None:
+            self.memory.on_request(agent_id)
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -177,7 +177,7 @@ class LLMEngine:
         """Fail the waiting requests whose weights could not be loaded (a source file went missing)."""
         failed, broken_handles = [], set()
         for seq in list(self.scheduler.waiting):
-            broken = [h for h in seq.weights if getattr(h, "load_error", None)]
+            broken = [h for h in seq.weights if h.load_error is not None]
             if broken:
                 broken_handles.update(broken)
                 logger.warning("failing %s: %s", seq.request_id, broken[0].load_error)
@@ -194,9 +194,7 @@ class LLMEngine:
     def _finished(self, seq: Sequence) -> None:
         self.memory_hooks.finished(seq)
         if seq.agent_id is not None:
-            self.tracker.on_finish(seq.agent_id)
-            self.memory.agents_changed([seq.agent_id])
-            self.worker.wake.set()
+            self.memory.on_finish(seq.agent_id)
 
     def step(self) -> list[SequenceDelta]:
         """Run one batch; return what each touched sequence gained (finished ones included).
@@ -206,6 +204,7 @@ class LLMEngine:
         with self.memory.lock:
             failed = self._fail_broken_weights()
             batch = self.scheduler.schedule()
+            self.runner.lora_stacks.keep_only({item.seq.adapter for item in batch if item.seq.adapter is not None})
             if not batch and not self.scheduler.running and self.scheduler.waiting and self.memory.held:
                 self.memory.release_all_held()  # no request can start: free what later ones hold
         if not batch:
@@ -265,6 +264,7 @@ class LLMEngine:
             raise InvalidRequestError(f"agent_id must be a non-empty string of at most {MAX_AGENT_ID_CHARS} characters")
         lora, private = self.weights.resolve(adapter, model)
         with self.memory.lock:
+            self.memory.tracker.track(agent_id)
             for handle in (lora, private):
                 if handle is not None:
                     self.memory.add_owner(handle, agent_id)
@@ -280,35 +280,27 @@ class LLMEngine:
     def agent_state(self, agent_id: str) -> list[dict]:
         """Where each object the agent uses lives now: key, kind, tier, nbytes, pinned."""
         with self.memory.lock:
-            objects = [self.memory.objects[k] for k in self.memory.by_agent.get(agent_id, ()) if k in self.memory.objects]
             return [{"key": o.key, "kind": o.kind, "tier": o.tier, "nbytes": o.nbytes, "pinned": o.pin_count > 0}
-                    for o in sorted(objects, key=lambda o: o.key)]
+                    for o in self.memory.objects_of(agent_id)]
 
     def hint(self, step: int | None = None, **hints) -> dict:
-        """Feed invocation-distance estimates (see engine/hints.py); return what was accepted."""
+        """Feed invocation-distance estimates (see distance/hints.py); return what was accepted."""
         if step is None and hints.get("timestep_cnt") is not None:
             step = hints["timestep_cnt"]
         if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
             raise InvalidRequestError(f"step must be a non-negative integer, got {step!r}")
-        try:
+        try:  # parsed with no lock held: a hint naming a million agents never stalls a step
             distances = estimate_distances(self.tracker.step if step is None else step, **hints)
         except (ValueError, TypeError, ArithmeticError) as exc:
             raise InvalidRequestError(f"bad hint: {exc}") from exc
-        with self.memory.lock:
-            if step is not None and step > self.tracker.step:
-                self.memory.agents_changed(self.tracker.advance(step))
-            changed = self.tracker.hint(distances)
-            self.memory.agents_changed(changed)
-            unknown = [a for a in distances if a not in self.agents and a not in self.memory.by_agent]
-            self.memory.stats.add("hinted_unknown_agents", "agents", len(unknown))
-        self.worker.wake.set()
-        return {"step": self.tracker.step, "agents": len(distances), "changed": len(changed), "unknown": len(unknown)}
+        if step is not None:
+            self.memory.advance(step)
+        changed, unknown = self.memory.hint(distances)
+        return {"step": self.tracker.step, "agents": len(distances), "changed": changed, "unknown": unknown}
 
     def set_future(self, calls: dict[str, list[float]]) -> None:
         """For the `oracle` policy: the true steps at which each agent will call."""
-        with self.memory.lock:
-            self.memory.ctx.future = {a: sorted(steps) for a, steps in calls.items()}
-            self.memory.agents_changed(list(calls))
+        self.memory.set_future(calls)
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached KV page no running request holds, in every tier; return how many
@@ -316,8 +308,8 @@ class LLMEngine:
         with self.memory.lock:
             dropped = 0
             for node in sorted(self.cache.nodes(), key=lambda n: -len(path_of(n))):
-                if node.resident is not None and node.lock_ref == 0 and not node.children:
-                    self.memory._drop(node.resident)
+                if node.resident is not None and node.resident.droppable():
+                    self.memory.forget(node.resident)
                     dropped += 1
             return dropped
 
@@ -328,7 +320,16 @@ class LLMEngine:
         return out
 
     def shutdown(self) -> None:
+        """Stop the transfer threads; with `persist_on_exit`, write the KV of the device and host
+        tiers to disk so that a restart finds it; release the state directory."""
         self.worker.stop()
+        if self.memory.store is not None and not self._shut_down:
+            for request_id in list(self.requests):
+                self.abort(request_id)
+            if self.config.persist_on_exit:
+                self.memory.persist()
+            self.memory.store.close()
+        self._shut_down = True
 
     def stats(self) -> dict:
         """Counters of the KV pool, the prefix cache and the scheduler."""

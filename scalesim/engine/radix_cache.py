@@ -5,19 +5,14 @@ that hold their KV. The namespace (model + adapter) picks the root, so KV comput
 namespace is never matched under another. The tree holds one pool reference per block it owns.
 
 Contract: a node with lock_ref > 0 is in use by a running request (it or a descendant was matched
-or inserted by it); it is never evicted. `evict` frees only unlocked leaves, smallest
-`priority(node)` first, and returns the number of blocks it freed.
+or inserted by it); it is never evicted. Eviction is the memory layer's: every node gets a
+resident object through the observer, and the manager demotes or forgets it by policy.
 """
 
-import heapq
-import itertools
-from collections.abc import Callable
 from typing import Protocol
 from dataclasses import dataclass, field
 
 from scalesim.engine.block_pool import BlockPool
-
-_access_clock = itertools.count()
 
 
 @dataclass(eq=False)
@@ -28,24 +23,16 @@ class RadixNode:
     parent: "RadixNode | None" = None
     children: dict[tuple[int, ...], "RadixNode"] = field(default_factory=dict)
     lock_ref: int = 0
-    last_access: int = 0
     resident: object | None = None  # the memory layer's object for these pages, when one is attached
 
     @property
     def on_device(self) -> bool:
-        return self.resident is None or self.resident.tier == "device"
+        """Its pages are in the pool and staying there: a request may match them."""
+        return self.resident is None or self.resident.ready_on_device
 
     @property
     def is_root(self) -> bool:
         return self.parent is None
-
-    def touch(self) -> None:
-        self.last_access = next(_access_clock)
-
-
-def lru_priority(node: RadixNode) -> tuple:
-    """Least recently used first (what SGLang's radix cache does by default)."""
-    return (node.last_access,)
 
 
 @dataclass
@@ -64,14 +51,13 @@ class CacheObserver(Protocol):
     def node_created(self, node: RadixNode) -> None: ...
     def node_split(self, upper: RadixNode, lower: RadixNode) -> None: ...
     def node_revived(self, node: RadixNode, blocks: list[int]) -> None: ...
+    def can_revive(self, node: RadixNode) -> bool: ...
 
 
 class RadixCache:
-    def __init__(self, pool: BlockPool, priority: Callable[[RadixNode], tuple] = lru_priority,
-                 observer: CacheObserver | None = None) -> None:
+    def __init__(self, pool: BlockPool, observer: CacheObserver | None = None) -> None:
         self.pool = pool
         self.page = pool.block_size
-        self.priority = priority
         self.observer = observer
         self.roots: dict[str, RadixNode] = {}
 
@@ -91,11 +77,11 @@ class RadixCache:
                 return i
         return pages
 
-    def _split(self, node: RadixNode, pages: int) -> RadixNode:
+    def split(self, node: RadixNode, pages: int) -> RadixNode:
         """Cut `node`'s edge after `pages` pages; return the new upper node."""
         cut = pages * self.page
         upper = RadixNode(namespace=node.namespace, tokens=node.tokens[:cut], blocks=node.blocks[:pages],
-                          parent=node.parent, lock_ref=node.lock_ref, last_access=node.last_access)
+                          parent=node.parent, lock_ref=node.lock_ref)
         node.parent.children[upper.tokens[:self.page]] = upper
         node.tokens, node.blocks, node.parent = node.tokens[cut:], node.blocks[pages:], upper
         upper.children[node.tokens[:self.page]] = node
@@ -104,7 +90,7 @@ class RadixCache:
         return upper
 
     def match_prefix(self, namespace: str, tokens: list[int] | tuple[int, ...]) -> PrefixMatch:
-        """Longest cached run of whole pages that prefixes `tokens`; touches the matched nodes."""
+        """Longest cached run of whole pages that prefixes `tokens` (pages on the device only)."""
         key = tuple(tokens[: self._pages(tuple(tokens)) * self.page])
         node, blocks = self.root(namespace), []
         while key:
@@ -113,8 +99,7 @@ class RadixCache:
                 break
             pages = self.common_pages(child.tokens, key)
             if pages < self._pages(child.tokens):
-                child = self._split(child, pages)
-            child.touch()
+                child = self.split(child, pages)
             blocks.extend(child.blocks)
             node, key = child, key[pages * self.page:]
         return PrefixMatch(blocks=blocks, node=node)
@@ -134,19 +119,17 @@ class RadixCache:
                 child = RadixNode(namespace=namespace, tokens=key, blocks=blocks, parent=node)
                 node.children[key[: self.page]] = child
                 self.pool.incref(blocks)
-                child.touch()
                 if self.observer is not None:
                     self.observer.node_created(child)
                 return child
             common = self.common_pages(child.tokens, key)
             if not child.on_device:
-                if common < self._pages(child.tokens) or child.lock_ref:
-                    return node  # partly overlaps pages kept off the device: leave them be
+                if common < self._pages(child.tokens) or child.lock_ref or not self.observer.can_revive(child):
+                    return node  # partly overlaps pages kept off the device (or moving): leave them be
                 self.pool.incref(blocks[: common])
                 self.observer.node_revived(child, blocks[: common])
             if common < self._pages(child.tokens):
-                child = self._split(child, common)
-            child.touch()
+                child = self.split(child, common)
             node, key, blocks = child, key[common * self.page:], blocks[common:]
         return node
 
@@ -184,23 +167,3 @@ class RadixCache:
         """Unlink an unlocked leaf whose pages the memory layer has already released."""
         assert not node.children and node.lock_ref == 0 and not node.is_root
         del node.parent.children[node.tokens[: self.page]]
-
-    def evict(self, num_blocks: int) -> int:
-        """Free at least `num_blocks` blocks if possible by dropping unlocked leaves; return freed.
-
-        Only for a cache without a memory layer: with an observer, the memory manager evicts."""
-        assert self.observer is None, "a managed cache is evicted through the memory manager"
-        order = itertools.count()
-        heap = [(self.priority(n), next(order), n) for n in self.nodes()
-                if not n.children and n.lock_ref == 0 and not n.is_root]
-        heapq.heapify(heap)
-        freed = 0
-        while freed < num_blocks and heap:
-            _, _, node = heapq.heappop(heap)
-            parent = node.parent
-            del parent.children[node.tokens[: self.page]]
-            self.pool.decref(node.blocks)
-            freed += len(node.blocks)
-            if not parent.is_root and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (self.priority(parent), next(order), parent))
-        return freed

@@ -3,9 +3,10 @@
 Each step takes a token budget. Running sequences that are decoding come first (one token each),
 then sequences part-way through their prompt, then waiting sequences, whose prompt is first
 matched against the radix cache so that only the uncached part is computed. When the pool has no
-free block, unlocked cache pages are evicted; if that is not enough, the most recently admitted
-running sequence is preempted (its pages freed, its tokens recomputed later). A sequence samples a
-token in the step that computes its last uncomputed token.
+free block, the memory layer evicts by policy; if that is not enough, the most recently admitted
+running sequence is preempted (its pages freed, its tokens recomputed later). The stacked LoRA
+buffers of the step's adapters take device room too, reserved before a sequence joins the batch.
+A sequence samples a token in the step that computes its last uncomputed token.
 """
 
 import logging
@@ -51,26 +52,17 @@ class MemoryHooks(Protocol):
     def used(self, seq: Sequence) -> None:
         """The sequence now holds (pins) its prefix pages and weights."""
 
-
-class CacheOnlyHooks:
-    """No memory layer: evict unlocked radix leaves by LRU, nothing to load or record."""
-
-    def __init__(self, cache: RadixCache) -> None:
-        self.evict = cache.evict
-
-    def state_ready(self, seq: Sequence) -> bool:
-        return seq.weights_on_device
-
-    def used(self, seq: Sequence) -> None:
-        pass
+    def reserve_stacks(self, nbytes: int, exact: bool = False) -> bool:
+        """Hold at least (with `exact`: exactly) `nbytes` of device room for the step's stacked
+        LoRA buffers; False if that room cannot be made."""
 
 
 class Scheduler:
     def __init__(self, pool: BlockPool, cache: RadixCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 hooks: MemoryHooks | None = None) -> None:
+                 hooks: MemoryHooks) -> None:
         self.pool = pool
         self.cache = cache
-        self.hooks = hooks or CacheOnlyHooks(cache)
+        self.hooks = hooks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -87,6 +79,7 @@ class Scheduler:
         """Pick this step's sequences and token counts, allocating the pages they need."""
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSequence] = []
+        stacks: dict[int, int] = {}  # the batch's adapters -> their bytes (stacked once per step)
         decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
         for seq in decoding + prefilling:
@@ -94,6 +87,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if not self._stack_room(seq, stacks, batch):
+                continue  # its adapter's stacks do not fit even after preempting: it waits
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._reserve(seq, num_new, batch):
                 continue
@@ -105,9 +100,9 @@ class Scheduler:
             if not self.hooks.state_ready(seq):
                 not_ready.append(seq)  # its state is still loading: let the others run
                 continue
-            self._admit(seq)
+            self._admit(seq)  # pins its weights and prefix first, so making room cannot evict them
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self._reserve(seq, num_new, batch, may_preempt=False):
+            if not self._stack_room(seq, stacks) or not self._reserve(seq, num_new, batch, may_preempt=False):
                 self._release(seq)
                 self.waiting.appendleft(seq)
                 break
@@ -118,7 +113,21 @@ class Scheduler:
             batch.append(ScheduledSequence(seq, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(not_ready))
+        self.hooks.reserve_stacks(sum(stacks.values()), exact=True)
         return batch
+
+    def _stack_room(self, seq: Sequence, stacks: dict[int, int],
+                    batch: list[ScheduledSequence] | None = None) -> bool:
+        """Reserve room for the stacked buffers of the sequence's adapter, if the batch lacks it;
+        for a running sequence (`batch` given), preempt others as `_reserve` does."""
+        adapter = seq.adapter
+        if adapter is None or id(adapter) in stacks:
+            return True
+        while not self.hooks.reserve_stacks(sum(stacks.values()) + adapter.nbytes):
+            if batch is None or not self._preempt_other(seq, batch):
+                return False
+        stacks[id(adapter)] = adapter.nbytes
+        return True
 
     def _admit(self, seq: Sequence) -> None:
         """Reuse the longest cached prefix (never all tokens: the last one must be computed)."""
@@ -144,18 +153,18 @@ class Scheduler:
             self.stats.evicted_blocks += freed
             if freed > 0:
                 continue
-            if not may_preempt:
+            if not may_preempt or not self._preempt_other(seq, batch):
                 return False
-            victim = self._pick_victim(seq)
-            self.preempt(victim)
-            if victim is seq:
-                return False
-            batch[:] = [s for s in batch if s.seq is not victim]
         return True
 
-    def _pick_victim(self, seq: Sequence) -> Sequence:
+    def _preempt_other(self, seq: Sequence, batch: list[ScheduledSequence]) -> bool:
+        """Preempt the newest running sequence other than `seq` (or `seq` itself if it runs
+        alone); False if that was `seq`."""
         candidates = [s for s in self.running if s is not seq]
-        return candidates[-1] if candidates else seq
+        victim = candidates[-1] if candidates else seq
+        self.preempt(victim)
+        batch[:] = [s for s in batch if s.seq is not victim]
+        return victim is not seq
 
     def preempt(self, seq: Sequence) -> None:
         """Free the sequence's pages and send it back to the front of the queue to recompute."""

@@ -20,6 +20,18 @@ class LoRAStackCache:
         self.signature: tuple = ()
         self.stacks: dict[tuple[int, str, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def clear(self) -> None:
+        self.signature, self.stacks = (), {}
+
+    def keep_only(self, adapters) -> None:
+        """Drop the stacks unless they are of exactly these adapters (the memory layer reserves
+        device room for the stacks of the scheduled batch's adapters only)."""
+        if {key for key, _ in self.signature} != {a.key for a in adapters}:
+            self.clear()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for pair in self.stacks.values() for t in pair]
+
     def get(self, signature: tuple, key: tuple, build) -> tuple[torch.Tensor, torch.Tensor]:
         if signature != self.signature:
             self.signature, self.stacks = signature, {}

@@ -1,99 +1,252 @@
-"""The disk tier: one file per object under a state directory, written atomically (temporary
-file, fsync, rename), each with a SHA-256 checksum, all indexed in SQLite so a restarted server
-finds what it wrote. A file whose checksum does not match is never served."""
+"""The disk tier: one self-verifying file per object under a state directory, indexed in SQLite.
 
+- A write is atomic (temporary file, fsync, rename) and bounded by the byte budget: a write that
+  would exceed it, or that the filesystem refuses (disk full), fails with `DiskFullError` and
+  leaves nothing behind.
+- A file is the object's tensors in safetensors format (its header names the key, kind, meta and
+  identity) followed by a 32-byte SHA-256 of key and body, so a file swapped for another
+  object's, truncated or corrupted fails verification and is never served (`CorruptObjectError`).
+- Reads cost what the disk costs: after each write and each read the file's pages are dropped
+  from the page cache (`posix_fadvise(DONTNEED)`), as agent state at the scale this tier exists
+  for is far larger than RAM; `page_cache=True` keeps the OS behaviour.
+- The SQLite index is a cache of the file headers: a corrupted index is moved aside with a
+  warning and rebuilt from the files; rows that cannot be read are dropped. Used bytes are
+  counted in memory, incrementally. One process per state directory (a lock file); temporary
+  files of an interrupted write are removed at start.
+"""
+
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
+import struct
 import threading
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+logger = logging.getLogger(__name__)
+INDEX_FILE = "index.sqlite"
+LOCK_FILE = "lock"
+OBJECTS_DIR = "objects"
+CHECKSUM_NBYTES = 32
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS objects (key TEXT PRIMARY KEY, kind TEXT NOT NULL, file TEXT NOT NULL, "
+           "nbytes INTEGER NOT NULL, sha256 TEXT NOT NULL, meta TEXT NOT NULL)")
+
 
 class CorruptObjectError(Exception):
-    """A stored file is missing or does not match its checksum."""
+    """A stored file is missing, truncated, or does not match its key and checksum."""
+
+
+class DiskFullError(OSError):
+    """A write would exceed the disk budget, or the filesystem has no room for it."""
+
+
+class StateDirInUseError(RuntimeError):
+    """Another process holds this state directory."""
+
+
+def _checksum(key: str, body: bytes) -> bytes:
+    return hashlib.sha256(key.encode() + b"\0" + body).digest()
+
+
+def _drop_page_cache(fd: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _header(body: bytes) -> dict:
+    """The safetensors header's metadata (where a file names its key, kind and meta)."""
+    (length,) = struct.unpack("<Q", body[:8])
+    return json.loads(body[8:8 + length]).get("__metadata__", {})
 
 
 class DiskStore:
-    def __init__(self, root: Path, budget_nbytes: int, identity: dict | None = None) -> None:
+    def __init__(self, root: Path, budget_nbytes: int, identity: dict | None = None,
+                 page_cache: bool = False) -> None:
         """`identity` (model, page size, KV shape, ...) is stored with every object; objects
         written under another identity are never served (see `entries`)."""
-        self.identity = identity or {}
+        self.identity = json.loads(json.dumps(identity or {}))
         self.root = Path(root)
-        (self.root / "objects").mkdir(parents=True, exist_ok=True)
+        self.objects_dir = self.root / OBJECTS_DIR
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.budget_nbytes = budget_nbytes
+        self.page_cache = page_cache
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(str(self.root / "index.sqlite"), check_same_thread=False)
-        self.db.execute("CREATE TABLE IF NOT EXISTS objects (key TEXT PRIMARY KEY, kind TEXT NOT NULL, "
-                        "file TEXT NOT NULL, nbytes INTEGER NOT NULL, sha256 TEXT NOT NULL, meta TEXT NOT NULL)")
-        self.db.commit()
+        self._lock_file = open(self.root / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise StateDirInUseError(f"the state directory {self.root} is in use by another process; "
+                                     "give each server its own --disk-dir") from None
+        for stale in self.objects_dir.glob("*.tmp"):
+            stale.unlink(missing_ok=True)
+        self.db = self._open_index()
+        self.used_nbytes = self.db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM objects").fetchone()[0]
 
-    @property
-    def used_nbytes(self) -> int:
-        with self._lock:
-            return self.db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM objects").fetchone()[0]
+    # --- the index ---------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.root / INDEX_FILE), check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(_SCHEMA)
+        db.execute("SELECT key, kind, file, nbytes, sha256, meta FROM objects LIMIT 1").fetchall()
+        db.execute("PRAGMA quick_check").fetchall()
+        db.commit()
+        return db
+
+    def _open_index(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            aside = self.root / f"{INDEX_FILE}.corrupt-{int(time.time())}"
+            logger.warning("the disk index %s is unreadable (%s); moved to %s, rebuilding it from the files",
+                           self.root / INDEX_FILE, exc, aside.name)
+            for suffix in ("", "-wal", "-shm"):
+                path = self.root / (INDEX_FILE + suffix)
+                if path.exists():
+                    os.replace(path, str(aside) + suffix)
+            db = self._connect()
+            self._rebuild(db)
+            return db
+
+    def _rebuild(self, db: sqlite3.Connection) -> None:
+        """Index every file whose header names its key and whose name matches that key."""
+        found = 0
+        for path in sorted(self.objects_dir.glob("*.safetensors")):
+            try:
+                data = path.read_bytes()
+                meta = _header(data[:-CHECKSUM_NBYTES])
+                key, kind = meta["key"], meta["kind"]
+                if path.name != self._file(key).name or data[-CHECKSUM_NBYTES:] != _checksum(key, data[:-CHECKSUM_NBYTES]):
+                    raise ValueError("checksum or name does not match its key")
+                row_meta = {**json.loads(meta["meta"]), "identity": json.loads(meta["identity"])}
+            except (OSError, ValueError, KeyError, struct.error) as exc:
+                logger.warning("disk file %s is not usable (%s); removed", path.name, exc)
+                path.unlink(missing_ok=True)
+                continue
+            db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?)",
+                       (key, kind, path.name, len(data), data[-CHECKSUM_NBYTES:].hex(), json.dumps(row_meta)))
+            found += 1
+        db.commit()
+        logger.warning("rebuilt the disk index: %d objects", found)
 
     def _file(self, key: str) -> Path:
-        return self.root / "objects" / (hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
+        return self.objects_dir / (hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
+
+    # --- objects -----------------------------------------------------------------------------
+    def encode(self, key: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
+        """The bytes of the file for an object (body and checksum trailer)."""
+        body = save_bytes({k: v.contiguous().cpu() for k, v in tensors.items()},
+                          metadata={"key": key, "kind": kind, "meta": json.dumps(meta),
+                                    "identity": json.dumps(self.identity)})
+        return body + _checksum(key, body)
 
     def write(self, key: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> int:
-        """Store the tensors durably; return the bytes written."""
-        data = save_bytes({k: v.contiguous().cpu() for k, v in tensors.items()})
+        """Store the tensors durably; return the bytes written. DiskFullError if over the budget
+        or the filesystem is full (nothing is left behind)."""
+        data = self.encode(key, kind, tensors, meta)
+        with self._lock:
+            old = self.db.execute("SELECT nbytes FROM objects WHERE key = ?", (key,)).fetchone()
+            growth = len(data) - (old[0] if old else 0)
+            if self.used_nbytes + growth > self.budget_nbytes:
+                raise DiskFullError(errno.ENOSPC, f"disk budget of {self.budget_nbytes} bytes is full")
+            self.used_nbytes += growth  # claimed now, so concurrent writes cannot overrun the budget
         path = self._file(key)
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            self._write_file(tmp, data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                self.used_nbytes -= growth
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(exc.errno, f"no room on disk for {key}: {exc}") from exc
+            raise
         with self._lock:
             self.db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?)",
-                            (key, kind, path.name, len(data), hashlib.sha256(data).hexdigest(),
+                            (key, kind, path.name, len(data), data[-CHECKSUM_NBYTES:].hex(),
                              json.dumps({**meta, "identity": self.identity})))
             self.db.commit()
         return len(data)
 
+    def _write_file(self, path: Path, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            if not self.page_cache:
+                _drop_page_cache(f.fileno())
+
     def read(self, key: str) -> dict[str, torch.Tensor]:
-        """The stored tensors; CorruptObjectError if missing or failing the checksum."""
+        """The stored tensors; CorruptObjectError if missing, truncated, swapped or corrupted."""
         with self._lock:
             row = self.db.execute("SELECT file, sha256 FROM objects WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise CorruptObjectError(f"{key}: not in the index")
         try:
-            data = (self.root / "objects" / row[0]).read_bytes()
+            with open(self.objects_dir / row[0], "rb") as f:
+                data = f.read()
+                if not self.page_cache:
+                    _drop_page_cache(f.fileno())
         except OSError as exc:
             raise CorruptObjectError(f"{key}: {exc}") from exc
-        if hashlib.sha256(data).hexdigest() != row[1]:
-            raise CorruptObjectError(f"{key}: checksum mismatch")
-        return load_bytes(data)
+        body, trailer = data[:-CHECKSUM_NBYTES], data[-CHECKSUM_NBYTES:]
+        if len(data) <= CHECKSUM_NBYTES or trailer != _checksum(key, body) or trailer.hex() != row[1]:
+            raise CorruptObjectError(f"{key}: checksum mismatch (the file is corrupted, truncated or another's)")
+        try:
+            return load_bytes(body)
+        except Exception as exc:  # safetensors raises its own kinds for a malformed body
+            raise CorruptObjectError(f"{key}: unreadable ({exc})") from exc
 
     def delete(self, key: str) -> None:
         with self._lock:
-            row = self.db.execute("SELECT file FROM objects WHERE key = ?", (key,)).fetchone()
+            row = self.db.execute("SELECT file, nbytes FROM objects WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return
             self.db.execute("DELETE FROM objects WHERE key = ?", (key,))
             self.db.commit()
-        if row is not None:
-            (self.root / "objects" / row[0]).unlink(missing_ok=True)
+            self.used_nbytes -= row[1]
+        (self.objects_dir / row[0]).unlink(missing_ok=True)
 
     def entries(self, kind: str) -> list[tuple[str, int, dict]]:
-        """(key, nbytes, meta) of every stored object of `kind` written under this identity;
-        objects of another identity (another model, page size or dtype) are deleted."""
+        """(key, nbytes, meta) of every stored object of `kind` written under this identity.
+        Objects of another identity (another model, page size or dtype), rows whose meta cannot
+        be read and rows whose file is gone are deleted."""
         with self._lock:
-            rows = self.db.execute("SELECT key, nbytes, meta FROM objects WHERE kind = ?", (kind,)).fetchall()
+            rows = self.db.execute("SELECT key, nbytes, meta, file FROM objects WHERE kind = ?", (kind,)).fetchall()
         out = []
-        for key, nbytes, raw in rows:
-            meta = json.loads(raw)
-            if meta.get("identity") == json.loads(json.dumps(self.identity)):
+        for key, nbytes, raw, file in rows:
+            try:
+                meta = json.loads(raw)
+                usable = isinstance(meta, dict) and meta.get("identity") == self.identity
+            except (TypeError, ValueError):
+                logger.warning("disk index row %s has unreadable meta; removed", key)
+                usable = False
+            if usable and (self.objects_dir / file).is_file():
                 out.append((key, nbytes, meta))
             else:
                 self.delete(key)
         return out
 
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM objects WHERE key = ?", (key,)).fetchone() is not None
+
     def path_of(self, key: str) -> Path | None:
         with self._lock:
             row = self.db.execute("SELECT file FROM objects WHERE key = ?", (key,)).fetchone()
-        return None if row is None else self.root / "objects" / row[0]
+        return None if row is None else self.objects_dir / row[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+        self._lock_file.close()  # closing the descriptor releases the lock

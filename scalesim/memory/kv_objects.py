@@ -1,15 +1,15 @@
 """Glue between the radix cache and the manager: every radix node gets a KV resident object.
 
-Implements the cache's observer (nodes created, split, revived) and the manager's hooks for KV
-(only unlocked leaves may be dropped; a dropped node leaves the tree). On start-up it rebuilds
-the disk-tier nodes that the SQLite index of the state directory lists.
+Implements the cache's observer (nodes created, split, revived). On start-up it rebuilds the
+tree's disk-tier nodes from the state directory's index: every verified object is kept. A node
+whose parent pages are not on disk (dropped before the restart) waits as an orphan and is
+attached as soon as a request computes that parent again.
 """
 
 import logging
 
-from scalesim.memory.kv_object import KVNodeObject
+from scalesim.memory.kv_object import KVNodeObject, disk_key, page_keys, path_tokens
 from scalesim.memory.manager import MemoryManager
-from scalesim.memory.resident import ResidentObject
 
 logger = logging.getLogger(__name__)
 
@@ -18,72 +18,88 @@ class KVObjects:
     def __init__(self, manager: MemoryManager, cache) -> None:
         self.manager = manager
         self.cache = cache
+        self.orphans: dict[str, list[tuple[str, dict]]] = {}  # disk key of the missing parent -> (key, meta)
         cache.observer = self
-        manager.can_drop = self.can_drop
-        manager.on_dropped = self.dropped
-        manager.discard = self.drop_subtree
+
+    def _new_object(self, node, tier: str = "device") -> KVNodeObject:
+        obj = KVNodeObject(node, self.manager.pool, self.manager.store, self.cache, tier=tier)
+        node.resident = obj
+        return obj
 
     def node_created(self, node) -> None:
-        obj = KVNodeObject(node, self.manager.pool, self.manager.store)
-        node.resident = obj
-        self.manager.add(obj)
+        self.manager.add(self._new_object(node))
+        self._attach_orphans(node)
 
     def node_split(self, upper, lower) -> None:
-        obj = KVNodeObject(upper, self.manager.pool, self.manager.store)
-        obj.owners = set(lower.resident.owners) if lower.resident is not None else set()
-        obj.last_use_s = lower.resident.last_use_s if lower.resident is not None else 0.0
-        upper.resident = obj
-        self.manager.add(obj)
+        with self.manager.lock:
+            obj = self._new_object(upper)
+            if lower.resident is not None:
+                obj.owners = set(lower.resident.owners)
+                obj.last_use_s = lower.resident.last_use_s
+                lower.resident.discard_disk_copy()  # its edge is shorter now: the file no longer matches it
+            self.manager.add(obj)
+            if lower.resident is not None:
+                self.manager.index.rekey(lower.resident)
+            self._attach_orphans(upper)
 
     def node_revived(self, node, blocks: list[int]) -> None:
-        with self.manager.lock:
-            obj = node.resident
-            if obj.tier == "host":
-                self.manager.host_used -= obj.nbytes
-            obj.adopt(blocks)
-            self.manager._index(obj)
+        obj = node.resident
+        self.manager.revived(obj, obj.adopt(blocks))
 
-    def can_drop(self, obj: ResidentObject) -> bool:
-        if obj.kind != "kv":
-            return obj.can_drop
-        return not obj.node.children and obj.node.lock_ref == 0
+    def can_revive(self, node) -> bool:
+        """Pages off the device may be replaced by recomputed ones unless they are moving."""
+        return node.resident is not None and node.resident.moving_to is None
 
-    def dropped(self, obj: ResidentObject) -> None:
-        if obj.kind == "kv":
-            self.cache.remove_leaf(obj.node)
-            obj.node.resident = None
-
-    def drop_subtree(self, obj: ResidentObject) -> None:
-        """Drop a node and everything below it (a node off the device is never locked, nor are
-        its descendants, as matching stops at it)."""
-        if obj.kind != "kv":
-            self.manager._drop(obj) if obj.can_drop else self.manager.remove(obj)
-            return
-        for child in list(obj.node.children.values()):
-            if child.resident is not None:
-                self.drop_subtree(child.resident)
-        self.manager._drop(obj)
-
+    # --- restart ---------------------------------------------------------------------------------
     def restore(self) -> int:
-        """Re-create the tree's disk-tier nodes from the index; return how many were found."""
+        """Re-create the tree's disk-tier nodes from the index; return how many were attached."""
         store = self.manager.store
         if store is None:
             return 0
-        found = 0
-        for key, _, meta in sorted(store.entries("kv"), key=lambda e: len(e[2]["path"])):
-            path, edge = meta["path"], meta["edge"]
-            parent = self._find(meta["namespace"], path[: len(path) - edge])
-            if parent is None or tuple(path[len(path) - edge:])[: self.cache.page] in parent.children:
-                store.delete(key)  # its parent pages are gone: it can never be matched
+        attached = 0
+        for key, _, meta in sorted(store.entries("kv"), key=lambda e: len(e[2].get("path", ()))):
+            try:
+                namespace, path, edge = meta["namespace"], list(meta["path"]), int(meta["edge"])
+            except (KeyError, TypeError, ValueError):
+                logger.warning("disk object %s has unusable meta; removed", key)
+                store.delete(key)
                 continue
-            node = self.cache.attach_offline(parent, tuple(path[len(path) - edge:]))
-            obj = KVNodeObject(node, self.manager.pool, store, tier="disk")
-            obj.disk_key = key
-            node.resident = obj
-            self.manager.add(obj)
-            found += 1
-        logger.info("found %d KV objects on disk", found)
-        return found
+            parent = self._find(namespace, path[: len(path) - edge])
+            if parent is None:
+                self.orphans.setdefault(disk_key(namespace, path[: len(path) - edge], self.cache.page),
+                                        []).append((key, meta))
+                continue
+            attached += self._attach(parent, key, meta)
+        logger.info("found %d KV objects on disk (%d waiting for their parent pages)", attached,
+                    sum(len(v) for v in self.orphans.values()))
+        return attached
+
+    def _attach(self, parent, key: str, meta: dict) -> int:
+        edge = tuple(meta["path"][len(meta["path"]) - meta["edge"]:])
+        if not edge or len(edge) % self.cache.page or edge[: self.cache.page] in parent.children:
+            logger.info("disk object %s is superseded by pages in the tree; removed", key)
+            self.manager.store.delete(key)
+            return 0
+        node = self.cache.attach_offline(parent, edge)
+        obj = self._new_object(node, tier="disk")
+        obj.disk_key = key
+        self.manager.add(obj)
+        return 1 + self._attach_orphans(node)
+
+    def _attach_orphans(self, node) -> int:
+        """Attach the orphans whose parent path ends inside or at the end of `node`'s edge (the
+        node is split where one ends inside it)."""
+        if not self.orphans:
+            return 0
+        page, path = self.cache.page, path_tokens(node)
+        keys = page_keys(node.namespace, path, page)
+        first = (len(path) - len(node.tokens)) // page
+        for boundary in range(first, len(keys) - 1):
+            if keys[boundary] in self.orphans:
+                self.cache.split(node, boundary + 1 - first)  # node_split attaches them to the upper part
+                return self._attach_orphans(node)
+        waiting = self.orphans.pop(keys[-1], ()) if keys else ()
+        return sum(self._attach(node, key, meta) for key, meta in waiting)
 
     def _find(self, namespace: str, path: list[int]):
         node, rest = self.cache.root(namespace), tuple(path)

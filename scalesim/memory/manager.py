@@ -1,442 +1,451 @@
-"""The memory manager: one byte budget per tier, shared by every kind of resident object.
+"""The memory manager: the one façade the engine talks to about where agent state lives.
 
-Device: the engine's KV pool. KV pages occupy its blocks directly; adapters and private models
-reserve blocks for their bytes while on the device, so all kinds compete for the same budget.
-Host: a byte budget for demoted objects. Disk: the state directory (KV pages; weights are
-"demoted to disk" by dropping their copy, their source files being the truth).
-
-Eviction demotes the unpinned device object with the largest policy key — to the host if it
-fits there (displacing host objects with an even larger key), else to disk, else drops it (KV
-only). Prefetch (policies that have it) promotes the objects of the agents expected soonest,
-displacing only objects with a strictly larger key. All decisions use incrementally updated
-heaps; nothing scans every object. Every public method takes `lock`.
+Contract:
+- Every public method takes `lock` (an RLock shared with the transfer threads); the engine holds
+  it while it schedules and records a step, never during the forward pass.
+- `add` / `remove` / `touch` / `add_owner` keep the index of resident objects; `hint`,
+  `advance`, `on_request`, `on_finish` and `set_future` feed invocation distance, and re-key
+  only the objects of the agents whose expected step changed.
+- `make_device_room` (the engine thread: inline copies, never a file write), `request_group` /
+  `release_group` (on-demand loads, served by the transfer threads), `reserve_stacks` (a step's
+  stacked LoRA buffers), `revived` and `forget` are the engine's verbs.
+- `serve_on_demand`, `prefetch_once` and `write_back_once` are the transfer threads' work: each
+  move claims room, copies with the lock released, and commits (memory/mover.py).
+The parts: tiers.py (budgets and bytes held), index.py (keys and heaps), eviction.py (victims),
+loads.py (on-demand groups and holds), prefetch.py (admission), mover.py (three-phase moves).
 """
 
+import itertools
 import logging
 import math
 import threading
-import time
-from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter, defaultdict
 
 from scalesim.distance.tracker import DistanceTracker
-from scalesim.memory.disk_store import CorruptObjectError, DiskStore
-from scalesim.memory.heap import MaxHeap
+from scalesim.memory.disk_store import DiskStore
+from scalesim.memory.eviction import Evictor
+from scalesim.memory.index import ObjectIndex
+from scalesim.memory.loads import LoadGroups
+from scalesim.memory.mover import Mover
 from scalesim.memory.policies import Policy, PolicyContext
+from scalesim.memory.prefetch import PrefetchSettings, Prefetcher
 from scalesim.memory.resident import ResidentObject, TierBandwidth
+from scalesim.memory.stats import MemoryStats
+from scalesim.memory.tiers import Tiers
 
 logger = logging.getLogger(__name__)
-DEFAULT_PREFETCH_HORIZON_STEPS = 1
-DEFAULT_PREFETCH_MARGIN_S = 0.05
-DEFAULT_MAX_PREFETCH_BYTES_IN_FLIGHT = 256 * 2**20
-DEFAULT_MAX_PREFETCHED_DEVICE_FRACTION = 0.5
+HOST_FREE_FRACTION_TARGET = 0.1  # the transfer threads keep this share of the host free (writing to disk)
+HINT_CHUNK_AGENTS = 20_000
+DEFAULT_WRITE_BUFFER_NBYTES = 64 * 2**20  # demotions to disk staged for the transfer threads to write
 
-
-@dataclass
-class PrefetchSettings:
-    horizon_steps: float = DEFAULT_PREFETCH_HORIZON_STEPS
-    margin_s: float = DEFAULT_PREFETCH_MARGIN_S
-    max_bytes_in_flight: int = DEFAULT_MAX_PREFETCH_BYTES_IN_FLIGHT
-    # Prefetched-but-not-yet-used bytes may take at most this share of the device, so that
-    # speculation never crowds out the requests that are running or waiting now.
-    max_prefetched_device_fraction: float = DEFAULT_MAX_PREFETCHED_DEVICE_FRACTION
+__all__ = ["MemoryManager", "PrefetchSettings"]
 
 
 class MemoryManager:
     def __init__(self, pool, tracker: DistanceTracker, policy: Policy, host_nbytes: int,
                  store: DiskStore | None, bandwidth: TierBandwidth | None = None,
-                 prefetch: PrefetchSettings | None = None) -> None:
-        from scalesim.memory.stats import MemoryStats
-
+                 prefetch: PrefetchSettings | None = None,
+                 write_buffer_nbytes: int = DEFAULT_WRITE_BUFFER_NBYTES) -> None:
         self.pool = pool
         self.tracker = tracker
         self.policy = policy
-        self.host_nbytes = host_nbytes
         self.store = store
-        self.ctx = PolicyContext(tracker, bandwidth or TierBandwidth())
-        self.prefetch_settings = prefetch or PrefetchSettings()
         self.lock = threading.RLock()
-        self.objects: dict[str, ResidentObject] = {}
-        self.reserved: dict[str, list[int]] = {}
-        self.heaps = {"device": MaxHeap(), "host": MaxHeap()}
-        self.wanted = MaxHeap()  # objects off the device, nearest next call on top (negated keys)
-        self.by_agent: dict[str, set[str]] = defaultdict(set)
-        self.host_used = 0
         self.stats = MemoryStats()
-        # On-demand loads, one group per waiting request, served first come first served. What a
-        # group has loaded is held (never evicted) until its request is admitted or gone, so that
-        # requests waiting together cannot evict each other's state (thrashing).
-        self.groups: OrderedDict[int, list[ResidentObject]] = OrderedDict()
-        self.group_held: dict[int, set[str]] = {}
-        self.group_requested_s: dict[int, float] = {}  # when each group first asked: its wait is stall
-        self.held: Counter[str] = Counter()
-        self.loaded = threading.Event()  # set by the worker after serving on-demand loads
-        self.wake = threading.Event()  # wakes the worker: a load was requested, a hint arrived
-        self.prefetched_nbytes = 0  # on the device by prefetch and not used yet
-        self.wasted_at_step: dict[str, int] = {}  # a prefetch evicted unused: not again in that step
-        self._host_skipped: list[ResidentObject] = []
-        self.can_drop: Callable[[ResidentObject], bool] = lambda obj: obj.can_drop
-        self.on_dropped: Callable[[ResidentObject], None] = lambda obj: None
-        self.discard: Callable[[ResidentObject], None] | None = None  # kind-aware removal of a bad copy
+        self.ctx = PolicyContext(tracker, bandwidth or TierBandwidth())
+        self.index = ObjectIndex(policy, self.ctx)
+        self.tiers = Tiers(pool, host_nbytes, store, write_buffer_nbytes)
+        self.mover = Mover(self.lock, self.index, self.tiers, self.stats, self.forget_tree)
+        self.loads = LoadGroups(self.stats)
+        self.prefetcher = Prefetcher(self.index, self.ctx.bandwidth, prefetch or PrefetchSettings())
+        self.evictor = Evictor(self.index, self.tiers, self.mover, self.stats, self._evictable, self.forget,
+                               self._evicted_unused)
+        self._loading: set[str] = set()   # objects that room is being made for
+        self._future_by_step: dict[float, list[str]] = {}
+        self.loaded = threading.Event()   # set after an on-demand load commits: the engine re-schedules
+        self.wake = threading.Event()     # wakes the transfer threads: a load was requested, a hint arrived
 
-    # --- bookkeeping -----------------------------------------------------------------------
-    def _key(self, obj: ResidentObject) -> tuple:
-        return self.policy.key(obj, self.ctx)
+    # --- the index -----------------------------------------------------------------------
+    @property
+    def objects(self) -> dict[str, ResidentObject]:
+        return self.index.objects
 
-    def _index(self, obj: ResidentObject) -> None:
-        key = self._key(obj)
-        for tier, heap in self.heaps.items():
-            if tier == obj.tier:
-                heap.push(obj.key, key)
-            else:
-                heap.discard(obj.key)
-        if obj.tier == "device" or obj.tier is None:
-            self.wanted.discard(obj.key)
-        else:
-            self.wanted.push(obj.key, tuple(-x for x in key))
+    @property
+    def prefetch_settings(self) -> PrefetchSettings:
+        return self.prefetcher.settings
+
+    @property
+    def host_nbytes(self) -> int:
+        return self.tiers.host_budget_nbytes
+
+    @property
+    def host_used(self) -> int:
+        return self.tiers.host_used_nbytes
+
+    @property
+    def prefetched_nbytes(self) -> int:
+        return self.prefetcher.prefetched_nbytes
 
     def add(self, obj: ResidentObject) -> None:
-        """Start managing `obj` in its current tier (device objects other than KV reserve blocks)."""
+        """Start managing `obj` in its current tier (its room there must be free: see `place`)."""
         with self.lock:
-            self.objects[obj.key] = obj
-            if obj.tier == "device" and obj.kind != "kv":
-                blocks = self.pool.allocate(obj.device_blocks_needed(self.pool.block_nbytes))
-                assert blocks is not None, "make room before adding a device object"
-                self.reserved[obj.key] = blocks
-            if obj.tier == "host":
-                self.host_used += obj.nbytes
-            for agent in obj.owners:
-                self.by_agent[agent].add(obj.key)
-            self._index(obj)
+            if obj.tier == "device":
+                assert self.tiers.reserve_device(obj), f"make room before adding {obj.key} to the device"
+            elif obj.tier == "host":
+                assert self.tiers.claim_host(obj.nbytes), f"make room before adding {obj.key} to the host"
+            self.index.add(obj)
 
     def remove(self, obj: ResidentObject) -> None:
+        """Stop managing `obj` (it keeps whatever copy it has; the caller owns it now)."""
         with self.lock:
-            if self.objects.pop(obj.key, None) is None:
+            if obj not in self.index:
                 return
-            if obj.key in self.reserved:
-                self.pool.decref(self.reserved.pop(obj.key))
+            if obj.tier == "device":
+                self.tiers.release_device(obj)
+            elif obj.tier == "host":
+                self.tiers.release_host(obj.nbytes)
+            if obj.prefetched_nbytes:
+                self.prefetcher.unmark(obj)
+            self.index.remove(obj)
+
+    def place(self, obj: ResidentObject) -> None:
+        """Manage a new object held in host memory: on the device if room can be made, else on
+        the host if it fits, else on disk (weights: their source files)."""
+        with self.lock:
+            if obj.tier == "host" and obj.nbytes > self.tiers.host_free_nbytes:
+                obj.move_to("disk")
             if obj.tier == "host":
-                self.host_used -= obj.nbytes
-            if getattr(obj, "prefetched", False):
-                self._unmark_prefetched(obj)
-            for heap in (*self.heaps.values(), self.wanted):
-                heap.discard(obj.key)
-            self.wasted_at_step.pop(obj.key, None)
-            for agent in obj.owners:
-                self.by_agent[agent].discard(obj.key)
+                self.index.add(obj)
+                self.tiers.claim_host(obj.nbytes)
+            else:
+                self.index.add(obj)
+            self.promote(obj)
 
     def touch(self, obj: ResidentObject, agent_id: str | None) -> None:
-        """A request uses `obj` now (counts a hit or a miss by the tier it was found in)."""
+        """A request uses `obj` now."""
         with self.lock:
-            obj.last_use_s = time.monotonic()
+            obj.last_use_s = self.tracker.clock()
             obj.use_count += 1
-            if getattr(obj, "prefetched", False):
-                self._unmark_prefetched(obj)
+            if obj.prefetched_nbytes:
+                self.prefetcher.unmark(obj)
                 self.stats.add("prefetch_used", obj.kind)
             if agent_id is not None and agent_id not in obj.owners:
-                obj.owners.add(agent_id)
-                self.by_agent[agent_id].add(obj.key)
-            if obj.key in self.objects:
-                self._index(obj)
+                self.index.add_owner(obj, agent_id)
+            else:
+                self.index.rekey(obj)
 
     def add_owner(self, obj: ResidentObject, agent_id: str) -> None:
         with self.lock:
-            obj.owners.add(agent_id)
-            self.by_agent[agent_id].add(obj.key)
-            if obj.key in self.objects:
-                self._index(obj)
+            self.index.add_owner(obj, agent_id)
 
-    def agents_changed(self, agents: list[str]) -> None:
-        """Distances of `agents` changed: re-key their objects (O(objects of those agents))."""
+    def objects_of(self, agent_id: str) -> list[ResidentObject]:
         with self.lock:
-            for agent in agents:
-                for key in self.by_agent.get(agent, ()):
-                    if key in self.objects:
-                        self._index(self.objects[key])
+            return sorted(self.index.of_agent(agent_id), key=lambda o: o.key)
 
-    # --- usage ---------------------------------------------------------------------------
-    def usage(self) -> dict[str, int]:
+    def forget_agent(self, agent_id: str) -> None:
         with self.lock:
-            device = (self.pool.num_blocks - self.pool.num_free) * self.pool.block_nbytes
-            return {"device": device, "host": self.host_used, "disk": self.store.used_nbytes if self.store else 0}
+            self.tracker.forget(agent_id)
 
-    # --- moves ---------------------------------------------------------------------------
-    def _move(self, obj: ResidentObject, tier: str) -> None:
-        old = obj.tier
-        if tier == "device" and obj.kind != "kv":
-            blocks = self.pool.allocate(obj.device_blocks_needed(self.pool.block_nbytes))
-            assert blocks is not None, "room must be made before a move to the device"
-            self.reserved[obj.key] = blocks
-        try:
-            obj.move_to(tier)
-        except BaseException:
-            if tier == "device" and obj.key in self.reserved:
-                self.pool.decref(self.reserved.pop(obj.key))
-            raise
-        if old == "device" and obj.key in self.reserved:
-            self.pool.decref(self.reserved.pop(obj.key))
-        if old == "host":
-            self.host_used -= obj.nbytes
-        if tier == "host":
-            self.host_used += obj.nbytes
-        direction = "bytes_in" if tier == "device" else "bytes_out"
-        self.stats.add(direction, obj.kind, obj.nbytes, tier=f"{old}_to_{tier}")
-        self._index(obj)
+    # --- invocation distance ----------------------------------------------------------------
+    def agents_changed(self, agents) -> None:
+        with self.lock:
+            self.index.agents_changed(agents)
 
-    def _discard(self, obj: ResidentObject) -> None:
-        """Forget an object whose copy cannot be loaded: KV is recomputed, weights reload later."""
-        if self.discard is not None:
-            self.discard(obj)
-        elif obj.can_drop:
-            self._drop(obj)
-        else:
-            self.remove(obj)
+    def advance(self, step: int) -> int:
+        """The simulation reached `step`; return how many agents' expected step moved."""
+        with self.lock:
+            before, stepped = self.tracker.step, self.tracker.stepped
+            changed = self.tracker.advance(step)
+            if self._future_by_step:
+                changed += [a for s in range(before, self.tracker.step) for a in self._future_by_step.get(float(s), ())]
+            if self.tracker.step != before or not stepped:
+                self.prefetcher.new_step()
+                self._expire_prefetches(self.tracker.now_step() if stepped else math.inf)
+            self.index.agents_changed(changed)
+        self.wake.set()
+        return len(changed)
 
-    def _unmark_prefetched(self, obj: ResidentObject) -> None:
-        obj.prefetched = False
-        self.prefetched_nbytes -= obj.prefetched_mark_nbytes  # its size may have changed since (a split)
+    def hint(self, distances: dict[str, float]) -> tuple[int, int]:
+        """Set distances (steps from now); return (agents changed, agents not tracked). A large
+        hint is applied in chunks, so the lock is never held long enough to stall a step."""
+        items, changed, untracked = iter(distances.items()), 0, 0
+        while True:
+            chunk = dict(itertools.islice(items, HINT_CHUNK_AGENTS))
+            if not chunk:
+                break
+            with self.lock:
+                agents, strangers = self.tracker.hint(chunk)
+                self.index.agents_changed(agents)
+                self.stats.add("hinted_unknown_agents", "agents", strangers)
+            changed, untracked = changed + len(agents), untracked + strangers
+        self.wake.set()
+        return changed, untracked
 
-    def _drop(self, obj: ResidentObject) -> None:
-        if getattr(obj, "prefetched", False):
-            self._unmark_prefetched(obj)
+    def on_request(self, agent_id: str) -> None:
+        with self.lock:
+            self.tracker.on_request(agent_id)
+            self.index.agents_changed([agent_id, *self.tracker.refresh()])
+
+    def on_finish(self, agent_id: str) -> None:
+        with self.lock:
+            self.tracker.on_finish(agent_id)
+            self.index.agents_changed([agent_id])
+        self.wake.set()
+
+    def advance_clock(self) -> None:
+        """Without simulation steps the clock is the wall clock: move overdue learned estimates."""
+        with self.lock:
+            if not self.tracker.stepped:
+                self.index.agents_changed(self.tracker.refresh())
+                self._expire_prefetches(self.tracker.now_step())
+
+    def _expire_prefetches(self, now_step: float) -> None:
+        for obj in self.prefetcher.expired(now_step):
             self.stats.add("prefetch_wasted", obj.kind)
-        if obj.tier == "host":
-            self.host_used -= obj.nbytes
-        self.stats.add("dropped", obj.kind)
-        obj.drop()
-        self.remove(obj)
-        self.on_dropped(obj)
 
-    def _evictable(self, obj: ResidentObject | None, tier: str) -> bool:
-        return (obj is not None and obj.tier == tier and obj.pin_count == 0 and not obj.loading
-                and obj.key not in self.held)
-
-    def _unhold(self, keys: set[str]) -> None:
-        for key in keys:
-            self.held[key] -= 1
-            if self.held[key] <= 0:
-                del self.held[key]
-                if key in self.objects:
-                    self._index(self.objects[key])
-
-    def release_group(self, group: int) -> None:
-        """The group's request was admitted (its state is pinned now) or left: stop holding its objects."""
+    def set_future(self, calls: dict[str, list[float]]) -> None:
+        """For the `oracle` policy: the true steps at which each agent will call."""
         with self.lock:
-            self.groups.pop(group, None)
-            self.group_requested_s.pop(group, None)
-            self._unhold(self.group_held.pop(group, set()))
+            self.ctx.future = {a: sorted(steps) for a, steps in calls.items()}
+            self._future_by_step = defaultdict(list)
+            for agent, steps in self.ctx.future.items():
+                for step in steps:
+                    self._future_by_step[float(step)].append(agent)
+            self.index.agents_changed(list(calls))
 
-    def _demote_from_host(self, above: tuple | None) -> bool:
-        """Push the host object with the largest key (if larger than `above`) to disk or drop it."""
-        entry = self.heaps["host"].peek()
-        if entry is None or (above is not None and entry[1] <= above):
-            return False
-        self.heaps["host"].pop()
-        obj = self.objects.get(entry[0])
-        if not self._evictable(obj, "host"):
-            if obj is not None and obj.tier == "host":
-                self._host_skipped.append(obj)
-            return True  # pinned or loading: skip it, the caller tries the next one
-        if obj.kind != "kv" or (self.store is not None and
-                                self.store.used_nbytes + obj.nbytes <= self.store.budget_nbytes):
-            self._move(obj, "disk")
-        elif self.can_drop(obj):
-            self._drop(obj)
-        else:
-            self._host_skipped.append(obj)  # an inner node with nowhere to go: it stays
-        return True
+    # --- eviction and forgetting --------------------------------------------------------------
+    def _evictable(self, obj: ResidentObject, tier: str) -> bool:
+        return (obj.tier == tier and obj.moving_to is None and obj.pin_count == 0
+                and not self.loads.is_held(obj.key) and obj.key not in self._loading)
 
-    def _place_below_device(self, obj: ResidentObject, key: tuple) -> bool:
-        """Demote a device object: host if it fits (displacing larger keys), else disk, else drop."""
-        self._host_skipped = []
-        try:
-            while self.host_used + obj.nbytes > self.host_nbytes:
-                if not self._demote_from_host(above=key):
-                    break
-        finally:
-            for skipped in self._host_skipped:
-                if skipped.key in self.objects and skipped.tier == "host":
-                    self._index(skipped)
-        if self.host_used + obj.nbytes <= self.host_nbytes:
-            self._move(obj, "host")
-        elif obj.kind != "kv":
-            self._move(obj, "disk")
-        elif self.store is not None and self.store.used_nbytes + obj.nbytes <= self.store.budget_nbytes:
-            self._move(obj, "disk")
-        elif self.can_drop(obj):
-            self._drop(obj)
-        else:
-            return False
-        self.stats.add("evicted", obj.kind, tier="device")
-        return True
+    def _evicted_unused(self, obj: ResidentObject) -> None:
+        self.prefetcher.wasted(obj, self.tracker.step)
+        self.stats.add("prefetch_wasted", obj.kind)
 
     def make_device_room(self, blocks: int, only_above: tuple | None = None) -> bool:
-        """Free device blocks until `blocks` are free, evicting by policy; False if impossible.
-
-        With `only_above`, only objects whose key starts with something strictly larger may be
-        evicted (hysteresis; a prefetch passes just the expected step, so it never displaces an
-        object needed in the same step, however the tie-breakers fall).
-        """
+        """Free device blocks until `blocks` are free (inline copies); False if impossible."""
         with self.lock:
-            skipped = []
-            try:
-                while self.pool.num_free < blocks:
-                    entry = self.heaps["device"].pop()
-                    if entry is None:
-                        return False
-                    name, key = entry
-                    obj = self.objects.get(name)
-                    if not self._evictable(obj, "device"):
-                        if obj is not None and obj.tier == "device":
-                            skipped.append(obj)
-                        continue
-                    if only_above is not None and key[:len(only_above)] <= only_above:
-                        skipped.append(obj)
-                        return False
-                    if getattr(obj, "prefetched", False):
-                        self._unmark_prefetched(obj)
-                        self.stats.add("prefetch_wasted", obj.kind)
-                        self.wasted_at_step[obj.key] = self.tracker.step
-                    if not self._place_below_device(obj, key):
-                        skipped.append(obj)
-                return True
-            finally:
-                for obj in skipped:
-                    if obj.key in self.objects and obj.tier == "device":
-                        self._index(obj)
+            return self.evictor.device_room(blocks, only_above)
 
-    def promote(self, obj: ResidentObject, prefetch: bool = False, only_above: tuple | None = None) -> bool:
-        """Bring `obj` to the device now; False if no room can be made (the caller waits) or if
-        its disk copy failed its checksum (it is dropped and will be recomputed/reloaded)."""
+    def forget(self, obj: ResidentObject) -> None:
+        """Free an object in every tier (KV: recomputed if needed again)."""
         with self.lock:
-            if obj.tier == "device":
+            if obj not in self.index:
+                return
+            if obj.prefetched_nbytes:
+                self._evicted_unused(obj)
+            tier = obj.tier
+            if tier == "host":
+                self.tiers.release_host(obj.nbytes)
+            elif tier == "device":
+                self.tiers.release_device(obj)
+            self.stats.add("dropped", obj.kind, tier=tier)
+            self.index.remove(obj)
+            obj.forget()
+            self.tiers.settle(obj)
+
+    def forget_tree(self, obj: ResidentObject) -> None:
+        """A copy of `obj` is bad: forget it and what cannot be reached without it; a weight
+        keeps its load error (its requests fail, and a later request tries its files again)."""
+        with self.lock:
+            for dependent in obj.dependents():
+                self.forget_tree(dependent)
+            if obj.droppable():
+                self.forget(obj)
+
+    def revived(self, obj: ResidentObject, old_tier: str | None) -> None:
+        """A request recomputed the pages of an off-device object: it is on the device now."""
+        with self.lock:
+            if old_tier == "host":
+                self.tiers.release_host(obj.nbytes)
+            self.tiers.settle(obj)
+            if obj.prefetched_nbytes:
+                self.prefetcher.unmark(obj)
+            self.index.rekey(obj)
+
+    def reserve_stacks(self, nbytes: int, exact: bool = False) -> bool:
+        """Hold device room for the running step's stacked LoRA buffers: at least `nbytes` (evicting
+        if needed), or with `exact` exactly `nbytes` (giving back what the step no longer needs)."""
+        with self.lock:
+            blocks = -(-nbytes // self.pool.block_nbytes)
+            if blocks <= self.tiers.stack_blocks:
+                return self.tiers.set_stack_blocks(blocks) if exact else True
+            self.evictor.device_room(blocks - self.tiers.stack_blocks)
+            return self.tiers.set_stack_blocks(blocks)
+
+    # --- loads ---------------------------------------------------------------------------
+    def promote(self, obj: ResidentObject, prefetch: bool = False, only_above: tuple | None = None,
+                unlock: bool = False) -> bool:
+        """Bring `obj` to the device now; False if no room can be made or its copy is bad."""
+        with self.lock:
+            if obj.ready_on_device:
                 return True
-            started = time.perf_counter()
-            source = obj.tier
-            obj.loading = True  # so that making room never evicts the object being loaded
+            if obj.moving_to is not None or obj not in self.index or obj.key in self._loading:
+                return False  # moving, gone, or another thread is making room for it
+            self._loading.add(obj.key)
             try:
-                if not self.make_device_room(obj.device_blocks_needed(self.pool.block_nbytes), only_above):
+                if not self.evictor.device_room(obj.device_blocks_needed(self.pool.block_nbytes), only_above, unlock):
                     return False
-                if not prefetch:
-                    obj.last_use_s = time.monotonic()  # a load for a request is a use (what LRU sees)
-                self._move(obj, "device")
-            except CorruptObjectError as exc:
-                logger.warning("discarding %s: %s", obj.key, exc)
-                self.stats.add("corrupt", obj.kind)
-                self._discard(obj)
-                return False
-            except Exception as exc:  # a missing or unreadable source: never retry it forever
-                logger.warning("cannot load %s: %s", obj.key, exc)
-                self.stats.add("load_failed", obj.kind)
-                obj.load_error = str(exc)
-                if obj.kind == "kv":
-                    self._discard(obj)
-                return False
             finally:
-                obj.loading = False
-                if obj.key in self.objects and obj.tier is not None:
-                    self._index(obj)
+                self._loading.discard(obj.key)
+            if obj.ready_on_device:
+                return True
+            if obj.moving_to is not None or obj not in self.index or not self.mover.fits(obj, "device"):
+                return False  # another thread moved it, or took the room, while the lock was released
+            source = obj.tier
+            if not prefetch:
+                obj.last_use_s = self.tracker.clock()  # a load for a request is a use (what LRU sees)
+            if not self.mover.move(obj, "device", unlock):
+                return False
             if prefetch:
-                obj.prefetched, obj.prefetched_mark_nbytes = True, obj.nbytes
-                self.prefetched_nbytes += obj.nbytes
+                self.prefetcher.mark(obj, self.index.nearest(obj))
             self.stats.add("prefetches" if prefetch else "on_demand_loads", obj.kind, tier=source)
-            self.stats.add("load_s", obj.kind, time.perf_counter() - started)
             return True
 
-    def release_all_held(self) -> None:
-        """Nothing runs and no waiting request can be admitted: the room is held by requests
-        waiting behind it. Let it all be evicted again (the groups stay queued)."""
-        with self.lock:
-            for keys in self.group_held.values():
-                self._unhold(keys)
-                keys.clear()
-            self.wake.set()
-
-    # --- on-demand loads ------------------------------------------------------------------
     def request_group(self, group: int, objects: list[ResidentObject]) -> None:
         """A waiting request (`group`) needs `objects` on the device; they overtake prefetches and
         are loaded after the groups queued before it."""
         with self.lock:
-            if group not in self.groups:
-                self.group_held[group] = set()
-                self.group_requested_s[group] = time.perf_counter()
-            self.groups[group] = list(objects)
-            self.wake.set()
+            self.loads.request(group, objects)
+        self.wake.set()
 
-    def serve_on_demand(self) -> int:
-        """Load the queued groups in order, each wholly before the next; stop at the first that
-        room cannot be made for (the state of running and earlier requests is never evicted for
-        it). Return how many objects were loaded."""
-        served = 0
+    def release_group(self, group: int) -> Counter:
+        """The group's request was admitted (its state is pinned now) or left; return the bytes
+        loaded for it by (kind, source tier)."""
         with self.lock:
-            for group, objects in list(self.groups.items()):
-                for obj in objects:
-                    if obj.key not in self.objects or obj.tier is None:
-                        continue
-                    if obj.tier != "device":
-                        if not self.promote(obj):
-                            if served:
-                                self.loaded.set()
-                            return served
-                        served += 1
-                    if obj.key not in self.group_held[group]:
-                        self.group_held[group].add(obj.key)
-                        self.held[obj.key] += 1
-                if objects:
-                    self.stats.stall_s += time.perf_counter() - self.group_requested_s[group]
-                    self.groups[group] = []
-                self.group_requested_s[group] = time.perf_counter()  # a later ask waits from then on
-        if served:
-            self.loaded.set()
-        return served
+            freed, loaded = self.loads.release(group)
+            self._rekey_keys(freed)
+            return loaded
+
+    def release_all_held(self) -> None:
+        """Nothing runs and no waiting request can be admitted: let what waiting requests hold be
+        evicted again."""
+        with self.lock:
+            self._rekey_keys(self.loads.release_all_holds())
+        self.wake.set()
+
+    def _rekey_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            obj = self.index.get(key)
+            if obj is not None:
+                self.index.rekey(obj)
+
+    @property
+    def held(self):
+        return self.loads.held
 
     @property
     def loads_pending(self) -> bool:
-        return any(self.groups.values())
+        with self.lock:
+            return any(g.objects for g in self.loads.groups.values())
 
-    # --- prefetch ------------------------------------------------------------------------
-    def prefetch_once(self) -> int:
-        """Promote the off-device objects whose owners call soonest, while their call is within
-        the horizon (or nearer than their load time plus a margin) and room can be made from
-        objects with a strictly larger key; return the bytes moved."""
+    def serve_on_demand(self, unlock: bool = False) -> int:
+        """Load the waiting groups' objects in order; stop at the first that room cannot be made
+        for (the state of running and earlier requests is never evicted for it). Loads of
+        several groups may be in flight at once on several threads. Return how many objects
+        this call loaded."""
+        served = 0
+        with self.lock:
+            for group_id in list(self.loads.groups):
+                group = self.loads.groups.get(group_id)
+                if group is None or not group.objects:
+                    continue
+                complete = True
+                for obj in list(group.objects):
+                    if obj not in self.index or obj.tier is None:
+                        continue  # forgotten (a bad copy): its request recomputes it
+                    if not obj.ready_on_device:
+                        if obj.moving_to is not None:
+                            complete = False  # in flight on another thread
+                            continue
+                        source = obj.tier
+                        if not self.promote(obj, unlock=unlock):
+                            if obj.load_error is None and obj in self.index and obj.tier is not None:
+                                return served  # no room: later groups wait their turn
+                            continue
+                        served += 1
+                        self.loads.credit(group_id, obj, source)
+                        self.loaded.set()
+                    if group_id in self.loads.groups:
+                        self.loads.hold(group_id, obj)
+                if complete and group_id in self.loads.groups:
+                    self.loads.done_waiting(group_id)
+        return served
+
+    # --- prefetch and write-back (transfer threads) ------------------------------------------------
+    def prefetch_once(self, unlock: bool = False) -> int:
+        """Promote the off-device objects whose owners call soonest, within the admission rule
+        of memory/prefetch.py and the bytes-in-flight bound; return the bytes moved."""
         if not self.policy.prefetch:
             return 0
-        moved, settings = 0, self.prefetch_settings
+        moved = 0
         with self.lock:
-            if self.loads_pending:
-                return 0  # requests are waiting for loads now: speculation would only compete with them
-            cap = settings.max_prefetched_device_fraction * self.pool.num_blocks * self.pool.block_nbytes
-            while moved < settings.max_bytes_in_flight:
-                entry = self.wanted.peek()
-                if entry is None:
+            while moved < self.prefetch_settings.max_bytes_in_flight:
+                found = self.prefetcher.candidate(self.tiers.device_budget_nbytes)
+                if found is None:
                     return moved
-                obj = self.objects.get(entry[0])
-                if obj is None or obj.tier == "device":
-                    self.wanted.discard(entry[0])
-                    continue
-                key = tuple(-x for x in entry[1])
-                distance_steps = key[0] - self.tracker.step
-                deadline_s = distance_steps * self.tracker.seconds_per_step
-                if not math.isfinite(distance_steps) or (
-                        distance_steps > settings.horizon_steps
-                        and deadline_s > obj.reload_seconds(self.ctx.bandwidth) + settings.margin_s):
-                    return moved
-                if self.prefetched_nbytes + obj.nbytes > cap:
-                    return moved
-                if self.wasted_at_step.get(obj.key) == self.tracker.step:
-                    return moved  # it was prefetched and pushed out again this step: stop the ping-pong
-                if obj.loading or not self.promote(obj, prefetch=True, only_above=key[:1]):
+                obj, above = found
+                if not self.promote(obj, prefetch=True, only_above=above, unlock=unlock):
                     return moved
                 moved += obj.nbytes
         return moved
 
+    def flush_writes_once(self, unlock: bool = False) -> int:
+        """Write the pages staged for disk by the engine thread; return how many were written. One
+        that cannot be written (the disk is full) is forgotten, so the buffer never clogs."""
+        written = 0
+        with self.lock:
+            for key in list(self.tiers.staged):
+                obj = self.index.get(key)
+                if obj is None or not obj.write_pending or obj.moving_to is not None:
+                    continue
+                if self.mover.move(obj, "disk", unlock=unlock):
+                    written += 1
+                elif obj.write_pending and obj.droppable():
+                    self.forget(obj)
+        return written
+
+    def write_back_once(self, unlock: bool = False) -> int:
+        """Keep a share of the host free by writing its farthest objects to disk ahead of need,
+        so that demotions on the engine thread never wait for a file; return the bytes written."""
+        if self.store is None:
+            return 0
+        with self.lock:
+            target = self.tiers.host_budget_nbytes * HOST_FREE_FRACTION_TARGET
+            written = 0
+            if self.tiers.host_free_nbytes < target:
+                before = self.tiers.host_free_nbytes
+                self.evictor.host_room(math.ceil(target), unlock=unlock, may_forget=False)
+                written = max(0, self.tiers.host_free_nbytes - before)
+            return written
+
+    def persist(self) -> int:
+        """A clean shutdown: write every unpinned KV object that has no disk copy yet, so a
+        restart finds the whole tree; return how many were written."""
+        if self.store is None:
+            return 0
+        written = 0
+        with self.lock:
+            for obj in list(self.index.objects.values()):
+                if (obj.writes_to_disk and not obj.has_disk_copy and (obj.tier in ("device", "host") or obj.write_pending)
+                        and obj.pin_count == 0 and obj.moving_to is None and self.mover.fits(obj, "disk")):
+                    written += self.mover.move(obj, "disk", unlock=True)
+        logger.info("persisted %d KV objects to %s", written, self.store.root)
+        return written
+
+    # --- reports -------------------------------------------------------------------------
+    def usage(self) -> dict[str, int]:
+        with self.lock:
+            return self.tiers.usage()
+
     def snapshot(self) -> dict:
         with self.lock:
             out = self.stats.snapshot()
-            usage = self.usage()
-            out.update({f"{tier}_used_nbytes": n for tier, n in usage.items()})
-            out["device_budget_nbytes"] = self.pool.num_blocks * self.pool.block_nbytes
-            out["host_budget_nbytes"] = self.host_nbytes
-            out["objects"] = len(self.objects)
+            out["stall_s"] = round(self.loads.stall_s_now(), 6)
+            out.update({f"{tier}_used_nbytes": n for tier, n in self.tiers.usage().items()})
+            out["device_budget_nbytes"] = self.tiers.device_budget_nbytes
+            out["host_budget_nbytes"] = self.tiers.host_budget_nbytes
+            out["disk_budget_nbytes"] = self.store.budget_nbytes if self.store is not None else 0
+            out["objects"] = len(self.index)
+            out["tracked_agents"] = len(self.tracker.agents)
             return out

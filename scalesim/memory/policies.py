@@ -1,7 +1,12 @@
 """Eviction policies as small key functions: the object with the LARGEST key is demoted first.
 
-Each takes the object and a `PolicyContext` and returns a sortable tuple. Adding a policy is
-adding a function here and a line in POLICIES.
+A policy's key is `(agent_key of the nearest owner, *member_key(obj))`, or just `member_key(obj)`
+for policies blind to agents. `agent_key(agent, ctx)` is a number per agent (for `scalesim` its
+expected step, for `oracle` its true next call); an object shared by several agents takes the
+smallest over its owners. `member_key` orders objects whose agent part is equal (tie-breakers,
+or the whole key of a recency policy). Splitting the key this way lets the index rank an agent's
+objects as one group, so that an agent whose expected step moves costs one heap update per tier,
+whatever the number of its objects. Adding a policy is adding its functions and a line in POLICIES.
 """
 
 import math
@@ -19,6 +24,7 @@ INF = math.inf
 class PolicyContext:
     tracker: DistanceTracker
     bandwidth: TierBandwidth
+    nearest: Callable[[ResidentObject], float] = lambda obj: INF  # the policy's agent_key over owners (the index's)
     future: dict[str, list[float]] = field(default_factory=dict)  # oracle: sorted steps of each agent's calls
 
     def next_call_step(self, agent_id: str) -> float:
@@ -28,43 +34,50 @@ class PolicyContext:
         return calls[i] if i < len(calls) else INF
 
 
-def _reload_cost_per_byte(obj: ResidentObject, ctx: PolicyContext) -> float:
-    return obj.reload_seconds(ctx.bandwidth, "host") / max(obj.nbytes, 1)
+def expected_step(agent_id: str, ctx: PolicyContext) -> float:
+    """The tracker's estimate of the step of the agent's next call (invocation distance)."""
+    return ctx.tracker.expected_step(agent_id)
 
 
-def scalesim_key(obj: ResidentObject, ctx: PolicyContext) -> tuple:
-    """Farthest next call first (min over owners); then cheapest to bring back; then least recent."""
-    expected = min((ctx.tracker.expected_step(a) for a in obj.owners), default=INF)
-    return (expected, -_reload_cost_per_byte(obj, ctx), -obj.last_use_s)
+def true_next_call(agent_id: str, ctx: PolicyContext) -> float:
+    """Belady: the step of the agent's next call in the recorded trace."""
+    return ctx.next_call_step(agent_id)
 
 
-def lru_key(obj: ResidentObject, ctx: PolicyContext) -> tuple:
-    """Least recently used first: SGLang's radix cache and LoRA pool."""
+def cheapest_then_least_recent(obj: ResidentObject, ctx: PolicyContext) -> tuple:
+    """Ties of distance: cheapest to bring back per byte first, then least recently used."""
+    return (-obj.reload_seconds(ctx.bandwidth, "host") / max(obj.nbytes, 1), -obj.last_use_s)
+
+
+def least_recent(obj: ResidentObject, ctx: PolicyContext) -> tuple:
     return (-obj.last_use_s,)
 
 
-def lfu_key(obj: ResidentObject, ctx: PolicyContext) -> tuple:
-    """Least frequently used first, then least recent."""
+def least_frequent(obj: ResidentObject, ctx: PolicyContext) -> tuple:
     return (-obj.use_count, -obj.last_use_s)
-
-
-def oracle_key(obj: ResidentObject, ctx: PolicyContext) -> tuple:
-    """Belady: the object whose owners call farthest in the true future goes first."""
-    return (min((ctx.next_call_step(a) for a in obj.owners), default=INF), -obj.last_use_s)
 
 
 @dataclass(frozen=True)
 class Policy:
     name: str
-    key: Callable[[ResidentObject, PolicyContext], tuple]
+    member_key: Callable[[ResidentObject, PolicyContext], tuple]
+    agent_key: Callable[[str, PolicyContext], float] | None
     prefetch: bool
     unbounded_device: bool = False
 
+    def key(self, obj: ResidentObject, ctx: PolicyContext) -> tuple:
+        """The object's whole key (largest is evicted first)."""
+        member = self.member_key(obj, ctx)
+        return member if self.agent_key is None else (ctx.nearest(obj), *member)
+
 
 POLICIES = {
-    "scalesim": Policy("scalesim", scalesim_key, prefetch=True),
-    "lru": Policy("lru", lru_key, prefetch=False),
-    "lfu": Policy("lfu", lfu_key, prefetch=False),
-    "oracle": Policy("oracle", oracle_key, prefetch=True),
-    "ideal": Policy("ideal", lru_key, prefetch=False, unbounded_device=True),
+    # the invocation-distance policy: farthest next call first, then the tie-breakers
+    "scalesim": Policy("scalesim", cheapest_then_least_recent, expected_step, prefetch=True),
+    # the recency ablation of this machinery (no prefetch, blind to hints)
+    "lru": Policy("lru", least_recent, None, prefetch=False),
+    "lfu": Policy("lfu", least_frequent, None, prefetch=False),
+    # the true future from a recorded trace, at step granularity
+    "oracle": Policy("oracle", least_recent, true_next_call, prefetch=True),
+    "ideal": Policy("ideal", least_recent, None, prefetch=False, unbounded_device=True),
 }

@@ -89,7 +89,7 @@ def _hint(state: ServerState, step: int | None, hints: dict) -> dict:
 
 @router.post("/v1/hints")
 async def hints(body: HintBatch, request: Request):
-    """Invocation-distance hints for the coming steps (see scalesim.engine.hints). Agents the
+    """Invocation-distance hints for the coming steps (see scalesim.distance.hints). Agents the
     server does not know yet are accepted and counted: they may call later."""
     fields = body.model_dump(exclude={"step"})
     return await run_in_threadpool(_hint, server_state(request), body.step, fields)

@@ -68,7 +68,7 @@ class AgentCreate(BaseModel):
 
 
 class HintBatch(BaseModel):
-    """`POST /v1/hints`: the Python `hint()` API over HTTP (see scalesim.engine.hints)."""
+    """`POST /v1/hints`: the Python `hint()` API over HTTP (see scalesim.distance.hints)."""
 
     model_config = ConfigDict(extra="forbid")
     step: StrictInt | None = None

@@ -112,7 +112,7 @@ def add_hint_noise(hints: dict, noise_steps: float, rng: random.Random, step: in
         return hints
     if noise_steps == float("inf"):
         return {}
-    from scalesim.engine.hints import estimate_distances
+    from scalesim.distance.hints import estimate_distances
 
     distances = estimate_distances(step, **hints)
     return {"distances": {a: max(0.0, d + rng.uniform(-noise_steps, noise_steps))

@@ -3,10 +3,11 @@
 A handle owns a set of tensors with a fixed byte size. It lives in one tier at a time:
 - "device": tensors on the compute device, ready to run;
 - "host":   tensors in host memory (pinned when CUDA is present);
-- "disk":   no tensors in memory; the handle's source files (the truth) or a spill file hold them.
-Contract: `move_to` is synchronous and leaves the handle whole in the target tier or unchanged
-(on error); a handle with pin_count > 0 is in use by a running request and must not be moved
-off the device; the engine runs a request only when its handles are on the device.
+- "disk":   no tensors in memory; the handle's source files (the truth) hold them.
+Moves follow memory/resident.py's three phases: `transfer` (no lock) reads the source files or
+moves the tensors, `commit_move` only records the new tier. Nobody uses a handle while it moves:
+a request runs only with handles ready on the device and pinned, and a pinned handle never
+moves. Demoting to disk is free (the tensors are dropped; the source files stay the truth).
 """
 
 from abc import abstractmethod
@@ -35,10 +36,6 @@ class WeightHandle(ResidentObject):
     def tier(self) -> str:
         return self._tier
 
-    @tier.setter
-    def tier(self, value: str) -> None:
-        self._tier = value
-
     @property
     def pin_count(self) -> int:
         return self._pins
@@ -64,24 +61,52 @@ class WeightHandle(ResidentObject):
     def _drop_tensors(self) -> None:
         """Forget the resident tensors (the source stays the truth)."""
 
+    @abstractmethod
+    def tensors(self) -> list[torch.Tensor]:
+        """The resident tensors (empty on disk), for measuring what a tier really holds."""
+
     def _memory_device(self, tier: str) -> torch.device:
         return self.compute_device if tier == "device" else torch.device("cpu")
 
-    def move_to(self, tier: str) -> None:
-        """Put the handle in `tier` ('device', 'host' or 'disk')."""
+    def begin_move(self, tier: str, defer_write: bool = False) -> None:
         if tier not in TIERS:
             raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
-        if tier == self.tier:
-            return
-        assert not (self.pin_count and self.tier == "device"), f"{self.key} is pinned on the device"
-        if tier == "disk":
-            self._drop_tensors()
-        elif self.tier == "disk":
-            self._load_from_disk(self._memory_device(tier))
+        assert not (self.pin_count and self._tier == "device"), f"{self.key} is pinned on the device"
+        super().begin_move(tier)
+
+    def transfer(self) -> None:
+        target = self.moving_to
+        if target == "disk":
+            return  # dropped at commit
+        if self._tier == "disk":
+            self._load_from_disk(self._memory_device(target))
         else:
-            self._move_tensors(self._memory_device(tier))
-        self.tier = tier
+            self._move_tensors(self._memory_device(target))
+
+    def commit_move(self) -> None:
+        target, self.moving_to = self.moving_to, None
+        if target == "disk":
+            self._drop_tensors()
+        self._tier = target
         self.version += 1
+
+    def abort_move(self) -> None:
+        """A failed load leaves no tensors behind; a failed device/host move changed nothing."""
+        if self._tier == "disk":
+            self._drop_tensors()
+        self.moving_to = None
+
+    def move_to(self, tier: str) -> None:
+        """Synchronous move (before the handle is managed, and in tests)."""
+        if tier == self._tier:
+            return
+        self.begin_move(tier)
+        try:
+            self.transfer()
+        except BaseException:
+            self.abort_move()
+            raise
+        self.commit_move()
 
     def pin(self) -> None:
         self._pins += 1
@@ -92,4 +117,4 @@ class WeightHandle(ResidentObject):
 
     @property
     def on_device(self) -> bool:
-        return self.tier == "device"
+        return self.ready_on_device

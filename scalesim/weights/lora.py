@@ -62,7 +62,7 @@ class LoRAAdapter(WeightHandle):
         self._load_from_disk(torch.device("cpu"))
         self._nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
                            for a, b in self.weights.values())
-        self.tier = "host"
+        self._tier = "host"
 
     def _check_config(self, config: dict) -> None:
         where = f"adapter {self.name!r}"
@@ -134,3 +134,6 @@ class LoRAAdapter(WeightHandle):
 
     def _drop_tensors(self) -> None:
         self.weights = {}
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for pair in self.weights.values() for t in pair]

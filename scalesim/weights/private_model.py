@@ -33,7 +33,7 @@ class PrivateModel(WeightHandle):
         self.model: LlamaForCausalLM | None = None
         self._load_from_disk(torch.device("cpu"))
         self._nbytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
-        self.tier = "host"
+        self._tier = "host"
 
     @property
     def nbytes(self) -> int:
@@ -54,3 +54,6 @@ class PrivateModel(WeightHandle):
 
     def _drop_tensors(self) -> None:
         self.model = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [] if self.model is None else list({id(p): p for p in self.model.parameters()}.values())

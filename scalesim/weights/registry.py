@@ -61,11 +61,7 @@ class WeightRegistry:
         if self.manager is None:
             handle.move_to("device")
             return
-        with self.manager.lock:
-            if self.manager.host_used + handle.nbytes > self.manager.host_nbytes:
-                handle.move_to("disk")
-            self.manager.add(handle)
-            self.manager.promote(handle)
+        self.manager.place(handle)
 
     def remove(self, name: str) -> None:
         handle = self.adapters.get(name) or self.models.get(name)

@@ -1,0 +1,130 @@
+"""Victim choice: the eviction cascade device -> host -> disk -> forgotten.
+
+When a tier needs room, its unpinned objects with the largest policy key go first:
+- a device victim goes to the host if the host has room or can make it from objects with an even
+  larger key; else to disk if that is free (a disk copy exists, or the kind writes no file:
+  weights drop their copy); else, on a worker thread, to disk by writing its file; else it is
+  forgotten if it may be (KV is recomputed); else it stays and the next victim is tried;
+- a host victim goes to disk the same way (the engine thread never writes a file: there a
+  demotion that needs one is staged in the bounded write buffer for a transfer thread to write,
+  and forgotten if that buffer is full);
+- the disk makes room by forgetting its farthest objects.
+With `unlock` (worker threads) each copy runs with the manager lock released; without it (the
+engine thread, which needs the room before it can go on) copies run inline.
+"""
+
+from collections.abc import Callable
+from contextlib import closing
+
+from scalesim.memory.index import ObjectIndex
+from scalesim.memory.mover import Mover
+from scalesim.memory.resident import ResidentObject
+from scalesim.memory.stats import MemoryStats
+from scalesim.memory.tiers import Tiers
+
+
+def free_to_disk(obj: ResidentObject) -> bool:
+    """Demoting to disk writes nothing: a valid copy is there already, or the kind keeps no file."""
+    return obj.has_disk_copy or not obj.writes_to_disk
+
+
+class Evictor:
+    def __init__(self, index: ObjectIndex, tiers: Tiers, mover: Mover, stats: MemoryStats,
+                 evictable: Callable[[ResidentObject, str], bool], forget: Callable[[ResidentObject], None],
+                 on_evicted_unused: Callable[[ResidentObject], None]) -> None:
+        self.index = index
+        self.tiers = tiers
+        self.mover = mover
+        self.stats = stats
+        self.evictable = evictable
+        self.forget = forget
+        self.on_evicted_unused = on_evicted_unused
+
+    def _victims(self, tier: str, above: tuple | None):
+        """Yield evictable objects of `tier`, largest key first, while the key exceeds `above`
+        (a prefix comparison). Objects passed over are ranked again when the caller stops."""
+        skipped, tried = [], set()
+        try:
+            while True:
+                found = self.index.top(tier)
+                if found is None:
+                    return
+                obj, key = found
+                if above is not None and key[:len(above)] <= above:
+                    return
+                self.index.take(obj)
+                if obj.key in tried or obj.tier != tier or not self.evictable(obj, tier):
+                    skipped.append(obj)
+                    continue
+                tried.add(obj.key)
+                yield obj, key
+                if obj in self.index and obj.tier == tier:
+                    skipped.append(obj)  # it stayed (nowhere to go): rank it again
+        finally:
+            for obj in skipped:
+                self.index.rekey(obj)
+
+    def device_room(self, blocks: int, above: tuple | None = None, unlock: bool = False) -> bool:
+        """Free device blocks until `blocks` are free; False if impossible. With `above`, only
+        objects whose key starts with something strictly larger may be evicted (hysteresis: a
+        prefetch passes the expected step, so it never displaces state needed in the same step)."""
+        if self.tiers.device_free_blocks >= blocks:
+            return True
+        with closing(self._victims("device", above)) as victims:
+            for obj, key in victims:
+                if obj.prefetched_nbytes:
+                    self.on_evicted_unused(obj)
+                if self._demote(obj, key, unlock):
+                    self.stats.add("evicted", obj.kind, tier="device")
+                if self.tiers.device_free_blocks >= blocks:
+                    return True
+        return False
+
+    def _demote(self, obj: ResidentObject, key: tuple, unlock: bool) -> bool:
+        if self.host_room(obj.nbytes, key, unlock) and self.mover.fits(obj, "host"):
+            return self.mover.move(obj, "host", unlock)
+        return self._below_host(obj, key, unlock)
+
+    def _below_host(self, obj: ResidentObject, key: tuple, unlock: bool, may_forget: bool = True) -> bool:
+        """Put a device or host object on disk, or forget it; False if it must stay."""
+        if free_to_disk(obj):
+            return self.mover.move(obj, "disk", unlock)
+        if unlock and self.tiers.store is not None and self.disk_room(obj.nbytes, key) and self.mover.move(obj, "disk", unlock):
+            return True
+        if not unlock and self.mover.can_stage(obj) and self.mover.move(obj, "disk", defer_write=True):
+            return True
+        if may_forget and obj.droppable():
+            self.forget(obj)
+            return True
+        return False
+
+    def host_room(self, nbytes: int, above: tuple | None = None, unlock: bool = False,
+                  may_forget: bool = True) -> bool:
+        """Demote host objects (keys above `above`) until `nbytes` fit on the host; without
+        `may_forget`, only to disk."""
+        if self.tiers.host_free_nbytes >= nbytes:
+            return True
+        if nbytes > self.tiers.host_budget_nbytes:
+            return False
+        with closing(self._victims("host", above)) as victims:
+            for obj, key in victims:
+                if self._below_host(obj, key, unlock, may_forget):
+                    self.stats.add("evicted", obj.kind, tier="host")
+                if self.tiers.host_free_nbytes >= nbytes:
+                    return True
+        return False
+
+    def disk_room(self, nbytes: int, above: tuple | None = None) -> bool:
+        """Forget disk-tier objects (keys above `above`) until `nbytes` fit in the disk budget."""
+        if self.tiers.disk_free_nbytes >= nbytes:
+            return True
+        if self.tiers.store is None or nbytes > self.tiers.store.budget_nbytes:
+            return False
+        with closing(self._victims("disk", above)) as victims:
+            for obj, _ in victims:
+                if obj.droppable():
+                    self.forget(obj)
+                    self.stats.add("evicted", obj.kind, tier="disk")
+                if self.tiers.disk_free_nbytes >= nbytes:
+                    return True
+        return False
