@@ -134,8 +134,9 @@ class AsyncLLM:
             return self.engine.stats()
 
     def hint(self, step: int | None = None, **hints) -> dict:
-        with self._lock:
-            return self.engine.hint(step, **hints)
+        """Apply hints without the engine loop's lock: they are parsed with no lock held and
+        applied in chunks under the memory manager's, so a huge hint never stalls a step."""
+        return self.engine.hint(step, **hints)
 
     def memory_stats(self) -> dict:
         return self.engine.memory_stats()

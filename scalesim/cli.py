@@ -5,7 +5,8 @@ import logging
 import sys
 
 from scalesim.config import DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, DEFAULT_HOST_MEMORY, \
-    DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, DTYPES
+    DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, \
+    DEFAULT_TRANSFER_THREADS, DTYPES
 from scalesim.memory.policies import POLICIES
 from scalesim.errors import ScaleSimError
 from scalesim.server.serve import add_serve_flags
@@ -44,6 +45,13 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     memory.add_argument("--disk-dir", default=None, help="state directory: the disk tier, and for serve the agent registry (default: none, nothing persisted)")
     memory.add_argument("--disk-memory", default=DEFAULT_DISK_MEMORY,
                         help=f"byte budget of the disk tier (default: {DEFAULT_DISK_MEMORY})")
+    memory.add_argument("--disk-page-cache", action="store_true",
+                        help="let the OS page cache keep disk-tier files (default: reads cost what the disk costs)")
+    memory.add_argument("--persist-on-exit", action=argparse.BooleanOptionalAction, default=None,
+                        help="on a clean shutdown, write device and host KV to the disk tier so a restart finds "
+                             "it (default: on with --disk-dir)")
+    memory.add_argument("--transfer-threads", type=int, default=DEFAULT_TRANSFER_THREADS,
+                        help=f"threads that move state between tiers (default: {DEFAULT_TRANSFER_THREADS})")
 
 
 def _engine_args(args: argparse.Namespace) -> dict:
@@ -51,7 +59,8 @@ def _engine_args(args: argparse.Namespace) -> dict:
                 block_size_tokens=args.block_size, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 policy=args.policy, device_memory=args.device_memory, host_memory=args.host_memory,
-                disk_dir=args.disk_dir, disk_memory=args.disk_memory)
+                disk_dir=args.disk_dir, disk_memory=args.disk_memory, disk_page_cache=args.disk_page_cache,
+                persist_on_exit=args.persist_on_exit, transfer_threads=args.transfer_threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--repeats", type=int, default=1,
                      help="run the policies in turn this many times and report each one's median run (default: 1)")
     sim.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    sim.add_argument("--max-num-batched-tokens", type=int, default=None,
+                     help=f"token budget of one engine step (default: {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
     sim.add_argument("--quick", action="store_true", help="a CI-sized preset (few agents, steps and tokens)")
     sim.add_argument("--url", default=None,
                      help="drive this OpenAI-compatible server instead of an engine in this process "
@@ -152,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--steps", type=int, default=1_000, help="simulation steps to time, each with one hint and "
                      "three decisions (default: 1000)")
     mem.add_argument("--out", default=None, help="write the JSON result here too")
+    dsk = kinds.add_parser("disk", help="disk-tier reads with the page cache dropped (the default) and kept")
+    dsk.add_argument("--nbytes", default="512MiB", help="bytes written and read back per round (default: 512MiB)")
+    dsk.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both settings (default: 3)")
+    dsk.add_argument("--out", default=None, help="write the JSON result here too")
     pre = kinds.add_parser("prefix", help="time to first token with and without a cached shared prefix")
     pre.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
     pre.add_argument("--prefix-len", type=int, default=1000, help="shared prefix tokens (default: 1000)")
@@ -209,6 +224,10 @@ def _microbench(args: argparse.Namespace) -> None:
     elif args.kind == "memory":
         from scalesim.bench.memory_bench import run_memory_bench
         write_result(run_memory_bench(args.agents, args.objects, args.steps), args.out)
+    elif args.kind == "disk":
+        from scalesim.bench.disk_bench import run_disk_bench
+        from scalesim.units import parse_nbytes
+        write_result(run_disk_bench(parse_nbytes(args.nbytes), rounds=args.rounds), args.out)
     elif args.kind == "prefix":
         write_result(run_prefix_bench(args.model, args.prefix_len, args.suffix_len), args.out)
     elif args.kind == "http":
@@ -256,8 +275,10 @@ def _bench(args: argparse.Namespace) -> None:
         from scalesim.bench.sim_bench import run_remote
         results = [run_remote(name, WorkloadConfig(**cfg), args.url, args.model, args.hint_noise) for name in names]
     else:
+        engine_args = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
         results = [run_sim_bench(name, args.model, WorkloadConfig(**cfg), policies, args.device_fraction,
-                                 args.host_fraction, args.hint_noise, repeats=args.repeats) for name in names]
+                                 args.host_fraction, args.hint_noise, engine_args=engine_args, repeats=args.repeats)
+                   for name in names]
     print_table(results)
     if args.out:
         write_json(results, args.out)

@@ -28,7 +28,8 @@ def _serve(model: str, policy: str, device_nbytes: int, host_nbytes: int, folder
            state_dir: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "scalesim.cli", "serve", model, "--port", str(port), "--policy", policy,
-               "--device-memory", str(device_nbytes), "--host-memory", str(host_nbytes), "--disk-dir", state_dir]
+               "--device-memory", str(device_nbytes), "--host-memory", str(host_nbytes), "--disk-dir", state_dir,
+               "--no-persist-on-exit"]
     adapters = [f"{n}={f}" for n, f in folders.items() if n.startswith("cluster-")]
     models = [f"{n}={f}" for n, f in folders.items() if n.startswith("model-")]
     command += (["--lora-modules", *adapters] if adapters else []) + (["--private-models", *models] if models else [])

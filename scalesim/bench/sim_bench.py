@@ -42,6 +42,11 @@ class PolicyRun:
     recomputed_tokens: int
     prefetch_used: int
     prefetch_wasted: int
+    transfer_s: float = 0.0          # seconds the transfer threads spent copying, reading, writing
+    stall_request_s: float = 0.0     # the sum of every request's wait for its loads
+    preemptions: int = 0
+    engine_steps: int = 0            # batches run: waits and smaller batches show up as more of them
+    computed_tokens: int = 0
     occupancy: list = field(default_factory=list)
     samples: list = field(default_factory=list)  # a few (agent, step, reply) as generated
     memory: dict = field(default_factory=dict)
@@ -58,14 +63,13 @@ def _first_reply_per_agent(result: RunResult) -> list[tuple[str, int, str]]:
 
 
 def _hit_rates(stats: dict) -> tuple[float, dict]:
-    """Share of uses found on the device: KV in tokens (recomputed tokens count as misses),
-    adapters and private models in requests."""
+    """Share of uses found on the device when the request arrived: KV in tokens (loaded from
+    host or disk, or recomputed, is not a device hit), adapters and private models in requests."""
     per_kind, hits_all, total_all = {}, 0.0, 0.0
     for kind in ("kv", "adapter", "model"):
-        hits = sum(v for k, v in stats.items() if k.startswith(f"hit.{kind}"))
-        misses = sum(v for k, v in stats.items() if k.startswith(f"miss.{kind}"))
-        if kind == "kv":
-            misses += stats.get("recomputed_tokens.kv", 0)
+        hits = stats.get(f"hit.{kind}.device", 0)
+        misses = sum(v for k, v in stats.items() if k.startswith(f"hit.{kind}.") and not k.endswith(".device"))
+        misses += stats.get(f"miss.{kind}", 0)
         if hits + misses:
             per_kind[kind] = round(hits / (hits + misses), 4)
             hits_all, total_all = hits_all + hits / (hits + misses), total_all + 1
@@ -107,7 +111,7 @@ def _run_policy(model: str, policy: str, trace: Trace, folders: dict[str, str], 
                 host_nbytes: int, hint_noise_steps: float, engine_args: dict) -> tuple[RunResult, dict]:
     with tempfile.TemporaryDirectory(prefix="scalesim-bench-") as state_dir:
         llm = AsyncLLM(model, policy=policy, device_memory=device_nbytes, host_memory=host_nbytes,
-                       disk_dir=state_dir, **engine_args)
+                       disk_dir=state_dir, persist_on_exit=False, **engine_args)
         try:
             for name, folder in folders.items():
                 (llm.add_adapter if name.startswith("cluster-") else llm.add_private_model)(name, folder)
@@ -118,7 +122,7 @@ def _run_policy(model: str, policy: str, trace: Trace, folders: dict[str, str], 
             if policy == "oracle":
                 llm.set_future(trace.future())
             result = asyncio.run(run_trace(trace, InProcessTarget(llm), desc=policy, hint_noise_steps=hint_noise_steps))
-            return result, llm.memory_stats()
+            return result, {**llm.memory_stats(), "engine": llm.stats()}
         finally:
             llm.shutdown()
 
@@ -186,6 +190,9 @@ def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tupl
             device_hit_rate_per_kind=per_kind, bytes_loaded=int(stats.get("bytes_in", 0)),
             stall_s=round(stats.get("stall_s", 0.0), 4), recomputed_tokens=int(stats.get("recomputed_tokens", 0)),
             prefetch_used=int(stats.get("prefetch_used", 0)), prefetch_wasted=int(stats.get("prefetch_wasted", 0)),
+            transfer_s=round(stats.get("transfer_s", 0.0), 4), stall_request_s=round(stats.get("stall_request_s", 0.0), 4),
+            preemptions=stats["engine"]["preemptions"], engine_steps=stats["engine"]["steps"],
+            computed_tokens=stats["engine"]["computed_tokens"],
             occupancy=[(round(t, 3), n) for t, n in result.occupancy],
             samples=_first_reply_per_agent(result)[:SAMPLES_PER_RUN], memory=stats))
     runs = []

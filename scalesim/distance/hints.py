@@ -13,12 +13,16 @@ from scalesim.errors import InvalidRequestError
 DEFAULT_SPEED_PER_STEP = 1.0
 
 
+_NUMBERS = (int, float)
+
+
 def _mapping(name: str, value) -> dict:
     if not isinstance(value, dict):
         raise InvalidRequestError(f"hint {name!r} must be an object of agent ids")
-    for agent, number in value.items():
-        if not isinstance(agent, str) or isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
-            raise InvalidRequestError(f"hint {name!r} must map agent ids to non-negative numbers")
+    # two tight passes, not one loop of several checks: a hint may name a million agents
+    if not all(type(agent) is str for agent in value) or not all(
+            type(number) in _NUMBERS and number >= 0 for number in value.values()):
+        raise InvalidRequestError(f"hint {name!r} must map agent ids to non-negative numbers")
     return value
 
 
@@ -64,4 +68,4 @@ def estimate_distances(step: int, distances=None, schedule=None, plans=None, pro
             raise InvalidRequestError("'timestep_data' must map distances to lists of agent ids")
         parts.append(estimators.paper_update(_mapping("agent_data", agent_data or {}),
                                              {d: _agents("timestep_data", a) for d, a in (timestep_data or {}).items()}))
-    return estimators.combine(*parts)
+    return parts[0] if len(parts) == 1 else estimators.combine(*parts)

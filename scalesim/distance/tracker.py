@@ -14,15 +14,15 @@ exactly the agents whose expected step moved. Without steps (a plain OpenAI clie
 clock is seconds since start and `refresh` moves overdue agents by the wall clock.
 
 Agents are tracked once they have state (`track`) or call (`on_request`). Hints naming agents
-not tracked yet are kept in a bounded LRU (`max_untracked`) and counted, so a hint naming a
-million strangers costs a bounded amount of memory; a stranger who later gets state takes its
-pending hint along.
+not tracked yet are counted and the newest of them kept (at most twice `max_untracked`), so a
+hint naming a million strangers costs a bounded amount of memory; a stranger who later gets
+state takes its pending hint along.
 """
 
 import heapq
 import math
 import time
-from collections import OrderedDict
+from itertools import islice
 from collections.abc import Iterable
 
 INF = math.inf
@@ -52,7 +52,7 @@ class DistanceTracker:
         self.started_s = self.step_started_s = clock()
         self.seconds_per_step = DEFAULT_SECONDS_PER_STEP
         self.agents: dict[str, _Agent] = {}
-        self.untracked: OrderedDict[str, float] = OrderedDict()  # agent -> hinted step, bounded LRU
+        self.untracked: dict[str, float] = {}  # agent -> hinted step, most recent last, bounded
         self.max_untracked = max_untracked
         self._hint_expiry: list[tuple[float, str]] = []   # (hinted step, agent), stale entries skipped
         self._learned_due: list[tuple[float, str]] = []   # (learned step, agent), stale entries skipped
@@ -115,6 +115,7 @@ class DistanceTracker:
                 changed.append(agent_id)
             if state.in_flight:
                 state.in_flight_step = float(step)
+                changed.append(agent_id)
         self._learned_due = [(s.learned_step, a) for a, s in self.agents.items() if s.learned_step < INF]
         heapq.heapify(self._learned_due)
         return changed
@@ -143,25 +144,34 @@ class DistanceTracker:
     def hint(self, distances: dict[str, float]) -> tuple[list[str], int]:
         """Set each named agent's distance (steps from now). Return the tracked agents whose
         expected step changed, and how many named agents are not tracked (kept, bounded)."""
-        changed, untracked = [], 0
-        base = self.step
-        agents, pending = self.agents, self.untracked
+        changed, strangers = [], {}
+        base, agents = self.step, self.agents
         for agent_id, distance in distances.items():
-            expected = base + distance
             state = agents.get(agent_id)
             if state is None:
-                untracked += 1
-                pending[agent_id] = expected
-                pending.move_to_end(agent_id)
-                if len(pending) > self.max_untracked:
-                    pending.popitem(last=False)
-            elif state.hinted_step != expected:
-                state.hinted_step = expected
+                strangers[agent_id] = base + distance
+            elif state.hinted_step != base + distance:
+                state.hinted_step = expected = base + distance
                 if expected < INF:
                     heapq.heappush(self._hint_expiry, (expected, agent_id))
                 changed.append(agent_id)
+        if strangers:
+            self._keep_untracked(strangers)
         self._compact()
-        return changed, untracked
+        return changed, len(strangers)
+
+    def _keep_untracked(self, hints: dict[str, float]) -> None:
+        """Keep the newest `max_untracked` hints about agents not tracked (older ones are dropped
+        in bulk, so the cost stays O(1) per hint)."""
+        pending = self.untracked
+        if len(hints) >= self.max_untracked:
+            self.untracked = dict(islice(hints.items(), len(hints) - self.max_untracked, None))
+            return
+        for agent_id in hints:
+            pending.pop(agent_id, None)
+        pending.update(hints)
+        if len(pending) > 2 * self.max_untracked:
+            self.untracked = dict(islice(pending.items(), len(pending) - self.max_untracked, None))
 
     def on_request(self, agent_id: str) -> None:
         self.track(agent_id)

@@ -339,5 +339,6 @@ class LLMEngine:
             "kv_blocks_free": self.pool.num_free, "kv_blocks_cached": self.cache.num_cached_blocks,
             "prompt_tokens": s.prompt_tokens, "cached_prompt_tokens": s.cached_prompt_tokens,
             "preemptions": s.preemptions, "evicted_blocks": s.evicted_blocks,
+            "steps": s.steps, "computed_tokens": s.computed_tokens,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
         }

@@ -38,6 +38,8 @@ class SchedulerStats:
     cached_prompt_tokens: int = 0
     preemptions: int = 0
     evicted_blocks: int = 0
+    steps: int = 0             # batches scheduled
+    computed_tokens: int = 0   # tokens run through the model (prompt chunks and decodes)
 
 
 class MemoryHooks(Protocol):
@@ -114,6 +116,9 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(not_ready))
         self.hooks.reserve_stacks(sum(stacks.values()), exact=True)
+        if batch:
+            self.stats.steps += 1
+            self.stats.computed_tokens += sum(item.num_new_tokens for item in batch)
         return batch
 
     def _stack_room(self, seq: Sequence, stacks: dict[int, int],

@@ -67,18 +67,28 @@ class Evictor:
     def device_room(self, blocks: int, above: tuple | None = None, unlock: bool = False) -> bool:
         """Free device blocks until `blocks` are free; False if impossible. With `above`, only
         objects whose key starts with something strictly larger may be evicted (hysteresis: a
-        prefetch passes the expected step, so it never displaces state needed in the same step)."""
+        prefetch passes the expected step, so it never displaces state needed in the same step).
+        With `unlock`, blocks freed along the way are held back until all are free, so that the
+        engine does not take them while a copy runs with the lock released."""
         if self.tiers.device_free_blocks >= blocks:
             return True
-        with closing(self._victims("device", above)) as victims:
-            for obj, key in victims:
-                if obj.prefetched_nbytes:
-                    self.on_evicted_unused(obj)
-                if self._demote(obj, key, unlock):
-                    self.stats.add("evicted", obj.kind, tier="device")
-                if self.tiers.device_free_blocks >= blocks:
-                    return True
-        return False
+        pool, claimed = self.tiers.pool, 0
+        try:
+            with closing(self._victims("device", above)) as victims:
+                for obj, key in victims:
+                    if unlock:  # what is free now stays ours while the lock is released for a copy
+                        take = min(pool.num_free, blocks - claimed)
+                        pool.reserve(take)
+                        claimed += take
+                    if obj.prefetched_nbytes:
+                        self.on_evicted_unused(obj)
+                    if self._demote(obj, key, unlock):
+                        self.stats.add("evicted", obj.kind, tier="device")
+                    if claimed + self.tiers.device_free_blocks >= blocks:
+                        return True
+            return False
+        finally:
+            pool.unreserve(claimed)
 
     def _demote(self, obj: ResidentObject, key: tuple, unlock: bool) -> bool:
         if self.host_room(obj.nbytes, key, unlock) and self.mover.fits(obj, "host"):

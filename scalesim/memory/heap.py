@@ -7,6 +7,7 @@ import itertools
 from operator import neg
 
 _order = itertools.count()
+CLEANED_PER_PUSH = 2
 
 
 def negated(key: tuple) -> tuple:
@@ -33,8 +34,14 @@ class LazyHeap:
             return
         version = next(_order)  # never reused, so an entry discarded earlier cannot come back
         self._version[name] = (version, key)
-        heapq.heappush(self._entries, (key, version, name))
-        if len(self._entries) > 4 * len(self._version) + 64:
+        entries = self._entries
+        heapq.heappush(entries, (key, version, name))
+        for _ in range(CLEANED_PER_PUSH):  # superseded entries on top go now, not at the next decision
+            top = entries[0]
+            if self._version.get(top[2], (None,))[0] == top[1]:
+                break
+            heapq.heappop(entries)
+        if len(entries) > 4 * len(self._version) + 64:
             self._entries = [e for e in self._entries if self._version.get(e[2], (None,))[0] == e[1]]
             heapq.heapify(self._entries)
 

@@ -26,6 +26,7 @@ INF = math.inf
 WANTED = "wanted"  # the members of a group that are off the device, smallest key first
 _RANKED = (*TIERS, WANTED)
 _order = itertools.count()
+OWNER_HEAP_MIN_OWNERS = 9  # fewer owners than this: the nearest is remembered, found again by a direct min
 
 
 class _Members:
@@ -48,7 +49,8 @@ class ObjectIndex:
         self.objects: dict[str, ResidentObject] = {}
         self.by_agent: dict[str, set[ResidentObject]] = {}
         self._shared: dict[str, set[ResidentObject]] = {}   # agent -> its objects that other agents own too
-        self._owner_heaps: dict[str, list[tuple[float, str]]] = {}
+        self._owner_heaps: dict[str, list[tuple[float, str]]] = {}  # many owners: a lazy heap of them
+        self._nearest_owner: dict[str, tuple[float, str]] = {}  # few owners: (key, agent) of the nearest
         self._ranks = {tier: LazyHeap() for tier in (*TIERS, WANTED)}  # groups by their best member
         self._members: dict[str, dict] = {tier: {} for tier in (*TIERS, WANTED)}  # tier -> group -> _Members
         self._placed: dict[str, tuple] = {}  # object key -> (version, group, tier) of its live entries
@@ -80,6 +82,7 @@ class ObjectIndex:
         self._unplace(obj)
         del self.objects[obj.key]
         self._owner_heaps.pop(obj.key, None)
+        self._nearest_owner.pop(obj.key, None)
         for agent in obj.owners:
             for table in (self.by_agent, self._shared):
                 owned = table.get(agent)
@@ -99,6 +102,7 @@ class ObjectIndex:
             heap = self._owner_heaps.get(obj.key)
             if heap is not None:
                 heapq.heappush(heap, (self._agent_key(agent_id), agent_id))
+            self._nearest_owner.pop(obj.key, None)
             self.rekey(obj)
 
     def _note_shared(self, obj: ResidentObject) -> None:
@@ -115,6 +119,10 @@ class ObjectIndex:
         owners = obj.owners
         if len(owners) <= 1:
             return self._agent_key(next(iter(owners))) if owners else INF
+        if len(owners) < OWNER_HEAP_MIN_OWNERS:
+            nearest = min((self._agent_key(a), a) for a in owners)
+            self._nearest_owner[obj.key] = nearest
+            return nearest[0]
         heap = self._owner_heaps.get(obj.key)
         if heap is None or len(heap) > 2 * len(owners) + 8:
             heap = self._owner_heaps[obj.key] = [(self._agent_key(a), a) for a in owners]
@@ -220,22 +228,16 @@ class ObjectIndex:
                     self._owner_moved(obj, agent, value)
 
     def _rerank(self, tier: str, group, value: float) -> None:
-        """A group's agent key is now `value`. Rank entries are corrected eagerly only where the
-        change can bring the group to the top (a larger key in a tier, a smaller one in
-        `wanted`); the other direction is corrected when the entry reaches the top (`_top`)."""
+        """A group's agent key is now `value`: re-rank it in `tier` (its best member is unchanged)."""
         ranks = self._ranks[tier]
         ranked = ranks.key_of(group)
-        if ranked is None:
-            return
-        if tier == WANTED:
-            if value < ranked[0]:
-                ranks.push(group, (value, *ranked[1:]))
-        elif value > -ranked[0]:
-            ranks.push(group, (-value, *ranked[1:]))
+        if ranked is not None:
+            ranks.push(group, (value, *ranked[1:]) if tier == WANTED else (-value, *ranked[1:]))
 
     def _owner_moved(self, obj: ResidentObject, agent: str, value: float) -> None:
-        """One owner of a shared object has a new agent key: re-rank the object only if its
-        nearest owner may have changed (this owner is nearer than the nearest, or was it)."""
+        """One owner of a shared object has a new agent key: re-rank the object if its nearest
+        owner's key changed (for many owners, known without looking at them all: only if this
+        owner is now nearer than the nearest, or was the nearest)."""
         heap = self._owner_heaps.get(obj.key)
         if heap is not None:
             nearest_value, nearest_agent = heap[0]
@@ -244,12 +246,20 @@ class ObjectIndex:
                 if len(heap) > 2 * len(obj.owners) + 8:
                     self.nearest(obj)  # rebuilds it
                 return  # another owner is at least as near, and its entry is current
+        else:
+            known = self._nearest_owner.get(obj.key)
+            if known is not None and value >= known[0] and known[1] != agent:
+                return  # another owner is at least as near
         placed = self._placed.get(obj.key)
-        if placed is not None:
-            nearest = self.nearest(obj)
-            self._rerank(placed[2], obj, nearest)
-            if placed[2] != "device":
-                self._rerank(WANTED, obj, nearest)
+        if placed is None:
+            return
+        nearest = self.nearest(obj)
+        ranked = self._ranks[placed[2]].key_of(obj)
+        if ranked is not None and -ranked[0] == nearest:
+            return  # its nearest owner's key did not move
+        self._rerank(placed[2], obj, nearest)
+        if placed[2] != "device":
+            self._rerank(WANTED, obj, nearest)
 
     # --- reading the order ---------------------------------------------------------------
     def _top(self, tier: str) -> tuple[ResidentObject, tuple] | None:
@@ -264,11 +274,6 @@ class ObjectIndex:
                     self._placed.get(members.entries[0][2], (None,))[0] != members.entries[0][1]:
                 self._refresh(tier, group)  # its best member left: rank it by the next one
                 continue
-            if self.grouped:
-                value = self._group_value(group)
-                if value != (rank_key[0] if tier == WANTED else -rank_key[0]):
-                    self._refresh(tier, group, value)  # an agent key corrected lazily (see _rerank)
-                    continue
             return self.objects[members.entries[0][2]], rank_key
 
     def top(self, tier: str) -> tuple[ResidentObject, tuple] | None:

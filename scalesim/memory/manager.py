@@ -12,11 +12,11 @@ Contract:
 - `serve_on_demand`, `prefetch_once` and `write_back_once` are the transfer threads' work: each
   move claims room, copies with the lock released, and commits (memory/mover.py).
 The parts: tiers.py (budgets and bytes held), index.py (keys and heaps), eviction.py (victims),
-loads.py (on-demand groups and holds), prefetch.py (admission), mover.py (three-phase moves).
+loads.py (on-demand groups and holds), prefetch.py (admission), mover.py (three-phase moves),
+writeback.py (disk writes off the engine thread).
 """
 
 import itertools
-import logging
 import math
 import threading
 from collections import Counter, defaultdict
@@ -32,9 +32,8 @@ from scalesim.memory.prefetch import PrefetchSettings, Prefetcher
 from scalesim.memory.resident import ResidentObject, TierBandwidth
 from scalesim.memory.stats import MemoryStats
 from scalesim.memory.tiers import Tiers
+from scalesim.memory.writeback import DiskWriter
 
-logger = logging.getLogger(__name__)
-HOST_FREE_FRACTION_TARGET = 0.1  # the transfer threads keep this share of the host free (writing to disk)
 HINT_CHUNK_AGENTS = 20_000
 DEFAULT_WRITE_BUFFER_NBYTES = 64 * 2**20  # demotions to disk staged for the transfer threads to write
 
@@ -60,6 +59,7 @@ class MemoryManager:
         self.prefetcher = Prefetcher(self.index, self.ctx.bandwidth, prefetch or PrefetchSettings())
         self.evictor = Evictor(self.index, self.tiers, self.mover, self.stats, self._evictable, self.forget,
                                self._evicted_unused)
+        self.writer = DiskWriter(self.index, self.tiers, self.mover, self.evictor, self.forget)
         self._loading: set[str] = set()   # objects that room is being made for
         self._future_by_step: dict[float, list[str]] = {}
         self.loaded = threading.Event()   # set after an on-demand load commits: the engine re-schedules
@@ -219,7 +219,7 @@ class MemoryManager:
                 and not self.loads.is_held(obj.key) and obj.key not in self._loading)
 
     def _evicted_unused(self, obj: ResidentObject) -> None:
-        self.prefetcher.wasted(obj, self.tracker.step)
+        self.prefetcher.wasted(obj)
         self.stats.add("prefetch_wasted", obj.kind)
 
     def make_device_room(self, blocks: int, only_above: tuple | None = None) -> bool:
@@ -374,64 +374,28 @@ class MemoryManager:
 
     # --- prefetch and write-back (transfer threads) ------------------------------------------------
     def prefetch_once(self, unlock: bool = False) -> int:
-        """Promote the off-device objects whose owners call soonest, within the admission rule
-        of memory/prefetch.py and the bytes-in-flight bound; return the bytes moved."""
+        """Promote the off-device objects whose owners call soonest (memory/prefetch.py); return
+        the bytes moved."""
         if not self.policy.prefetch:
             return 0
-        moved = 0
         with self.lock:
-            while moved < self.prefetch_settings.max_bytes_in_flight:
-                found = self.prefetcher.candidate(self.tiers.device_budget_nbytes)
-                if found is None:
-                    return moved
-                obj, above = found
-                if not self.promote(obj, prefetch=True, only_above=above, unlock=unlock):
-                    return moved
-                moved += obj.nbytes
-        return moved
+            return self.prefetcher.run(self.tiers.device_budget_nbytes,
+                                       lambda obj, above: self.promote(obj, True, above, unlock))
 
     def flush_writes_once(self, unlock: bool = False) -> int:
-        """Write the pages staged for disk by the engine thread; return how many were written. One
-        that cannot be written (the disk is full) is forgotten, so the buffer never clogs."""
-        written = 0
+        """Write the pages the engine thread staged for disk; return how many were written."""
         with self.lock:
-            for key in list(self.tiers.staged):
-                obj = self.index.get(key)
-                if obj is None or not obj.write_pending or obj.moving_to is not None:
-                    continue
-                if self.mover.move(obj, "disk", unlock=unlock):
-                    written += 1
-                elif obj.write_pending and obj.droppable():
-                    self.forget(obj)
-        return written
+            return self.writer.flush_staged(unlock)
 
     def write_back_once(self, unlock: bool = False) -> int:
-        """Keep a share of the host free by writing its farthest objects to disk ahead of need,
-        so that demotions on the engine thread never wait for a file; return the bytes written."""
-        if self.store is None:
-            return 0
+        """Keep a share of the host free by writing its farthest objects to disk ahead of need."""
         with self.lock:
-            target = self.tiers.host_budget_nbytes * HOST_FREE_FRACTION_TARGET
-            written = 0
-            if self.tiers.host_free_nbytes < target:
-                before = self.tiers.host_free_nbytes
-                self.evictor.host_room(math.ceil(target), unlock=unlock, may_forget=False)
-                written = max(0, self.tiers.host_free_nbytes - before)
-            return written
+            return self.writer.keep_host_free(unlock)
 
     def persist(self) -> int:
-        """A clean shutdown: write every unpinned KV object that has no disk copy yet, so a
-        restart finds the whole tree; return how many were written."""
-        if self.store is None:
-            return 0
-        written = 0
+        """A clean shutdown: a disk copy of every unpinned KV object, so a restart finds the tree."""
         with self.lock:
-            for obj in list(self.index.objects.values()):
-                if (obj.writes_to_disk and not obj.has_disk_copy and (obj.tier in ("device", "host") or obj.write_pending)
-                        and obj.pin_count == 0 and obj.moving_to is None and self.mover.fits(obj, "disk")):
-                    written += self.mover.move(obj, "disk", unlock=True)
-        logger.info("persisted %d KV objects to %s", written, self.store.root)
-        return written
+            return self.writer.persist()
 
     # --- reports -------------------------------------------------------------------------
     def usage(self) -> dict[str, int]:

@@ -3,12 +3,15 @@
 The candidate is the off-device object whose owners call soonest. It is admitted while its call
 lies within `horizon_steps`, or sooner than its load time plus `margin_s`; while the bytes
 prefetched and not yet used stay under `max_prefetched_device_fraction` of the device (so that
-speculation never crowds out the requests running or waiting now); and unless it was prefetched
-and pushed out unused in this very step (no ping-pong). Room for it may only be made from objects
-whose owners call in a strictly later step (hysteresis).
+speculation never crowds out the requests running or waiting now); and while nothing prefetched
+for its step or an earlier one was pushed out unused in this step: such a waste shows that the
+device cannot hold state that far ahead now, so the lookahead shrinks to the nearer steps until
+the simulation moves on (no ping-pong). Room for it may only be made from objects whose owners
+call in a strictly later step (hysteresis).
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from scalesim.memory.index import ObjectIndex
@@ -35,7 +38,7 @@ class Prefetcher:
         self.bandwidth = bandwidth
         self.settings = settings
         self.prefetched_nbytes = 0  # on the device by prefetch and not used yet
-        self._wasted_at_step: dict[str, int] = {}
+        self._lookahead_limit = math.inf  # expected steps at or past this are not prefetched in this step
         self._unused: dict[str, tuple[ResidentObject, float]] = {}  # prefetched, not used yet -> step it was for
 
     def mark(self, obj: ResidentObject, for_step: float) -> None:
@@ -57,13 +60,26 @@ class Prefetcher:
             self.unmark(obj)
         return gone
 
-    def wasted(self, obj: ResidentObject, step: int) -> None:
-        """A prefetched object was pushed out before any request used it."""
+    def wasted(self, obj: ResidentObject) -> None:
+        """A prefetched object was pushed out before any request used it: stop prefetching that
+        far ahead for the rest of this step."""
+        for_step = self._unused.get(obj.key, (None, math.inf))[1]
+        self._lookahead_limit = min(self._lookahead_limit, for_step)
         self.unmark(obj)
-        self._wasted_at_step[obj.key] = step
 
     def new_step(self) -> None:
-        self._wasted_at_step.clear()
+        self._lookahead_limit = math.inf
+
+    def run(self, device_nbytes: int, promote: Callable[[ResidentObject, tuple], bool]) -> int:
+        """Prefetch candidates while admitted, within the bytes-in-flight bound; return the bytes
+        moved. `promote(obj, above)` loads one, displacing only objects with keys above `above`."""
+        moved = 0
+        while moved < self.settings.max_bytes_in_flight:
+            found = self.candidate(device_nbytes)
+            if found is None or not promote(*found):
+                return moved
+            moved += found[0].nbytes
+        return moved
 
     def candidate(self, device_nbytes: int) -> tuple[ResidentObject, tuple] | None:
         """The next object to prefetch and the key prefix it may displace objects above, or None."""
@@ -81,9 +97,11 @@ class Prefetcher:
                         distance_steps > settings.horizon_steps
                         and distance_steps * tracker.seconds_per_step > obj.reload_seconds(self.bandwidth) + settings.margin_s):
                     return None
+                if expected >= self._lookahead_limit:
+                    return None
                 if self.prefetched_nbytes + obj.nbytes > settings.max_prefetched_device_fraction * device_nbytes:
                     return None
-                if obj.moving_to is not None or obj.load_error is not None or obj.key in self._wasted_at_step:
+                if obj.moving_to is not None or obj.load_error is not None:
                     self.index.take(obj)
                     passed_over.append(obj)
                     continue

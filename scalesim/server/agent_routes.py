@@ -5,6 +5,8 @@ import logging
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from scalesim.server.agent_store import AgentRecord
 from scalesim.server.chat_render import render_prompt
@@ -87,11 +89,22 @@ def _hint(state: ServerState, step: int | None, hints: dict) -> dict:
     return {"object": "hint_result", **accepted}
 
 
-@router.post("/v1/hints")
-async def hints(body: HintBatch, request: Request):
+def _parse_hints(raw: bytes) -> HintBatch:
+    """The body of POST /v1/hints, parsed and validated in one pass (a hint may name a million
+    agents: this runs off the event loop, and without copying the maps again)."""
+    try:
+        return HintBatch.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+
+
+@router.post("/v1/hints", openapi_extra={"requestBody": {"content": {"application/json": {
+    "schema": HintBatch.model_json_schema()}}, "required": True}})
+async def hints(request: Request):
     """Invocation-distance hints for the coming steps (see scalesim.distance.hints). Agents the
     server does not know yet are accepted and counted: they may call later."""
-    fields = body.model_dump(exclude={"step"})
+    body = await run_in_threadpool(_parse_hints, await request.body())
+    fields = {name: getattr(body, name) for name in body.model_fields_set if name != "step"}
     return await run_in_threadpool(_hint, server_state(request), body.step, fields)
 
 

@@ -1,5 +1,9 @@
-"""The agent registry on disk: one SQLite row per registered agent, restored after a restart."""
+"""The agent registry on disk: one SQLite row per registered agent, restored after a restart.
+A registry file that cannot be read is moved aside with a warning and a new one started: the
+server always starts (the agents' state on the disk tier is kept by the memory layer)."""
 
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -7,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REGISTRY_FILE = "agents.sqlite"
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS agents (agent_id TEXT PRIMARY KEY, adapter_path TEXT, model_path TEXT, "
+           "prefix TEXT, created_s REAL NOT NULL, adapter TEXT, model TEXT)")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,10 +35,24 @@ class AgentStore:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
         self.path = str(Path(state_dir) / REGISTRY_FILE) if state_dir is not None else ":memory:"
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL" if state_dir is not None else "PRAGMA journal_mode=MEMORY")
-        self._db.execute("CREATE TABLE IF NOT EXISTS agents (agent_id TEXT PRIMARY KEY, adapter_path TEXT, "
-                         "model_path TEXT, prefix TEXT, created_s REAL NOT NULL, adapter TEXT, model TEXT)")
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            aside = f"{self.path}.corrupt-{int(time.time())}"
+            logger.warning("the agent registry %s is unreadable (%s); moved to %s, starting an empty one",
+                           self.path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+            self._db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL" if self.path != ":memory:" else "PRAGMA journal_mode=MEMORY")
+        db.execute(_SCHEMA)
+        db.execute("SELECT * FROM agents LIMIT 1").fetchall()
+        db.execute("PRAGMA quick_check").fetchall()
+        return db
 
     def put(self, record: AgentRecord) -> None:
         with self._lock:
@@ -50,7 +71,14 @@ class AgentStore:
 
     def all(self) -> list[AgentRecord]:
         with self._lock:
-            return [AgentRecord(*row) for row in self._db.execute("SELECT * FROM agents ORDER BY created_s")]
+            rows = self._db.execute("SELECT * FROM agents ORDER BY created_s").fetchall()
+        records = []
+        for row in rows:
+            if all(v is None or isinstance(v, str) for i, v in enumerate(row) if i != 4) and isinstance(row[4], (int, float)):
+                records.append(AgentRecord(*row))
+            else:
+                logger.warning("agent registry row %r is unreadable; skipped", row[0])
+        return records
 
     def close(self) -> None:
         with self._lock:
