@@ -35,7 +35,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="context length cap in tokens (default: the model's)")
     memory = parser.add_argument_group("memory tiers")
     memory.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
-                        help=f"what to evict and prefetch: scalesim (invocation distance), lru (SGLang-like), lfu, "
+                        help=f"what to evict and prefetch: scalesim (invocation distance), lru (recency, no prefetch), lfu, "
                              f"oracle (true future), ideal (unbounded device) (default: {DEFAULT_POLICY})")
     memory.add_argument("--device-memory", default=None,
                         help="byte budget of the device tier (KV pages, adapters and private models together); "

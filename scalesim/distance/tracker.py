@@ -23,7 +23,6 @@ import heapq
 import math
 import time
 from itertools import islice
-from collections.abc import Iterable
 
 INF = math.inf
 DEFAULT_SECONDS_PER_STEP = 1.0
@@ -64,11 +63,6 @@ class DistanceTracker:
             state = self.agents[agent_id] = _Agent(self.untracked.pop(agent_id, INF))
             if state.hinted_step < INF:
                 heapq.heappush(self._hint_expiry, (state.hinted_step, agent_id))
-
-    def forget(self, agent_id: str) -> None:
-        """The agent is gone: drop its estimates (stale heap entries are skipped later)."""
-        self.agents.pop(agent_id, None)
-        self.untracked.pop(agent_id, None)
 
     # --- the clock -----------------------------------------------------------------------
     def now_step(self) -> float:
@@ -237,6 +231,3 @@ class DistanceTracker:
 
     def is_tracked(self, agent_id: str) -> bool:
         return agent_id in self.agents
-
-    def tracked(self) -> Iterable[str]:
-        return self.agents.keys()

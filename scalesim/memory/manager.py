@@ -114,11 +114,7 @@ class MemoryManager:
         with self.lock:
             if obj.tier == "host" and obj.nbytes > self.tiers.host_free_nbytes:
                 obj.move_to("disk")
-            if obj.tier == "host":
-                self.index.add(obj)
-                self.tiers.claim_host(obj.nbytes)
-            else:
-                self.index.add(obj)
+            self.add(obj)
             self.promote(obj)
 
     def touch(self, obj: ResidentObject, agent_id: str | None) -> None:
@@ -142,15 +138,7 @@ class MemoryManager:
         with self.lock:
             return sorted(self.index.of_agent(agent_id), key=lambda o: o.key)
 
-    def forget_agent(self, agent_id: str) -> None:
-        with self.lock:
-            self.tracker.forget(agent_id)
-
     # --- invocation distance ----------------------------------------------------------------
-    def agents_changed(self, agents) -> None:
-        with self.lock:
-            self.index.agents_changed(agents)
-
     def advance(self, step: int) -> int:
         """The simulation reached `step`; return how many agents' expected step moved."""
         with self.lock:
