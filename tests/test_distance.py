@@ -18,6 +18,7 @@ def _calls(tracker: DistanceTracker, clock: Clock, agent: str, times: list[float
 def test_distances_decay_by_one_per_step_and_a_request_sets_zero():
     tracker = DistanceTracker()
     tracker.track("alice")
+    tracker.advance(0)
     tracker.hint({"alice": 5})
     tracker.advance(2)
     assert tracker.distance("alice") == 3
@@ -30,9 +31,34 @@ def test_distances_decay_by_one_per_step_and_a_request_sets_zero():
 def test_a_hint_lasts_its_whole_step_and_is_spent_after_it():
     tracker = DistanceTracker()
     tracker.track("alice")
+    tracker.advance(0)
     tracker.hint({"alice": 0})
     assert tracker.advance(0) == [] and tracker.expected_step("alice") == 0
     assert tracker.advance(1) == ["alice"] and tracker.expected_step("alice") == float("inf")
+
+
+def test_without_steps_a_hint_counts_from_now_and_is_spent_by_the_wall_clock():
+    clock = Clock()
+    tracker = DistanceTracker(clock=clock)
+    tracker.track("alice")
+    clock.now_s = 1000.0
+    tracker.hint({"alice": 5})  # a client that never sends steps: 5 seconds-steps from now
+    assert tracker.distance("alice") == pytest.approx(5.0)
+    clock.now_s = 1004.0
+    assert tracker.refresh() == [] and tracker.distance("alice") == pytest.approx(1.0)
+    clock.now_s = 1006.0
+    assert tracker.refresh() == ["alice"] and tracker.expected_step("alice") == float("inf")
+
+
+def test_the_first_step_re_expresses_a_pending_seconds_hint_as_steps():
+    clock = Clock()
+    tracker = DistanceTracker(clock=clock)
+    tracker.track("alice")
+    clock.now_s = 10.0
+    tracker.hint({"alice": 3})
+    clock.now_s = 11.0
+    assert tracker.advance(4) == ["alice"]
+    assert tracker.expected_step("alice") == pytest.approx(4 + 2.0 / tracker.seconds_per_step)
 
 
 def test_without_hints_the_learned_fallback_uses_the_agents_own_inter_arrival_time():
@@ -82,6 +108,7 @@ def test_the_first_simulation_step_rebases_estimates_made_on_the_seconds_clock()
 
 def test_hints_about_agents_nobody_tracks_are_bounded_and_adopted_later():
     tracker = DistanceTracker(max_untracked=100)
+    tracker.advance(0)
     changed, strangers = tracker.hint({f"s{i}": 3 for i in range(10_000)})
     assert (changed, strangers) == ([], 10_000) and len(tracker.untracked) <= 100
     tracker.hint({"late": 4})

@@ -36,8 +36,9 @@ def _eventually(condition, timeout_s: float = 10.0) -> bool:
 
 
 def measured_device_nbytes(llm: LLM) -> int:
-    """What the device tier really holds, from the tensors: KV pages in use, the storage of every
-    weight tensor on the device, and the step's stacked LoRA buffers."""
+    """What the device tier holds in use, from the tensors: KV pages in use, the storage of every
+    weight tensor on the device, and the step's stacked LoRA buffers. (The pool tensor itself is
+    allocated once at the full budget, so physically weights and stacks come on top of it.)"""
     engine = llm.engine
     storages = {}
     tensors = [t for h in engine.weights.handles() if h.tier == "device" for t in h.tensors()]

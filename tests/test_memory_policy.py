@@ -170,6 +170,7 @@ def test_a_step_costs_what_changed_not_the_population():
     for i, agent in enumerate(agents):
         for j in range(5):  # five objects each, as an agent's conversation pages are
             add(manager, FakeWeights(f"{agent}-{j}", block, [agent], tier="disk"))
+    manager.advance(0)  # the simulation's clock starts (hints before it count in seconds)
     manager.hint({a: 10 + i % 40 for i, a in enumerate(agents)})
     calls.clear()
     manager.advance(1)  # no hint expires, no learned estimate is due: nothing to re-rank
@@ -249,3 +250,31 @@ def test_a_heap_entry_discarded_earlier_never_comes_back():
     assert heap.pop() == ("b", (-50,))
     assert heap.pop() == ("a", (-1,))
     assert heap.pop() is None
+
+
+class _PinsDuringCopy(FakeWeights):
+    """A host object whose copy to disk lets a request take `victim` meanwhile (as the engine
+    does while a transfer thread runs with the lock released)."""
+
+    def __init__(self, *args, victim: FakeWeights, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.victim = victim
+
+    def transfer(self) -> None:
+        self.victim.pins += 1
+
+
+def test_a_victim_taken_by_a_request_while_room_was_made_below_it_stays_put():
+    manager = make_manager(blocks=8)
+    block = manager.pool.block_nbytes
+    manager.tiers.host_budget_nbytes = 2 * block
+    victim = add(manager, FakeWeights("victim", 2 * block, ["near"], tier="disk"), device=True)
+    add(manager, _PinsDuringCopy("farther", 2 * block, ["far"], tier="host", victim=victim))
+    manager.advance(0)
+    manager.hint({"near": 1, "far": 5})
+    free_before = manager.tiers.device_free_blocks
+    with manager.lock:  # a transfer thread: copies run with the lock released
+        made = manager.evictor.device_room(free_before + 2, unlock=True)
+    assert not made and victim.tier == "device" and victim.moves == ["device"], "a pinned victim never moves"
+    assert manager.tiers.host_used_nbytes == 0, "the host room made for it is not leaked"
+    assert manager.tiers.device_free_blocks == free_before

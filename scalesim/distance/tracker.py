@@ -11,7 +11,8 @@ step costs nothing and a key built from one stays valid until that agent's estim
   doubles the wait, so an agent that went quiet costs O(log) updates, not one per period.
 Spent hints and overdue learned estimates sit in two lazily invalidated heaps, so `advance` pops
 exactly the agents whose expected step moved. Without steps (a plain OpenAI client) the step
-clock is seconds since start and `refresh` moves overdue agents by the wall clock.
+clock is seconds since start: a hinted distance counts from now, and `refresh` spends hints and
+moves overdue agents by the wall clock (the first simulation step re-expresses them as steps).
 
 Agents are tracked once they have state (`track`) or call (`on_request`). Hints naming agents
 not tracked yet are counted and the newest of them kept (at most twice `max_untracked`), so a
@@ -90,34 +91,44 @@ class DistanceTracker:
             self.refresh()  # overdue estimates move on the seconds clock first
             changed = self._rebase_to_steps(step, now)
         self.step, self.step_started_s, self.stepped = max(step, self.step), now, True
-        while self._hint_expiry and self._hint_expiry[0][0] < self.step:
-            hinted, agent_id = heapq.heappop(self._hint_expiry)
-            state = self.agents.get(agent_id)
-            if state is not None and state.hinted_step == hinted:
-                state.hinted_step = INF
-                changed.append(agent_id)
         return changed + self.refresh()
 
     def _rebase_to_steps(self, step: int, now_s: float) -> list[str]:
         """The first simulation step: learned estimates made on the seconds clock are re-expressed
         as steps after this one (once per process)."""
         now_virtual = (now_s - self.started_s) / self.seconds_per_step
+
+        def rebased(expected: float) -> float:
+            return step + max(0.0, expected - now_virtual)
+
         changed = []
         for agent_id, state in self.agents.items():
-            if state.learned_step < INF:
-                state.learned_step = step + max(0.0, state.learned_step - now_virtual)
+            if state.learned_step < INF or state.hinted_step < INF or state.in_flight:
                 changed.append(agent_id)
+            if state.learned_step < INF:
+                state.learned_step = rebased(state.learned_step)
+            if state.hinted_step < INF:
+                state.hinted_step = rebased(state.hinted_step)
             if state.in_flight:
                 state.in_flight_step = float(step)
-                changed.append(agent_id)
         self._learned_due = [(s.learned_step, a) for a, s in self.agents.items() if s.learned_step < INF]
+        self._hint_expiry = [(s.hinted_step, a) for a, s in self.agents.items() if s.hinted_step < INF]
         heapq.heapify(self._learned_due)
+        heapq.heapify(self._hint_expiry)
+        self.untracked = {a: rebased(h) for a, h in self.untracked.items()}
         return changed
 
     def refresh(self) -> list[str]:
-        """Move every learned estimate that the clock has passed unmet one period on; return them."""
+        """Spend the hints for steps the clock has passed, and move every learned estimate it has
+        passed unmet one period on; return the agents whose expected step changed."""
         now_step = self.now_step()
         changed = []
+        while self._hint_expiry and self._hint_expiry[0][0] < now_step:
+            hinted, agent_id = heapq.heappop(self._hint_expiry)
+            state = self.agents.get(agent_id)
+            if state is not None and state.hinted_step == hinted:
+                state.hinted_step = INF
+                changed.append(agent_id)
         while self._learned_due and self._learned_due[0][0] < now_step:
             due, agent_id = heapq.heappop(self._learned_due)
             state = self.agents.get(agent_id)
@@ -139,7 +150,7 @@ class DistanceTracker:
         """Set each named agent's distance (steps from now). Return the tracked agents whose
         expected step changed, and how many named agents are not tracked (kept, bounded)."""
         changed, strangers = [], {}
-        base, agents = self.step, self.agents
+        base, agents = self.now_step(), self.agents  # without steps: seconds since start
         for agent_id, distance in distances.items():
             state = agents.get(agent_id)
             if state is None:

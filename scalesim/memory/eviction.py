@@ -80,10 +80,10 @@ class Evictor:
                         take = min(pool.num_free, blocks - claimed)
                         pool.reserve(take)
                         claimed += take
-                    if obj.prefetched_nbytes:
-                        self.on_evicted_unused(obj)
                     if self._demote(obj, key, unlock):
                         self.stats.add("evicted", obj.kind, tier="device")
+                        if obj.prefetched_nbytes:  # (a forgotten object was counted by `forget`)
+                            self.on_evicted_unused(obj)
                     if claimed + self.tiers.device_free_blocks >= blocks:
                         return True
             return False
@@ -91,9 +91,18 @@ class Evictor:
             pool.unreserve(claimed)
 
     def _demote(self, obj: ResidentObject, key: tuple, unlock: bool) -> bool:
-        if self.host_room(obj.nbytes, key, unlock) and self.mover.fits(obj, "host"):
-            return self.mover.move(obj, "host", unlock)
+        if self.host_room(obj.nbytes, key, unlock):
+            if not self._still_evictable(obj, "device"):
+                return False
+            if self.mover.fits(obj, "host"):
+                return self.mover.move(obj, "host", unlock)
+        elif not self._still_evictable(obj, "device"):
+            return False
         return self._below_host(obj, key, unlock)
+
+    def _still_evictable(self, obj: ResidentObject, tier: str) -> bool:
+        """Making room below released the lock for a copy: a request may have taken `obj` since."""
+        return obj in self.index and self.evictable(obj, tier)
 
     def _below_host(self, obj: ResidentObject, key: tuple, unlock: bool, may_forget: bool = True) -> bool:
         """Put a device or host object on disk, or forget it; False if it must stay."""

@@ -40,7 +40,7 @@ class KVObjects:
             self.manager.add(obj)
             if lower.resident is not None:
                 self.manager.index.rekey(lower.resident)
-            self._attach_orphans(upper)
+            self._attach_orphans(upper, may_split=False)  # the caller holds `upper`: keep its edge
 
     def node_revived(self, node, blocks: list[int]) -> None:
         obj = node.resident
@@ -84,17 +84,19 @@ class KVObjects:
         obj = self._new_object(node, tier="disk")
         obj.disk_key = key
         self.manager.add(obj)
-        return 1 + self._attach_orphans(node)
+        return 1 + self._attach_orphans(node, may_split=False)
 
-    def _attach_orphans(self, node) -> int:
-        """Attach the orphans whose parent path ends inside or at the end of `node`'s edge (the
-        node is split where one ends inside it)."""
+    def _attach_orphans(self, node, may_split: bool = True) -> int:
+        """Attach the orphans whose parent path ends at the end of `node`'s edge, and with
+        `may_split` those whose parent ends inside it (the node is split there). Only a new
+        node on the device is split: an off-device node's pages cannot be cut, and a node the
+        cache is walking must keep its edge. Orphans inside such a node keep waiting."""
         if not self.orphans:
             return 0
         page, path = self.cache.page, path_tokens(node)
         keys = page_keys(node.namespace, path, page)
         first = (len(path) - len(node.tokens)) // page
-        for boundary in range(first, len(keys) - 1):
+        for boundary in range(first, len(keys) - 1) if may_split and node.on_device else ():
             if keys[boundary] in self.orphans:
                 self.cache.split(node, boundary + 1 - first)  # node_split attaches them to the upper part
                 return self._attach_orphans(node)

@@ -26,7 +26,7 @@ from scalesim.memory.disk_store import DiskStore
 from scalesim.memory.eviction import Evictor
 from scalesim.memory.index import ObjectIndex
 from scalesim.memory.loads import LoadGroups
-from scalesim.memory.mover import Mover
+from scalesim.memory.mover import MoveRefused, Mover
 from scalesim.memory.policies import Policy, PolicyContext
 from scalesim.memory.prefetch import PrefetchSettings, Prefetcher
 from scalesim.memory.resident import ResidentObject, TierBandwidth
@@ -59,7 +59,7 @@ class MemoryManager:
         self.prefetcher = Prefetcher(self.index, self.ctx.bandwidth, prefetch or PrefetchSettings())
         self.evictor = Evictor(self.index, self.tiers, self.mover, self.stats, self._evictable, self.forget,
                                self._evicted_unused)
-        self.writer = DiskWriter(self.index, self.tiers, self.mover, self.evictor, self.forget)
+        self.writer = DiskWriter(self.index, self.tiers, self.mover, self.evictor, self.forget_tree)
         self._loading: set[str] = set()   # objects that room is being made for
         self._future_by_step: dict[float, list[str]] = {}
         self.loaded = threading.Event()   # set after an on-demand load commits: the engine re-schedules
@@ -89,10 +89,10 @@ class MemoryManager:
     def add(self, obj: ResidentObject) -> None:
         """Start managing `obj` in its current tier (its room there must be free: see `place`)."""
         with self.lock:
-            if obj.tier == "device":
-                assert self.tiers.reserve_device(obj), f"make room before adding {obj.key} to the device"
-            elif obj.tier == "host":
-                assert self.tiers.claim_host(obj.nbytes), f"make room before adding {obj.key} to the host"
+            if obj.tier == "device" and not self.tiers.reserve_device(obj):
+                raise MoveRefused(f"make room before adding {obj.key} to the device")
+            if obj.tier == "host" and not self.tiers.claim_host(obj.nbytes):
+                raise MoveRefused(f"make room before adding {obj.key} to the host")
             self.index.add(obj)
 
     def remove(self, obj: ResidentObject) -> None:
@@ -246,6 +246,7 @@ class MemoryManager:
         with self.lock:
             if old_tier == "host":
                 self.tiers.release_host(obj.nbytes)
+            obj.load_error = None  # fresh pages replace a bad copy
             self.tiers.settle(obj)
             if obj.prefetched_nbytes:
                 self.prefetcher.unmark(obj)
@@ -268,8 +269,9 @@ class MemoryManager:
         with self.lock:
             if obj.ready_on_device:
                 return True
-            if obj.moving_to is not None or obj not in self.index or obj.key in self._loading:
-                return False  # moving, gone, or another thread is making room for it
+            if (obj.moving_to is not None or obj not in self.index or obj.key in self._loading
+                    or obj.load_error is not None):
+                return False  # moving, gone, its copy known bad, or another thread is making room for it
             self._loading.add(obj.key)
             try:
                 if not self.evictor.device_room(obj.device_blocks_needed(self.pool.block_nbytes), only_above, unlock):

@@ -23,6 +23,11 @@ from scalesim.memory.tiers import Tiers
 logger = logging.getLogger(__name__)
 
 
+class MoveRefused(RuntimeError):
+    """A move was asked for that its object or its target tier cannot take now (a caller's bug:
+    callers check `fits`/`can_stage` and the object's state under the same lock hold)."""
+
+
 @dataclass
 class Move:
     obj: ResidentObject
@@ -58,15 +63,20 @@ class Mover:
 
     def begin(self, obj: ResidentObject, target: str, defer_write: bool = False) -> Move:
         """Claim `target`'s room and mark the object moving (lock held; the caller checked `fits`,
-        or `can_stage` for a deferred write)."""
+        or `can_stage` for a deferred write). Raises `MoveRefused`, with nothing claimed, if the
+        object is moving or pinned away from the device, or the room is gone."""
+        if obj.moving_to is not None or (obj.pin_count and target != "device"):
+            raise MoveRefused(f"{obj.key} is {'moving' if obj.moving_to else 'pinned'}")
         move = Move(obj, obj.tier, target)
         if target == "device":
-            assert self.tiers.reserve_device(obj), f"no device room for {obj.key}"
+            claimed = self.tiers.reserve_device(obj)
         elif target == "host":
-            assert self.tiers.claim_host(obj.nbytes), f"no host room for {obj.key}"
-            move.host_claimed = obj.nbytes
-        elif defer_write:
-            assert self.tiers.stage(obj), f"no room in the write buffer for {obj.key}"
+            claimed = self.tiers.claim_host(obj.nbytes)
+            move.host_claimed = obj.nbytes if claimed else 0
+        else:
+            claimed = not defer_write or self.tiers.stage(obj)
+        if not claimed:
+            raise MoveRefused(f"no {target} room for {obj.key}")
         obj.begin_move(target, defer_write=defer_write)
         self.in_flight_nbytes += obj.nbytes
         return move
@@ -114,6 +124,7 @@ class Mover:
         elif isinstance(error, CorruptObjectError):
             logger.warning("discarding %s: %s", obj.key, error)
             self.stats.add("corrupt", obj.kind)
+            obj.load_error = str(error)  # no load retries it (a request recomputes its pages)
             self.on_bad_copy(obj)
         else:
             logger.warning("cannot move %s to %s: %s", obj.key, move.target, error)

@@ -1,6 +1,7 @@
 """Disk writes, all on the transfer threads (or at shutdown), never on the engine thread:
 - staged writes: pages the engine thread demoted to disk, held in the write buffer until written
-  (one that cannot be written, the disk being full, is forgotten so the buffer never clogs);
+  (room on disk is made from objects farther than it; one that still cannot be written is
+  forgotten, with the pages that depend on it, so the buffer does not clog);
 - write-back: keeping a share of the host free by moving its farthest objects to disk ahead of
   need, so that demotions from the device find room on the host;
 - persist: on a clean shutdown, a disk copy of every unpinned KV object, for the next start.
@@ -23,6 +24,7 @@ HOST_FREE_FRACTION_TARGET = 0.1  # write-back keeps this share of the host free
 class DiskWriter:
     def __init__(self, index: ObjectIndex, tiers: Tiers, mover: Mover, evictor: Evictor,
                  forget: Callable[[ResidentObject], None]) -> None:
+        """`forget` frees an object and those that depend on it."""
         self.index = index
         self.tiers = tiers
         self.mover = mover
@@ -36,10 +38,12 @@ class DiskWriter:
             obj = self.index.get(key)
             if obj is None or not obj.write_pending or obj.moving_to is not None:
                 continue
-            if self.mover.move(obj, "disk", unlock=unlock):
+            if not self.mover.fits(obj, "disk"):
+                self.evictor.disk_room(obj.nbytes, self.index.key(obj))
+            if self.mover.fits(obj, "disk") and self.mover.move(obj, "disk", unlock=unlock):
                 written += 1
-            elif obj.write_pending and obj.droppable():
-                self.forget(obj)
+            elif obj.write_pending and obj.moving_to is None:
+                self.forget(obj)  # the object and what depends on it (KV: recomputed if needed)
         return written
 
     def keep_host_free(self, unlock: bool) -> int:
