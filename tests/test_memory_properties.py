@@ -1,6 +1,9 @@
 """Properties of the whole memory layer under random operations, with real KV pages, a real
 adapter and a real disk store: budgets hold (the device measured from tensor storage), weights
-are never lost, pinned state never moves, and a damaged disk file is never served."""
+are never lost, pinned state never moves (every move of a pinned object raises, and no transfer
+thread may log a failure), and a damaged disk file is never served."""
+
+import logging
 
 import random
 import shutil
@@ -91,7 +94,9 @@ OPERATIONS = st.lists(st.tuples(st.sampled_from(["request", "request", "hint", "
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(OPERATIONS)
-def test_random_operations_keep_every_invariant(adapter_folder, reference, operations):
+def test_random_operations_keep_every_invariant(adapter_folder, reference, caplog, operations):
+    caplog.clear()
+    caplog.set_level(logging.ERROR, logger="scalesim.memory")
     state = Path(tempfile.mkdtemp(prefix="scalesim-prop-")) / "state"
     llm = _engine(state, adapter_folder)
     rng = random.Random(len(operations))
@@ -127,3 +132,5 @@ def test_random_operations_keep_every_invariant(adapter_folder, reference, opera
     finally:
         llm.engine.shutdown()
         shutil.rmtree(state.parent, ignore_errors=True)
+    failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failures, f"a transfer thread failed (a pinned or moving object was moved?): {failures}"

@@ -81,7 +81,11 @@ def test_a_corrupted_sqlite_file_is_set_aside_and_the_server_starts_and_serves(t
     for suffix in ("-wal", "-shm"):
         (state / f"{registry}{suffix}").unlink(missing_ok=True)
     with caplog.at_level(logging.WARNING):
-        with running_server(_engine(state), config) as base:
+        restarted = _engine(state)
+        if registry == "index.sqlite":
+            kv = [key for key, _, _ in restarted.engine.memory.store.entries("kv")]
+            assert kv, "the index was rebuilt from the files: the KV written at shutdown is still there"
+        with running_server(restarted, config) as base:
             assert httpx.get(base + "/health").status_code == 200
             assert _complete(base, PROMPT + " and then", "miller")["choices"][0]["text"]
     assert "unreadable" in caplog.text
