@@ -236,9 +236,5 @@ class DistanceTracker:
             expected = min(state.hinted_step, learned)
         return max(0.0, expected - now_step)
 
-    def deadline_s(self, agent_id: str) -> float:
-        """Seconds from now until the agent is expected to call."""
-        return self.distance(agent_id) * self.seconds_per_step
-
     def is_tracked(self, agent_id: str) -> bool:
         return agent_id in self.agents

@@ -75,14 +75,6 @@ class MemoryManager:
         return self.prefetcher.settings
 
     @property
-    def host_nbytes(self) -> int:
-        return self.tiers.host_budget_nbytes
-
-    @property
-    def host_used(self) -> int:
-        return self.tiers.host_used_nbytes
-
-    @property
     def prefetched_nbytes(self) -> int:
         return self.prefetcher.prefetched_nbytes
 
