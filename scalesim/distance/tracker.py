@@ -88,8 +88,8 @@ class DistanceTracker:
             measured = (now - self.step_started_s) / (step - self.step)
             self.seconds_per_step = (1 - EWMA_WEIGHT) * self.seconds_per_step + EWMA_WEIGHT * measured
         else:
-            self.refresh()  # overdue estimates move on the seconds clock first
-            changed = self._rebase_to_steps(step, now)
+            changed = self.refresh()  # hints and overdue estimates move on the seconds clock first
+            changed += self._rebase_to_steps(step, now)
         self.step, self.step_started_s, self.stepped = max(step, self.step), now, True
         return changed + self.refresh()
 
