@@ -15,6 +15,7 @@ import torch
 
 from scalesim.config import EngineConfig
 from scalesim.engine.block_pool import BlockPool
+from scalesim.engine.cpu_runtime import configure_cpu_allocator
 from scalesim.engine.detokenizer import IncrementalDetokenizer
 from scalesim.engine.json_constraint import JsonPrefix
 from scalesim.engine.logits_processors import TokenTexts
@@ -55,6 +56,8 @@ class LLMEngine:
         self.config = config
         torch.manual_seed(config.seed)
         started = time.perf_counter()
+        if config.device == "cpu":
+            configure_cpu_allocator()
         self.model_path = resolve_model(config.model)
         self.model = load_model(self.model_path, config.torch_dtype, config.device)
         self.tokenizer = load_tokenizer(self.model_path)

@@ -1,9 +1,26 @@
 """Linear and embedding layers whose weights start uninitialised: they are always loaded from a
-file, so construction (on the meta device) costs nothing."""
+file, so construction (on the meta device) costs nothing.
+
+On the CPU a linear layer runs oneDNN's inner product (the kernel PyTorch's own compiler emits
+for CPU linears) instead of `F.linear`, which for float32 goes to MKL's sgemm. Measured on this
+machine's AMD EPYC (AVX-512), float32, the shapes of SmolLM2-135M: MKL 110-180 GFLOP/s, oneDNN
+220-390 GFLOP/s at 16-3,072 rows, with the weight as it is (no packed copy, so no extra bytes).
+In bfloat16 both go to oneDNN already.
+"""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, by oneDNN on the CPU where it can, else by `F.linear`."""
+    if _HAS_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Module):
@@ -13,7 +30,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):

@@ -33,29 +33,34 @@ def inverse_frequencies(head_dim: int, theta: float, rope_scaling: dict | None) 
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to query and key heads at given absolute positions."""
+    """Applies RoPE to query and key heads at given absolute positions. In the rotate-half
+    convention both halves of a head turn by the same angles, so the tables hold one half."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, rope_scaling: dict | None) -> None:
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, theta, rope_scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, head_dim / 2]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotation table rows for `positions` [T], shaped [T, 1, head_dim]; once per step."""
+        """The rotation table rows for `positions` [T], shaped [T, 1, head_dim / 2]; once per step."""
         return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
 
     @staticmethod
     def apply(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]."""
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; computed in float32."""
         cos, sin = cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), half by half, with no concatenation."""
+    x32 = x.float()
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = torch.empty_like(x32)
+    torch.addcmul(x1 * cos, x2, sin, value=-1, out=out[..., :half])
+    torch.addcmul(x2 * cos, x1, sin, out=out[..., half:])
+    return out.to(x.dtype)

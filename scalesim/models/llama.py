@@ -55,7 +55,7 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         if lora is not None:
             _add_deltas(lora, self.layer, x, (("gate_proj", gate), ("up_proj", up)))
-        return _project(self.down_proj, F.silu(gate) * up, lora, self.layer, "down_proj")
+        return _project(self.down_proj, F.silu(gate).mul_(up), lora, self.layer, "down_proj")
 
 
 def _add_deltas(lora: LoRABatch, layer: int, x: torch.Tensor, outputs) -> None:
