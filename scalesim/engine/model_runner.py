@@ -5,11 +5,12 @@ from dataclasses import dataclass
 import torch
 
 from scalesim.engine.block_pool import BlockPool
+from scalesim.engine.cpu_threads import ThreadGovernor
 from scalesim.engine.logits_processors import TokenTexts, advance_constraints, process_logits
 from scalesim.engine.sampler import sample, top_logprobs
 from scalesim.engine.scheduler import ScheduledSequence
 from scalesim.engine.sequence import Sequence
-from scalesim.layers.attention import AttentionMetadata
+from scalesim.layers.attention import AttentionMetadata, PrefillChunk
 from scalesim.layers.lora import LoRABatch, LoRAStackCache
 from scalesim.models.llama import LlamaForCausalLM
 
@@ -28,38 +29,53 @@ class ModelRunner:
         self.pool = pool
         self.device = torch.device(device)
         self.lora_stacks = LoRAStackCache()
+        self.threads = ThreadGovernor() if self.device.type == "cpu" else None
 
     def _metadata(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         block_size = self.pool.block_size
-        starts = [s.seq.num_computed_tokens for s in batch]
-        counts = [s.num_new_tokens for s in batch]
         input_ids: list[int] = []
-        for s, start, count in zip(batch, starts, counts):
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_contexts: list[list[int]] = []  # block tables
+        decode_lengths: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for s in batch:
+            start, count, table = s.seq.num_computed_tokens, s.num_new_tokens, s.seq.block_table
+            row = len(input_ids)
             input_ids.extend(s.seq.token_ids[start:start + count])
-        max_q, max_ctx = max(counts), max(a + b for a, b in zip(starts, counts))
-        max_blocks = -(-max_ctx // block_size)
-        tables = torch.tensor([s.seq.block_table[:max_blocks] + [0] * (max_blocks - len(s.seq.block_table[:max_blocks]))
-                               for s in batch])
-        start_t, count_t = torch.tensor(starts), torch.tensor(counts)
-        offsets = torch.arange(max_q)
-        valid = offsets.unsqueeze(0) < count_t.unsqueeze(1)                     # [B, Q]
-        query_pos = start_t.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0), count_t.unsqueeze(1) - 1)
-        ctx = torch.arange(max_ctx)
-        context_slots = tables[:, ctx // block_size] * block_size + ctx % block_size   # [B, C]
-        mask = (ctx.view(1, 1, -1) <= query_pos.unsqueeze(2)).unsqueeze(1)     # [B, 1, Q, C]
-        rows = torch.arange(len(batch)).unsqueeze(1) * max_q + offsets.unsqueeze(0)
-        query_index = rows[valid]
-        positions = query_pos[valid]
-        slot_mapping = context_slots.gather(1, query_pos)[valid]
-        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-        meta = AttentionMetadata(slot_mapping=to(slot_mapping), context_slots=to(context_slots), mask=to(mask),
-                                 query_index=to(query_index), max_query_len=max_q)
-        return to(torch.tensor(input_ids)), to(positions), meta
+            positions.extend(range(start, start + count))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + count))
+            if count == 1:
+                decode_rows.append(row)
+                decode_contexts.append(table[:-(-(start + 1) // block_size)])
+                decode_lengths.append(start + 1)
+            elif start == 0:
+                prefills.append(PrefillChunk(row, row + count))
+            else:
+                mask = torch.ones(count, start + count, dtype=torch.bool).tril(start)
+                context = _context_slots(torch.tensor([table]), start + count, block_size)[0]
+                prefills.append(PrefillChunk(row, row + count, self._to(context), self._to(mask)))
+        meta = AttentionMetadata(slot_mapping=self._to(torch.tensor(slots)), num_tokens=len(input_ids),
+                                 prefills=prefills)
+        if decode_contexts:
+            blocks, longest = max(len(c) for c in decode_contexts), max(decode_lengths)
+            tables = torch.tensor([c + [0] * (blocks - len(c)) for c in decode_contexts])
+            lengths = torch.tensor(decode_lengths)
+            meta.decode_slots = self._to(_context_slots(tables, longest, block_size))
+            meta.decode_mask = self._to((torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)).view(-1, 1, 1, longest))
+            meta.decode_rows = self._to(torch.tensor(decode_rows))
+        return self._to(torch.tensor(input_ids)), self._to(torch.tensor(positions)), meta
+
+    def _to(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> list[SampledToken]:
         """Compute the batch's new tokens, one forward per model (base or private) in it; return
         one sampled token per sequence that samples. Refuses weights that are not on the device."""
+        if self.threads is not None:
+            self.threads.maybe_adjust()
         groups: dict[int, list[ScheduledSequence]] = {}
         for item in batch:
             if not item.seq.weights_on_device:
@@ -95,3 +111,10 @@ class ModelRunner:
         infos = top_logprobs(logits, tokens, want) if want is not None else [None] * len(seqs)
         return [SampledToken(q, int(t), info if q.params.logprobs is not None else None)
                 for q, t, info in zip(seqs, tokens.tolist(), infos)]
+
+
+def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Cache slots [B, length] of the first `length` tokens of each sequence, from block tables
+    [B, blocks] (a table shorter than `length` needs is padded with block 0)."""
+    positions = torch.arange(length)
+    return block_tables[:, positions // block_size] * block_size + positions % block_size

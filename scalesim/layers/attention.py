@@ -1,15 +1,33 @@
 """Attention over a paged KV cache, in plain PyTorch.
 
 Each step's tokens arrive flattened ([T, heads, head_dim]) from many sequences. New keys and values
-are written to their slots in the cache; each sequence's whole context is gathered from its slots
-and attended with scaled-dot-product attention. The per-step index tensors are built once in
-`AttentionMetadata` and shared by every layer.
+are written to their slots in the cache, then:
+- each sequence with one new token (decode) attends, in one batched call, to its context gathered
+  from the cache (padded to the longest, masked);
+- each sequence with several new tokens (a prefill chunk) attends on its own, with no padding: a
+  fresh prompt attends to its own new keys and values, causally, with nothing read back from the
+  cache; a chunk behind cached tokens gathers its context once per layer and attends with a
+  bottom-right causal mask.
+Prefill attention is most of attention's cost in a simulation burst; batching it padded to the
+longest prompt, as this file did first, cost 1.5x on mixed lengths and more on skewed ones. The
+per-step index tensors are built once in `AttentionMetadata` and shared by every layer.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of new tokens: rows [start, end) of the step's flattened tokens.
+    context_slots [C] (cached + new, in order) and mask [Q, C] are None for a fresh prompt."""
+
+    start: int
+    end: int
+    context_slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -17,46 +35,62 @@ class AttentionMetadata:
     """Index tensors of one forward step.
 
     slot_mapping [T]: cache slot where each new token's K/V is written.
-    context_slots [B, C]: slots of each sequence's full context (cached + new), padded with 0.
-    mask [B, 1, Q, C]: True where query q of sequence b may attend to context position c.
-    query_index [T]: row of each new token in the padded [B * Q] query layout.
+    decode_rows [D]: rows of the tokens of one-token sequences (None when every row is one);
+    decode_slots [D, C]: their contexts' slots, padded with 0; decode_mask [D, 1, 1, C].
+    prefills: the sequences with several new tokens.
     """
 
     slot_mapping: torch.Tensor
-    context_slots: torch.Tensor
-    mask: torch.Tensor
-    query_index: torch.Tensor
-    max_query_len: int
+    num_tokens: int
+    decode_rows: torch.Tensor | None = None
+    decode_slots: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
 
     @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1
+    def num_decode(self) -> int:
+        return 0 if self.decode_slots is None else self.decode_slots.shape[0]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write k, v into the cache, attend q to each sequence's context; return [T, heads * head_dim].
 
-    k_cache, v_cache: [num_slots, kv_heads, head_dim]. Attention runs in the cache's dtype (on CPU
-    a float32 cache under bfloat16 weights, as PyTorch's CPU attention is slow in bfloat16).
+    k_cache, v_cache: [num_slots, kv_heads, head_dim]. Attention runs in the cache's dtype.
     """
     out_dtype, cache_dtype = q.dtype, k_cache.dtype
     q, k, v = q.to(cache_dtype), k.to(cache_dtype), v.to(cache_dtype)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    batch, max_q = meta.context_slots.shape[0], meta.max_query_len
     num_heads, head_dim = q.shape[1], q.shape[2]
-    slots = meta.context_slots.view(-1)
-    context_shape = (batch, meta.context_slots.shape[1], k_cache.shape[1], head_dim)
-    keys = k_cache.index_select(0, slots).view(context_shape).transpose(1, 2)
-    values = v_cache.index_select(0, slots).view(context_shape).transpose(1, 2)
-    if meta.is_decode_only:
-        queries = q.unsqueeze(2)
-    else:
-        padded = q.new_zeros(batch * max_q, num_heads, head_dim)
-        padded.index_copy_(0, meta.query_index, q)
-        queries = padded.view(batch, max_q, num_heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask, scale=scale,
-                                         enable_gqa=num_heads != keys.shape[1])
-    out = out.transpose(1, 2).reshape(batch * max_q, num_heads * head_dim).to(out_dtype)
-    return out if meta.is_decode_only else out.index_select(0, meta.query_index)
+    gqa = num_heads != k.shape[1]
+    if meta.num_decode == meta.num_tokens:
+        return _decode(q, k_cache, v_cache, meta, scale, gqa).to(out_dtype)
+    out = q.new_empty(meta.num_tokens, num_heads * head_dim)
+    if meta.num_decode:
+        out.index_copy_(0, meta.decode_rows, _decode(q.index_select(0, meta.decode_rows), k_cache, v_cache,
+                                                     meta, scale, gqa))
+    for chunk in meta.prefills:
+        queries = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)              # [1, H, Q, D]
+        if chunk.context_slots is None:
+            keys, values = k[chunk.start:chunk.end], v[chunk.start:chunk.end]
+        else:
+            keys, values = k_cache.index_select(0, chunk.context_slots), v_cache.index_select(0, chunk.context_slots)
+        attended = F.scaled_dot_product_attention(
+            queries, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+            attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=gqa)
+        out[chunk.start:chunk.end] = attended[0].transpose(0, 1).reshape(chunk.end - chunk.start, -1)
+    return out.to(out_dtype)
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float, gqa: bool) -> torch.Tensor:
+    """One query per sequence against its gathered context: [D, heads * head_dim]."""
+    batch, context = meta.decode_slots.shape
+    shape = (batch, context, k_cache.shape[1], k_cache.shape[2])
+    slots = meta.decode_slots.view(-1)
+    keys = k_cache.index_select(0, slots).view(shape).transpose(1, 2)
+    values = v_cache.index_select(0, slots).view(shape).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale,
+                                         enable_gqa=gqa)
+    return out.reshape(batch, -1)
