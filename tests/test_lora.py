@@ -45,7 +45,7 @@ def test_adapter_logits_match_peft_reference(weights_dir, base, folder):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    llm = LLM(base, kv_cache_memory="4MiB", block_size_tokens=4)
+    llm = LLM(base, dtype="fp32", kv_cache_memory="4MiB", block_size_tokens=4)
     llm.add_adapter("a", str(weights_dir / folder))
     ids = llm.tokenizer.encode(PROMPT)
     ours = llm.prompt_logits(ids, adapter="a")

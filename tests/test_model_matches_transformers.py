@@ -15,7 +15,7 @@ CONTINUATION = " then they walk to the park and read the news"
 def pair(request):
     from transformers import AutoModelForCausalLM
 
-    llm = LLM(request.param, kv_cache_memory="8MiB", block_size_tokens=4)
+    llm = LLM(request.param, dtype="fp32", kv_cache_memory="8MiB", block_size_tokens=4)
     hf = AutoModelForCausalLM.from_pretrained(str(resolve_model(request.param)), dtype=torch.float32).eval()
     return llm, hf
 
