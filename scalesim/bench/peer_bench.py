@@ -10,6 +10,9 @@ alternating order per round, so that the machine's drift hits both:
   65 tokens minus the time for 1 (prefill taken out);
 - `feed`: the OASIS-like feed trace (64 agents, 6 steps, 32 tokens per call) with ample KV;
 - `feed_contended` (optional): the same with a competing process spinning on one core.
+Only the engine being measured runs: the other server's processes are stopped (SIGSTOP) until
+its turn, as vLLM's worker keeps spinning on a core for a while after it served (seen here at
+90% of a core), which would take a core from ScaleSim and make it look slower.
 Each case reports per-round values for both engines and the ratio of medians (ScaleSim over
 vLLM for throughputs, vLLM over ScaleSim for times: above 1 means ScaleSim is faster), with each
 engine's own spread over the rounds as the noise floor.
@@ -18,6 +21,7 @@ engine's own spread over the rounds as the noise floor.
 import asyncio
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +40,7 @@ REQUEST_TIMEOUT_S = 1800.0
 PEER_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 FEED = WorkloadConfig(agents=64, steps=6, output_tokens=32)
 ENGINES = ("scalesim", "vllm")
+RESUME_SETTLE_S = 2.0  # after SIGCONT: the thread governor's one-second measurement window passes
 
 
 @dataclass
@@ -46,7 +51,16 @@ class Server:
     model: str
     log_path: str
 
+    def pause(self) -> None:
+        """Stop every process of this server (its own process group) until `resume`."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+        time.sleep(RESUME_SETTLE_S)
+
     def stop(self) -> None:
+        self.resume()
         self.process.terminate()
         try:
             self.process.wait(timeout=60)
@@ -74,7 +88,7 @@ def _launch(engine: str, command: list[str], env: dict, model: str, log_dir: str
     port = int(command[command.index("--port") + 1])
     log_path = str(Path(log_dir, f"{engine}-{port}.log"))
     log = open(log_path, "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return Server(engine, process, f"http://127.0.0.1:{port}", model, log_path)
 
 
@@ -186,16 +200,32 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
         cases["feed"] = PeerCase("feed", "s")
         if contended_rounds:
             cases["feed_contended"] = PeerCase("feed_contended", "s")
+        def alone(engine: str, run):
+            """Run `run(server)` with only that engine's processes running."""
+            for other in ENGINES:
+                if other != engine:
+                    servers[other].pause()
+            servers[engine].resume()
+            try:
+                return run(servers[engine])
+            finally:
+                for other in ENGINES:
+                    if other != engine:
+                        servers[other].resume()
+
+        def shapes(server: Server) -> dict[str, float]:
+            return asyncio.run(_shape_cases(server, rng, vocab))
+
         try:
             for engine in ENGINES:  # warm both (first requests pay one-off costs)
-                asyncio.run(_shape_cases(servers[engine], rng, vocab))
+                alone(engine, shapes)
             for r in range(rounds):
                 order = ENGINES if r % 2 == 0 else ENGINES[::-1]
                 for engine in order:
-                    for name, value in asyncio.run(_shape_cases(servers[engine], rng, vocab)).items():
+                    for name, value in alone(engine, shapes).items():
                         cases[name].values[engine].append(round(value, 2))
                 for engine in order[::-1]:
-                    cases["feed"].values[engine].append(round(_feed(servers[engine]), 2))
+                    cases["feed"].values[engine].append(round(alone(engine, _feed), 2))
                 print(f"[{dtype} round {r + 1}/{rounds}]", {n: c.summary()["scalesim_speedup"] for n, c in cases.items()},
                       flush=True)
             for r in range(contended_rounds):
@@ -203,7 +233,7 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
                     spinner = _spinner()
                     try:
                         time.sleep(1.0)
-                        cases["feed_contended"].values[engine].append(round(_feed(servers[engine]), 2))
+                        cases["feed_contended"].values[engine].append(round(alone(engine, _feed), 2))
                     finally:
                         spinner.kill()
         finally:

@@ -14,14 +14,17 @@ rounded with a margin, between 1 and the count it started with. vLLM binds one t
 for the same reason; binding alone does not stop the waiting.
 """
 
+import logging
 import os
 import time
 
 import torch
 
+logger = logging.getLogger(__name__)
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 DEFAULT_INTERVAL_S = 1.0
-FREE_CORE_MARGIN = 0.3  # a core counts as free when others leave at least 70% of it
+STALE_WINDOWS = 3  # a measurement spanning more than 3 intervals only starts a new window
+FREE_CORE_MARGIN = 0.5  # a core counts as free when others leave at least half of it
 
 
 def _machine_busy_ticks() -> int | None:
@@ -48,14 +51,17 @@ def _own_ticks() -> int | None:
 class ThreadGovernor:
     """Sets torch's intra-op thread count to the cores other processes leave free."""
 
-    def __init__(self, max_threads: int | None = None, interval_s: float = DEFAULT_INTERVAL_S) -> None:
+    def __init__(self, max_threads: int | None = None, interval_s: float = DEFAULT_INTERVAL_S,
+                 cores: int | None = None, machine_ticks=_machine_busy_ticks, own_ticks=_own_ticks,
+                 clock=time.monotonic) -> None:
         self.max_threads = max_threads or torch.get_num_threads()
         self.interval_s = interval_s
         self.threads = self.max_threads
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.enabled = self.max_threads > 1 and _machine_busy_ticks() is not None and _own_ticks() is not None
+        self.cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        self._machine_ticks, self._own_ticks, self._clock = machine_ticks, own_ticks, clock
+        self.enabled = self.max_threads > 1 and machine_ticks() is not None and own_ticks() is not None
         self.others_cores = 0.0  # last measurement: cores' worth of CPU used by other processes
-        self._last = (time.monotonic(), _machine_busy_ticks(), _own_ticks())
+        self._last = (clock(), machine_ticks(), own_ticks())
 
     def threads_for(self, others_cores: float) -> int:
         """Threads to run with when other processes use `others_cores` cores."""
@@ -67,16 +73,20 @@ class ThreadGovernor:
         small reads of /proc."""
         if not self.enabled:
             return self.threads
-        now = time.monotonic()
+        now = self._clock()
         last_s, last_busy, last_own = self._last
         if now - last_s < self.interval_s:
             return self.threads
-        busy, own = _machine_busy_ticks(), _own_ticks()
+        busy, own = self._machine_ticks(), self._own_ticks()
         self._last = (now, busy, own)
+        if now - last_s > STALE_WINDOWS * self.interval_s:
+            return self.threads  # the engine was idle (or stopped): what others did meanwhile says nothing now
         elapsed_ticks = (now - last_s) * CLOCK_TICKS_PER_S
         self.others_cores = max(0.0, (busy - last_busy) - (own - last_own)) / elapsed_ticks
         wanted = self.threads_for(self.others_cores)
         if wanted != self.threads:
+            logger.info("other processes used %.2f of %d cores: %d compute threads", self.others_cores,
+                        self.cores, wanted)
             torch.set_num_threads(wanted)
             self.threads = wanted
         return self.threads

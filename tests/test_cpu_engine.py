@@ -1,0 +1,118 @@
+"""The CPU engine's own pieces: oneDNN linears, paged attention, the thread governor, the peer
+bench's arithmetic."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scalesim.bench.peer_bench import PeerCase
+from scalesim.engine.cpu_runtime import configure_cpu_allocator
+from scalesim.engine.cpu_threads import ThreadGovernor
+from scalesim.layers.attention import AttentionMetadata, PrefillChunk, paged_attention
+from scalesim.layers.linear import linear
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 300])
+def test_onednn_linear_equals_f_linear(rows):
+    x, w, b = torch.randn(rows, 96), torch.randn(160, 96), torch.randn(160)
+    assert torch.allclose(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    got = linear(x.bfloat16(), w.bfloat16()).float()
+    assert torch.allclose(got, F.linear(x.bfloat16().float(), w.bfloat16().float()), atol=0.1, rtol=0.02)
+
+
+def test_the_allocator_setting_takes_effect_on_glibc():
+    assert configure_cpu_allocator()
+
+
+def _reference(q, keys, values, scale):
+    """Dense causal attention of queries at the last len(q) positions of a context."""
+    heads, kv_heads = q.shape[1], keys.shape[1]
+    keys, values = keys.repeat_interleave(heads // kv_heads, 1), values.repeat_interleave(heads // kv_heads, 1)
+    scores = torch.einsum("qhd,chd->hqc", q, keys) * scale
+    offset = keys.shape[0] - q.shape[0]
+    allowed = torch.arange(keys.shape[0]).unsqueeze(0) <= torch.arange(q.shape[0]).unsqueeze(1) + offset
+    scores = scores.masked_fill(~allowed, -math.inf)
+    return torch.einsum("hqc,chd->qhd", scores.softmax(-1), values).reshape(q.shape[0], -1)
+
+
+def test_paged_attention_over_a_mixed_step_equals_dense_attention():
+    """One step holding a decode token, a fresh prompt and a chunk behind cached tokens, with
+    their pages scattered over the cache, gives each sequence exactly its own attention."""
+    rng, torch_gen = random.Random(0), torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, block = 6, 2, 16, 4
+    slots = 64 * block
+    k_cache, v_cache = torch.zeros(slots, kv_heads, dim), torch.zeros(slots, kv_heads, dim)
+    free = list(range(64))
+    rng.shuffle(free)
+    sequences = [(9, 1), (0, 7), (5, 6)]  # (cached tokens, new tokens)
+    contexts, slot_rows, rows, prefills, decode = [], [], 0, [], None
+    for cached, new in sequences:
+        table = [free.pop() for _ in range(-(-(cached + new) // block))]
+        context = [table[p // block] * block + p % block for p in range(cached + new)]
+        keys, values = torch.randn(cached + new, kv_heads, dim, generator=torch_gen), torch.randn(
+            cached + new, kv_heads, dim, generator=torch_gen)
+        k_cache[context[:cached]], v_cache[context[:cached]] = keys[:cached], values[:cached]
+        contexts.append((keys, values))
+        slot_rows += context[cached:]
+        if new == 1:
+            decode = (rows, context)
+        elif cached == 0:
+            prefills.append(PrefillChunk(rows, rows + new))
+        else:
+            prefills.append(PrefillChunk(rows, rows + new, torch.tensor(context),
+                                         torch.ones(new, cached + new, dtype=torch.bool).tril(cached)))
+        rows += new
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slot_rows), num_tokens=rows, prefills=prefills,
+                             decode_rows=torch.tensor([decode[0]]), decode_slots=torch.tensor([decode[1]]),
+                             decode_mask=torch.ones(1, 1, 1, len(decode[1]), dtype=torch.bool))
+    q = torch.randn(rows, heads, dim, generator=torch_gen)
+    k = torch.cat([keys[cached:] for (keys, _), (cached, _) in zip(contexts, sequences)])
+    v = torch.cat([values[cached:] for (_, values), (cached, _) in zip(contexts, sequences)])
+    out = paged_attention(q, k, v, k_cache, v_cache, meta, scale=dim ** -0.5)
+    start = 0
+    for (keys, values), (cached, new) in zip(contexts, sequences):
+        want = _reference(q[start:start + new], keys, values, dim ** -0.5)
+        assert torch.allclose(out[start:start + new], want, atol=1e-5), (cached, new)
+        start += new
+
+
+class _Ticks:
+    def __init__(self) -> None:
+        self.now_s, self.machine, self.own = 0.0, 0, 0
+
+    def spend(self, seconds: float, own_cores: float, other_cores: float) -> None:
+        self.now_s += seconds
+        self.own += int(own_cores * seconds * 100)
+        self.machine += int((own_cores + other_cores) * seconds * 100)
+
+
+def test_the_thread_count_follows_the_cores_other_processes_leave_free(monkeypatch):
+    ticks, calls = _Ticks(), []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    governor = ThreadGovernor(max_threads=2, cores=2, interval_s=1.0, machine_ticks=lambda: ticks.machine,
+                              own_ticks=lambda: ticks.own, clock=lambda: ticks.now_s)
+    ticks.spend(1.0, own_cores=2.0, other_cores=0.05)
+    assert governor.maybe_adjust() == 2 and calls == []
+    ticks.spend(1.0, own_cores=1.0, other_cores=1.0)  # a competitor holds a core
+    assert governor.maybe_adjust() == 1 and calls == [1]
+    ticks.spend(0.5, own_cores=1.0, other_cores=0.0)
+    assert governor.maybe_adjust() == 1, "measured at most once per interval"
+    ticks.spend(1.0, own_cores=1.0, other_cores=0.0)  # it left
+    assert governor.maybe_adjust() == 2 and calls == [1, 2]
+    ticks.spend(60.0, own_cores=0.0, other_cores=2.0)  # idle (or stopped) while others ran
+    assert governor.maybe_adjust() == 2, "a stale window starts a new one, it decides nothing"
+    ticks.spend(1.0, own_cores=2.0, other_cores=0.0)
+    assert governor.maybe_adjust() == 2
+    assert governor.threads_for(0.6) == 1 and governor.threads_for(0.4) == 2
+
+
+def test_peer_ratios_point_the_same_way_for_rates_and_times():
+    rate, time_case = PeerCase("prefill", "tokens/s"), PeerCase("feed", "s")
+    rate.values = {"scalesim": [900.0, 1000.0, 1100.0], "vllm": [500.0, 450.0, 550.0]}
+    time_case.values = {"scalesim": [30.0, 33.0], "vllm": [60.0, 66.0]}
+    assert rate.summary()["scalesim_speedup"] == pytest.approx(2.0)
+    assert time_case.summary()["scalesim_speedup"] == pytest.approx(2.0)
+    assert rate.summary()["spread"]["scalesim"] == pytest.approx(1100 / 900 - 1)
