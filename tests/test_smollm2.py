@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from scalesim import LLM, SamplingParams
+from scalesim.bench.accuracy_bench import PROMPTS as ACCURACY_PROMPTS
 from scalesim.models.registry import resolve_model, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
-PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):"]
+PROMPTS = list(ACCURACY_PROMPTS)  # the three prompts the accuracy benchmark reports on
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from scalesim.bench.engine_bench import random_prompts
 from scalesim.models.registry import resolve_model
 from scalesim.server.background import free_port
 from scalesim.sim.workloads import WorkloadConfig
@@ -87,8 +88,8 @@ def _wait_ready(server: Server) -> Server:
 def _launch(engine: str, command: list[str], env: dict, model: str, log_dir: str) -> Server:
     port = int(command[command.index("--port") + 1])
     log_path = str(Path(log_dir, f"{engine}-{port}.log"))
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return Server(engine, process, f"http://127.0.0.1:{port}", model, log_path)
 
 
@@ -130,14 +131,14 @@ async def _complete(client: httpx.AsyncClient, server: Server, prompts: list[lis
 
 def _prompts(rng: random.Random, count: int, length: int, vocab: int, prefix: list[int] | None = None) -> list[list[int]]:
     prefix = prefix or []
-    return [prefix + [rng.randrange(100, vocab) for _ in range(length - len(prefix))] for _ in range(count)]
+    return [prefix + p for p in random_prompts(rng, count, length - len(prefix), vocab)]
 
 
 async def _shape_cases(server: Server, rng: random.Random, vocab: int) -> dict[str, float]:
     """One round of the shape cases on one server: tokens/s for each."""
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
         out = {"prefill_8x512": 8 * 512 / await _complete(client, server, _prompts(rng, 8, 512, vocab), 1)}
-        prefix = [rng.randrange(100, vocab) for _ in range(256)]
+        prefix = random_prompts(rng, 1, 256, vocab)[0]
         await _complete(client, server, [prefix + [rng.randrange(100, vocab)]], 1)  # the prefix is now cached
         seconds = await _complete(client, server, _prompts(rng, 8, 512, vocab, prefix), 1)
         out["prefill_8x512_cached256"] = 8 * 256 / seconds  # tokens computed per second

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch.profiler import ProfilerActivity, profile
 
+from scalesim.bench.engine_bench import random_prompts
 from scalesim.llm import LLM
 from scalesim.sampling_params import SamplingParams
 
@@ -58,9 +59,9 @@ def run_profile_bench(model: str, dtype: str, seed: int = 0) -> ProfileBenchResu
 
     def prompts(count: int, length: int, prefix: list[int] | None = None) -> list[list[int]]:
         prefix = prefix or []
-        return [prefix + [rng.randrange(100, vocab) for _ in range(length - len(prefix))] for _ in range(count)]
+        return [prefix + p for p in random_prompts(rng, count, length - len(prefix), vocab)]
 
-    shared = [rng.randrange(100, vocab) for _ in range(256)]
+    shared = random_prompts(rng, 1, 256, vocab)[0]
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     decode = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     llm.generate([shared + [5]], one)  # the shared prefix is cached from here on

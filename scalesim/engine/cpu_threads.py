@@ -59,9 +59,9 @@ class ThreadGovernor:
         self.threads = self.max_threads
         self.cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         self._machine_ticks, self._own_ticks, self._clock = machine_ticks, own_ticks, clock
-        self.enabled = self.max_threads > 1 and machine_ticks() is not None and own_ticks() is not None
-        self.others_cores = 0.0  # last measurement: cores' worth of CPU used by other processes
         self._last = (clock(), machine_ticks(), own_ticks())
+        self.enabled = self.max_threads > 1 and None not in self._last
+        self.others_cores = 0.0  # last measurement: cores' worth of CPU used by other processes
 
     def threads_for(self, others_cores: float) -> int:
         """Threads to run with when other processes use `others_cores` cores."""
