@@ -5,15 +5,18 @@ On the CPU a linear layer runs oneDNN's inner product (the kernel PyTorch's own 
 for CPU linears) instead of `F.linear`, which for float32 goes to MKL's sgemm. Measured on this
 machine's AMD EPYC (AVX-512), float32, the shapes of SmolLM2-135M: MKL 110-180 GFLOP/s, oneDNN
 220-390 GFLOP/s at 16-3,072 rows, with the weight as it is (no packed copy, so no extra bytes).
-In bfloat16 both go to oneDNN already.
+In bfloat16 oneDNN is used only where it says it supports bf16 (AVX512-BF16, AMX or
+AVX512 cores); on an AVX2-only CPU its bf16 inner product refuses to run, so there `F.linear`
+computes bf16 (slowly; `--dtype auto` picks float32 on such a CPU).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _HAS_ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+    else (torch.float32,)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
