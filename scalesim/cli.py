@@ -7,6 +7,7 @@ import sys
 from scalesim.config import DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, DEFAULT_HOST_MEMORY, \
     DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, \
     DEFAULT_TRANSFER_THREADS, DTYPE_CHOICES, DTYPES
+from scalesim.bench.regimes import DEFAULT_REGIME, REGIMES, resolve_regime
 from scalesim.memory.policies import POLICIES
 from scalesim.errors import ScaleSimError
 from scalesim.server.serve import add_serve_flags
@@ -99,24 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("workloads", help="comma-separated: town, feed, survey, city, rounds, or all")
     sim.add_argument("--model", default="smollm2-135m", help="model to serve (default: smollm2-135m)")
     sim.add_argument("--policies", default="ideal,scalesim,lru",
-                     help="comma-separated policies: ideal, scalesim, lru, lfu, oracle (default: ideal,scalesim,lru)")
+                     help="comma-separated policies: ideal, scalesim, lru, lfu, oracle, sglang, sglang-hicache "
+                          "(default: ideal,scalesim,lru)")
+    sim.add_argument("--regime", default=DEFAULT_REGIME,
+                     help="memory regime: " + "; ".join(f"{r.name}: device {r.device_fraction * 100:.0f}%%, host "
+                                                         f"{r.host_fraction * 100:.0f}%%{', disk' if r.disk else ''}"
+                                                         for r in REGIMES.values()) + f" (default: {DEFAULT_REGIME})")
     sim.add_argument("--agents", type=int, default=None, help="agents (default: 24; 12 with --quick)")
     sim.add_argument("--steps", type=int, default=None, help="simulation steps (default: 4; 3 with --quick)")
     sim.add_argument("--state", default="none", choices=["none", "lora-agent", "lora-cluster", "model"],
                      help="per-agent state besides KV (default: none)")
     sim.add_argument("--output-tokens", type=int, default=None, help="tokens per reply (default: 8; 4 with --quick)")
-    sim.add_argument("--device-fraction", type=float, default=0.25,
-                     help="device budget as a fraction of the total agent state, in (0, 1] (default: 0.25)")
-    sim.add_argument("--host-fraction", type=float, default=0.5,
-                     help="host budget as a fraction of the total agent state, in (0, 1]; the rest goes to disk "
-                          "(default: 0.5)")
+    sim.add_argument("--device-fraction", type=float, default=None,
+                     help="override the regime's device budget, a fraction of the total agent state in (0, 1]")
+    sim.add_argument("--host-fraction", type=float, default=None,
+                     help="override the regime's host budget, a fraction of the total agent state in [0, 1]")
+    sim.add_argument("--no-disk", action="store_true", help="override the regime: no disk tier")
     sim.add_argument("--hint-noise", type=float, default=0.0,
                      help="random error (steps) added to every hinted distance; 'inf' withholds hints (default: 0)")
     sim.add_argument("--hint-noise-sweep", default=None, metavar="LEVELS",
                      help="instead of the policy comparison: scalesim at each hint error in LEVELS (e.g. "
                           "0,1,2,4,inf), with ideal and lru as references; --plot draws makespan against it")
-    sim.add_argument("--repeats", type=int, default=1,
-                     help="run the policies in turn this many times and report each one's median run (default: 1)")
+    sim.add_argument("--repeats", type=int, default=None,
+                     help="run the policies in rotated rounds this many times and report each one's median run "
+                          "(default: 3; 1 with --quick)")
     sim.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     sim.add_argument("--max-num-batched-tokens", type=int, default=None,
                      help=f"token budget of one engine step (default: {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
@@ -290,17 +297,15 @@ def _bench(args: argparse.Namespace) -> None:
     bad = [p for p in policies if p not in POLICIES]
     if bad:
         raise ValueError(f"unknown policy {bad[0]!r}; choose from {', '.join(POLICIES)}")
-    for name, value in (("--device-fraction", args.device_fraction), ("--host-fraction", args.host_fraction)):
-        if not 0 < value <= 1:
-            raise ValueError(f"{name} must be in (0, 1], got {value}")
+    regime = resolve_regime(args.regime, args.device_fraction, args.host_fraction, False if args.no_disk else None)
+    repeats = args.repeats if args.repeats is not None else 1 if args.quick else 3
     preset = QUICK_PRESET if args.quick else DEFAULT_PRESET
     cfg = dict(agents=args.agents or preset["agents"], steps=args.steps or preset["steps"],
                output_tokens=args.output_tokens or preset["output_tokens"], state=args.state, seed=args.seed)
     if args.hint_noise_sweep:
         from scalesim.bench.noise_sweep import parse_noise_levels, plot_noise_sweep, run_noise_sweep
         levels = parse_noise_levels(args.hint_noise_sweep)
-        results = [run_noise_sweep(name, args.model, WorkloadConfig(**cfg), levels, args.device_fraction,
-                                   args.host_fraction) for name in names]
+        results = [run_noise_sweep(name, args.model, WorkloadConfig(**cfg), levels, regime) for name in names]
         for result in results:
             print(json.dumps({k: result[k] for k in ("workload", "reference_makespan_s", "sweep")}))
         if args.out:
@@ -313,8 +318,8 @@ def _bench(args: argparse.Namespace) -> None:
         results = [run_remote(name, WorkloadConfig(**cfg), args.url, args.model, args.hint_noise) for name in names]
     else:
         engine_args = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
-        results = [run_sim_bench(name, args.model, WorkloadConfig(**cfg), policies, args.device_fraction,
-                                 args.host_fraction, args.hint_noise, engine_args=engine_args, repeats=args.repeats)
+        results = [run_sim_bench(name, args.model, WorkloadConfig(**cfg), policies, regime, args.hint_noise,
+                                 engine_args=engine_args, repeats=repeats)
                    for name in names]
     print_table(results)
     if args.out:

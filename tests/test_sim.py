@@ -32,13 +32,25 @@ def test_feed_activates_a_sparse_share_of_agents_each_step():
 
 
 def test_quick_bench_completes_every_request_under_every_policy(tmp_path):
+    """Every policy completes every request with the tiers it is meant to have (and `ideal`,
+    which the bench checks moved nothing, ran without raising)."""
     out, plot = tmp_path / "results.json", tmp_path / "plot.png"
-    assert main(["bench", "feed,rounds", "--quick", "--model", "tiny-random", "--policies", "ideal,scalesim,lru,oracle",
-                 "--out", str(out), "--plot", str(plot)]) == 0
+    assert main(["bench", "feed,rounds", "--quick", "--model", "tiny-random", "--regime", "tiered", "--policies",
+                 "ideal,scalesim,lru,oracle,sglang,sglang-hicache", "--out", str(out), "--plot", str(plot)]) == 0
     results = json.loads(out.read_text())
     assert [r["workload"] for r in results] == ["feed", "rounds"]
     for result in results:
-        assert set(result["ratios"]) == {"scalesim_vs_ideal", "lru_vs_scalesim"}
+        assert set(result["ratios"]) == {"scalesim_vs_ideal", "lru_vs_scalesim", "oracle_vs_scalesim",
+                                         "sglang_vs_scalesim", "sglang_hicache_vs_scalesim"}
+        assert result["regime"]["name"] == "tiered" and result["verdicts"] == {}  # one run each: no verdicts
+        tiers = {r["policy"]: (r["device_nbytes"], r["host_nbytes"], r["disk"]) for r in result["runs"]}
+        device, host = result["device_nbytes"], result["host_nbytes"]
+        assert device == int(0.25 * result["total_state_nbytes"]) and host == int(0.25 * result["total_state_nbytes"])
+        assert tiers["scalesim"] == tiers["lru"] == tiers["oracle"] == (device, host, True)
+        assert tiers["sglang"] == (device, 0, False) and tiers["sglang-hicache"] == (device, 2 * device, False)
+        assert tiers["ideal"][0] > result["total_state_nbytes"] and tiers["ideal"][1:] == (0, False)
+        ideal = next(r for r in result["runs"] if r["policy"] == "ideal")
+        assert ideal["bytes_loaded"] == 0 and ideal["recomputed_tokens"] == 0
         for run in result["runs"]:
             assert run["requests"] == result["calls"], run["policy"]
             assert run["tokens_out"] == 4 * result["calls"]
@@ -51,12 +63,16 @@ def test_quick_bench_completes_every_request_under_every_policy(tmp_path):
 def test_quick_bench_with_per_agent_adapters_and_repeats(tmp_path):
     out = tmp_path / "results.json"
     assert main(["bench", "town", "--quick", "--model", "tiny-random", "--state", "lora-cluster", "--repeats", "3",
-                 "--policies", "scalesim,lru", "--out", str(out)]) == 0
+                 "--policies", "ideal,scalesim,lru", "--out", str(out)]) == 0
     result = json.loads(out.read_text())[0]
-    run = result["runs"][0]
+    run = result["runs"][1]
     assert run["policy"] == "scalesim" and "adapter" in run["device_hit_rate_per_kind"]
     assert len(run["makespans_s"]) == 3 and run["makespan_s"] == sorted(run["makespans_s"])[1]
     assert result["repeats"] == 3 and "lru_vs_scalesim" in result["ratios"]
+    assert result["order"] == ["ideal", "scalesim", "lru", "scalesim", "lru", "ideal", "lru", "ideal", "scalesim"]
+    ideal = result["runs"][0]["makespans_s"]
+    assert result["noise_floor"] == pytest.approx((max(ideal) - min(ideal)) / sorted(ideal)[1], abs=1e-4)
+    assert result["verdicts"]["lru_vs_scalesim"] in ("parity", "scalesim faster", "scalesim slower")
 
 
 def test_hint_noise_sweep_runs_scalesim_per_level_with_references(tmp_path):
@@ -76,6 +92,7 @@ def test_hint_noise_sweep_runs_scalesim_per_level_with_references(tmp_path):
     (["bench", "feed", "--quick", "--policies", "ideal,fifo"], "unknown policy"),
     (["bench", "feed", "--quick", "--device-fraction", "0"], "--device-fraction"),
     (["bench", "feed", "--quick", "--host-fraction", "1.5"], "--host-fraction"),
+    (["bench", "feed", "--quick", "--regime", "cloud"], "--regime"),
 ])
 def test_bad_bench_input_is_a_one_line_error_with_exit_code_2(capsys, args, message):
     assert main(args) == 2
@@ -97,3 +114,45 @@ def test_a_target_url_that_does_not_answer_is_a_one_line_error(capsys):
     assert main(["bench", "feed", "--quick", "--url", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not answer" in err and "\n" not in err
+
+
+def test_rotated_rounds_run_every_policy_once_per_round_from_a_new_start():
+    from scalesim.bench.sim_bench import rotated_order
+
+    order = rotated_order(("a", "b", "c"), 4)
+    rounds = [order[i:i + 3] for i in range(0, 12, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a"]
+
+
+def test_a_ratio_inside_the_noise_floor_is_parity():
+    from scalesim.bench.sim_bench import verdict
+
+    assert verdict(1.10, 0.12) == "parity" and verdict(0.90, 0.12) == "parity"
+    assert verdict(1.30, 0.12) == "scalesim faster" and verdict(0.70, 0.12) == "scalesim slower"
+
+
+def test_the_limit_refuses_a_run_that_moved_state():
+    from scalesim.bench.sim_bench import check_ideal
+
+    check_ideal({"bytes_in": 4096, "bytes_in.adapter.disk": 4096, "hit.kv.device": 10})  # an adapter's first read
+    with pytest.raises(RuntimeError, match="bytes_in.kv"):
+        check_ideal({"bytes_in.kv.host": 4096})
+    with pytest.raises(RuntimeError, match="dropped"):
+        check_ideal({"bytes_in": 0, "dropped": 3})
+
+
+@pytest.mark.parametrize("regime, host, disk", [("hbm-only", 0.0, False), ("hicache", 0.5, False),
+                                                ("tiered", 0.25, True), ("roomy", 1.0, False)])
+def test_regimes_set_the_tiers_and_baselines_keep_their_own(regime, host, disk):
+    from scalesim.bench.regimes import REGIMES, resolve_regime
+    from scalesim.bench.sim_bench import BenchSetup, Budgets, policy_budgets
+
+    r = REGIMES[regime]
+    assert (r.device_fraction, r.host_fraction, r.disk) == (0.25, host, disk)
+    setup = BenchSetup(None, {}, 1000, r, 250, int(1000 * host), 5000)
+    assert policy_budgets(setup, "scalesim") == policy_budgets(setup, "lru") == Budgets(250, int(1000 * host), disk)
+    assert policy_budgets(setup, "sglang") == Budgets(250, 0, False)
+    assert policy_budgets(setup, "sglang-hicache") == Budgets(250, 500, False)
+    assert policy_budgets(setup, "ideal") == Budgets(5000, 0, False)
+    assert resolve_regime(regime, host_fraction=0.1).name == regime + "*"

@@ -16,7 +16,8 @@ import time
 
 import httpx
 
-from scalesim.bench.sim_bench import _run_policy, prepare
+from scalesim.bench.regimes import resolve_regime
+from scalesim.bench.sim_bench import _run_policy, policy_budgets, prepare
 from scalesim.server.background import free_port
 from scalesim.sim.runner import OpenAITarget, run_trace
 from scalesim.sim.workloads import Trace, WorkloadConfig
@@ -71,11 +72,10 @@ def run_http_bench(workload: str, model: str, cfg: WorkloadConfig, policy: str =
                    device_fraction: float = 0.25, host_fraction: float = 0.5) -> dict:
     if policy == "oracle":
         raise ValueError("the oracle policy needs the true future, which only the in-process run can be given")
-    setup = prepare(workload, model, cfg, device_fraction, host_fraction, {})
+    setup = prepare(workload, model, cfg, resolve_regime("tiered", device_fraction, host_fraction), {})
     makespans: dict[str, list[float]] = {"inprocess": [], "http": []}
     for _ in range(rounds):
-        result, _ = _run_policy(model, policy, setup.trace, setup.folders, setup.device_nbytes, setup.host_nbytes,
-                                0.0, {})
+        result, _ = _run_policy(model, policy, setup.trace, setup.folders, policy_budgets(setup, policy), 0.0, {})
         makespans["inprocess"].append(round(result.makespan_s, 4))
         makespans["http"].append(round(_run_over_http(model, policy, setup.trace, setup.folders,
                                                       setup.device_nbytes, setup.host_nbytes), 4))

@@ -8,6 +8,7 @@ fallback alone), with `ideal` and `lru` once each as reference lines, same engin
 import math
 import statistics
 
+from scalesim.bench.regimes import REGIMES, Regime
 from scalesim.bench.sim_bench import _run_policy, policy_budgets, prepare
 from scalesim.sim.workloads import WorkloadConfig
 
@@ -20,11 +21,11 @@ def parse_noise_levels(text: str) -> list[float]:
 
 
 def run_noise_sweep(workload: str, model: str, cfg: WorkloadConfig, noise_levels: list[float],
-                    device_fraction: float = 0.25, host_fraction: float = 0.5) -> dict:
-    setup = prepare(workload, model, cfg, device_fraction, host_fraction, {})
+                    regime: Regime = REGIMES["tiered"]) -> dict:
+    setup = prepare(workload, model, cfg, regime, {})
 
     def makespan(policy: str, noise: float) -> float:
-        result, _ = _run_policy(model, policy, setup.trace, setup.folders, *policy_budgets(setup, policy), noise, {})
+        result, _ = _run_policy(model, policy, setup.trace, setup.folders, policy_budgets(setup, policy), noise, {})
         return round(result.makespan_s, 4)
 
     references = {policy: makespan(policy, 0.0) for policy in ("ideal", "lru")}
@@ -35,7 +36,8 @@ def run_noise_sweep(workload: str, model: str, cfg: WorkloadConfig, noise_levels
         point["vs_ideal"] = round(point["makespan_s"] / references["ideal"], 4)
         point["lru_vs_scalesim"] = round(references["lru"] / point["makespan_s"], 4)
     return {"benchmark": "hint_noise_sweep", "workload": workload, "model": model, "config": cfg.__dict__,
-            "device_fraction": device_fraction, "host_fraction": host_fraction, "calls": setup.trace.num_calls,
+            "regime": regime.__dict__, "device_fraction": regime.device_fraction,
+            "host_fraction": regime.host_fraction, "calls": setup.trace.num_calls,
             "reference_makespan_s": references, "sweep": sweep,
             "spread_vs_exact": round(statistics.fmean(p["makespan_s"] for p in sweep) / sweep[0]["makespan_s"], 4)}
 

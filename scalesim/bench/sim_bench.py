@@ -1,9 +1,16 @@
-"""`scalesim bench WORKLOAD`: one trace, several memory policies, the same engine and budgets.
+"""`scalesim bench WORKLOAD`: one trace, several memory policies, the same engine, in one regime.
 
 Budgets are fractions of the total agent state (every agent's KV context at its longest, plus
-its adapters or private models) so that the comparison means the same at any scale. Every
-policy runs the identical trace with greedy decoding and a fixed number of output tokens, so
-they do the same work; only where state lives differs.
+its adapters or private models) so that the comparison means the same at any scale; the regime
+(bench/regimes.py) says how much the device and host hold and whether there is a disk, and a
+baseline that copies a system's default deployment keeps its own tiers. Every policy runs the
+identical trace with greedy decoding and a fixed number of output tokens, so they do the same
+work; only where state lives differs.
+
+Measurement: with `repeats` the policies run in turn, each round in a rotated order (so neither
+drift nor warm-up favours one), and each reports its median run with the min and max. The
+spread of `ideal`'s repeats ((max - min) / median) is the noise floor: a ratio within it of 1
+is reported as parity, never as a win or a loss.
 """
 
 import asyncio
@@ -17,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from scalesim.async_llm import AsyncLLM
+from scalesim.bench.regimes import REGIMES, Regime
 from scalesim.memory.policies import POLICIES
 from scalesim.sim.runner import InProcessTarget, RunResult, run_trace
 from scalesim.sim.workloads import WORKLOADS, Trace, WorkloadConfig
@@ -51,6 +59,9 @@ class PolicyRun:
     samples: list = field(default_factory=list)  # a few (agent, step, reply) as generated
     memory: dict = field(default_factory=dict)
     makespans_s: list = field(default_factory=list)  # every repeat's makespan; this run is the median one
+    device_nbytes: int = 0
+    host_nbytes: int = 0
+    disk: bool = False
 
 
 def _first_reply_per_agent(result: RunResult) -> list[tuple[str, int, str]]:
@@ -87,6 +98,23 @@ def estimate_state_nbytes(trace: Trace, tokenizer, kv_bytes_per_token: int, weig
     return total + sum(weight_nbytes.values())
 
 
+def ideal_device_nbytes(trace: Trace, tokenizer, kv_bytes_per_token: int, block_size: int,
+                        weight_nbytes: dict) -> int:
+    """A device that never has to move or drop anything on this trace: every call's whole
+    context as if nothing were shared (each call adds at most its context to the prefix cache),
+    two part-filled blocks per call (a new leaf and a split), every weight, and room for one
+    step's stacked LoRA buffers."""
+    tokens = 0
+    for agent in trace.agents:
+        system, turns = len(tokenizer.encode(agent.system)), []
+        for call in (c for s in trace.steps for c in s.calls if c.agent_id == agent.agent_id):
+            turns.append(len(tokenizer.encode(call.user)) + call.max_tokens + 2 * CHAT_TEMPLATE_TOKENS_PER_TURN)
+            window = turns if agent.history_turns is None else turns[-max(agent.history_turns, 1):]
+            tokens += system + sum(window) + 2 * block_size
+    weights = sum(weight_nbytes.values())
+    return tokens * kv_bytes_per_token + 2 * weights
+
+
 def _prepare_weights(model: str, trace: Trace) -> dict[str, str]:
     """Adapter folders per cluster (made once with peft and cached); private models per agent."""
     from scalesim.bench.adapters_bench import bench_adapters
@@ -107,11 +135,18 @@ def _prepare_weights(model: str, trace: Trace) -> dict[str, str]:
     return folders
 
 
-def _run_policy(model: str, policy: str, trace: Trace, folders: dict[str, str], device_nbytes: int,
-                host_nbytes: int, hint_noise_steps: float, engine_args: dict) -> tuple[RunResult, dict]:
+@dataclass(frozen=True)
+class Budgets:
+    device_nbytes: int
+    host_nbytes: int
+    disk: bool
+
+
+def _run_policy(model: str, policy: str, trace: Trace, folders: dict[str, str], budgets: Budgets,
+                hint_noise_steps: float, engine_args: dict) -> tuple[RunResult, dict]:
     with tempfile.TemporaryDirectory(prefix="scalesim-bench-") as state_dir:
-        llm = AsyncLLM(model, policy=policy, device_memory=device_nbytes, host_memory=host_nbytes,
-                       disk_dir=state_dir, persist_on_exit=False, **engine_args)
+        llm = AsyncLLM(model, policy=policy, device_memory=budgets.device_nbytes, host_memory=budgets.host_nbytes,
+                       disk_dir=state_dir if budgets.disk else None, persist_on_exit=False, **engine_args)
         try:
             for name, folder in folders.items():
                 (llm.add_adapter if name.startswith("cluster-") else llm.add_private_model)(name, folder)
@@ -134,18 +169,20 @@ class BenchSetup:
     trace: Trace
     folders: dict[str, str]
     total_nbytes: int
+    regime: Regime
     device_nbytes: int
     host_nbytes: int
+    ideal_nbytes: int
 
 
-def prepare(workload: str, model: str, cfg: WorkloadConfig, device_fraction: float, host_fraction: float,
-            engine_args: dict) -> BenchSetup:
+def prepare(workload: str, model: str, cfg: WorkloadConfig, regime: Regime, engine_args: dict) -> BenchSetup:
     from scalesim.llm import LLM
 
     trace = WORKLOADS[workload](cfg)
     folders = _prepare_weights(model, trace)
     probe = LLM(model, kv_cache_memory="1MiB", **engine_args)
-    kv_bytes_per_token = probe.engine.pool.block_nbytes // probe.engine.pool.block_size
+    block_size = probe.engine.pool.block_size
+    kv_bytes_per_token = probe.engine.pool.block_nbytes // block_size
     weight_nbytes = {}
     for name, folder in folders.items():
         (probe.add_adapter if name.startswith("cluster-") else probe.add_private_model)(name, folder)
@@ -153,34 +190,62 @@ def prepare(workload: str, model: str, cfg: WorkloadConfig, device_fraction: flo
         weight_nbytes[name] = handle.nbytes
     probe.engine.shutdown()
     total = estimate_state_nbytes(trace, probe.tokenizer, kv_bytes_per_token, weight_nbytes)
-    return BenchSetup(trace, folders, total, int(total * device_fraction), int(total * host_fraction))
+    ideal = ideal_device_nbytes(trace, probe.tokenizer, kv_bytes_per_token, block_size, weight_nbytes)
+    return BenchSetup(trace, folders, total, regime, int(total * regime.device_fraction),
+                      int(total * regime.host_fraction), ideal)
 
 
-def policy_budgets(setup: BenchSetup, policy: str) -> tuple[int, int]:
-    """(device, host) bytes for `policy`: the fractions' budgets, or for the unbounded limit a
-    device that holds every agent's state with room to spare and no host tier."""
-    if POLICIES[policy].unbounded_device:
-        return 2 * setup.total_nbytes, 0
-    return setup.device_nbytes, setup.host_nbytes
+def policy_budgets(setup: BenchSetup, policy: str) -> Budgets:
+    """The tiers `policy` runs with: the regime's, except where the policy copies a deployment
+    with tiers of its own (a baseline's host as a multiple of the device, no disk), and for the
+    unbounded limit a device that holds everything the trace caches, with no host or disk."""
+    p = POLICIES[policy]
+    if p.unbounded_device:
+        return Budgets(setup.ideal_nbytes, 0, False)
+    host = setup.host_nbytes if p.host_per_device is None else int(p.host_per_device * setup.device_nbytes)
+    return Budgets(setup.device_nbytes, host, setup.regime.disk if p.disk is None else p.disk)
+
+
+def rotated_order(policies: tuple[str, ...], repeats: int) -> list[str]:
+    """Every policy once per round, each round starting one policy later than the last."""
+    return [policies[(r + i) % len(policies)] for r in range(repeats) for i in range(len(policies))]
+
+
+def check_ideal(stats: dict) -> None:
+    """The unbounded limit must never have evicted, dropped, recomputed or loaded KV: if it did,
+    its device was not unbounded and it is not the limit. (Each weight is still read from its
+    files once, as under every policy; without evictions it is never read twice.)"""
+    moved = {k: v for k, v in stats.items() if v and (k in ("evicted", "dropped", "recomputed_tokens")
+                                                      or k.startswith(("bytes_in.kv", "on_demand_loads.kv")))}
+    if moved:
+        raise RuntimeError(f"ideal moved state although its device was sized to hold everything: {moved}")
+
+
+def verdict(ratio: float, noise_floor: float) -> str:
+    """'parity' when `ratio` (baseline time over ScaleSim's) is within the noise floor of 1."""
+    if abs(ratio - 1) <= noise_floor:
+        return "parity"
+    return "scalesim faster" if ratio > 1 else "scalesim slower"
 
 
 def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tuple[str, ...] = DEFAULT_POLICIES,
-                  device_fraction: float = 0.25, host_fraction: float = 0.5, hint_noise_steps: float = 0.0,
+                  regime: Regime = REGIMES["tiered"], hint_noise_steps: float = 0.0,
                   engine_args: dict | None = None, repeats: int = 1) -> dict:
-    """Run `workload` under each policy; return the JSON-ready result (runs and ratios).
+    """Run `workload` under each policy; return the JSON-ready result (runs, ratios, verdicts).
 
-    With `repeats` > 1 the policies run in turn that many times (so machine noise hits each alike);
+    With `repeats` > 1 the policies run in rotated rounds (so machine noise hits each alike);
     each policy reports its median-makespan run, with every makespan in `makespans_s`."""
     engine_args = engine_args or {}
-    setup = prepare(workload, model, cfg, device_fraction, host_fraction, engine_args)
-    trace, folders, total = setup.trace, setup.folders, setup.total_nbytes
-    device_nbytes, host_nbytes = setup.device_nbytes, setup.host_nbytes
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    setup = prepare(workload, model, cfg, regime, engine_args)
+    trace, folders, total = setup.trace, setup.folders, setup.total_nbytes
     attempts: dict[str, list[PolicyRun]] = {p: [] for p in policies}
-    for policy in [p for _ in range(repeats) for p in policies]:
-        result, stats = _run_policy(model, policy, trace, folders, *policy_budgets(setup, policy), hint_noise_steps,
-                                    engine_args)
+    for policy in rotated_order(policies, repeats):
+        budgets = policy_budgets(setup, policy)
+        result, stats = _run_policy(model, policy, trace, folders, budgets, hint_noise_steps, engine_args)
+        if POLICIES[policy].unbounded_device:
+            check_ideal(stats)
         ttfts = sorted(c.ttft_s for c in result.calls)
         overall, per_kind = _hit_rates(stats)
         attempts[policy].append(PolicyRun(
@@ -194,23 +259,33 @@ def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tupl
             preemptions=stats["engine"]["preemptions"], engine_steps=stats["engine"]["steps"],
             computed_tokens=stats["engine"]["computed_tokens"],
             occupancy=[(round(t, 3), n) for t, n in result.occupancy],
-            samples=_first_reply_per_agent(result)[:SAMPLES_PER_RUN], memory=stats))
+            samples=_first_reply_per_agent(result)[:SAMPLES_PER_RUN], memory=stats,
+            device_nbytes=budgets.device_nbytes, host_nbytes=budgets.host_nbytes, disk=budgets.disk))
     runs = []
     for policy, tries in attempts.items():
         median = sorted(tries, key=lambda r: r.makespan_s)[(len(tries) - 1) // 2]
         median.makespans_s = [r.makespan_s for r in tries]
         runs.append(median)
     makespan = {r.policy: r.makespan_s for r in runs}
-    ratios = {}
-    if "scalesim" in makespan and "ideal" in makespan:
-        ratios["scalesim_vs_ideal"] = round(makespan["scalesim"] / makespan["ideal"], 4)
-    if "scalesim" in makespan and "lru" in makespan:
-        ratios["lru_vs_scalesim"] = round(makespan["lru"] / makespan["scalesim"], 4)
+    ideal_runs = attempts.get("ideal", [])
+    noise_floor = (max(r.makespan_s for r in ideal_runs) - min(r.makespan_s for r in ideal_runs)) / makespan["ideal"] \
+        if len(ideal_runs) > 1 else None
+    ratios, verdicts = {}, {}
+    if "scalesim" in makespan:
+        if "ideal" in makespan:
+            ratios["scalesim_vs_ideal"] = round(makespan["scalesim"] / makespan["ideal"], 4)
+        for policy in (p for p in policies if p not in ("scalesim", "ideal")):
+            name = f"{policy.replace('-', '_')}_vs_scalesim"
+            ratios[name] = round(makespan[policy] / makespan["scalesim"], 4)
+            if noise_floor is not None:
+                verdicts[name] = verdict(ratios[name], noise_floor)
     return {"workload": workload, "model": model, "config": asdict(cfg), "calls": trace.num_calls,
-            "agents": len(trace.agents), "total_state_nbytes": total, "device_nbytes": device_nbytes,
-            "host_nbytes": host_nbytes, "device_fraction": device_fraction, "host_fraction": host_fraction,
-            "hint_noise_steps": hint_noise_steps, "repeats": repeats, "runs": [asdict(r) for r in runs],
-            "ratios": ratios}
+            "agents": len(trace.agents), "total_state_nbytes": total, "regime": asdict(regime),
+            "device_nbytes": setup.device_nbytes, "host_nbytes": setup.host_nbytes,
+            "device_fraction": regime.device_fraction, "host_fraction": regime.host_fraction,
+            "hint_noise_steps": hint_noise_steps, "repeats": repeats, "order": rotated_order(policies, repeats),
+            "noise_floor": None if noise_floor is None else round(noise_floor, 4),
+            "runs": [asdict(r) for r in runs], "ratios": ratios, "verdicts": verdicts}
 
 
 def run_remote(workload: str, cfg: WorkloadConfig, url: str, model: str, hint_noise_steps: float = 0.0) -> dict:
@@ -239,20 +314,31 @@ def run_remote(workload: str, cfg: WorkloadConfig, url: str, model: str, hint_no
 
 def print_table(results: list[dict], console: Console | None = None) -> None:
     console = console or Console(width=200)
-    table = Table(title="policy comparison (ratios from one run on this machine)")
-    for column in ("workload", "policy", "makespan s", "TTFT mean s", "TTFT p90 s", "device hit", "loaded MB",
-                   "stall s", "recomputed", "prefetch used/wasted", "vs ideal", "lru/scalesim"):
+    table = Table(title="policy comparison (medians of rotated, interleaved runs on this machine)")
+    for column in ("workload", "regime", "policy", "tiers", "makespan s (min-max)", "TTFT mean s", "device hit",
+                   "loaded MB", "stall s", "recomputed", "prefetch used/wasted", "vs ideal", "it/scalesim", "verdict"):
         table.add_column(column, justify="right")
     for result in results:
         ideal = next((r["makespan_s"] for r in result["runs"] if r["policy"] == "ideal"), None)
+        scalesim = next((r["makespan_s"] for r in result["runs"] if r["policy"] == "scalesim"), None)
+        regime = result.get("regime", {}).get("name", "-")
         for run in result["runs"]:
-            table.add_row(result["workload"], run["policy"], f"{run['makespan_s']:.2f}", f"{run['ttft_mean_s']:.3f}",
-                          f"{run['ttft_p90_s']:.3f}", f"{run['device_hit_rate']:.2f}",
-                          f"{run['bytes_loaded'] / 2**20:.1f}", f"{run['stall_s']:.2f}", str(run["recomputed_tokens"]),
-                          f"{run['prefetch_used']}/{run['prefetch_wasted']}",
+            spread = run.get("makespans_s") or [run["makespan_s"]]
+            tiers = "device" + (" + host" if run.get("host_nbytes") else "") + (" + disk" if run.get("disk") else "")
+            name = f"{run['policy'].replace('-', '_')}_vs_scalesim"
+            table.add_row(result["workload"], regime, run["policy"], tiers,
+                          f"{run['makespan_s']:.2f} ({min(spread):.2f}-{max(spread):.2f})", f"{run['ttft_mean_s']:.3f}",
+                          f"{run['device_hit_rate']:.2f}", f"{run['bytes_loaded'] / 2**20:.1f}", f"{run['stall_s']:.2f}",
+                          str(run["recomputed_tokens"]), f"{run['prefetch_used']}/{run['prefetch_wasted']}",
                           f"{run['makespan_s'] / ideal:.2f}x" if ideal else "-",
-                          f"{result['ratios'].get('lru_vs_scalesim', float('nan')):.2f}x" if run["policy"] == "scalesim" else "")
+                          f"{run['makespan_s'] / scalesim:.2f}x" if scalesim and run["policy"] != "scalesim" else "",
+                          result.get("verdicts", {}).get(name, ""))
     console.print(table)
+    for result in results:
+        floor = result.get("noise_floor")
+        console.print(f"{result['workload']}: noise floor (spread of ideal's {result.get('repeats', 1)} runs) "
+                      + (f"{floor:.1%}: a ratio within it of 1 is parity" if floor is not None else
+                         "unknown with one run each: no verdicts; use --repeats 3"))
 
 
 def plot(results: list[dict], path: str) -> None:

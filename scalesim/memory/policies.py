@@ -64,6 +64,10 @@ class Policy:
     agent_key: Callable[[str, PolicyContext], float] | None
     prefetch: bool
     unbounded_device: bool = False
+    # The tiers of the deployment the policy copies, whatever the regime: None follows the regime;
+    # `host_per_device` is the host budget as a multiple of the device's (0: no host tier).
+    host_per_device: float | None = None
+    disk: bool | None = None
 
     def key(self, obj: ResidentObject, ctx: PolicyContext) -> tuple:
         """The object's whole key (largest is evicted first)."""
@@ -79,5 +83,17 @@ POLICIES = {
     "lfu": Policy("lfu", least_frequent, None, prefetch=False),
     # the true future from a recorded trace, at step granularity
     "oracle": Policy("oracle", least_recent, true_next_call, prefetch=True),
-    "ideal": Policy("ideal", least_recent, None, prefetch=False, unbounded_device=True),
+    # no budget: the device holds everything the trace ever caches, nothing is moved or dropped
+    "ideal": Policy("ideal", least_recent, None, prefetch=False, unbounded_device=True, host_per_device=0, disk=False),
+    # SGLang's default RadixCache (python/sglang/srt/mem_cache/radix_cache.py): LRU over the tree's
+    # leaves, device only, what is evicted is recomputed. Leaves first holds here because a use
+    # touches a request's path from its leaf up (a parent is never less recent than its child)
+    # and only a node without children can be dropped. Differs from SGLang: adapters share the
+    # device budget with KV (LRU) instead of a separate pool of --max-loras-per-batch slots.
+    "sglang": Policy("sglang", least_recent, None, prefetch=False, host_per_device=0, disk=False),
+    # SGLang with --enable-hierarchical-cache (HiRadixCache, docs "Hierarchical KV caching"): the
+    # same LRU plus a host tier of --hicache-ratio 2.0 times the device, loaded back on demand, no
+    # prefetch, no disk. Differs from SGLang: a victim is copied to the host when evicted (write
+    # back) rather than when inserted (write through); adapters as for `sglang`.
+    "sglang-hicache": Policy("sglang-hicache", least_recent, None, prefetch=False, host_per_device=2.0, disk=False),
 }
