@@ -13,6 +13,7 @@ from scalesim.engine.cpu_runtime import configure_cpu_allocator
 from scalesim.engine.cpu_threads import ThreadGovernor
 from scalesim.layers.attention import AttentionMetadata, PrefillChunk, paged_attention
 from scalesim.layers.linear import linear
+from scalesim.layers.paged_decode import available as paged_decode_available, paged_decode
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 300])
@@ -38,9 +39,13 @@ def _reference(q, keys, values, scale):
     return torch.einsum("hqc,chd->qhd", scores.softmax(-1), values).reshape(q.shape[0], -1)
 
 
-def test_paged_attention_over_a_mixed_step_equals_dense_attention():
+@pytest.mark.parametrize("decode_path", ["in_place", "gather"])
+def test_paged_attention_over_a_mixed_step_equals_dense_attention(decode_path):
     """One step holding a decode token, a fresh prompt and a chunk behind cached tokens, with
-    their pages scattered over the cache, gives each sequence exactly its own attention."""
+    their pages scattered over the cache, gives each sequence exactly its own attention, with
+    decode attention by the in-place kernel or by the gather path."""
+    if decode_path == "in_place" and not paged_decode_available():
+        pytest.skip("the paged decode kernel cannot be built on this machine")
     rng, torch_gen = random.Random(0), torch.Generator().manual_seed(0)
     heads, kv_heads, dim, block = 6, 2, 16, 4
     slots = 64 * block
@@ -58,7 +63,7 @@ def test_paged_attention_over_a_mixed_step_equals_dense_attention():
         contexts.append((keys, values))
         slot_rows += context[cached:]
         if new == 1:
-            decode = (rows, context)
+            decode = (rows, context, table)
         elif cached == 0:
             prefills.append(PrefillChunk(rows, rows + new))
         else:
@@ -66,8 +71,13 @@ def test_paged_attention_over_a_mixed_step_equals_dense_attention():
                                          torch.ones(new, cached + new, dtype=torch.bool).tril(cached)))
         rows += new
     meta = AttentionMetadata(slot_mapping=torch.tensor(slot_rows), num_tokens=rows, prefills=prefills,
-                             decode_rows=torch.tensor([decode[0]]), decode_slots=torch.tensor([decode[1]]),
-                             decode_mask=torch.ones(1, 1, 1, len(decode[1]), dtype=torch.bool))
+                             decode_rows=torch.tensor([decode[0]]))
+    if decode_path == "in_place":
+        meta.decode_block_tables, meta.decode_lengths = torch.tensor([decode[2]]), torch.tensor([len(decode[1])])
+        meta.block_size = block
+    else:
+        meta.decode_slots = torch.tensor([decode[1]])
+        meta.decode_mask = torch.ones(1, 1, 1, len(decode[1]), dtype=torch.bool)
     q = torch.randn(rows, heads, dim, generator=torch_gen)
     k = torch.cat([keys[cached:] for (keys, _), (cached, _) in zip(contexts, sequences)])
     v = torch.cat([values[cached:] for (_, values), (cached, _) in zip(contexts, sequences)])
@@ -77,6 +87,34 @@ def test_paged_attention_over_a_mixed_step_equals_dense_attention():
         want = _reference(q[start:start + new], keys, values, dim ** -0.5)
         assert torch.allclose(out[start:start + new], want, atol=1e-5), (cached, new)
         start += new
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
+def test_the_paged_decode_kernel_equals_gathered_sdpa(heads, kv_heads):
+    """Decode sequences of unequal lengths (1 token up to a full table) with pages scattered
+    over the cache: the kernel reading the cache in place gives what SDPA over gathered
+    contexts gives."""
+    if not paged_decode_available():
+        pytest.skip("the paged decode kernel cannot be built on this machine")
+    gen, dim, block, blocks = torch.Generator().manual_seed(1), 64, 16, 8
+    k_cache = torch.randn(64 * block, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(64 * block, kv_heads, dim, generator=gen)
+    tables = torch.randperm(64, generator=gen)[:5 * blocks].view(5, blocks)
+    lengths = torch.tensor([1, 17, 64, 100, blocks * block])
+    q = torch.randn(5, heads, dim, generator=gen)
+    got = paged_decode(q, k_cache, v_cache, tables, lengths, block, dim ** -0.5)
+    for b in range(5):
+        slots = (tables[b].view(-1, 1) * block + torch.arange(block)).view(-1)[:lengths[b]]
+        want = _reference(q[b:b + 1], k_cache[slots], v_cache[slots], dim ** -0.5)
+        assert torch.allclose(got[b].reshape(1, -1), want, atol=1e-5), b
+
+
+def test_the_paged_decode_kernel_refuses_a_length_beyond_its_table():
+    if not paged_decode_available():
+        pytest.skip("the paged decode kernel cannot be built on this machine")
+    cache = torch.zeros(64, 1, 8)
+    with pytest.raises(RuntimeError, match="context length out of range"):
+        paged_decode(torch.zeros(1, 1, 8), cache, cache, torch.tensor([[0, 1]]), torch.tensor([40]), 16, 1.0)
 
 
 class _Ticks:

@@ -12,6 +12,7 @@ from scalesim.engine.scheduler import ScheduledSequence
 from scalesim.engine.sequence import Sequence
 from scalesim.layers.attention import AttentionMetadata, PrefillChunk
 from scalesim.layers.lora import LoRABatch, LoRAStackCache
+from scalesim.layers.paged_decode import available as paged_decode_available
 from scalesim.models.llama import LlamaForCausalLM
 
 
@@ -30,6 +31,9 @@ class ModelRunner:
         self.device = torch.device(device)
         self.lora_stacks = LoRAStackCache()
         self.threads = ThreadGovernor() if self.device.type == "cpu" else None
+        # decode attention reads the paged cache in place where the CPU kernel serves this cache
+        self.decode_in_place = (self.device.type == "cpu" and pool.kv_cache.dtype == torch.float32
+                                and paged_decode_available())
 
     def _metadata(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         block_size = self.pool.block_size
@@ -62,8 +66,11 @@ class ModelRunner:
             blocks, longest = max(len(c) for c in decode_contexts), max(decode_lengths)
             tables = torch.tensor([c + [0] * (blocks - len(c)) for c in decode_contexts])
             lengths = torch.tensor(decode_lengths)
-            meta.decode_slots = self._to(_context_slots(tables, longest, block_size))
-            meta.decode_mask = self._to((torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)).view(-1, 1, 1, longest))
+            if self.decode_in_place:
+                meta.decode_block_tables, meta.decode_lengths, meta.block_size = tables, lengths, block_size
+            else:
+                meta.decode_slots = self._to(_context_slots(tables, longest, block_size))
+                meta.decode_mask = self._to((torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)).view(-1, 1, 1, longest))
             meta.decode_rows = self._to(torch.tensor(decode_rows))
         return self._to(torch.tensor(input_ids)), self._to(torch.tensor(positions)), meta
 

@@ -2,8 +2,9 @@
 
 Each step's tokens arrive flattened ([T, heads, head_dim]) from many sequences. New keys and values
 are written to their slots in the cache, then:
-- each sequence with one new token (decode) attends, in one batched call, to its context gathered
-  from the cache (padded to the longest, masked);
+- each sequence with one new token (decode) attends, in one batched call, to its context: on the
+  CPU by a kernel that reads the paged cache in place (layers/paged_decode.py), elsewhere (or
+  where the kernel cannot be built) gathered from the cache, padded to the longest and masked;
 - each sequence with several new tokens (a prefill chunk) attends on its own, with no padding: a
   fresh prompt attends to its own new keys and values, causally, with nothing read back from the
   cache; a chunk behind cached tokens gathers its context once per layer and attends with a
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from scalesim.layers.paged_decode import paged_decode
 
 
 @dataclass
@@ -36,20 +39,26 @@ class AttentionMetadata:
 
     slot_mapping [T]: cache slot where each new token's K/V is written.
     decode_rows [D]: rows of the tokens of one-token sequences (None when every row is one);
-    decode_slots [D, C]: their contexts' slots, padded with 0; decode_mask [D, 1, 1, C].
+    decode_block_tables [D, blocks] (int64, padded with block 0) and decode_lengths [D]: their
+    contexts, for the in-place kernel; or, for the gather path, decode_slots [D, C]: their
+    contexts' slots, padded with 0, and decode_mask [D, 1, 1, C].
     prefills: the sequences with several new tokens.
     """
 
     slot_mapping: torch.Tensor
     num_tokens: int
     decode_rows: torch.Tensor | None = None
+    decode_block_tables: torch.Tensor | None = None
+    decode_lengths: torch.Tensor | None = None
+    block_size: int = 0
     decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
 
     @property
     def num_decode(self) -> int:
-        return 0 if self.decode_slots is None else self.decode_slots.shape[0]
+        tensor = self.decode_lengths if self.decode_lengths is not None else self.decode_slots
+        return 0 if tensor is None else tensor.shape[0]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -85,7 +94,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
             scale: float, gqa: bool) -> torch.Tensor:
-    """One query per sequence against its gathered context: [D, heads * head_dim]."""
+    """One query per sequence against its context: [D, heads * head_dim]."""
+    if meta.decode_slots is None:
+        return paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lengths, meta.block_size,
+                            scale).view(q.shape[0], -1)
     batch, context = meta.decode_slots.shape
     shape = (batch, context, k_cache.shape[1], k_cache.shape[2])
     slots = meta.decode_slots.view(-1)
