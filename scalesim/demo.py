@@ -1,7 +1,7 @@
 """`make demo`: a Smallville-style town of 40 agents on the built-in model, run three times on
 the same engine — with ScaleSim's invocation-distance memory, with LRU (the same machinery with
 the recency key and no prefetch), and with unbounded memory (the limit) — under the same
-budgets: the device holds a quarter of all agent state, the host half, the rest goes to disk
+budgets (the `tiered` regime): the device holds a quarter of all agent state, the host a quarter, the rest goes to disk
 (whose reads cost what the disk costs). Prints the comparison, two agents' actual
 lines, and saves a plot."""
 

@@ -94,7 +94,7 @@ def _launch(engine: str, command: list[str], env: dict, model: str, log_dir: str
 
 
 def start_scalesim(model: str, dtype: str, kv_nbytes: int, max_num_batched_tokens: int, log_dir: str) -> Server:
-    command = [sys.executable, "-m", "scalesim.cli", "serve", model, "--port", str(free_port()),
+    command = [sys.executable, "-m", "scalesim.cli", *(["-v"] if os.environ.get("SCALESIM_PEER_VERBOSE") else []), "serve", model, "--port", str(free_port()),
                "--dtype", dtype, "--kv-cache-memory", str(kv_nbytes), "--host-memory", "0",
                "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-num-seqs", "128"]
     return _launch("scalesim", command, dict(os.environ), model, log_dir)

@@ -16,6 +16,7 @@ import torch
 from scalesim.config import EngineConfig
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.cpu_runtime import configure_cpu_allocator
+from scalesim.layers.linear import pack_for_cpu
 from scalesim.engine.detokenizer import IncrementalDetokenizer
 from scalesim.engine.json_constraint import JsonPrefix
 from scalesim.engine.logits_processors import TokenTexts
@@ -60,6 +61,8 @@ class LLMEngine:
             configure_cpu_allocator()
         self.model_path = resolve_model(config.model)
         self.model = load_model(self.model_path, config.torch_dtype, config.device)
+        if config.device == "cpu":
+            pack_for_cpu(self.model, shared={id(self.model.embed_tokens.weight)})
         self.tokenizer = load_tokenizer(self.model_path)
         self.model_config = self.model.config
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,

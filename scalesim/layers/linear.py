@@ -8,6 +8,13 @@ machine's AMD EPYC (AVX-512), float32, the shapes of SmolLM2-135M: MKL 110-180 G
 In bfloat16 oneDNN is used only where it says it supports bf16 (AVX512-BF16, AMX or
 AVX512 cores); on an AVX2-only CPU its bf16 inner product refuses to run, so there `F.linear`
 computes bf16 (slowly; `--dtype auto` picks float32 on such a CPU).
+
+`pack_for_cpu` (called by the engine on its base model) goes one step further, as vLLM's CPU
+backend does: each weight is reordered once into oneDNN's blocked layout for a 16-row batch and
+the plain copy is freed. Measured on this session's AVX2 EPYC, fp32, a chain of all of
+SmolLM2-135M's linears with distinct weights (so they stream from memory as in a real step):
+parity at 1 row, 1.2-1.4x faster at 4-16 rows (decode batches), 1.1-1.2x at 64-512 rows.
+A tied output head packs a copy of the embedding (the embedding itself stays plain).
 """
 
 import torch
@@ -26,14 +33,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+PACK_ROWS_HINT = 16  # the batch oneDNN's blocked layout is chosen for (decode batches; measured above)
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked copy, once `pack_for_cpu` ran
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            if x.dtype != self.packed.dtype or x.device.type != "cpu":
+                raise RuntimeError(f"packed {self.packed.dtype} linear got {x.dtype} on {x.device}")
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return linear(x, self.weight, self.bias)
+
+    def pack_for_cpu(self, shared: bool = False) -> bool:
+        """Reorder the weight into oneDNN's blocked layout and free the plain one (keep it when
+        `shared`: another module uses it). False, changing nothing, where oneDNN cannot run it."""
+        weight = self.weight
+        if not (_HAS_ONEDNN and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES and self.packed is None):
+            return False
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+        if not shared:
+            self.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+        return True
+
+
+def pack_for_cpu(model: nn.Module, shared: set[int] = frozenset()) -> int:
+    """Pack every Linear of a model that will not be reloaded or moved (the engine's base model);
+    `shared` holds ids of weights other modules use too. Return how many were packed."""
+    return sum(m.pack_for_cpu(id(m.weight) in shared) for m in model.modules() if isinstance(m, Linear))
 
 
 class Embedding(nn.Module):
