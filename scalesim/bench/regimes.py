@@ -43,6 +43,7 @@ def resolve_regime(name: str, device_fraction: float | None = None, host_fractio
         raise ValueError(f"the device fraction (--device-fraction) must be in (0, 1], got {device}")
     if not 0 <= host <= 1:
         raise ValueError(f"the host fraction (--host-fraction) must be in [0, 1], got {host}")
-    overridden = (device, host, base.disk if disk is None else disk) != (base.device_fraction, base.host_fraction, base.disk)
-    return Regime(base.name + ("*" if overridden else ""), device, host, base.disk if disk is None else disk,
-                  base.about + (" (overridden)" if overridden else ""))
+    disk = base.disk if disk is None else disk
+    if (device, host, disk) == (base.device_fraction, base.host_fraction, base.disk):
+        return base
+    return Regime(base.name + "*", device, host, disk, base.about + " (overridden)")

@@ -87,32 +87,35 @@ def _hit_rates(stats: dict) -> tuple[float, dict]:
     return (round(hits_all / total_all, 4) if total_all else 1.0), per_kind
 
 
-def estimate_state_nbytes(trace: Trace, tokenizer, kv_bytes_per_token: int, weight_nbytes: dict) -> int:
-    """Every agent's KV context at its longest plus the weights it owns (each counted once)."""
-    total = 0
+def _contexts(trace: Trace, tokenizer) -> dict[str, tuple[int, list[int]]]:
+    """Per agent: its system prompt's tokens, and the tokens of each of its calls' whole context
+    (system, the history window up to that call, chat-template overhead, the reply)."""
+    out = {}
     for agent in trace.agents:
-        turns = [len(tokenizer.encode(c.user)) + c.max_tokens + 2 * CHAT_TEMPLATE_TOKENS_PER_TURN
-                 for s in trace.steps for c in s.calls if c.agent_id == agent.agent_id]
-        window = turns if agent.history_turns is None else turns[-max(agent.history_turns, 1):]
-        total += (len(tokenizer.encode(agent.system)) + sum(window)) * kv_bytes_per_token
-    return total + sum(weight_nbytes.values())
+        system, turns, contexts = len(tokenizer.encode(agent.system)), [], []
+        for call in (c for s in trace.steps for c in s.calls if c.agent_id == agent.agent_id):
+            turns.append(len(tokenizer.encode(call.user)) + call.max_tokens + 2 * CHAT_TEMPLATE_TOKENS_PER_TURN)
+            window = turns if agent.history_turns is None else turns[-max(agent.history_turns, 1):]
+            contexts.append(system + sum(window))
+        out[agent.agent_id] = (system, contexts)
+    return out
 
 
-def ideal_device_nbytes(trace: Trace, tokenizer, kv_bytes_per_token: int, block_size: int,
+def estimate_state_nbytes(contexts: dict[str, tuple[int, list[int]]], kv_bytes_per_token: int,
+                          weight_nbytes: dict) -> int:
+    """Every agent's KV context at its last call plus the weights it owns (each counted once)."""
+    tokens = sum(calls[-1] if calls else system for system, calls in contexts.values())
+    return tokens * kv_bytes_per_token + sum(weight_nbytes.values())
+
+
+def ideal_device_nbytes(contexts: dict[str, tuple[int, list[int]]], kv_bytes_per_token: int, block_size: int,
                         weight_nbytes: dict) -> int:
     """A device that never has to move or drop anything on this trace: every call's whole
     context as if nothing were shared (each call adds at most its context to the prefix cache),
     two part-filled blocks per call (a new leaf and a split), every weight, and room for one
     step's stacked LoRA buffers."""
-    tokens = 0
-    for agent in trace.agents:
-        system, turns = len(tokenizer.encode(agent.system)), []
-        for call in (c for s in trace.steps for c in s.calls if c.agent_id == agent.agent_id):
-            turns.append(len(tokenizer.encode(call.user)) + call.max_tokens + 2 * CHAT_TEMPLATE_TOKENS_PER_TURN)
-            window = turns if agent.history_turns is None else turns[-max(agent.history_turns, 1):]
-            tokens += system + sum(window) + 2 * block_size
-    weights = sum(weight_nbytes.values())
-    return tokens * kv_bytes_per_token + 2 * weights
+    tokens = sum(sum(calls) + 2 * block_size * len(calls) for _, calls in contexts.values())
+    return tokens * kv_bytes_per_token + 2 * sum(weight_nbytes.values())
 
 
 def _prepare_weights(model: str, trace: Trace) -> dict[str, str]:
@@ -189,8 +192,9 @@ def prepare(workload: str, model: str, cfg: WorkloadConfig, regime: Regime, engi
         handle = probe.engine.weights.adapters.get(name) or probe.engine.weights.models.get(name)
         weight_nbytes[name] = handle.nbytes
     probe.engine.shutdown()
-    total = estimate_state_nbytes(trace, probe.tokenizer, kv_bytes_per_token, weight_nbytes)
-    ideal = ideal_device_nbytes(trace, probe.tokenizer, kv_bytes_per_token, block_size, weight_nbytes)
+    contexts = _contexts(trace, probe.tokenizer)
+    total = estimate_state_nbytes(contexts, kv_bytes_per_token, weight_nbytes)
+    ideal = ideal_device_nbytes(contexts, kv_bytes_per_token, block_size, weight_nbytes)
     return BenchSetup(trace, folders, total, regime, int(total * regime.device_fraction),
                       int(total * regime.host_fraction), ideal)
 
