@@ -39,17 +39,19 @@ def _reference(q, keys, values, scale):
     return torch.einsum("hqc,chd->qhd", scores.softmax(-1), values).reshape(q.shape[0], -1)
 
 
-@pytest.mark.parametrize("decode_path", ["in_place", "gather"])
-def test_paged_attention_over_a_mixed_step_equals_dense_attention(decode_path):
+@pytest.mark.parametrize("decode_path, dtype", [("in_place", torch.float32), ("gather", torch.float32),
+                                               ("in_place", torch.bfloat16)])
+def test_paged_attention_over_a_mixed_step_equals_dense_attention(decode_path, dtype):
     """One step holding a decode token, a fresh prompt and a chunk behind cached tokens, with
     their pages scattered over the cache, gives each sequence exactly its own attention, with
-    decode attention by the in-place kernel or by the gather path."""
+    decode attention by the in-place kernel or by the gather path, over a float32 cache or a
+    bfloat16 one (bfloat16 queries, keys and values; compared at bfloat16's precision)."""
     if decode_path == "in_place" and not paged_decode_available():
         pytest.skip("the paged decode kernel cannot be built on this machine")
     rng, torch_gen = random.Random(0), torch.Generator().manual_seed(0)
     heads, kv_heads, dim, block = 6, 2, 16, 4
     slots = 64 * block
-    k_cache, v_cache = torch.zeros(slots, kv_heads, dim), torch.zeros(slots, kv_heads, dim)
+    k_cache, v_cache = torch.zeros(slots, kv_heads, dim, dtype=dtype), torch.zeros(slots, kv_heads, dim, dtype=dtype)
     free = list(range(64))
     rng.shuffle(free)
     sequences = [(9, 1), (0, 7), (5, 6)]  # (cached tokens, new tokens)
@@ -57,9 +59,9 @@ def test_paged_attention_over_a_mixed_step_equals_dense_attention(decode_path):
     for cached, new in sequences:
         table = [free.pop() for _ in range(-(-(cached + new) // block))]
         context = [table[p // block] * block + p % block for p in range(cached + new)]
-        keys, values = torch.randn(cached + new, kv_heads, dim, generator=torch_gen), torch.randn(
-            cached + new, kv_heads, dim, generator=torch_gen)
-        k_cache[context[:cached]], v_cache[context[:cached]] = keys[:cached], values[:cached]
+        keys, values = (torch.randn(cached + new, kv_heads, dim, generator=torch_gen).to(dtype).float()
+                        for _ in range(2))
+        k_cache[context[:cached]], v_cache[context[:cached]] = keys[:cached].to(dtype), values[:cached].to(dtype)
         contexts.append((keys, values))
         slot_rows += context[cached:]
         if new == 1:
@@ -78,35 +80,49 @@ def test_paged_attention_over_a_mixed_step_equals_dense_attention(decode_path):
     else:
         meta.decode_slots = torch.tensor([decode[1]])
         meta.decode_mask = torch.ones(1, 1, 1, len(decode[1]), dtype=torch.bool)
-    q = torch.randn(rows, heads, dim, generator=torch_gen)
+    q = torch.randn(rows, heads, dim, generator=torch_gen).to(dtype).float()
     k = torch.cat([keys[cached:] for (keys, _), (cached, _) in zip(contexts, sequences)])
     v = torch.cat([values[cached:] for (_, values), (cached, _) in zip(contexts, sequences)])
-    out = paged_attention(q, k, v, k_cache, v_cache, meta, scale=dim ** -0.5)
+    out = paged_attention(q.to(dtype), k.to(dtype), v.to(dtype), k_cache, v_cache, meta, scale=dim ** -0.5)
+    assert out.dtype == dtype
+    out, atol = out.float(), 1e-5 if dtype == torch.float32 else 3e-2
     start = 0
     for (keys, values), (cached, new) in zip(contexts, sequences):
         want = _reference(q[start:start + new], keys, values, dim ** -0.5)
-        assert torch.allclose(out[start:start + new], want, atol=1e-5), (cached, new)
+        assert torch.allclose(out[start:start + new], want, atol=atol), (cached, new)
         start += new
 
 
-@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
-def test_the_paged_decode_kernel_equals_gathered_sdpa(heads, kv_heads):
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 4, 128), (6, 2, 40)])
+def test_the_paged_decode_kernel_equals_gathered_sdpa(heads, kv_heads, dim):
     """Decode sequences of unequal lengths (1 token up to a full table) with pages scattered
     over the cache: the kernel reading the cache in place gives what SDPA over gathered
-    contexts gives."""
+    contexts gives, for the head sizes it specialises (64, 128) and any other (40)."""
     if not paged_decode_available():
         pytest.skip("the paged decode kernel cannot be built on this machine")
-    gen, dim, block, blocks = torch.Generator().manual_seed(1), 64, 16, 8
+    gen, block, blocks = torch.Generator().manual_seed(1), 16, 8
     k_cache = torch.randn(64 * block, kv_heads, dim, generator=gen)
     v_cache = torch.randn(64 * block, kv_heads, dim, generator=gen)
     tables = torch.randperm(64, generator=gen)[:5 * blocks].view(5, blocks)
     lengths = torch.tensor([1, 17, 64, 100, blocks * block])
-    q = torch.randn(5, heads, dim, generator=gen)
+    q = 3 * torch.randn(5, heads, dim, generator=gen)  # peaked softmaxes: scores spread over about +-25
     got = paged_decode(q, k_cache, v_cache, tables, lengths, block, dim ** -0.5)
     for b in range(5):
         slots = (tables[b].view(-1, 1) * block + torch.arange(block)).view(-1)[:lengths[b]]
         want = _reference(q[b:b + 1], k_cache[slots], v_cache[slots], dim ** -0.5)
         assert torch.allclose(got[b].reshape(1, -1), want, atol=1e-5), b
+
+
+def test_the_paged_decode_kernel_reads_a_bfloat16_cache_as_its_float32_values():
+    if not paged_decode_available():
+        pytest.skip("the paged decode kernel cannot be built on this machine")
+    gen, block = torch.Generator().manual_seed(2), 16
+    k_cache, v_cache = (torch.randn(32 * block, 3, 64, generator=gen).bfloat16() for _ in range(2))
+    tables, lengths = torch.randperm(32, generator=gen)[:12].view(3, 4), torch.tensor([5, 33, 64])
+    q = torch.randn(3, 9, 64, generator=gen)
+    got = paged_decode(q, k_cache, v_cache, tables, lengths, block, 0.125)
+    want = paged_decode(q, k_cache.float(), v_cache.float(), tables, lengths, block, 0.125)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
 
 
 def test_the_paged_decode_kernel_refuses_a_length_beyond_its_table():

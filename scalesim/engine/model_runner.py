@@ -32,7 +32,7 @@ class ModelRunner:
         self.lora_stacks = LoRAStackCache()
         self.threads = ThreadGovernor() if self.device.type == "cpu" else None
         # decode attention reads the paged cache in place where the CPU kernel serves this cache
-        self.decode_in_place = (self.device.type == "cpu" and pool.kv_cache.dtype == torch.float32
+        self.decode_in_place = (self.device.type == "cpu" and pool.kv_cache.dtype in (torch.float32, torch.bfloat16)
                                 and paged_decode_available())
 
     def _metadata(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

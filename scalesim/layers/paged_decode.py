@@ -81,5 +81,6 @@ def _load() -> bool:
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """q [B, heads, head_dim] against each sequence's first context_lens[b] cached tokens, found
-    through block_tables [B, blocks] (int64); float32; returns [B, heads, head_dim]."""
+    through block_tables [B, blocks] (int64); q float32, the caches float32 or bfloat16; returns
+    [B, heads, head_dim] in float32."""
     return torch.ops.scalesim.paged_decode(q, k_cache, v_cache, block_tables, context_lens, block_size, scale)
