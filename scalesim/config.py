@@ -92,9 +92,12 @@ class EngineConfig:
         if self.dtype == "auto":
             self.dtype = auto_dtype(self.device)
         if self.kv_cache_dtype == "auto":
-            # Measured here (SmolLM2-135M, bf16 weights): decode attention over a bf16 cache took
-            # 3-4x as long per layer as over an fp32 cache, prefill about the same; so fp32 on CPUs.
-            self.kv_cache_dtype = "fp32" if self.device == "cpu" else self.dtype
+            # The weights' dtype, as vLLM does. On the CPU the decode kernel reads a bf16 cache in
+            # place (layers/paged_decode.py); measured on an AVX-512 EPYC with bf16 weights, a
+            # decode step at batch 16 over 1,024-token contexts took 64-72 ms with a bf16 cache
+            # against 88-95 ms with fp32 (parity at 8 x 600 tokens), and the cache holds twice the
+            # tokens. (Without the kernel, decode over a bf16 cache gathers and is 3-4x slower.)
+            self.kv_cache_dtype = self.dtype
         if self.kv_cache_dtype not in DTYPES:
             raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.kv_cache_dtype!r}")
 

@@ -14,7 +14,9 @@ GREEDY = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
 
 
 def _llm(tmp_path=None, **kwargs) -> LLM:
-    args = dict(device_memory="96KiB", host_memory="64MiB", block_size_tokens=4, max_num_batched_tokens=256)
+    # the byte budgets here are sized in fp32 pages, pinned so that they mean the same on a CPU
+    # where `auto` picks bf16 (whose pages are half the size)
+    args = dict(dtype="fp32", device_memory="96KiB", host_memory="64MiB", block_size_tokens=4, max_num_batched_tokens=256)
     if tmp_path is not None:
         args["disk_dir"] = str(tmp_path / "state")
     args.update(kwargs)
@@ -260,7 +262,7 @@ def test_pages_in_use_are_never_evicted_however_full_the_device_gets():
 def test_the_device_budget_covers_kv_weights_and_stacked_lora_buffers_measured_from_tensors(tmp_path):
     from scalesim.weights.fixtures import make_random_adapters
     folders = make_random_adapters("tiny-random", tmp_path, count=3, rank=8)
-    llm = LLM("tiny-random", device_memory="160KiB", block_size_tokens=4)
+    llm = LLM("tiny-random", dtype="fp32", device_memory="160KiB", block_size_tokens=4)
     for i, folder in enumerate(folders):
         llm.register_agent(f"agent-{i}", adapter=str(folder))
     adapter_nbytes = llm.engine.weights.adapters[str(folders[0])].nbytes
@@ -298,7 +300,7 @@ def test_memory_stats_report_counters_per_tier_and_kind():
 def test_a_weight_file_that_went_missing_fails_its_requests_and_leaks_nothing(tmp_path):
     from scalesim.weights.fixtures import make_random_adapters
     folder = make_random_adapters("tiny-random", tmp_path, count=1, rank=4)[0]
-    llm = LLM("tiny-random", device_memory="256KiB", block_size_tokens=4)
+    llm = LLM("tiny-random", dtype="fp32", device_memory="256KiB", block_size_tokens=4)
     llm.add_adapter("a", str(folder))
     adapter = llm.engine.weights.adapters["a"]
     llm.engine.memory.remove(adapter)
@@ -334,7 +336,7 @@ def test_a_second_engine_on_the_same_state_directory_is_refused(tmp_path):
 def test_a_registered_agent_runs_with_its_adapter_and_prefilled_persona(tmp_path):
     from scalesim.weights.fixtures import make_random_adapters
     folder = make_random_adapters("tiny-random", tmp_path, count=1, rank=4)[0]
-    llm = LLM("tiny-random", kv_cache_memory="4MiB", block_size_tokens=4)
+    llm = LLM("tiny-random", dtype="fp32", kv_cache_memory="4MiB", block_size_tokens=4)
     persona = "I am Isabella and I run the cafe in the village with my friend Maria"
     llm.register_agent("isabella", adapter=str(folder), prefix=persona)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)

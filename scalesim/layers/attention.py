@@ -65,12 +65,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write k, v into the cache, attend q to each sequence's context; return [T, heads * head_dim].
 
-    k_cache, v_cache: [num_slots, kv_heads, head_dim]. Attention runs in the cache's dtype.
+    k_cache, v_cache: [num_slots, kv_heads, head_dim]. Keys and values are stored in the cache's
+    dtype. On the CPU attention computes in float32 over the stored (rounded) keys and values, so
+    a token's attention is the same math whether its context was computed in this step or read
+    back, and a bf16 cache costs only the rounding of what it stores; elsewhere it computes in
+    the cache's dtype.
     """
     out_dtype, cache_dtype = q.dtype, k_cache.dtype
-    q, k, v = q.to(cache_dtype), k.to(cache_dtype), v.to(cache_dtype)
+    compute_dtype = torch.float32 if k_cache.device.type == "cpu" else cache_dtype
+    k, v = k.to(cache_dtype), v.to(cache_dtype)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
     num_heads, head_dim = q.shape[1], q.shape[2]
     gqa = num_heads != k.shape[1]
     if meta.num_decode == meta.num_tokens:
@@ -84,7 +90,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         if chunk.context_slots is None:
             keys, values = k[chunk.start:chunk.end], v[chunk.start:chunk.end]
         else:
-            keys, values = k_cache.index_select(0, chunk.context_slots), v_cache.index_select(0, chunk.context_slots)
+            keys = k_cache.index_select(0, chunk.context_slots).to(compute_dtype)
+            values = v_cache.index_select(0, chunk.context_slots).to(compute_dtype)
         attended = F.scaled_dot_product_attention(
             queries, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
             attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=gqa)
@@ -101,8 +108,8 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     batch, context = meta.decode_slots.shape
     shape = (batch, context, k_cache.shape[1], k_cache.shape[2])
     slots = meta.decode_slots.view(-1)
-    keys = k_cache.index_select(0, slots).view(shape).transpose(1, 2)
-    values = v_cache.index_select(0, slots).view(shape).transpose(1, 2)
+    keys = k_cache.index_select(0, slots).view(shape).transpose(1, 2).to(q.dtype)
+    values = v_cache.index_select(0, slots).view(shape).transpose(1, 2).to(q.dtype)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale,
                                          enable_gqa=gqa)
     return out.reshape(batch, -1)
