@@ -111,6 +111,9 @@ def test_the_paged_decode_kernel_equals_gathered_sdpa(heads, kv_heads, dim):
         slots = (tables[b].view(-1, 1) * block + torch.arange(block)).view(-1)[:lengths[b]]
         want = _reference(q[b:b + 1], k_cache[slots], v_cache[slots], dim ** -0.5)
         assert torch.allclose(got[b].reshape(1, -1), want, atol=1e-5), b
+        # alone, a sequence is split into block ranges over the threads, merged at the end
+        alone = paged_decode(q[b:b + 1], k_cache, v_cache, tables[b:b + 1], lengths[b:b + 1], block, dim ** -0.5)
+        assert torch.allclose(alone.reshape(1, -1), want, atol=1e-5), b
 
 
 def test_the_paged_decode_kernel_reads_a_bfloat16_cache_as_its_float32_values():

@@ -1,12 +1,14 @@
 // Decode attention over a paged KV cache, read in place (no gather of whole contexts).
 //
-// One query token per sequence. For each (sequence, kv head) task: the scores of the group of
-// query heads that share the kv head against every cached key of the sequence, walked block by
-// block through its block table; a softmax per head; the weighted sum of the values. Each key
-// and value row is read once for the whole group (grouped-query attention). The cache holds
+// One query token per sequence: the scores of every query head against the sequence's cached
+// keys, walked block by block through its block table; a softmax per head; the weighted sum of
+// the values. Each key and value row is read once for the group of query heads that share it
+// (grouped-query attention). The cache holds
 // float32 or bfloat16 (read as float32: its bits are the top half of a float32's); queries,
 // scores and sums are float32.
 //
+// A task is one range of one sequence's blocks with all its heads (ranges merged at the end),
+// so that rows are read whole and in order and a short batch still uses every core.
 // Written so that the compiler vectorizes every inner loop (-O3 -march=native): the head size
 // is a template parameter for the common sizes (fully unrolled dot products), slots come from
 // the block table once per block (no division per token), and the softmax uses an exp that is
@@ -65,72 +67,112 @@ struct Args {
   float scale;
 };
 
-// One (sequence b, kv head g) task; `scores` is this thread's scratch. DIM > 0 fixes the head
-// size at compile time; DIM == 0 reads it from the arguments.
+// The partial result of one task: every head's running maximum, sum of exponentials and
+// unnormalised weighted values over one range of a sequence's blocks.
+struct Partial {
+  std::vector<float> top, sum, acc;  // [heads], [heads], [heads * dim]
+};
+
+// Task (sequence b, block range [blk_begin, blk_end)): all heads at once, so each cached row
+// (every kv head of a token) is read whole and in order. DIM > 0 fixes the head size at
+// compile time; DIM == 0 reads it from the arguments. `scores` is this thread's scratch.
 template <typename T, int64_t DIM>
-void attend(const Args<T>& a, int64_t b, int64_t g, std::vector<float>& scores, std::vector<float>& acc) {
-  const int64_t dim = DIM > 0 ? DIM : a.dim, group = a.group, len = a.lens[b], bs = a.block_size;
+void attend(const Args<T>& a, int64_t b, int64_t blk_begin, int64_t blk_end, std::vector<float>& scores,
+            Partial& part) {
+  const int64_t dim = DIM > 0 ? DIM : a.dim, heads = a.heads, group = a.group, kvh = a.kv_heads;
+  const int64_t len = a.lens[b], bs = a.block_size, row = kvh * dim;
   const int64_t* table = a.tables + b * a.max_blocks;
-  const float* qg = a.q + (b * a.heads + g * group) * dim;
-  const int64_t row_stride = a.kv_heads * dim;
-  scores.resize(group * len);
-  acc.assign(group * dim, 0.f);
-  const int64_t blocks = (len + bs - 1) / bs;
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t first = table[blk] * bs, start = blk * bs, n = std::min(bs, len - start);
-    TORCH_CHECK(table[blk] >= 0 && first + n <= a.num_slots, "block out of range");
-    const T* krows = a.k + first * row_stride + g * dim;
+  const float* qb = a.q + b * heads * dim;
+  const int64_t first_pos = blk_begin * bs, n_pos = std::min(len, blk_end * bs) - first_pos;
+  scores.resize(heads * n_pos);
+  part.top.assign(heads, -INFINITY);
+  part.sum.assign(heads, 0.f);
+  part.acc.assign(heads * dim, 0.f);
+  if (n_pos <= 0) return;
+  for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+    const int64_t slot0 = table[blk] * bs, n = std::min(bs, len - blk * bs), at = blk * bs - first_pos;
+    TORCH_CHECK(table[blk] >= 0 && slot0 + n <= a.num_slots, "block out of range");
+    const T* krows = a.k + slot0 * row;
     for (int64_t i = 0; i < n; ++i) {
-      const T* krow = krows + i * row_stride;
-      for (int64_t h = 0; h < group; ++h) {
-        const float* qh = qg + h * dim;
-        float dot = 0.f;
+      for (int64_t g = 0; g < kvh; ++g) {
+        const T* krow = krows + i * row + g * dim;
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          const float* qh = qb + h * dim;
+          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < dim; ++d) dot += qh[d] * widen(krow[d]);
-        scores[h * len + start + i] = dot * a.scale;
+          for (int64_t d = 0; d < dim; ++d) dot += qh[d] * widen(krow[d]);
+          scores[h * n_pos + at + i] = dot * a.scale;
+        }
       }
     }
   }
-  std::vector<float> sums(group);
-  for (int64_t h = 0; h < group; ++h) {
-    float* s = scores.data() + h * len;
-    float top = s[0];
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sc = scores.data() + h * n_pos;
+    float top = sc[0];
 #pragma omp simd reduction(max : top)
-    for (int64_t pos = 0; pos < len; ++pos) top = std::max(top, s[pos]);
+    for (int64_t pos = 0; pos < n_pos; ++pos) top = std::max(top, sc[pos]);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t pos = 0; pos < len; ++pos) {
-      s[pos] = exp_nonpositive(s[pos] - top);
-      sum += s[pos];
+    for (int64_t pos = 0; pos < n_pos; ++pos) {
+      sc[pos] = exp_nonpositive(sc[pos] - top);
+      sum += sc[pos];
     }
-    sums[h] = sum;
+    part.top[h] = top;
+    part.sum[h] = sum;
   }
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t first = table[blk] * bs, start = blk * bs, n = std::min(bs, len - start);
-    const T* vrows = a.v + first * row_stride + g * dim;
+  for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+    const int64_t slot0 = table[blk] * bs, n = std::min(bs, len - blk * bs), at = blk * bs - first_pos;
+    const T* vrows = a.v + slot0 * row;
     for (int64_t i = 0; i < n; ++i) {
-      const T* vrow = vrows + i * row_stride;
-      for (int64_t h = 0; h < group; ++h) {
-        const float p = scores[h * len + start + i];
-        float* out = acc.data() + h * dim;
+      for (int64_t g = 0; g < kvh; ++g) {
+        const T* vrow = vrows + i * row + g * dim;
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+          const float p = scores[h * n_pos + at + i];
+          float* out = part.acc.data() + h * dim;
 #pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) out[d] += p * widen(vrow[d]);
+          for (int64_t d = 0; d < dim; ++d) out[d] += p * widen(vrow[d]);
+        }
       }
     }
-  }
-  float* out = a.out + (b * a.heads + g * group) * dim;
-  for (int64_t h = 0; h < group; ++h) {
-    const float inv = 1.f / sums[h];
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) out[h * dim + d] = acc[h * dim + d] * inv;
   }
 }
 
+// Sequences are split into block ranges so that there are at least two tasks per thread (one
+// long sequence alone still uses every core); the ranges' partial results are merged per head
+// by their maxima (the log-sum-exp rule).
 template <typename T, int64_t DIM>
 void run(const Args<T>& a, int64_t batch) {
-  at::parallel_for(0, batch * a.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc;
-    for (int64_t task = begin; task < end; ++task) attend<T, DIM>(a, task / a.kv_heads, task % a.kv_heads, scores, acc);
+  const int64_t threads = at::get_num_threads(), bs = a.block_size;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(16, (2 * threads + batch - 1) / batch));
+  std::vector<Partial> partials(batch * parts);
+  at::parallel_for(0, batch * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / parts, p = task % parts, blocks = (a.lens[b] + bs - 1) / bs;
+      attend<T, DIM>(a, b, blocks * p / parts, blocks * (p + 1) / parts, scores, partials[task]);
+    }
+  });
+  const int64_t dim = a.dim;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t h = 0; h < a.heads; ++h) {
+        float top = -INFINITY;
+        for (int64_t p = 0; p < parts; ++p) top = std::max(top, partials[b * parts + p].top[h]);
+        float* out = a.out + (b * a.heads + h) * dim;
+        std::fill(out, out + dim, 0.f);
+        float sum = 0.f;
+        for (int64_t p = 0; p < parts; ++p) {
+          const Partial& part = partials[b * parts + p];
+          if (part.sum[h] == 0.f) continue;  // an empty range
+          const float weight = std::exp(part.top[h] - top);
+          sum += weight * part.sum[h];
+          const float* acc = part.acc.data() + h * dim;
+          for (int64_t d = 0; d < dim; ++d) out[d] += weight * acc[d];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t d = 0; d < dim; ++d) out[d] *= inv;
+      }
+    }
   });
 }
 
