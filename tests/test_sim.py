@@ -110,6 +110,28 @@ def test_gpu_projection_is_labelled_and_runs_the_real_policy_code(capsys):
     assert all(r["makespan_s"] >= runs["ideal"]["makespan_s"] * 0.999 for r in runs.values())
 
 
+def test_the_projection_charges_a_load_that_finds_no_room_and_runs_its_tracker_on_projected_time(monkeypatch):
+    from scalesim.bench import costmodel
+    from scalesim.sim.workloads import WORKLOADS, WorkloadConfig
+
+    seen_s: list[float] = []
+
+    class Recording(costmodel.DistanceTracker):
+        def on_request(self, agent_id, *args, **kwargs):
+            seen_s.append(self.clock())
+            return super().on_request(agent_id, *args, **kwargs)
+
+    monkeypatch.setattr(costmodel, "DistanceTracker", Recording)
+    trace = WORKLOADS["feed"](WorkloadConfig(agents=60, steps=4, state="lora-agent", output_tokens=64))
+    tight = costmodel.project(trace, "lru", device_fraction=0.02, host_fraction=0.0)
+    tight_seen_s = list(seen_s)
+    roomy = costmodel.project(trace, "lru", device_fraction=1.0, host_fraction=0.0)
+    assert tight["failed_loads"] > 0 and tight["recomputed_tokens"] > roomy["recomputed_tokens"]
+    assert tight["makespan_s"] > roomy["makespan_s"] and tight["prefill_s"] > roomy["prefill_s"]
+    # the tracker's clock is the projected time: it starts at 0 and moves on with every step
+    assert tight_seen_s[0] == 0.0 and tight_seen_s[-1] > 0.0 and tight_seen_s == sorted(tight_seen_s)
+
+
 def test_a_target_url_that_does_not_answer_is_a_one_line_error(capsys):
     assert main(["bench", "feed", "--quick", "--url", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()

@@ -7,8 +7,13 @@ context and adapter, and charges time from a hardware profile:
 - prefill: new (uncached or recomputed) tokens x 2 x params FLOPs at the profile's FLOP rate;
 - decode: per generated token of the step's batch, the weights plus the batch's KV read from HBM;
 - on-demand loads: bytes over PCIe (host) or from disk, on the critical path (stall);
+- a load that finds no room on the device is not free: a KV context is recomputed (its tokens
+  charged as prefill and counted), an adapter is read over its link for the call (a stall);
 - prefetch: loads issued by the policy while the previous step computed, free up to the bytes
   PCIe moves in that time.
+The distance tracker runs on the simulated clock (seconds of projected makespan), so the gaps it
+learns between an agent's calls are the projected ones.
+Not modelled: a batch that cannot fit shrinks (here every call of a step runs in its batch).
 """
 
 from dataclasses import asdict, dataclass
@@ -109,7 +114,8 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
     total = sum(kv_nbytes.values()) + len(clusters) * mp.lora_bytes
     unbounded = POLICIES[policy].unbounded_device
     pool = _CountingPool(int(2 * total if unbounded else device_fraction * total) + ALLOCATION_UNIT_BYTES)
-    tracker = DistanceTracker(clock=lambda: 0.0)
+    clock_s = [0.0]  # the simulated clock: projected seconds so far
+    tracker = DistanceTracker(clock=lambda: clock_s[0])
     manager = MemoryManager(pool, tracker, POLICIES[policy], 0 if unbounded else int(host_fraction * total), None,
                             TierBandwidth(host=hw.pcie_bytes_per_s, disk=hw.disk_bytes_per_s))
     manager.set_future(trace.future())
@@ -121,7 +127,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
             manager.promote(obj)  # the limit of unbounded memory: everything is resident from the start
     agent_adapter = {a.agent_id: adapters.get(a.adapter_cluster) for a in trace.agents}
     makespan = stall = prefill = decode = 0.0
-    recomputed_tokens = loaded = 0
+    recomputed_tokens = loaded = failed_loads = 0
     previous_step_s = 0.0
     for step in trace.steps:
         manager.advance(step.index)
@@ -132,14 +138,22 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
         active = []
         for call in step.calls:
             agent = call.agent_id
+            clock_s[0] = makespan + step_stall
             manager.on_request(agent)
             objects = [o for o in (agent_adapter[agent], kv.get(agent)) if o is not None]
             for obj in objects:
                 source = obj.tier
                 if source != "device":
-                    if not manager.promote(obj):
-                        continue  # no room: it runs from where it is (counted as a miss below)
-                    step_stall += obj.nbytes / (hw.pcie_bytes_per_s if source == "host" else hw.disk_bytes_per_s)
+                    link_bytes_per_s = hw.pcie_bytes_per_s if source == "host" else hw.disk_bytes_per_s
+                    if not manager.promote(obj):  # no room on the device
+                        failed_loads += 1
+                        if obj.kind == "kv":      # the context is computed again for this call
+                            recomputed_tokens += context[agent]
+                            step_prefill_tokens += context[agent] // 2  # half of it exists by now
+                        else:                     # the adapter's weights are read for this call
+                            step_stall += obj.nbytes / link_bytes_per_s
+                        continue
+                    step_stall += obj.nbytes / link_bytes_per_s
                     loaded += obj.nbytes
                 obj.pins += 1
                 active.append(obj)
@@ -168,7 +182,8 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
         stall, prefill, decode = stall + step_stall, prefill + step_prefill, decode + step_decode
     return {"label": PROJECTION_LABEL, "policy": policy, "makespan_s": round(makespan, 4),
             "stall_s": round(stall, 4), "prefill_s": round(prefill, 4), "decode_s": round(decode, 4),
-            "loaded_bytes": loaded, "recomputed_tokens": recomputed_tokens, "total_state_bytes": total}
+            "loaded_bytes": loaded, "recomputed_tokens": recomputed_tokens, "failed_loads": failed_loads,
+            "total_state_bytes": total}
 
 
 def project_workload(workload: str, agents: int, steps: int, state: str = "lora-agent",
