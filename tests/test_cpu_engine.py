@@ -100,20 +100,27 @@ def test_the_paged_decode_kernel_equals_gathered_sdpa(heads, kv_heads, dim):
     contexts gives, for the head sizes it specialises (64, 128) and any other (40)."""
     if not paged_decode_available():
         pytest.skip("the paged decode kernel cannot be built on this machine")
-    gen, block, blocks = torch.Generator().manual_seed(1), 16, 8
-    k_cache = torch.randn(64 * block, kv_heads, dim, generator=gen)
-    v_cache = torch.randn(64 * block, kv_heads, dim, generator=gen)
-    tables = torch.randperm(64, generator=gen)[:5 * blocks].view(5, blocks)
-    lengths = torch.tensor([1, 17, 64, 100, blocks * block])
+    gen, block, blocks = torch.Generator().manual_seed(1), 16, 40  # up to 640 tokens: 3 ranges of 256
+    k_cache = torch.randn(256 * block, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(256 * block, kv_heads, dim, generator=gen)
+    tables = torch.randperm(256, generator=gen)[:5 * blocks].view(5, blocks)
+    lengths = torch.tensor([1, 17, 257, 513, blocks * block])
     q = 3 * torch.randn(5, heads, dim, generator=gen)  # peaked softmaxes: scores spread over about +-25
     got = paged_decode(q, k_cache, v_cache, tables, lengths, block, dim ** -0.5)
     for b in range(5):
         slots = (tables[b].view(-1, 1) * block + torch.arange(block)).view(-1)[:lengths[b]]
         want = _reference(q[b:b + 1], k_cache[slots], v_cache[slots], dim ** -0.5)
         assert torch.allclose(got[b].reshape(1, -1), want, atol=1e-5), b
-        # alone, a sequence is split into block ranges over the threads, merged at the end
+        # a sequence's result does not depend on what it is batched with, nor on the thread count
         alone = paged_decode(q[b:b + 1], k_cache, v_cache, tables[b:b + 1], lengths[b:b + 1], block, dim ** -0.5)
-        assert torch.allclose(alone.reshape(1, -1), want, atol=1e-5), b
+        assert torch.equal(alone[0], got[b]), b
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(paged_decode(q, k_cache, v_cache, tables, lengths, block, dim ** -0.5), got)
+    finally:
+        torch.set_num_threads(threads)
+    assert paged_decode(q[:0], k_cache, v_cache, tables[:0], lengths[:0], block, 1.0).shape == (0, heads, dim)
 
 
 def test_the_paged_decode_kernel_reads_a_bfloat16_cache_as_its_float32_values():

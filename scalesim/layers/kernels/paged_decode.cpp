@@ -8,7 +8,7 @@
 // scores and sums are float32.
 //
 // A task is one range of one sequence's blocks with all its heads (ranges merged at the end),
-// so that rows are read whole and in order and a short batch still uses every core.
+// so that rows are read whole and in order and a long context is spread over the cores.
 // Written so that the compiler vectorizes every inner loop (-O3 -march=native): the head size
 // is a template parameter for the common sizes (fully unrolled dot products), slots come from
 // the block table once per block (no division per token), and the softmax uses an exp that is
@@ -137,19 +137,27 @@ void attend(const Args<T>& a, int64_t b, int64_t blk_begin, int64_t blk_end, std
   }
 }
 
-// Sequences are split into block ranges so that there are at least two tasks per thread (one
-// long sequence alone still uses every core); the ranges' partial results are merged per head
-// by their maxima (the log-sum-exp rule).
+// A sequence is split into ranges of PART_TOKENS (rounded to whole blocks), so that a long
+// context alone still uses every core; the ranges' partial results are merged per head by their
+// maxima (the log-sum-exp rule). The split depends on the sequence's own length only, never on
+// the batch or the thread count, so a sequence's result is the same whatever it is batched with.
+constexpr int64_t PART_TOKENS = 256;
+
 template <typename T, int64_t DIM>
 void run(const Args<T>& a, int64_t batch) {
-  const int64_t threads = at::get_num_threads(), bs = a.block_size;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(16, (2 * threads + batch - 1) / batch));
-  std::vector<Partial> partials(batch * parts);
-  at::parallel_for(0, batch * parts, 1, [&](int64_t begin, int64_t end) {
+  const int64_t bs = a.block_size, part_blocks = std::max<int64_t>(1, PART_TOKENS / bs);
+  std::vector<int64_t> first_task(batch + 1, 0);  // sequence b's tasks are [first_task[b], first_task[b + 1])
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t blocks = (a.lens[b] + bs - 1) / bs;
+    first_task[b + 1] = first_task[b] + (blocks + part_blocks - 1) / part_blocks;
+  }
+  std::vector<Partial> partials(first_task[batch]);
+  at::parallel_for(0, first_task[batch], 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / parts, p = task % parts, blocks = (a.lens[b] + bs - 1) / bs;
-      attend<T, DIM>(a, b, blocks * p / parts, blocks * (p + 1) / parts, scores, partials[task]);
+      const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+      const int64_t blocks = (a.lens[b] + bs - 1) / bs, blk = (task - first_task[b]) * part_blocks;
+      attend<T, DIM>(a, b, blk, std::min(blocks, blk + part_blocks), scores, partials[task]);
     }
   });
   const int64_t dim = a.dim;
@@ -157,13 +165,12 @@ void run(const Args<T>& a, int64_t batch) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t h = 0; h < a.heads; ++h) {
         float top = -INFINITY;
-        for (int64_t p = 0; p < parts; ++p) top = std::max(top, partials[b * parts + p].top[h]);
+        for (int64_t t = first_task[b]; t < first_task[b + 1]; ++t) top = std::max(top, partials[t].top[h]);
         float* out = a.out + (b * a.heads + h) * dim;
         std::fill(out, out + dim, 0.f);
         float sum = 0.f;
-        for (int64_t p = 0; p < parts; ++p) {
-          const Partial& part = partials[b * parts + p];
-          if (part.sum[h] == 0.f) continue;  // an empty range
+        for (int64_t t = first_task[b]; t < first_task[b + 1]; ++t) {
+          const Partial& part = partials[t];
           const float weight = std::exp(part.top[h] - top);
           sum += weight * part.sum[h];
           const float* acc = part.acc.data() + h * dim;
@@ -208,9 +215,10 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   const auto lens = context_lens.contiguous();
   const int64_t batch = qc.size(0), heads = qc.size(1), dim = qc.size(2);
   const int64_t kv_heads = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(2) == dim && heads % kv_heads == 0, "head shapes");
+  TORCH_CHECK(k_cache.size(2) == dim && kv_heads > 0 && heads % kv_heads == 0, "head shapes");
   TORCH_CHECK(tables.size(0) == batch && lens.size(0) == batch, "one table and length per sequence");
   auto out = at::empty_like(qc);
+  if (batch == 0) return out;
   const auto common = [&](auto* k, auto* v) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(k)>>;
     return Args<T>{qc.data_ptr<float>(), k, v, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
