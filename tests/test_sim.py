@@ -132,6 +132,18 @@ def test_the_projection_charges_a_load_that_finds_no_room_and_runs_its_tracker_o
     assert tight_seen_s[0] == 0.0 and tight_seen_s[-1] > 0.0 and tight_seen_s == sorted(tight_seen_s)
 
 
+def test_the_projection_recomputes_a_context_that_never_fit_once_per_call():
+    from scalesim.bench import costmodel
+    from scalesim.sim.workloads.trace import AgentSpec, Call, Step, Trace
+
+    words = " ".join(["word"] * 200)
+    trace = Trace("two", [AgentSpec("a", words), AgentSpec("b", words)],
+                  [Step(0, [Call("a", words, 8), Call("b", words, 8)]), Step(1, [Call("a", words, 8)])])
+    run = costmodel.project(trace, "lru", device_fraction=1e-6, host_fraction=0.0)  # no context ever fits
+    assert run["recomputed_tokens"] == costmodel._context_tokens(trace)["a"]  # a's second call, once
+    assert run["failed_loads"] == 0  # a context that is gone is recomputed, not a load that failed
+
+
 def test_a_target_url_that_does_not_answer_is_a_one_line_error(capsys):
     assert main(["bench", "feed", "--quick", "--url", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()

@@ -130,6 +130,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
     recomputed_tokens = loaded = failed_loads = 0
     previous_step_s = 0.0
     for step in trace.steps:
+        clock_s[0] = makespan
         manager.advance(step.index)
         manager.hint(estimate_distances(step.index, **step.hints))
         manager.prefetcher.settings = PrefetchSettings(max_bytes_in_flight=int(previous_step_s * hw.pcie_bytes_per_s))
@@ -140,7 +141,8 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
             agent = call.agent_id
             clock_s[0] = makespan + step_stall
             manager.on_request(agent)
-            objects = [o for o in (agent_adapter[agent], kv.get(agent)) if o is not None]
+            # a KV context that was dropped is not loaded: it is computed again below
+            objects = [o for o in (agent_adapter[agent], kv.get(agent)) if o is not None and o.tier is not None]
             for obj in objects:
                 source = obj.tier
                 if source != "device":
@@ -152,6 +154,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
                             step_prefill_tokens += context[agent] // 2  # half of it exists by now
                         else:                     # the adapter's weights are read for this call
                             step_stall += obj.nbytes / link_bytes_per_s
+                            loaded += obj.nbytes
                         continue
                     step_stall += obj.nbytes / link_bytes_per_s
                     loaded += obj.nbytes
@@ -169,6 +172,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
             step_prefill_tokens += new_tokens
         for obj in active:
             obj.pins -= 1
+        clock_s[0] = makespan + step_stall + step_prefill_tokens * 2 * mp.params / hw.flops_per_s
         for call in step.calls:
             manager.on_finish(call.agent_id)
         batch_kv_bytes = sum(kv_nbytes[c.agent_id] for c in step.calls)
