@@ -96,7 +96,8 @@ class EngineConfig:
             # place (layers/paged_decode.py); measured on an AVX-512 EPYC with bf16 weights, a
             # decode step at batch 16 over 1,024-token contexts took 64-72 ms with a bf16 cache
             # against 88-95 ms with fp32 (parity at 8 x 600 tokens), and the cache holds twice the
-            # tokens. (Without the kernel, decode over a bf16 cache gathers and is 3-4x slower.)
+            # tokens. (Without the kernel, decode gathers contexts; over a bf16 cache it was 3-4x
+            # slower than over fp32 when it ran in bf16, not measured since it upcasts to fp32.)
             self.kv_cache_dtype = self.dtype
         if self.kv_cache_dtype not in DTYPES:
             raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.kv_cache_dtype!r}")

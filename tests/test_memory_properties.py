@@ -22,7 +22,7 @@ from tests.test_memory_kv import measured_device_nbytes
 
 GREEDY = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
 AGENTS = 5
-ENGINE_ARGS = dict(device_memory="128KiB", host_memory="40KiB", disk_memory="600KiB", block_size_tokens=4,
+ENGINE_ARGS = dict(dtype="fp32", device_memory="128KiB", host_memory="40KiB", disk_memory="600KiB", block_size_tokens=4,
                    max_num_batched_tokens=128)
 
 
@@ -35,7 +35,7 @@ def adapter_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(adapter_folder):
     """Greedy tokens of every prompt the operations use, from an engine with room for everything."""
-    llm = LLM("tiny-random", device_memory="16MiB", block_size_tokens=4)
+    llm = LLM("tiny-random", dtype="fp32", device_memory="16MiB", block_size_tokens=4)
     llm.register_agent("agent-0", adapter=str(adapter_folder))
     out = {}
     for agent in range(AGENTS):

@@ -31,7 +31,8 @@ def adapters_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(adapters_dir):
     # A small device tier (128 pages of 4 tokens) so that agents' prefixes (~40 pages each) compete for it.
-    llm = AsyncLLM(MODEL, kv_cache_memory="256KiB", block_size_tokens=4, host_memory="8MiB")
+    # fp32 pinned: the page count is sized in fp32 pages (auto picks bf16 on some CPUs)
+    llm = AsyncLLM(MODEL, dtype="fp32", kv_cache_memory="256KiB", block_size_tokens=4, host_memory="8MiB")
     config = ServerConfig(MODEL, allowed_local_paths=[adapters_dir], default_max_tokens=4)
     with running_server(llm, config) as base:
         yield base

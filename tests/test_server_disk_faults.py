@@ -17,7 +17,7 @@ PROMPT = "the old mill by the river keeps a ledger of every sack of grain that c
 
 
 def _engine(state_dir, **kwargs) -> AsyncLLM:
-    args = dict(kv_cache_memory="64KiB", host_memory="0", block_size_tokens=4, disk_dir=str(state_dir))
+    args = dict(dtype="fp32", kv_cache_memory="64KiB", host_memory="0", block_size_tokens=4, disk_dir=str(state_dir))
     args.update(kwargs)
     return AsyncLLM(MODEL, **args)
 
