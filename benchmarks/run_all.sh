@@ -37,5 +37,7 @@ $S microbench adapters --model smollm2-135m --dtype bf16 --out $R/adapters-bf16.
 $S bench town --hint-noise-sweep 0,1,2,4,inf --out $R/hint-noise-town.json --plot $R/hint-noise-town.png
 # The workloads with a LoRA adapter per agent, interleaved three times (about 40 minutes):
 $S bench all --state lora-agent --repeats 3 --out $R/sim-lora-agent.json --plot $R/sim-lora-agent.png
+# The demo's town (LoRA per agent, tiered regime) against SGLang's policies, three rotated rounds (about 7 minutes):
+$S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-town-lora-tiered.json
 # `make demo` (one run of each policy, about 3 minutes); it writes demo.json/demo.png in the root:
 .venv/bin/python -m scalesim.demo && mv demo.json $R/demo.json && mv demo.png $R/demo.png
