@@ -14,7 +14,7 @@ import sys
 
 from rich.console import Console
 
-from scalesim.bench.sim_bench import plot, print_table, run_sim_bench, write_json
+from scalesim.bench.sim_bench import plot, print_table, run_sim_bench, verdict, write_json
 from scalesim.sim.workloads import WorkloadConfig
 
 DEMO_AGENTS = 40
@@ -24,14 +24,6 @@ DEMO_POLICIES = ("ideal", "scalesim", "sglang-hicache", "sglang")
 PLOT_PATH = "demo.png"
 JSON_PATH = "demo.json"
 NOISE_FRACTION = 0.2  # single runs on the 2-core CI machine vary by about this much
-
-
-def _verdict(ratio: float) -> str:
-    if ratio > 1 + NOISE_FRACTION:
-        return "faster"
-    if ratio < 1 - NOISE_FRACTION:
-        return "slower"
-    return "at parity (inside this machine's run-to-run noise)"
 
 
 def main() -> None:
@@ -51,8 +43,8 @@ def main() -> None:
     for baseline in ("sglang-hicache", "sglang"):
         ratio = runs[baseline]["makespan_s"] / scalesim["makespan_s"]
         console.print(f"  against {baseline} ({runs[baseline]['makespan_s']:.1f} s, recomputed "
-                      f"{runs[baseline]['recomputed_tokens']} tokens): ScaleSim is {_verdict(ratio)}, "
-                      f"{baseline}/ScaleSim = {ratio:.2f}x")
+                      f"{runs[baseline]['recomputed_tokens']} tokens): {baseline}/ScaleSim = {ratio:.2f}x, "
+                      f"{verdict(ratio, NOISE_FRACTION)} (against an assumed noise of {NOISE_FRACTION:.0%})")
     console.print("One run each; `scalesim bench town --state lora-agent --repeats 3` gives medians.")
     for agent, step, text in scalesim["samples"][:2]:
         console.print(f"  [cyan]{agent}[/cyan] at step {step}: {text.strip()!r}")

@@ -103,8 +103,9 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
             scale: float, gqa: bool) -> torch.Tensor:
     """One query per sequence against its context: [D, heads * head_dim]."""
     if meta.decode_slots is None:
-        return paged_decode(q.float(), k_cache, v_cache, meta.decode_block_tables, meta.decode_lengths, meta.block_size,
-                            scale).view(q.shape[0], -1).to(q.dtype)
+        # the kernel runs on the CPU only, where attention computes in float32 (q is already float32)
+        return paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lengths, meta.block_size,
+                            scale).view(q.shape[0], -1)
     batch, context = meta.decode_slots.shape
     shape = (batch, context, k_cache.shape[1], k_cache.shape[2])
     slots = meta.decode_slots.view(-1)

@@ -84,11 +84,10 @@ void attend(const Args<T>& a, int64_t b, int64_t blk_begin, int64_t blk_end, std
   const int64_t* table = a.tables + b * a.max_blocks;
   const float* qb = a.q + b * heads * dim;
   const int64_t first_pos = blk_begin * bs, n_pos = std::min(len, blk_end * bs) - first_pos;
-  scores.resize(heads * n_pos);
-  part.top.assign(heads, -INFINITY);
-  part.sum.assign(heads, 0.f);
+  scores.resize(heads * n_pos);  // every range holds at least one token (run() splits by length)
+  part.top.resize(heads);
+  part.sum.resize(heads);
   part.acc.assign(heads * dim, 0.f);
-  if (n_pos <= 0) return;
   for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
     const int64_t slot0 = table[blk] * bs, n = std::min(bs, len - blk * bs), at = blk * bs - first_pos;
     TORCH_CHECK(table[blk] >= 0 && slot0 + n <= a.num_slots, "block out of range");
