@@ -11,11 +11,13 @@ import asyncio
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from scalesim.config import EngineConfig
 from scalesim.engine.llm_engine import LLMEngine
+from scalesim.errors import GenerationError, OverloadedError
 from scalesim.llm import Messages, Prompt, render_chat
 from scalesim.outputs import SequenceDelta
 from scalesim.sampling_params import SamplingParams
@@ -23,7 +25,7 @@ from scalesim.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(GenerationError):
     """The engine loop failed while running this request."""
 
 
@@ -33,16 +35,75 @@ class _Stream:
     queue: asyncio.Queue
 
 
+class _EngineLoop:
+    """The engine and what its loop thread shares with callers. It never refers back to the
+    `AsyncLLM`, so a dropped `AsyncLLM` is collected and its finaliser stops this loop."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.streams: dict[str, _Stream] = {}
+        self.aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name="scalesim-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and the engine; idempotent."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=30)
+        self.engine.shutdown()
+
+    def run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.stopping and not self.engine.has_unfinished():
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                while not self.aborts.empty():
+                    self.engine.abort(self.aborts.get())
+                if not self.engine.has_unfinished():
+                    continue
+                try:
+                    deltas = self.engine.step()
+                except Exception as exc:  # keep serving: fail the requests in flight, not the process
+                    logger.exception("engine step failed; failing the requests in flight")
+                    self.fail_all(EngineDeadError(f"engine step failed: {exc}"))
+                    continue
+                streams = [(self.streams.get(d.request_id), d) for d in deltas]
+            for stream, delta in streams:
+                if stream is not None:
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
+
+    def fail_all(self, error: Exception) -> None:
+        """Fail every request in flight, including any the engine holds without a listener."""
+        for stream in list(self.streams.values()):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+        self.streams.clear()
+
+
 class AsyncLLM:
-    def __init__(self, model: str, **engine_args) -> None:
+    """Keyword arguments are `EngineConfig` fields, plus `max_waiting`: when the engine already
+    holds that many waiting sequences, `generate` raises OverloadedError instead of queueing more.
+
+    Close it with `close()` (or `async with` / `with`); one that is dropped is closed when collected.
+    """
+
+    def __init__(self, model: str, max_waiting: int | None = None, **engine_args) -> None:
+        if max_waiting is not None and max_waiting <= 0:
+            raise ValueError(f"max_waiting must be positive, got {max_waiting}")
+        self.max_waiting = max_waiting
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._streams: dict[str, _Stream] = {}
-        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="scalesim-engine", daemon=True)
-        self._thread.start()
+        self._core = _EngineLoop(self.engine)
+        self._lock = self._core.lock
+        self._close = weakref.finalize(self, _EngineLoop.stop, self._core)
 
     @property
     def tokenizer(self):
@@ -51,7 +112,8 @@ class AsyncLLM:
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                        agent_id: str | None = None, request_id: str | None = None, adapter: str | None = None,
                        model: str | None = None) -> AsyncIterator[SequenceDelta]:
-        """Yield each step's new text and tokens of every completion until all `n` finish."""
+        """Yield each step's new text and tokens of every completion until all `n` finish.
+        A completion that fails raises GenerationError; the others of the request are aborted."""
         params = sampling_params or SamplingParams()
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
@@ -68,12 +130,14 @@ class AsyncLLM:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
                     raise item
+                if item.finish_reason == "error":
+                    raise GenerationError(item.error or "generation failed")
                 remaining -= item.finished
                 yield item
         finally:
             if remaining:
-                self._aborts.put(request_id)
-            self._streams.pop(request_id, None)
+                self._core.aborts.put(request_id)
+            self._core.streams.pop(request_id, None)
 
     async def chat(self, messages: Messages, sampling_params: SamplingParams | None = None,
                    **request) -> AsyncIterator[SequenceDelta]:
@@ -90,14 +154,20 @@ class AsyncLLM:
 
     def _abort_added(self, adding: asyncio.Future) -> None:
         if not adding.cancelled() and adding.exception() is None:
-            self._streams.pop(adding.result(), None)
-            self._aborts.put(adding.result())
+            self._core.streams.pop(adding.result(), None)
+            self._core.aborts.put(adding.result())
 
     def _add(self, prompt, params, request: dict, stream: _Stream) -> str:
-        with self._wake:
+        with self._core.wake:
+            if self._core.stopping:
+                raise EngineDeadError("the engine is shut down")
+            waiting = len(self.engine.scheduler.waiting)
+            if self.max_waiting is not None and waiting + params.n > self.max_waiting:
+                raise OverloadedError(f"the server is overloaded: {waiting} sequences wait already (the limit is "
+                                      f"{self.max_waiting}); retry later")
             request_id = self.engine.add_request(prompt, params, **request)
-            self._streams[request_id] = stream
-            self._wake.notify()
+            self._core.streams[request_id] = stream
+            self._core.wake.notify()
         return request_id
 
     def register_agent(self, agent_id: str, adapter: str | None = None, model: str | None = None,
@@ -127,7 +197,7 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         with self._lock:
             self.engine.abort(request_id)
-            self._streams.pop(request_id, None)
+            self._core.streams.pop(request_id, None)
 
     def stats(self) -> dict:
         with self._lock:
@@ -141,39 +211,20 @@ class AsyncLLM:
     def memory_stats(self) -> dict:
         return self.engine.memory_stats()
 
-    def shutdown(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self._thread.join(timeout=30)
-        self.engine.shutdown()
+    def close(self) -> None:
+        """Stop the engine loop and the engine (transfer threads, disk tier); idempotent."""
+        self._close()
 
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopping and not self.engine.has_unfinished():
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                while not self._aborts.empty():
-                    self.engine.abort(self._aborts.get())
-                if not self.engine.has_unfinished():
-                    continue
-                try:
-                    deltas = self.engine.step()
-                except Exception as exc:  # keep serving: fail the requests in flight, not the process
-                    logger.exception("engine step failed; failing the requests in flight")
-                    self._fail_all(EngineDeadError(f"engine step failed: {exc}"))
-                    continue
-                streams = [(self._streams.get(d.request_id), d) for d in deltas]
-            for stream, delta in streams:
-                if stream is not None:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
+    shutdown = close
 
-    def _fail_all(self, error: Exception) -> None:
-        """Fail every request in flight, including any the engine holds without a listener."""
-        for request_id, stream in list(self._streams.items()):
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
-        self._streams.clear()
+    def __enter__(self) -> "AsyncLLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "AsyncLLM":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close)

@@ -1,6 +1,7 @@
 """`LLM`: the offline, synchronous entry point (generate a list of prompts to completion)."""
 
 import time
+import weakref
 from pathlib import Path
 from collections.abc import Sequence as SequenceABC
 
@@ -12,6 +13,7 @@ from scalesim.engine.llm_engine import LLMEngine
 from scalesim.errors import InvalidRequestError
 from scalesim.outputs import CompletionOutput, RequestOutput, SequenceDelta
 from scalesim.sampling_params import SamplingParams
+from scalesim.text import check_text
 
 Prompt = str | list[int]
 Messages = list[dict]
@@ -36,18 +38,31 @@ def render_chat(tokenizer, messages: Messages, add_generation_prompt: bool = Tru
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja raises its own kinds for templates that reject input
         raise InvalidRequestError(f"the chat template rejected these messages: {exc}") from exc
+    check_text(text, "messages")
     return tokenizer.encode(text, add_special_tokens=False)
 
 
 class LLM:
     """A model ready to generate. Keyword arguments are `EngineConfig` fields.
 
-    >>> llm = LLM("smollm2-135m")
-    >>> llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+    >>> with LLM("smollm2-135m") as llm:
+    ...     llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
     """
 
     def __init__(self, model: str, **engine_args) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._close = weakref.finalize(self, LLMEngine.shutdown, self.engine)
+
+    def close(self) -> None:
+        """Stop the engine's transfer threads and release its disk tier; idempotent. An `LLM`
+        that is dropped is closed when collected; `with LLM(...) as llm:` closes it at the end."""
+        self._close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

@@ -15,6 +15,7 @@ class SequenceDelta:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    error: str | None = None  # why, when finish_reason is "error"
 
     @property
     def finished(self) -> bool:
@@ -28,8 +29,10 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None  # why, when finish_reason is "error"
 
     def add(self, delta: SequenceDelta) -> None:
+        self.error = delta.error or self.error
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)

@@ -9,13 +9,15 @@ MAX_STOP_STRING_CHARS = 256
 MAX_N = 16
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 MAX_LOGIT_BIAS_ENTRIES = 300
+GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM: dividing logits by less overflows or underflows float32
 
 
 @dataclass
 class SamplingParams:
     """Sampling settings of one request.
 
-    temperature 0 means greedy. top_p in (0, 1], top_k 0 or -1 means off. A `seed` makes the
+    temperature 0 (or below 1e-5, where dividing the logits by it is not finite) means greedy.
+    top_p in (0, 1], top_k 0 or -1 means off, a top_k over the vocabulary keeps it all. A `seed` makes the
     request's samples reproducible regardless of what it is batched with; with n > 1 completion i
     uses seed + i. Generation ends at max_tokens, at a stop string (cut from the text), at a stop
     token id, or at the model's end-of-sequence token unless ignore_eos.
@@ -74,7 +76,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def seed_for(self, index: int) -> int | None:
         """The seed of completion `index` of this request."""

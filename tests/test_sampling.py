@@ -14,13 +14,13 @@ def _logits() -> torch.Tensor:
 def test_top_k_one_is_greedy():
     logits = _logits()
     params = [SamplingParams(temperature=1.0, top_k=1)] * 4
-    assert torch.equal(sample(logits, params, [None] * 4), logits.argmax(-1))
+    assert torch.equal(sample(logits, params, [None] * 4)[0], logits.argmax(-1))
 
 
 def test_tiny_top_p_is_greedy():
     logits = _logits()
     params = [SamplingParams(temperature=1.0, top_p=1e-6)] * 4
-    assert torch.equal(sample(logits, params, [None] * 4), logits.argmax(-1))
+    assert torch.equal(sample(logits, params, [None] * 4)[0], logits.argmax(-1))
 
 
 def test_top_k_never_samples_outside_the_k_best():
@@ -28,7 +28,7 @@ def test_top_k_never_samples_outside_the_k_best():
     allowed = logits.topk(3, dim=-1).indices
     params = [SamplingParams(temperature=5.0, top_k=3)] * 4
     for _ in range(50):
-        tokens = sample(logits, params, [None] * 4)
+        tokens = sample(logits, params, [None] * 4)[0]
         assert all(tokens[i] in allowed[i] for i in range(4))
 
 
@@ -37,7 +37,29 @@ def test_same_seed_same_tokens_different_seed_different_tokens():
     params = [SamplingParams(temperature=2.0)] * 32
 
     def draw(seed: int) -> torch.Tensor:
-        return sample(logits, params, [torch.Generator().manual_seed(seed + i) for i in range(32)])
+        return sample(logits, params, [torch.Generator().manual_seed(seed + i) for i in range(32)])[0]
 
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(draw(1), draw(2))
+
+
+def test_a_row_of_nan_or_fully_masked_logits_fails_alone():
+    logits = _logits()
+    logits[1, 7] = float("nan")
+    logits[2] = float("-inf")
+    for temperature in (0.0, 1.0):
+        params = [SamplingParams(temperature=temperature, seed=3)] * 4
+        generators = [torch.Generator().manual_seed(3) for _ in range(4)]
+        tokens, failed = sample(logits, params, generators)
+        assert failed == [1, 2]
+        clean = sample(logits[[0, 3]], params[:2], [torch.Generator().manual_seed(3) for _ in range(2)])[0]
+        assert tokens[[0, 3]].tolist() == clean.tolist()  # the healthy rows draw as if alone
+
+
+def test_extreme_but_valid_knobs_sample_normally():
+    logits = _logits()
+    params = [SamplingParams(temperature=1e-50), SamplingParams(temperature=1.0, top_k=2**70),
+              SamplingParams(temperature=100.0, top_p=1e-9), SamplingParams(temperature=2e-5)]
+    tokens, failed = sample(logits, params, [None] * 4)
+    assert failed == []
+    assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax() and tokens[3] == logits[3].argmax()

@@ -20,7 +20,7 @@ from scalesim.layers.linear import pack_for_cpu
 from scalesim.engine.detokenizer import IncrementalDetokenizer
 from scalesim.engine.json_constraint import JsonPrefix
 from scalesim.engine.logits_processors import TokenTexts
-from scalesim.engine.model_runner import ModelRunner
+from scalesim.engine.model_runner import ModelRunner, SampledToken
 from scalesim.engine.radix_cache import RadixCache
 from scalesim.distance.hints import estimate_distances
 from scalesim.distance.tracker import DistanceTracker
@@ -33,6 +33,7 @@ from scalesim.models.loader import load_model, load_tokenizer
 from scalesim.models.registry import resolve_model
 from scalesim.outputs import SequenceDelta
 from scalesim.sampling_params import SamplingParams
+from scalesim.text import check_agent_id, check_text
 from scalesim.memory.disk_store import DiskStore
 from scalesim.memory.kv_object import path_tokens as path_of
 from scalesim.memory.kv_objects import KVObjects
@@ -42,7 +43,6 @@ from scalesim.memory.worker import TransferWorker
 from scalesim.weights.registry import WeightRegistry, kv_namespace
 
 logger = logging.getLogger(__name__)
-MAX_AGENT_ID_CHARS = 256
 
 
 @dataclass
@@ -104,6 +104,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must not be empty")
+            check_text(prompt, "prompt")
             return self.tokenizer.encode(prompt, add_special_tokens=False)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise InvalidRequestError("prompt must be a non-empty string or a non-empty list of token ids")
@@ -120,8 +121,8 @@ class LLMEngine:
         `adapter` names a registered LoRA adapter; `model` is the base name, 'base:adapter', or a
         registered private model.
         """
-        if agent_id is not None and (not isinstance(agent_id, str) or not agent_id or len(agent_id) > MAX_AGENT_ID_CHARS):
-            raise InvalidRequestError(f"agent_id must be a non-empty string of at most {MAX_AGENT_ID_CHARS} characters")
+        if agent_id is not None:
+            check_agent_id(agent_id)
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling params must be a SamplingParams")
         params.validate()
@@ -190,7 +191,8 @@ class LLMEngine:
                 self.scheduler.finish(seq, "error")
                 self._finished(seq)
                 failed.append(SequenceDelta(seq.request_id, seq.index, "", [], finish_reason="error",
-                                            num_prompt_tokens=len(seq.prompt_token_ids)))
+                                            num_prompt_tokens=len(seq.prompt_token_ids),
+                                            error=f"its weights could not be loaded: {broken[0].load_error}"))
                 if all(s.is_finished for s in self.requests[seq.request_id].seqs):
                     del self.requests[seq.request_id]
         for handle in broken_handles:
@@ -218,13 +220,34 @@ class LLMEngine:
                 self.memory.loaded.wait(0.005)
                 self.memory.loaded.clear()
             return failed
-        sampled = self.runner.run(batch)
+        try:
+            sampled = self.runner.run(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                raise
+            logger.warning("a step of %d sequences failed (%s); running them one by one", len(batch), exc)
+            sampled = self._run_one_by_one(batch)
         with self.memory.lock:
             return failed + self._record(batch, sampled)
 
-    def _record(self, batch, sampled) -> list[SequenceDelta]:
+    def _run_one_by_one(self, batch) -> list[SampledToken]:
+        """Rerun a failed batch one sequence at a time (a sequence's KV slots are rewritten, its
+        progress is recorded only afterwards), so one bad sequence fails alone."""
+        sampled = []
+        for item in batch:
+            try:
+                sampled.extend(self.runner.run([item]))
+            except Exception as exc:
+                logger.exception("sequence %s failed its step", item.seq.request_id)
+                sampled.append(SampledToken(item.seq, -1, None, f"engine step failed: {type(exc).__name__}: {exc}"))
+        return sampled
+
+    def _record(self, batch, sampled: list[SampledToken]) -> list[SequenceDelta]:
+        broken = {id(r.seq) for r in sampled if r.error is not None}  # their KV of this step is not cached
         for item in batch:
             seq = item.seq
+            if id(seq) in broken:
+                continue
             seq.num_computed_tokens += item.num_new_tokens
             if item.num_new_tokens > 1:
                 self.scheduler.cache_computed(seq)
@@ -233,24 +256,34 @@ class LLMEngine:
         for result in sampled:
             seq = result.seq
             request = self.requests[seq.request_id]
-            detok = request.detokenizers[seq.index]
-            seq.output_token_ids.append(result.token_id)
-            if result.logprobs is not None:
-                seq.output_logprobs.append(result.logprobs)
-            seq.first_token_s = seq.first_token_s or now
-            detok.push(result.token_id)
-            reason = self._finish_reason(seq, result.token_id, detok)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
+            if result.error is not None:
+                logger.warning("failing %s: %s", seq.request_id, result.error)
+                self.scheduler.finish(seq, "error")
                 self._finished(seq)
-            deltas.append(SequenceDelta(
-                request_id=seq.request_id, index=seq.index, text=detok.take_delta(final=reason is not None),
-                token_ids=[result.token_id], logprobs=[result.logprobs] if result.logprobs else [],
-                finish_reason=reason, num_prompt_tokens=len(seq.prompt_token_ids),
-                num_cached_tokens=seq.num_cached_tokens))
+                deltas.append(SequenceDelta(seq.request_id, seq.index, "", [], finish_reason="error",
+                                            num_prompt_tokens=len(seq.prompt_token_ids), error=result.error))
+            else:
+                deltas.append(self._append(seq, request, result, now))
             if all(s.is_finished for s in request.seqs):
                 del self.requests[seq.request_id]
         return deltas
+
+    def _append(self, seq: Sequence, request: _Request, result: SampledToken, now: float) -> SequenceDelta:
+        detok = request.detokenizers[seq.index]
+        seq.output_token_ids.append(result.token_id)
+        if result.logprobs is not None:
+            seq.output_logprobs.append(result.logprobs)
+        seq.first_token_s = seq.first_token_s or now
+        detok.push(result.token_id)
+        reason = self._finish_reason(seq, result.token_id, detok)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._finished(seq)
+        return SequenceDelta(
+            request_id=seq.request_id, index=seq.index, text=detok.take_delta(final=reason is not None),
+            token_ids=[result.token_id], logprobs=[result.logprobs] if result.logprobs else [],
+            finish_reason=reason, num_prompt_tokens=len(seq.prompt_token_ids),
+            num_cached_tokens=seq.num_cached_tokens)
 
     def _finish_reason(self, seq: Sequence, token_id: int, detok: IncrementalDetokenizer) -> str | None:
         params = seq.params
@@ -266,8 +299,7 @@ class LLMEngine:
     def register_agent(self, agent_id: str, adapter: str | None = None, model: str | None = None,
                        prefix: str | None = None) -> Agent:
         """Record which adapter / private model the agent runs with (names already registered)."""
-        if not isinstance(agent_id, str) or not agent_id or len(agent_id) > MAX_AGENT_ID_CHARS:
-            raise InvalidRequestError(f"agent_id must be a non-empty string of at most {MAX_AGENT_ID_CHARS} characters")
+        check_agent_id(agent_id)
         lora, private = self.weights.resolve(adapter, model)
         with self.memory.lock:
             self.memory.tracker.track(agent_id)

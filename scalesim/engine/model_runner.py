@@ -16,11 +16,18 @@ from scalesim.layers.paged_decode import available as paged_decode_available
 from scalesim.models.llama import LlamaForCausalLM
 
 
+NON_FINITE_LOGITS = ("the model produced no usable logits for this sequence (NaN or infinite values, or every "
+                     "token masked): its weights or adapter may be broken")
+
+
 @dataclass
 class SampledToken:
+    """One sequence's new token; `error` (token meaningless) when it could not be sampled."""
+
     seq: Sequence
     token_id: int
     logprobs: dict | None
+    error: str | None = None
 
 
 class ModelRunner:
@@ -111,13 +118,15 @@ class ModelRunner:
         seqs = [s.seq for s, _ in sampling]
         if any(q.params.logit_bias or q.json is not None for q in seqs):
             logits = process_logits(logits, seqs, self.token_texts)
-        tokens = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
-        if any(q.json is not None for q in seqs):
-            advance_constraints(seqs, tokens.tolist(), self.token_texts)
+        tokens, failed = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
+        ok = [i for i in range(len(seqs)) if i not in set(failed)]
+        if any(seqs[i].json is not None for i in ok):
+            advance_constraints([seqs[i] for i in ok], tokens[ok].tolist(), self.token_texts)
         want = max((q.params.logprobs for q in seqs if q.params.logprobs is not None), default=None)
         infos = top_logprobs(logits, tokens, want) if want is not None else [None] * len(seqs)
-        return [SampledToken(q, int(t), info if q.params.logprobs is not None else None)
-                for q, t, info in zip(seqs, tokens.tolist(), infos)]
+        return [SampledToken(q, int(t), None, NON_FINITE_LOGITS) if i in failed else
+                SampledToken(q, int(t), info if q.params.logprobs is not None else None)
+                for i, (q, t, info) in enumerate(zip(seqs, tokens.tolist(), infos))]
 
 
 def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:

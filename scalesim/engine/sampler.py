@@ -26,23 +26,32 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Rows [B] of `logits` that no token can be drawn from: a NaN or +inf anywhere (broken
+    weights, an overflow), or every token masked to -inf."""
+    return logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token id per row of `logits` [B, vocab] (float32)."""
+           generators: list[torch.Generator | None]) -> tuple[torch.Tensor, list[int]]:
+    """One token id per row of `logits` [B, vocab] (float32), and the rows that could not be
+    sampled (their token is meaningless): one broken row never stops the others."""
+    failed = unusable_rows(logits)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return tokens
-    index = torch.tensor(rows, device=logits.device)
-    sub = logits.index_select(0, index)
-    temperature = torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(1)
-    top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
-    top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device, dtype=sub.dtype)
-    sub = _filter_top_k_top_p(sub / temperature, top_k, top_p)
-    probs = sub.softmax(dim=-1)
-    for j, row in enumerate(rows):
-        tokens[row] = torch.multinomial(probs[j], 1, generator=generators[row]).squeeze(0)
-    return tokens
+    if rows:
+        vocab = logits.shape[-1]
+        index = torch.tensor(rows, device=logits.device)
+        sub = logits.index_select(0, index)
+        temperature = torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(1)
+        top_k = torch.tensor([min(params[i].top_k, vocab) for i in rows], device=logits.device)
+        top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device, dtype=sub.dtype)
+        probs = _filter_top_k_top_p(sub / temperature, top_k, top_p).softmax(dim=-1)
+        failed[index] |= ~probs.isfinite().all(dim=-1)
+        for j, row in enumerate(rows):
+            if not failed[row]:
+                tokens[row] = torch.multinomial(probs[j], 1, generator=generators[row]).squeeze(0)
+    return tokens, failed.nonzero().flatten().tolist()
 
 
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[dict]:

@@ -49,4 +49,5 @@ class TransferWorker:
         self.stopping = True
         self.wake.set()
         for thread in self.threads:
-            thread.join(timeout=5)
+            if thread is not threading.current_thread():  # a finaliser may run on one of them
+                thread.join(timeout=5)

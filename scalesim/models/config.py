@@ -1,12 +1,16 @@
 """The architecture facts of a Llama-family model, read from a Hugging Face `config.json`."""
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from scalesim.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+POSITIVE_INT_FIELDS = (*REQUIRED_FIELDS, "num_key_value_heads", "head_dim", "max_position_embeddings")
+MAX_CONFIG_INT = 2**31 - 1
 
 
 @dataclass
@@ -37,7 +41,30 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
+        """The config of a parsed config.json; ModelLoadError naming the first field that is missing,
+        of the wrong type or out of range."""
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"config.json must hold a JSON object, not {type(raw).__name__}")
+        for key in POSITIVE_INT_FIELDS:
+            value = raw.get(key)
+            if key not in REQUIRED_FIELDS and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_CONFIG_INT:
+                raise ModelLoadError(f"config.json {key} must be a positive integer, got {value!r}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = raw.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ModelLoadError(f"config.json {key} must be a positive number, got {value!r}")
         architectures = raw.get("architectures") or ["LlamaForCausalLM"]
+        if not isinstance(architectures, list) or not isinstance(architectures[0], str):
+            raise ModelLoadError(f"config.json architectures must be a list of names, got {architectures!r}")
+        for key in ("rope_scaling", "rope_parameters"):
+            if raw.get(key) is not None and not isinstance(raw[key], dict):
+                raise ModelLoadError(f"config.json {key} must be an object, got {raw[key]!r}")
+        eos = raw.get("eos_token_id")
+        if eos is not None and not (isinstance(eos, int) or isinstance(eos, list) and all(isinstance(e, int) for e in eos)):
+            raise ModelLoadError(f"config.json eos_token_id must be a token id or a list of them, got {eos!r}")
         architecture = architectures[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(f"unsupported architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
@@ -74,9 +101,13 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except FileNotFoundError as exc:
             raise ModelLoadError(f"no config.json in {folder}") from exc
-        except json.JSONDecodeError as exc:
+        except OSError as exc:
+            raise ModelLoadError(f"config.json in {folder} cannot be read: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelLoadError(f"corrupt config.json in {folder}: {exc}") from exc
         try:
             return cls.from_dict(raw)
         except KeyError as exc:
             raise ModelLoadError(f"config.json in {folder} lacks {exc}") from exc
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{folder}: {exc}") from exc

@@ -33,6 +33,9 @@ def load_model(folder: Path, dtype: torch.dtype, device: str) -> LlamaForCausalL
     """Build the model described by folder/config.json and load its weights onto `device`."""
     config = ModelConfig.from_folder(folder)
     tensors = read_safetensors(folder)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            raise ModelLoadError(f"weight {name} in {folder} holds NaN or infinite values")
     model = LlamaForCausalLM(config)  # uninitialised storage, replaced by the file's tensors below
     try:
         model.load_hf_state_dict(tensors)

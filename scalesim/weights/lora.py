@@ -2,6 +2,7 @@
 against the base model and kept per (layer, target module) as A [r, in], B [out, r], scale."""
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -29,9 +30,25 @@ def _read_config(folder: Path) -> dict:
     if not path.exists():
         raise InvalidRequestError(f"adapter {folder}: no adapter_config.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"adapter {folder}: corrupt adapter_config.json ({exc})") from exc
+    except OSError as exc:
+        raise InvalidRequestError(f"adapter {folder}: adapter_config.json cannot be read ({exc})") from exc
+    if not isinstance(config, dict):
+        raise InvalidRequestError(f"adapter {folder}: adapter_config.json must hold a JSON object, "
+                                  f"not {type(config).__name__}")
+    return config
+
+
+def _number(config: dict, key: str, default, where: str, kind: type) -> int | float:
+    """config[key] as `kind` (int or float), finite and positive; InvalidRequestError naming it."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
+            or not math.isfinite(value) or value <= 0:
+        raise InvalidRequestError(f"{where}: adapter_config.json {key} must be a positive "
+                                  f"{'integer' if kind is int else 'number'}, got {value!r}")
+    return kind(value)
 
 
 def _parse_key(key: str) -> tuple[int, str, str] | None:
@@ -39,8 +56,10 @@ def _parse_key(key: str) -> tuple[int, str, str] | None:
     parts = key.split(".")
     if "layers" not in parts or parts[-1] != "weight" or parts[-2] not in ("lora_A", "lora_B"):
         return None
-    layer = int(parts[parts.index("layers") + 1])
-    return layer, parts[-3], parts[-2][-1]
+    layer = parts[parts.index("layers") + 1]
+    if not layer.isdecimal() or len(layer) > 6:
+        return None
+    return int(layer), parts[-3], parts[-2][-1]
 
 
 class LoRAAdapter(WeightHandle):
@@ -53,10 +72,11 @@ class LoRAAdapter(WeightHandle):
         self.dtype = dtype
         self.max_rank = max_rank
         config = _read_config(self.source)
-        self.rank = int(config.get("r", 8))
-        alpha = float(config.get("lora_alpha", self.rank))
-        self.scale = alpha / (self.rank ** 0.5 if config.get("use_rslora") else self.rank)
+        where = f"adapter {name!r}"
+        self.rank = _number(config, "r", 8, where, int)
         self._check_config(config)
+        alpha = _number(config, "lora_alpha", self.rank, where, float)
+        self.scale = alpha / (self.rank ** 0.5 if config.get("use_rslora") else self.rank)
         self.targets = self._normalise_targets(config.get("target_modules"))
         self.weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._load_from_disk(torch.device("cpu"))
@@ -82,6 +102,10 @@ class LoRAAdapter(WeightHandle):
             raise InvalidRequestError(f"{where}: DoRA adapters are not supported")
 
     def _normalise_targets(self, targets) -> tuple[str, ...]:
+        if targets is not None and not isinstance(targets, (str, list)) or \
+                isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
+            raise InvalidRequestError(f"adapter {self.name!r}: target_modules must be a string or a list of "
+                                      f"strings, got {targets!r}")
         if isinstance(targets, str):
             targets = [t for t in LORA_TARGETS if t == targets or targets == "all-linear"]
         targets = list(targets or [])
@@ -124,6 +148,8 @@ class LoRAAdapter(WeightHandle):
                 raise InvalidRequestError(
                     f"{where}: layer {layer} {target} has A {tuple(a.shape)} and B {tuple(b.shape)}; the base "
                     f"model needs A ({self.rank}, {in_features}) and B ({out_features}, {self.rank})")
+            if not (a.isfinite().all() and b.isfinite().all()):
+                raise InvalidRequestError(f"{where}: layer {layer} {target} holds NaN or infinite values")
             weights[(layer, target)] = (a.to(device, self.dtype).contiguous(), b.to(device, self.dtype).contiguous())
         if not weights:
             raise InvalidRequestError(f"{where}: no LoRA weights in {path}")

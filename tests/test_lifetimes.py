@@ -1,0 +1,59 @@
+"""Engines end: `close()` and `with` stop their threads, and a dropped engine is freed (a policy
+sweep or a notebook builds many in one process)."""
+
+import asyncio
+import gc
+import os
+import threading
+import weakref
+
+from scalesim import LLM, AsyncLLM, SamplingParams
+
+POOL = "128MiB"
+POOL_MIB = 128
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _engine_threads() -> int:
+    return sum(t.name.startswith("scalesim-") for t in threading.enumerate())
+
+
+def _build(cls) -> weakref.ref:
+    llm = cls("tiny-random", kv_cache_memory=POOL, block_size_tokens=4)
+    llm.engine.pool.kv_cache.fill_(1.0)  # every page touched, as a long run leaves them
+    return weakref.ref(llm.engine)
+
+
+def test_close_and_with_stop_the_engine_threads():
+    before = _engine_threads()
+    with LLM("tiny-random", kv_cache_memory="2MiB", block_size_tokens=4) as llm:
+        assert _engine_threads() > before
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+    assert _engine_threads() == before
+    llm.close()  # idempotent
+
+    async def main():
+        async with AsyncLLM("tiny-random", kv_cache_memory="2MiB", block_size_tokens=4) as async_llm:
+            async for _ in async_llm.generate([1, 2, 3], SamplingParams(max_tokens=2)):
+                pass
+    asyncio.run(main())
+    assert _engine_threads() == before
+
+
+def test_ten_dropped_engines_are_freed():
+    for cls in (LLM, AsyncLLM):  # one of each first: imports, kernels and the allocator's arenas
+        _build(cls)
+    gc.collect()
+    baseline, threads = _rss_mib(), _engine_threads()
+    engines = []
+    for i in range(10):
+        engines.append(_build(LLM if i % 2 else AsyncLLM))
+        gc.collect()
+    assert all(ref() is None for ref in engines)
+    assert _engine_threads() == threads
+    grown = _rss_mib() - baseline
+    assert grown < 2 * POOL_MIB, f"RSS grew {grown:.0f} MiB over ten dropped engines of {POOL_MIB} MiB pools"
