@@ -208,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--kv-cache-memory", default="2GiB", help="KV bytes of each engine (default: 2GiB, ample)")
     peer.add_argument("--max-num-batched-tokens", type=int, default=4096, help="token budget per step of both (default: 4096)")
     peer.add_argument("--out", default=None, help="write the JSON result here too")
+    ovl = kinds.add_parser("overload", help="an overloaded OASIS-like burst with client timeouts and retries, "
+                           "against an earlier build and this one, interleaved")
+    ovl.add_argument("--before-src", required=True, help="a checkout of the earlier build (its repository root)")
+    ovl.add_argument("--model", default="smollm2-135m", help="model to serve (default: smollm2-135m)")
+    ovl.add_argument("--agents", type=int, default=40, help="concurrent chat calls (default: 40)")
+    ovl.add_argument("--timeout", type=float, default=20.0, help="client timeout in seconds (default: 20)")
+    ovl.add_argument("--retries", type=int, default=2, help="client retries, as openai's default (default: 2)")
+    ovl.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: 2)")
+    ovl.add_argument("--out", default=None, help="write the JSON result here too")
     return parser
 
 
@@ -281,6 +290,10 @@ def _microbench(args: argparse.Namespace) -> None:
         write_result(run_peer_bench(args.model, dtypes, args.peer_python, args.rounds, args.contended_rounds,
                                     parse_nbytes(args.kv_cache_memory), args.max_num_batched_tokens,
                                     scalesim_dtypes=ours), args.out)
+    elif args.kind == "overload":
+        from scalesim.bench.overload_bench import run_overload_bench
+        write_result(run_overload_bench(args.before_src, args.model, args.agents, args.timeout, args.retries,
+                                        args.rounds), args.out)
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -1,8 +1,8 @@
-"""Load: many concurrent streaming clients over loopback, none lost (a bounded test)."""
+"""Load: many concurrent streaming clients over loopback, none lost, also while many leave (bounded tests)."""
 
 import asyncio
 
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, OpenAI
 
 from scalesim import AsyncLLM
 from scalesim.server.config import ServerConfig
@@ -41,3 +41,87 @@ def test_200_concurrent_streaming_clients_all_complete():
         assert all(chunks >= TOKENS for chunks, _ in results)  # the role chunk plus one per token
         assert metric(url, "scalesim_generation_tokens_total") == CLIENTS * TOKENS
         assert metric(url, "scalesim_num_requests_running") == 0
+
+
+STORM_CLIENTS = 300
+STORM_TOKENS = 8
+PROMPTS = 6
+
+
+def test_300_streams_with_30_percent_leaving_and_a_garbage_client_lose_nothing():
+    """Faults and load in one run: the clients that stay get exactly the answer a quiet server
+    gives, and afterwards nothing runs or waits, every page is free or cached, no socket is left."""
+    import os
+    import random
+    import socket
+    import time
+
+    llm = AsyncLLM("tiny-random", dtype="fp32", kv_cache_memory="32MiB", block_size_tokens=4, max_num_seqs=64)
+    config = ServerConfig("tiny-random", request_read_timeout_s=2.0)
+    with running_server(llm, config) as url:
+        port = int(url.rsplit(":", 1)[1])
+        messages = [[{"role": "system", "content": f"You are agent {p}."},
+                     {"role": "user", "content": f"Step {p}: what do you do?"}] for p in range(PROMPTS)]
+        quiet = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        expected = [quiet.chat.completions.create(model="tiny-random", messages=m, max_tokens=STORM_TOKENS,
+                                                  temperature=0, extra_body={"ignore_eos": True}
+                                                  ).choices[0].message.content for m in messages]
+        quiet.close()
+        assert len(set(expected)) > 1 and all(expected)
+        pages = metric(url, "scalesim_kv_blocks_free") + metric(url, "scalesim_kv_blocks_cached")
+        fds = len(os.listdir("/proc/self/fd"))
+        rng = random.Random(13)
+        plans = [(i % PROMPTS, rng.random() < 0.3, rng.randint(0, STORM_TOKENS)) for i in range(STORM_CLIENTS)]
+
+        async def one(client: AsyncOpenAI, prompt: int, leaves: bool, after_chunks: int):
+            stream = await client.chat.completions.create(
+                model="tiny-random", messages=messages[prompt], max_tokens=STORM_TOKENS, temperature=0, stream=True,
+                extra_body={"ignore_eos": True, "agent_id": f"agent-{prompt}"})
+            text, chunks, finish = "", 0, None
+            async for chunk in stream:
+                chunks += 1
+                if leaves and chunks > after_chunks:
+                    await stream.close()
+                    return None
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    finish = chunk.choices[0].finish_reason or finish
+            return text, finish
+
+        async def garbage() -> list[bytes]:
+            answers = []
+            for sent in (b"\x00\xff\xfe garbage \r\n\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 5000\r\n\r\n{\"model\": ", b"GET /v1/models HTTP/1.1\r\n"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(sent)
+                await writer.drain()
+                answers.append(await asyncio.wait_for(reader.read(), 30))  # until the server closes it
+                writer.close()
+                await writer.wait_closed()
+            return answers
+
+        async def main():
+            client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+            try:
+                return await asyncio.gather(garbage(), *(one(client, *plan) for plan in plans))
+            finally:
+                await client.close()
+
+        answers, *results = asyncio.run(main())
+        assert answers[0].startswith(b"HTTP/1.1 400") and answers[1].startswith(b"HTTP/1.1 408") and \
+            answers[2].startswith(b"HTTP/1.1 408")
+        stayed = [(plan, result) for plan, result in zip(plans, results) if not plan[1]]
+        assert len(stayed) > 150
+        for (prompt, _, _), result in stayed:
+            assert result == (expected[prompt], "length")
+        deadline = time.monotonic() + 10
+        while (metric(url, "scalesim_num_requests_running") or metric(url, "scalesim_num_requests_waiting")) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(url, "scalesim_num_requests_running") == metric(url, "scalesim_num_requests_waiting") == 0
+        assert metric(url, "scalesim_kv_blocks_free") + metric(url, "scalesim_kv_blocks_cached") == pages
+        deadline = time.monotonic() + 10
+        while len(os.listdir("/proc/self/fd")) > fds and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) <= fds
+        socket.create_connection(("127.0.0.1", port)).close()  # and it still accepts

@@ -10,7 +10,7 @@ from openai import AsyncOpenAI, OpenAI
 from scalesim import AsyncLLM
 from scalesim.server.config import ServerConfig
 from scalesim.server.identity import infer_from_system_message
-from tests import oasis_requests as oasis
+from scalesim.sim import oasis_requests as oasis
 from tests.server_util import running_server
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The FastAPI application: routes, API-key check, body-size limit, OpenAI-style errors.
+"""The FastAPI application: routes, Host and API-key checks, body-size limit, OpenAI-style errors.
 
 `build_app(llm, config)` returns an app over an existing `AsyncLLM` (tests and embedding);
 `scalesim serve` builds the engine from flags and runs it under uvicorn.
@@ -8,7 +8,7 @@ import logging
 import secrets
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
 
 from scalesim.async_llm import AsyncLLM
@@ -70,6 +70,49 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class Gate:
+    """Before any route: the Host header must name this server (against DNS rebinding) and the API
+    key must match on every path but the public ones; /v1 requests are counted by route and status."""
+
+    def __init__(self, app, config: ServerConfig, metrics: ServerMetrics) -> None:
+        self.app, self.config, self.metrics = app, config, metrics
+        self.public = PUBLIC_PATHS if not config.metrics_require_key else ("/health",)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        status = None
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if not self.config.host_allowed(headers.get(b"host", b"").decode("latin-1")):
+            await error_response(400, "the Host header does not name this server (see --allowed-hosts)",
+                                 code="invalid_host")(scope, receive, recording_send)
+        elif self.config.api_key and path not in self.public and not secrets.compare_digest(
+                headers.get(b"authorization", b""), f"Bearer {self.config.api_key}".encode()):
+            await error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                 code="invalid_api_key")(scope, receive, recording_send)
+        else:
+            try:
+                await self.app(scope, receive, recording_send)
+            except Exception:
+                status = status or 500
+                raise
+            finally:
+                if path.startswith("/v1"):
+                    route = scope.get("route")
+                    self.metrics.requests.labels(getattr(route, "path", "other"), str(status or 499)).inc()
+            return
+        if path.startswith("/v1"):
+            self.metrics.requests.labels("other", str(status)).inc()
+
+
 def build_app(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = False) -> FastAPI:
     state = ServerState(llm, config, AgentStore(config.state_dir), ServerMetrics(llm))
 
@@ -91,20 +134,6 @@ def build_app(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = False) -
     app.include_router(openai_routes.router)
     app.include_router(agent_routes.router)
 
-    @app.middleware("http")
-    async def api_key_and_metrics(request: Request, call_next):
-        path = request.url.path
-        if config.api_key and path.startswith("/v1") and not secrets.compare_digest(
-                request.headers.get("authorization", "").encode(), f"Bearer {config.api_key}".encode()):
-            response = error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                      code="invalid_api_key")
-        else:
-            response = await call_next(request)
-        if path.startswith("/v1"):
-            route = request.scope.get("route")
-            state.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
-        return response
-
     @app.get("/health")
     def health():
         return {"status": "ok"}
@@ -123,6 +152,6 @@ def build_app(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = False) -
         from prometheus_client import CONTENT_TYPE_LATEST
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(Gate, config=config, metrics=state.metrics)
     app.add_middleware(BodySizeLimit, max_nbytes=config.max_body_nbytes)
     return app
-

@@ -11,6 +11,7 @@ import uvicorn
 from scalesim.async_llm import AsyncLLM
 from scalesim.server.app import build_app
 from scalesim.server.config import ServerConfig
+from scalesim.server.connections import uvicorn_config
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -26,8 +27,8 @@ def serve_in_thread(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = Tr
     """Yield the base URL (http://127.0.0.1:PORT) of `llm` served with `config` on a free loopback
     port; stop the server (and the engine, when `shutdown_llm`) on exit."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(llm, config, shutdown_llm=shutdown_llm), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(build_app(llm, config, shutdown_llm=shutdown_llm), config, "127.0.0.1",
+                                           port))
     thread = threading.Thread(target=server.run, name="scalesim-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -9,14 +9,15 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scalesim.errors import InvalidRequestError, RequestTooLargeError
+from scalesim.errors import GenerationError, InvalidRequestError, OverloadedError, RequestTooLargeError
 
 logger = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error"}
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 429: "requests"}
 
 
 class APIError(Exception):
@@ -27,17 +28,24 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+class ClientLeft(Exception):
+    """The client closed its connection before the answer was ready; its work was aborted."""
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
                       "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "invalid_text":
+        return first["msg"], first["ctx"]["where"]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
@@ -56,6 +64,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: InvalidRequestError):
         code = "context_length_exceeded" if isinstance(exc, RequestTooLargeError) else None
         return error_response(400, str(exc), code=code)
+
+    @app.exception_handler(GenerationError)
+    async def _generation(request: Request, exc: GenerationError):
+        return error_response(500, f"generation failed: {exc}", code="generation_failed")
+
+    @app.exception_handler(ClientLeft)
+    async def _client_left(request: Request, exc: ClientLeft):
+        return Response(status_code=499)  # nobody reads it; counted, as nginx does, as 499
+
+    @app.exception_handler(OverloadedError)
+    async def _overloaded(request: Request, exc: OverloadedError):
+        return error_response(429, str(exc), code="rate_limit_exceeded",
+                              headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -1,18 +1,52 @@
 """From an OpenAI request to engine calls and back: sampling settings, runs, usage, logprobs."""
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request
 
 from scalesim.errors import InvalidRequestError
 from scalesim.outputs import CompletionOutput, SequenceDelta
 from scalesim.sampling_params import SamplingParams
-from scalesim.server.errors import APIError
+from scalesim.server.errors import APIError, ClientLeft
 from scalesim.server.protocol import _Sampling
 from scalesim.server.state import ServerState
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+T = TypeVar("T")
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """The result of `work`, or ClientLeft as soon as the client disconnects: `work` is then
+    cancelled, which aborts its engine requests (a non-streamed request stops like a stream)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientLeft()
+    return task.result()
+
+
+def check_fan_out(state: ServerState, sequences: int) -> None:
+    """A 400 when one request asks for more sequences (prompts x n) than the server allows."""
+    if sequences > state.config.max_sequences_per_request:
+        raise APIError(400, f"this request asks for {sequences} sequences (prompts x n); the limit is "
+                            f"{state.config.max_sequences_per_request}", param="n")
 
 
 def new_id(prefix: str) -> str:

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 from scalesim.outputs import CompletionOutput
 from scalesim.server.chat_render import render_prompt
 from scalesim.server.errors import APIError, error_body
-from scalesim.server.generation import (Run, chat_logprobs, completion_logprobs, new_id, now_s, run_to_end,
-                                        sampling_params, stream_deltas, tokenize)
+from scalesim.server.generation import (Run, chat_logprobs, check_fan_out, completion_logprobs, new_id, now_s,
+                                        run_to_end, sampling_params, stream_deltas, tokenize, unless_client_leaves)
 from scalesim.server.identity import resolve_identity
 from scalesim.server.protocol import ChatCompletionRequest, CompletionRequest
 from scalesim.server.sse import DONE, event, primed, sse_response
@@ -55,14 +55,16 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     offered = function_names(tools) if tools else []
     prompt = tokenize(state, render_prompt(state.llm.tokenizer, messages, tools))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(state, req, len(prompt), req.max_completion_tokens or req.max_tokens, logprobs,
-                             json_mode=_json_mode(req))
+    check_fan_out(state, req.n)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = sampling_params(state, req, len(prompt), max_tokens, logprobs, json_mode=_json_mode(req))
     head = {"id": new_id("chatcmpl"), "created": now_s(), "model": req.model}
     if req.stream:
         run = Run([CompletionOutput(i) for i in range(params.n)], prompt_tokens=len(prompt))
-        deltas = await primed(stream_deltas(state, prompt, params, identity.agent_id, adapter, model, run))
+        deltas = await unless_client_leaves(
+            request, primed(stream_deltas(state, prompt, params, identity.agent_id, adapter, model, run)))
         return sse_response(_chat_events(head, deltas, run, offered, req, state))
-    run = await run_to_end(state, prompt, params, identity.agent_id, adapter, model)
+    run = await unless_client_leaves(request, run_to_end(state, prompt, params, identity.agent_id, adapter, model))
     choices = []
     for output in run.outputs:
         message, finish = _chat_message(output, offered)
@@ -129,7 +131,9 @@ async def completions(req: CompletionRequest, request: Request):
     identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"), None,
                                 state.config.infer_agents)
     adapter, model = state.resolve_model(identity.model)
-    prompts = [tokenize(state, p) for p in _prompts(req.prompt)]
+    prompts = _prompts(req.prompt)
+    check_fan_out(state, len(prompts) * req.n)
+    prompts = [tokenize(state, p) for p in prompts]
     params = [sampling_params(state, req, len(p), req.max_tokens, req.logprobs) for p in prompts]
     runs = [Run([CompletionOutput(i) for i in range(q.n)], prompt_tokens=len(p)) for p, q in zip(prompts, params)]
     echoes = [state.llm.tokenizer.decode(p, skip_special_tokens=False) if req.echo else "" for p in prompts]
@@ -137,14 +141,9 @@ async def completions(req: CompletionRequest, request: Request):
     streams = [stream_deltas(state, p, q, identity.agent_id, adapter, model, r)
                for p, q, r in zip(prompts, params, runs)]
     if req.stream:
-        merged = await primed(_merge(streams))
+        merged = await unless_client_leaves(request, primed(_merge(streams)))
         return sse_response(_completion_events(head, merged, runs, echoes, req, state))
-    try:
-        async with asyncio.TaskGroup() as group:  # one failing prompt cancels (and aborts) the others
-            for stream in streams:
-                group.create_task(_drain(stream))
-    except ExceptionGroup as failed:
-        raise failed.exceptions[0]
+    await unless_client_leaves(request, _drain_all(streams))
     choices = []
     for p, (run, echo) in enumerate(zip(runs, echoes)):
         for output in run.outputs:
@@ -162,6 +161,15 @@ def _total_usage(runs: list[Run]) -> dict:
 async def _drain(stream: AsyncIterator) -> None:
     async for _ in stream:
         pass
+
+
+async def _drain_all(streams: list[AsyncIterator]) -> None:
+    try:
+        async with asyncio.TaskGroup() as group:  # one failing prompt cancels (and aborts) the others
+            for stream in streams:
+                group.create_task(_drain(stream))
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0]
 
 
 async def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

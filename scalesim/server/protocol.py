@@ -1,16 +1,34 @@
 """Request bodies of the OpenAI API as real clients send them.
 
 Unknown fields are ignored (clients send many: `reasoning_effort`, `frequency_penalty`, ...);
-known fields are type-checked, so a wrong type is a 400 naming the field. ScaleSim's extensions
-are `agent_id`, `ignore_eos` and `top_k`, sent by openai clients through `extra_body`.
+known fields are type-checked, so a wrong type is a 400 naming the field. Every string of a body,
+known field or not, must be valid Unicode (no lone surrogates): a 400 names the first that is not.
+ScaleSim's extensions are `agent_id`, `ignore_eos` and `top_k`, sent by openai clients through
+`extra_body`.
 """
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic_core import PydanticCustomError
+
+from scalesim.text import first_invalid_text
 
 
-class _Lenient(BaseModel):
+class _Body(BaseModel):
+    """A request body: refused whole when any of its strings is not valid text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data):
+        where = first_invalid_text(data)
+        if where is not None:
+            raise PydanticCustomError("invalid_text", "{where}: holds a lone surrogate (invalid Unicode); send "
+                                      "valid UTF-8 text", {"where": where})
+        return data
+
+
+class _Lenient(_Body):
     model_config = ConfigDict(extra="ignore")
 
 
@@ -56,7 +74,7 @@ class CompletionRequest(_Sampling):
     echo: StrictBool = False
 
 
-class AgentCreate(BaseModel):
+class AgentCreate(_Body):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=256)
     adapter: str | None = None  # a name loaded at start-up (--lora-modules), instead of a path
@@ -67,7 +85,7 @@ class AgentCreate(BaseModel):
     system: str | None = None  # the agent's system message: its rendered turn becomes the prefix
 
 
-class HintBatch(BaseModel):
+class HintBatch(_Body):
     """`POST /v1/hints`: the Python `hint()` API over HTTP (see scalesim.distance.hints)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -85,7 +103,7 @@ class HintBatch(BaseModel):
     cooldowns: dict[str, float] | None = None
 
 
-class PaperUpdate(BaseModel):
+class PaperUpdate(_Body):
     """`POST /v1/update` in the ScaleSim paper's shape."""
 
     model_config = ConfigDict(extra="forbid")

@@ -3,7 +3,11 @@
 import argparse
 import logging
 
-from scalesim.server.config import DEFAULT_MAX_BODY_NBYTES, DEFAULT_MAX_TOKENS, DEFAULT_PORT, ServerConfig
+from scalesim.server.config import (DEFAULT_KEEP_ALIVE_TIMEOUT_S, DEFAULT_MAX_BODY_NBYTES, DEFAULT_MAX_CONNECTIONS,
+                                    DEFAULT_MAX_SEQUENCES_PER_REQUEST, DEFAULT_MAX_TOKENS, DEFAULT_PORT,
+                                    DEFAULT_REQUEST_READ_TIMEOUT_S, ServerConfig, default_allowed_hosts)
+
+DEFAULT_MAX_WAITING = 16_384
 
 logger = logging.getLogger(__name__)
 
@@ -12,7 +16,12 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     group.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
-    group.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    group.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
+    group.add_argument("--metrics-require-key", action="store_true", help="/metrics needs the API key too")
+    group.add_argument("--allowed-hosts", nargs="*", default=None, metavar="HOST",
+                       help="Host header values to accept, '*' for any (default: local names when bound to "
+                            "loopback, any host otherwise)")
     group.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
     group.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH",
                        help="PEFT LoRA adapters to load at start; clients select one with model 'SERVED:NAME'")
@@ -24,6 +33,20 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"completion cap when a request sets no max_tokens (default: {DEFAULT_MAX_TOKENS})")
     group.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_NBYTES,
                        help=f"largest accepted request body (default: {DEFAULT_MAX_BODY_NBYTES})")
+    group.add_argument("--max-sequences-per-request", type=int, default=DEFAULT_MAX_SEQUENCES_PER_REQUEST,
+                       help=f"prompts x n of one request, at most; more is a 400 "
+                            f"(default: {DEFAULT_MAX_SEQUENCES_PER_REQUEST})")
+    group.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                       help=f"sequences waiting in the engine, at most; a request past it gets a 429 with "
+                            f"Retry-After (default: {DEFAULT_MAX_WAITING})")
+    group.add_argument("--request-read-timeout", type=float, default=DEFAULT_REQUEST_READ_TIMEOUT_S, metavar="S",
+                       help=f"a request's headers and body must arrive within S seconds, else a 408 "
+                            f"(default: {DEFAULT_REQUEST_READ_TIMEOUT_S:g})")
+    group.add_argument("--timeout-keep-alive", type=float, default=DEFAULT_KEEP_ALIVE_TIMEOUT_S, metavar="S",
+                       help=f"close a connection idle for S seconds (default: {DEFAULT_KEEP_ALIVE_TIMEOUT_S:g})")
+    group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                       help=f"beyond this many connections or requests in flight, answer 503 "
+                            f"(default: {DEFAULT_MAX_CONNECTIONS})")
     group.add_argument("--no-infer-agents", action="store_true",
                        help="do not derive an agent id from the system message when a request names none")
 
@@ -43,13 +66,18 @@ def serve(args: argparse.Namespace, engine_args: dict) -> None:
 
     from scalesim.async_llm import AsyncLLM
     from scalesim.server.app import build_app
+    from scalesim.server.connections import uvicorn_config
 
-    config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key,
-                          infer_agents=not args.no_infer_agents, default_max_tokens=args.default_max_tokens,
-                          max_body_nbytes=args.max_body_bytes, allowed_local_paths=args.allowed_local_paths,
-                          state_dir=args.disk_dir)
+    config = ServerConfig(
+        served_model_name=args.served_model_name or args.model, api_key=args.api_key,
+        allowed_hosts=args.allowed_hosts if args.allowed_hosts is not None else default_allowed_hosts(args.host),
+        metrics_require_key=args.metrics_require_key, infer_agents=not args.no_infer_agents,
+        default_max_tokens=args.default_max_tokens, max_body_nbytes=args.max_body_bytes,
+        max_sequences_per_request=args.max_sequences_per_request, request_read_timeout_s=args.request_read_timeout,
+        keep_alive_timeout_s=args.timeout_keep_alive, max_connections=args.max_connections,
+        allowed_local_paths=args.allowed_local_paths, state_dir=args.disk_dir)
     adapters, models = _pairs(args.lora_modules, "--lora-modules"), _pairs(args.private_models, "--private-models")
-    llm = AsyncLLM(args.model, **engine_args)
+    llm = AsyncLLM(args.model, max_waiting=args.max_waiting, **engine_args)
     try:
         for name, path in adapters:
             llm.add_adapter(name, path)
@@ -60,4 +88,4 @@ def serve(args: argparse.Namespace, engine_args: dict) -> None:
         raise
     app = build_app(llm, config, shutdown_llm=True)
     logger.info("serving %s as %r on http://%s:%d", args.model, config.served_model_name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    uvicorn.Server(uvicorn_config(app, config, args.host, args.port, "info" if args.verbose else "warning")).run()

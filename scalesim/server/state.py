@@ -1,6 +1,7 @@
 """What every route shares: the engine, the settings, the agent registry and the metrics."""
 
 import hashlib
+import itertools
 import logging
 import re
 import threading
@@ -14,6 +15,7 @@ from scalesim.server.errors import APIError
 from scalesim.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+MAX_FOLDER_ENTRIES = 10_000
 
 
 def server_state(request) -> "ServerState":
@@ -56,16 +58,29 @@ class ServerState:
 
     # --- the agent registry ------------------------------------------------------------------
     def allowed_path(self, path: str, what: str) -> Path:
-        """`path` resolved, if it is a folder under one of the allowed directories; else a 400."""
+        """`path` resolved, if it is a folder under one of the allowed directories and every file in
+        it (what the loaders read) resolves under them too; else a 400 naming the path."""
+        resolved = self._resolve(path, what)
+        try:
+            if not resolved.is_dir():
+                raise APIError(400, f"{what} {path!r} is not a folder", param=what)
+            entries = list(itertools.islice(resolved.iterdir(), MAX_FOLDER_ENTRIES + 1))
+        except OSError as exc:
+            raise APIError(400, f"{what} {path!r} cannot be read: {exc.strerror or exc}", param=what)
+        if len(entries) > MAX_FOLDER_ENTRIES:
+            raise APIError(400, f"{what} {path!r} holds over {MAX_FOLDER_ENTRIES} entries", param=what)
+        for entry in entries:
+            self._resolve(str(entry), what)
+        return resolved
+
+    def _resolve(self, path: str, what: str) -> Path:
         try:
             resolved = Path(path).resolve()
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, RuntimeError) as exc:  # NUL bytes, names over 255 bytes, symlink loops
             raise APIError(400, f"{what} {path!r} is not a usable path: {exc}", param=what)
         if not any(resolved.is_relative_to(root) for root in self.config.allowed_local_paths):
             raise APIError(400, f"{what} {path!r} is outside the allowed directories "
                                 f"(start the server with --allowed-local-paths)", param=what)
-        if not resolved.is_dir():
-            raise APIError(400, f"{what} {path!r} is not a folder", param=what)
         return resolved
 
     def _weight_name(self, folder: Path, kind: str) -> str:
