@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     ovl.add_argument("--timeout", type=float, default=20.0, help="client timeout in seconds (default: 20)")
     ovl.add_argument("--retries", type=int, default=2, help="client retries, as openai's default (default: 2)")
     ovl.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: 2)")
+    ovl.add_argument("--long-replies", type=int, default=None, metavar="TOKENS",
+                     help="a decode-heavy variant: every call asks for exactly TOKENS tokens (default: as OASIS)")
     ovl.add_argument("--out", default=None, help="write the JSON result here too")
     return parser
 
@@ -293,7 +295,7 @@ def _microbench(args: argparse.Namespace) -> None:
     elif args.kind == "overload":
         from scalesim.bench.overload_bench import run_overload_bench
         write_result(run_overload_bench(args.before_src, args.model, args.agents, args.timeout, args.retries,
-                                        args.rounds), args.out)
+                                        args.rounds, args.long_replies), args.out)
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ openai client's `timeout_s` and `retries`, to a fresh `scalesim serve` of each b
 non-streamed requests; and this tree), interleaved over rounds. Per round and build:
 - calls completed (a 200 within the retries) and failed;
 - tokens the server generated (its /metrics) against tokens delivered in completed replies:
-  the difference is generated for nobody;
+  the difference is generated for nobody (by copies whose client left, before or after it left);
 - seconds until every call has resolved, and until the server is idle after that.
 """
 
@@ -57,15 +57,19 @@ def _start(build: str, src: str, model: str, log_dir: str) -> Server:
     return _wait_ready(_launch(build, command, env, model, log_dir))
 
 
-async def _burst(url: str, model: str, agents: int, timeout_s: float, retries: int) -> tuple[int, int, int]:
+async def _burst(url: str, model: str, agents: int, timeout_s: float, retries: int,
+                 long_replies: int | None) -> tuple[int, int, int]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=timeout_s, max_retries=retries)
 
     async def call(i: int) -> int | None:
         messages = [{"role": "system", "content": oasis.profile(i)}, {"role": "user", "content": oasis.feed(0, i)}]
+        body = {**oasis.request(messages), "model": model}
+        if long_replies is not None:
+            body.update(max_tokens=long_replies, extra_body={"ignore_eos": True})
         try:
-            reply = await client.chat.completions.create(**{**oasis.request(messages), "model": model})
+            reply = await client.chat.completions.create(**body)
         except Exception:  # a timeout after the last retry, or an error: the call failed
             return None
         return reply.usage.completion_tokens
@@ -79,11 +83,12 @@ async def _burst(url: str, model: str, agents: int, timeout_s: float, retries: i
 
 
 def _one_round(build: str, src: str, round_index: int, model: str, agents: int, timeout_s: float, retries: int,
-               log_dir: str) -> OverloadRound:
+               long_replies: int | None, log_dir: str) -> OverloadRound:
     server = _start(build, src, model, log_dir)
     try:
         started = time.perf_counter()
-        completed, failed, delivered = asyncio.run(_burst(server.url, model, agents, timeout_s, retries))
+        completed, failed, delivered = asyncio.run(_burst(server.url, model, agents, timeout_s, retries,
+                                                                  long_replies))
         resolved_s = time.perf_counter() - started
         deadline = time.monotonic() + IDLE_TIMEOUT_S
         while (_metric(server.url, "scalesim_num_requests_running")
@@ -106,14 +111,17 @@ def _git_commit(src: str) -> str:
 
 
 def run_overload_bench(before_src: str, model: str = "smollm2-135m", agents: int = 40, timeout_s: float = 20.0,
-                       retries: int = 2, rounds: int = 2, log_dir: str = "/tmp") -> dict:
+                       retries: int = 2, rounds: int = 2, long_replies: int | None = None,
+                       log_dir: str = "/tmp") -> dict:
+    """`long_replies`: every call asks for exactly this many tokens (max_tokens and ignore_eos), a
+    decode-heavy variant; None sends what OASIS sends (no max_tokens: the server's cap, 256)."""
     this_tree = str(Path(__file__).resolve().parents[2])
     builds = {"before": before_src, "after": this_tree}
     results: list[OverloadRound] = []
     for r in range(rounds):
         order = list(builds) if r % 2 == 0 else list(reversed(builds))
         for build in order:
-            result = _one_round(build, builds[build], r, model, agents, timeout_s, retries, log_dir)
+            result = _one_round(build, builds[build], r, model, agents, timeout_s, retries, long_replies, log_dir)
             print(f"round {r} {build}: {result.completed} completed, {result.failed} failed, "
                   f"{result.generated_tokens:.0f} generated, {result.wasted_tokens:.0f} for nobody, "
                   f"calls resolved in {result.calls_resolved_s:.1f} s, idle {result.idle_after_s:.1f} s later",
@@ -126,7 +134,7 @@ def run_overload_bench(before_src: str, model: str = "smollm2-135m", agents: int
     keys = ("completed", "failed", "generated_tokens", "delivered_tokens", "wasted_tokens", "calls_resolved_s",
             "idle_after_s")
     return {"bench": "overload", "model": model, "agents": agents, "client_timeout_s": timeout_s,
-            "client_retries": retries, "rounds": rounds,
+            "client_retries": retries, "rounds": rounds, "long_replies": long_replies,
             "builds": {"before": {"src": before_src, "commit": _git_commit(before_src)},
                        "after": {"src": this_tree, "commit": _git_commit(this_tree)}},
             "medians": {b: {k: median(b, k) for k in keys} for b in builds},
