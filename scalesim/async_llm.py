@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 from scalesim.config import EngineConfig
 from scalesim.engine.llm_engine import LLMEngine
-from scalesim.errors import GenerationError, OverloadedError
+from scalesim.errors import GenerationError, InvalidRequestError, OverloadedError
 from scalesim.llm import Messages, Prompt, render_chat
 from scalesim.outputs import SequenceDelta
 from scalesim.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+LOOP_JOIN_TIMEOUT_S = 30.0
 
 
 class EngineDeadError(GenerationError):
@@ -45,17 +46,23 @@ class _EngineLoop:
         self.wake = threading.Condition(self.lock)
         self.streams: dict[str, _Stream] = {}
         self.aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.stopping = False
+        self.stopping = self.stop_on_exit = False
         self.thread = threading.Thread(target=self.run, name="scalesim-engine", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
-        """Stop the loop and the engine; idempotent."""
+        """Stop the loop and the engine, failing what is in flight (called once, by the finaliser)."""
+        if threading.current_thread() is self.thread:  # collected on the loop thread, which holds the lock
+            self.stopping = self.stop_on_exit = True  # the loop sees it and stops the engine itself
+            return
         with self.wake:
             self.stopping = True
             self.wake.notify()
-        if self.thread is not threading.current_thread():
-            self.thread.join(timeout=30)
+        self.thread.join(timeout=LOOP_JOIN_TIMEOUT_S)
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        self.fail_all(EngineDeadError("the engine was shut down"))
         self.engine.shutdown()
 
     def run(self) -> None:
@@ -64,6 +71,8 @@ class _EngineLoop:
                 while not self.stopping and not self.engine.has_unfinished():
                     self.wake.wait()
                 if self.stopping:
+                    if self.stop_on_exit:
+                        self._shut_down()
                     return
                 while not self.aborts.empty():
                     self.engine.abort(self.aborts.get())
@@ -83,7 +92,10 @@ class _EngineLoop:
     def fail_all(self, error: Exception) -> None:
         """Fail every request in flight, including any the engine holds without a listener."""
         for stream in list(self.streams.values()):
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            except RuntimeError:  # its event loop is closed: nobody listens any more
+                pass
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
         self.streams.clear()
@@ -157,14 +169,25 @@ class AsyncLLM:
             self._core.streams.pop(adding.result(), None)
             self._core.aborts.put(adding.result())
 
+    def check_room(self, sequences: int) -> None:
+        """Raise unless `sequences` more could be admitted now: OverloadedError (retry later) when
+        the waiting queue is full, InvalidRequestError when they could never fit under max_waiting.
+        `generate` checks each request again as it adds it."""
+        if self.max_waiting is None:
+            return
+        if sequences > self.max_waiting:
+            raise InvalidRequestError(f"{sequences} sequences can never wait at once here (the limit is "
+                                      f"{self.max_waiting}); send fewer prompts or a smaller n")
+        waiting = self.engine.num_waiting()
+        if waiting + sequences > self.max_waiting:
+            raise OverloadedError(f"the server is overloaded: {waiting} sequences wait already (the limit is "
+                                  f"{self.max_waiting}); retry later")
+
     def _add(self, prompt, params, request: dict, stream: _Stream) -> str:
         with self._core.wake:
             if self._core.stopping:
                 raise EngineDeadError("the engine is shut down")
-            waiting = len(self.engine.scheduler.waiting)
-            if self.max_waiting is not None and waiting + params.n > self.max_waiting:
-                raise OverloadedError(f"the server is overloaded: {waiting} sequences wait already (the limit is "
-                                      f"{self.max_waiting}); retry later")
+            self.check_room(params.n)
             request_id = self.engine.add_request(prompt, params, **request)
             self._core.streams[request_id] = stream
             self._core.wake.notify()

@@ -27,9 +27,12 @@ class GenerationError(ScaleSimError, RuntimeError):
     """Generating this request failed; the engine and every other request go on."""
 
 
+RETRY_AFTER_S = 1  # a step takes well under a second; by then the queue has moved
+
+
 class OverloadedError(ScaleSimError):
     """The engine holds as many waiting sequences as it admits; retry after `retry_after_s`."""
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s

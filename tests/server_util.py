@@ -4,7 +4,7 @@ import httpx
 
 from scalesim.server.background import serve_in_thread as running_server
 
-__all__ = ["running_server", "metric"]
+__all__ = ["running_server", "metric", "server_connections"]
 
 
 def metric(base_url: str, name: str) -> float:
@@ -13,3 +13,14 @@ def metric(base_url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(name)
+
+
+def server_connections(port: int) -> int:
+    """Established TCP connections whose local end is `port` (the server's side of each)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                count += int(local.rsplit(":", 1)[1], 16) == port and state == "01"
+    return count

@@ -134,3 +134,40 @@ def test_streamed_deltas_add_up_to_the_final_text(tiny_llm):
     while engine.has_unfinished():
         text += "".join(d.text for d in engine.step() if d.request_id == request_id)
     assert text == expected
+
+
+POISON = 7  # a token id the test's model wrapper refuses, standing in for any per-sequence failure
+
+
+class _RefusingModel:
+    """The engine's model, raising whenever a step's input holds POISON."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, input_ids, *args, **kwargs):
+        if (input_ids == POISON).any():
+            raise RuntimeError("this sequence breaks the model")
+        return self.model(input_ids, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@pytest.mark.parametrize("max_num_seqs", [8, 1])
+def test_a_sequence_whose_step_raises_fails_alone(max_num_seqs):
+    llm = LLM("tiny-random", dtype="fp32", kv_cache_memory="4MiB", block_size_tokens=4, max_num_seqs=max_num_seqs)
+    clean = [[11, 12, 13, 14, 15], [21, 22, 23]]
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)]
+    alone = [o.outputs[0] for o in llm.generate(clean, params)]
+    llm.engine.runner.model = _RefusingModel(llm.engine.runner.model)
+    outputs = llm.generate([clean[0], [31, POISON, 33], clean[1]],
+                           [params[0], SamplingParams(max_tokens=6, ignore_eos=True), params[1]])
+    assert outputs[1].outputs[0].finish_reason == "error"
+    assert "this sequence breaks the model" in outputs[1].outputs[0].error
+    for got, expected in zip((outputs[0].outputs[0], outputs[2].outputs[0]), alone):
+        assert got.finish_reason == "length"
+        assert got.token_ids == expected.token_ids  # seeded draws and logprobs not redone
+        assert [i["token_id"] for i in got.logprobs] == [i["token_id"] for i in expected.logprobs]
+    assert llm.engine.stats()["running"] == llm.engine.stats()["waiting"] == 0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from scalesim.bench.peer_bench import Server, _launch, _wait_ready
+from scalesim.bench.peer_bench import Server, launch, wait_ready
 from scalesim.server.background import free_port
 from scalesim.sim import oasis_requests as oasis
 
@@ -42,6 +42,7 @@ class OverloadRound:
     wasted_tokens: float
     calls_resolved_s: float
     idle_after_s: float
+    probe_status: int  # see _build_probe
 
 
 def _metric(url: str, name: str) -> float:
@@ -53,8 +54,15 @@ def _metric(url: str, name: str) -> float:
 
 def _start(build: str, src: str, model: str, log_dir: str) -> Server:
     command = [sys.executable, "-m", "scalesim.cli", "serve", model, "--port", str(free_port())]
-    env = dict(os.environ, PYTHONPATH=src)
-    return _wait_ready(_launch(build, command, env, model, log_dir))
+    return wait_ready(launch(build, command, dict(os.environ, PYTHONPATH=src), model, log_dir, cwd=src))
+
+
+def _build_probe(url: str, model: str) -> int:
+    """The status of a chat whose text holds a lone surrogate: 400 from a build that validates
+    text, 500 from 9d6bdac and before; it shows which build really answered."""
+    body = ('{"model": "%s", "max_tokens": 1, "messages": [{"role": "user", "content": "\\ud800"}]}' % model)
+    return httpx.post(url + "/v1/chat/completions", content=body.encode(), timeout=120,
+                      headers={"Content-Type": "application/json"}).status_code
 
 
 async def _burst(url: str, model: str, agents: int, timeout_s: float, retries: int,
@@ -86,6 +94,7 @@ def _one_round(build: str, src: str, round_index: int, model: str, agents: int, 
                long_replies: int | None, log_dir: str) -> OverloadRound:
     server = _start(build, src, model, log_dir)
     try:
+        probe = _build_probe(server.url, model)
         started = time.perf_counter()
         completed, failed, delivered = asyncio.run(_burst(server.url, model, agents, timeout_s, retries,
                                                                   long_replies))
@@ -99,15 +108,19 @@ def _one_round(build: str, src: str, round_index: int, model: str, agents: int, 
     finally:
         server.stop()
     return OverloadRound(build, round_index, completed, failed, generated, delivered, generated - delivered,
-                         resolved_s, idle_after_s)
+                         resolved_s, idle_after_s, probe)
 
 
 def _git_commit(src: str) -> str:
+    """The commit `src` holds, with '+uncommitted' when its scalesim/ differs from it."""
     try:
-        return subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--", "scalesim"], capture_output=True,
+                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+uncommitted" if dirty else "")
 
 
 def run_overload_bench(before_src: str, model: str = "smollm2-135m", agents: int = 40, timeout_s: float = 20.0,

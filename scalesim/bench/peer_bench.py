@@ -69,7 +69,7 @@ class Server:
             self.process.kill()
 
 
-def _wait_ready(server: Server) -> Server:
+def wait_ready(server: Server) -> Server:
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -85,11 +85,13 @@ def _wait_ready(server: Server) -> Server:
     raise RuntimeError(f"{server.engine} server did not start in {SERVER_START_TIMEOUT_S:.0f} s: {server.log_path}")
 
 
-def _launch(engine: str, command: list[str], env: dict, model: str, log_dir: str) -> Server:
+def launch(engine: str, command: list[str], env: dict, model: str, log_dir: str, cwd: str | None = None) -> Server:
+    """Start a server process (in `cwd`: `python -m` imports from there before PYTHONPATH)."""
     port = int(command[command.index("--port") + 1])
     log_path = str(Path(log_dir, f"{engine}-{port}.log"))
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                   cwd=cwd)
     return Server(engine, process, f"http://127.0.0.1:{port}", model, log_path)
 
 
@@ -97,7 +99,7 @@ def start_scalesim(model: str, dtype: str, kv_nbytes: int, max_num_batched_token
     command = [sys.executable, "-m", "scalesim.cli", *(["-v"] if os.environ.get("SCALESIM_PEER_VERBOSE") else []), "serve", model, "--port", str(free_port()),
                "--dtype", dtype, "--kv-cache-memory", str(kv_nbytes), "--host-memory", "0",
                "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-num-seqs", "128"]
-    return _launch("scalesim", command, dict(os.environ), model, log_dir)
+    return launch("scalesim", command, dict(os.environ), model, log_dir)
 
 
 def start_vllm(peer_python: str, model: str, dtype: str, kv_nbytes: int, max_num_batched_tokens: int,
@@ -110,7 +112,7 @@ def start_vllm(peer_python: str, model: str, dtype: str, kv_nbytes: int, max_num
                "--max-model-len", "8192", "--kv-cache-memory-bytes", str(kv_nbytes)]
     env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", HF_HUB_OFFLINE="1")
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the exact KV size
-    return _launch("vllm", command, env, model, log_dir)
+    return launch("vllm", command, env, model, log_dir)
 
 
 async def _complete(client: httpx.AsyncClient, server: Server, prompts: list[list[int]], max_tokens: int) -> float:
@@ -193,8 +195,8 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
               "dtypes": {}}
     for dtype in dtypes:
         ours = (scalesim_dtypes or {}).get(dtype, dtype)
-        servers = {"scalesim": _wait_ready(start_scalesim(model, ours, kv_nbytes, max_num_batched_tokens, log_dir)),
-                   "vllm": _wait_ready(start_vllm(peer_python, model, dtype, kv_nbytes, max_num_batched_tokens,
+        servers = {"scalesim": wait_ready(start_scalesim(model, ours, kv_nbytes, max_num_batched_tokens, log_dir)),
+                   "vllm": wait_ready(start_vllm(peer_python, model, dtype, kv_nbytes, max_num_batched_tokens,
                                                   log_dir))}
         cases = {name: PeerCase(name, "tokens/s") for name in
                  ("prefill_8x512", "prefill_8x512_cached256", "decode_b1", "decode_b16")}

@@ -180,6 +180,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def num_waiting(self) -> int:
+        """Sequences queued and not yet running (preempted ones included)."""
+        return len(self.scheduler.waiting)
+
     def _fail_broken_weights(self) -> list[SequenceDelta]:
         """Fail the waiting requests whose weights could not be loaded (a source file went missing)."""
         failed, broken_handles = [], set()
@@ -220,27 +224,9 @@ class LLMEngine:
                 self.memory.loaded.wait(0.005)
                 self.memory.loaded.clear()
             return failed
-        try:
-            sampled = self.runner.run(batch)
-        except Exception as exc:
-            if len(batch) == 1:
-                raise
-            logger.warning("a step of %d sequences failed (%s); running them one by one", len(batch), exc)
-            sampled = self._run_one_by_one(batch)
+        sampled = self.runner.run(batch)  # a sequence whose step fails comes back with an error
         with self.memory.lock:
             return failed + self._record(batch, sampled)
-
-    def _run_one_by_one(self, batch) -> list[SampledToken]:
-        """Rerun a failed batch one sequence at a time (a sequence's KV slots are rewritten, its
-        progress is recorded only afterwards), so one bad sequence fails alone."""
-        sampled = []
-        for item in batch:
-            try:
-                sampled.extend(self.runner.run([item]))
-            except Exception as exc:
-                logger.exception("sequence %s failed its step", item.seq.request_id)
-                sampled.append(SampledToken(item.seq, -1, None, f"engine step failed: {type(exc).__name__}: {exc}"))
-        return sampled
 
     def _record(self, batch, sampled: list[SampledToken]) -> list[SequenceDelta]:
         broken = {id(r.seq) for r in sampled if r.error is not None}  # their KV of this step is not cached

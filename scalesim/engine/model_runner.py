@@ -1,5 +1,6 @@
 """Run one scheduled step: build the flattened inputs and index tensors, run the model, sample."""
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from scalesim.layers.lora import LoRABatch, LoRAStackCache
 from scalesim.layers.paged_decode import available as paged_decode_available
 from scalesim.models.llama import LlamaForCausalLM
 
+logger = logging.getLogger(__name__)
 
 NON_FINITE_LOGITS = ("the model produced no usable logits for this sequence (NaN or infinite values, or every "
                      "token masked): its weights or adapter may be broken")
@@ -98,7 +100,30 @@ class ModelRunner:
         sampled: list[SampledToken] = []
         for group in groups.values():
             private = group[0].seq.private_model
-            sampled.extend(self._run_group(self.model if private is None else private.model, group))
+            sampled.extend(self._run_isolated(self.model if private is None else private.model, group))
+        return sampled
+
+    def _run_isolated(self, model: LlamaForCausalLM, group: list[ScheduledSequence]) -> list[SampledToken]:
+        """The group's tokens. If its step raises, each sequence is rerun alone from the state it
+        had (its KV slots are rewritten; its progress is recorded only by the engine, afterwards),
+        so only a sequence that raises alone fails, with the error as its `error`."""
+        saved = [(len(item.seq.prompt_logits), item.seq.generator.get_state() if item.seq.generator else None)
+                 for item in group]
+        try:
+            return self._run_group(model, group)
+        except Exception as exc:
+            if len(group) == 1:
+                return [_failed(group[0].seq, exc)]
+            logger.warning("a step of %d sequences failed (%s); running them one by one", len(group), exc)
+        sampled = []
+        for item, (logits_rows, generator_state) in zip(group, saved):
+            del item.seq.prompt_logits[logits_rows:]
+            if generator_state is not None:
+                item.seq.generator.set_state(generator_state)
+            try:
+                sampled.extend(self._run_group(model, [item]))
+            except Exception as exc:
+                sampled.append(_failed(item.seq, exc))
         return sampled
 
     def _run_group(self, model: LlamaForCausalLM, batch: list[ScheduledSequence]) -> list[SampledToken]:
@@ -119,14 +144,26 @@ class ModelRunner:
         if any(q.params.logit_bias or q.json is not None for q in seqs):
             logits = process_logits(logits, seqs, self.token_texts)
         tokens, failed = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
-        ok = [i for i in range(len(seqs)) if i not in set(failed)]
-        if any(seqs[i].json is not None for i in ok):
-            advance_constraints([seqs[i] for i in ok], tokens[ok].tolist(), self.token_texts)
         want = max((q.params.logprobs for q in seqs if q.params.logprobs is not None), default=None)
         infos = top_logprobs(logits, tokens, want) if want is not None else [None] * len(seqs)
-        return [SampledToken(q, int(t), None, NON_FINITE_LOGITS) if i in failed else
-                SampledToken(q, int(t), info if q.params.logprobs is not None else None)
-                for i, (q, t, info) in enumerate(zip(seqs, tokens.tolist(), infos))]
+        results = []
+        for i, (q, t, info) in enumerate(zip(seqs, tokens.tolist(), infos)):
+            if i in failed:
+                results.append(SampledToken(q, int(t), None, NON_FINITE_LOGITS))
+                continue
+            if q.json is not None:  # last, and per sequence: nothing of the step is redone after it
+                try:
+                    advance_constraints([q], [int(t)], self.token_texts)
+                except Exception as exc:
+                    results.append(_failed(q, exc))
+                    continue
+            results.append(SampledToken(q, int(t), info if q.params.logprobs is not None else None))
+        return results
+
+
+def _failed(seq: Sequence, exc: Exception) -> SampledToken:
+    logger.error("sequence %s failed its step", seq.request_id, exc_info=exc)
+    return SampledToken(seq, -1, None, f"engine step failed: {type(exc).__name__}: {exc}")
 
 
 def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:

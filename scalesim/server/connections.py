@@ -8,6 +8,7 @@ connection's start) until its body is complete; past it the client gets a 408 an
 """
 
 import asyncio
+import functools
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -17,12 +18,16 @@ from scalesim.server.errors import error_response
 
 
 class TimedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline (`read_timeout_s`) for reading each whole request."""
+    """uvicorn's h11 protocol with a deadline (`read_timeout_s`) for reading each whole request:
+    armed when a connection opens, when a request starts arriving (pipelined ones included) and
+    while its body is incomplete; disarmed when the body is in or the response is complete."""
 
-    read_timeout_s: float = 30.0
+    def __init__(self, *args, read_timeout_s: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout_s = read_timeout_s
+        self._read_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
-        self._read_deadline: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         self._arm()
 
@@ -34,8 +39,19 @@ class TimedH11Protocol(H11Protocol):
         if self.cycle is None or self.cycle.response_complete:  # a new request starts arriving
             self._arm()
         super().data_received(data)
-        if self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete:
-            self._disarm()  # the request is in, whole
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.more_body and not cycle.response_started:
+                self._arm()  # a request (maybe pipelined) whose body is still coming
+            else:
+                self._disarm()  # the request is in, whole, or already being answered
+
+    def on_response_complete(self) -> None:
+        self._disarm()  # an idle connection is uvicorn's keep-alive timer's, a new request ours
+        super().on_response_complete()
 
     def _arm(self) -> None:
         if self._read_deadline is None:
@@ -50,12 +66,14 @@ class TimedH11Protocol(H11Protocol):
         self._read_deadline = None
         if self.transport.is_closing():
             return
-        started = self.cycle is not None and not self.cycle.response_complete and self.cycle.response_started
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.disconnected = True  # the app, if it is reading the body, sees a disconnect
-            self.cycle.message_event.set()
-        if not started:
-            body = error_response(408, f"the request did not arrive within {self.read_timeout_s:g} s").body
+        cycle = self.cycle
+        answering = cycle is not None and not cycle.response_complete and cycle.response_started
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app, if it is reading the body, sees a disconnect
+            cycle.message_event.set()
+        if not answering:
+            body = error_response(408, f"the request did not arrive within {self.read_timeout_s:g} s",
+                                  code="request_timeout").body
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                                  b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
         self.transport.close()
@@ -63,6 +81,6 @@ class TimedH11Protocol(H11Protocol):
 
 def uvicorn_config(app, config: ServerConfig, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
     """uvicorn settings carrying the server's connection limits."""
-    protocol = type("ScaleSimH11Protocol", (TimedH11Protocol,), {"read_timeout_s": config.request_read_timeout_s})
+    protocol = functools.partial(TimedH11Protocol, read_timeout_s=config.request_read_timeout_s)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
                           timeout_keep_alive=config.keep_alive_timeout_s, limit_concurrency=config.max_connections)

@@ -14,6 +14,7 @@ from scalesim.errors import InvalidRequestError
 from scalesim.models.config import ModelConfig
 from scalesim.weights.handle import WeightHandle
 
+MAX_LAYER_DIGITS = 6  # a layer index in a tensor key; longer is not a layer of any model
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -57,7 +58,7 @@ def _parse_key(key: str) -> tuple[int, str, str] | None:
     if "layers" not in parts or parts[-1] != "weight" or parts[-2] not in ("lora_A", "lora_B"):
         return None
     layer = parts[parts.index("layers") + 1]
-    if not layer.isdecimal() or len(layer) > 6:
+    if not layer.isdecimal() or len(layer) > MAX_LAYER_DIGITS:
         return None
     return int(layer), parts[-3], parts[-2][-1]
 
