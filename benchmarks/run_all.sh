@@ -41,3 +41,7 @@ $S bench all --state lora-agent --repeats 3 --out $R/sim-lora-agent.json --plot 
 $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-town-lora-tiered.json
 # `make demo` (one run of each policy, about 3 minutes); it writes demo.json/demo.png in the root:
 .venv/bin/python -m scalesim.demo && mv demo.json $R/demo.json && mv demo.png $R/demo.png
+# An overloaded OASIS-like burst (40 concurrent tool chats, client timeout 20 s, 2 retries) against the
+# build before the server reliability work (9d6bdac) and this one, two interleaved rounds (about 12 minutes):
+git worktree add --detach /tmp/scalesim-9d6bdac 9d6bdac 2>/dev/null || true
+$S microbench overload --before-src /tmp/scalesim-9d6bdac --rounds 2 --out $R/overload.json

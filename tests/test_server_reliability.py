@@ -36,7 +36,8 @@ def allowed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(allowed):
     llm = AsyncLLM(MODEL, dtype="fp32", kv_cache_memory="8MiB", block_size_tokens=4, max_model_len=4096)
-    config = ServerConfig(MODEL, default_max_tokens=8, allowed_local_paths=[allowed], request_read_timeout_s=1.0)
+    config = ServerConfig(MODEL, default_max_tokens=8, allowed_local_paths=[allowed], request_read_timeout_s=1.0,
+                          send_timeout_s=1.0)
     with running_server(llm, config) as base:
         yield base, llm
 
@@ -367,3 +368,21 @@ def test_stalled_and_pipelined_clients_are_closed_and_their_sockets_freed(url):
     while server_connections(port) > baseline and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server_connections(port) <= baseline
+
+
+def test_a_client_that_stops_reading_its_stream_is_closed_and_its_work_aborted(url):
+    _wait_idle(url, 10)
+    before = metric(url, "scalesim_generation_tokens_total")
+    port = int(url.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it reads nothing: the buffers fill fast
+    sock.connect(("127.0.0.1", port))
+    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 3900, "n": 16, "stream": True, "logprobs": 20,
+                       "ignore_eos": True}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        _wait_idle(url, 30)
+    finally:
+        sock.close()
+    assert metric(url, "scalesim_generation_tokens_total") - before < 16 * 3900 / 2

@@ -29,7 +29,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
 def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
     """Rows [B] of `logits` that no token can be drawn from: a NaN or +inf anywhere (broken
     weights, an overflow), or every token masked to -inf."""
-    return logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
+    return ~logits.amax(dim=-1).isfinite()  # amax propagates NaN: one pass over the row finds all three
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
@@ -47,7 +47,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         top_k = torch.tensor([min(params[i].top_k, vocab) for i in rows], device=logits.device)
         top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device, dtype=sub.dtype)
         probs = _filter_top_k_top_p(sub / temperature, top_k, top_p).softmax(dim=-1)
-        failed[index] |= ~probs.isfinite().all(dim=-1)
+        failed[index] |= ~probs.amax(dim=-1).isfinite()
         for j, row in enumerate(rows):
             if not failed[row]:
                 tokens[row] = torch.multinomial(probs[j], 1, generator=generators[row]).squeeze(0)

@@ -9,6 +9,7 @@ DEFAULT_MAX_BODY_NBYTES = 16 * 2**20
 DEFAULT_PORT = 8000
 DEFAULT_MAX_SEQUENCES_PER_REQUEST = 64
 DEFAULT_REQUEST_READ_TIMEOUT_S = 30.0
+DEFAULT_SEND_TIMEOUT_S = 30.0
 DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 4096
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -26,6 +27,7 @@ class ServerConfig:
     `default_max_tokens`: the completion cap when a request sets none (OASIS sends none).
     `max_sequences_per_request`: prompts x n of one request, at most.
     `request_read_timeout_s`: a request (headers and body) must arrive within this; else a 408.
+    `send_timeout_s`: a client that takes none of its answer for this long is closed.
     `keep_alive_timeout_s`: an idle connection is closed after this.
     `max_connections`: requests beyond this many connections or requests in flight get a 503.
     `allowed_local_paths`: folders under which `POST /v1/agents` may name adapters and models.
@@ -41,6 +43,7 @@ class ServerConfig:
     max_body_nbytes: int = DEFAULT_MAX_BODY_NBYTES
     max_sequences_per_request: int = DEFAULT_MAX_SEQUENCES_PER_REQUEST
     request_read_timeout_s: float = DEFAULT_REQUEST_READ_TIMEOUT_S
+    send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S
     keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     allowed_local_paths: list[Path] = field(default_factory=list)
@@ -50,7 +53,7 @@ class ServerConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty (an unset environment variable?); give a key or no --api-key")
         for name in ("default_max_tokens", "max_body_nbytes", "max_sequences_per_request", "max_connections",
-                     "request_read_timeout_s", "keep_alive_timeout_s"):
+                     "request_read_timeout_s", "send_timeout_s", "keep_alive_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.allowed_hosts is not None:

@@ -4,7 +4,9 @@ stays open, and how many requests are served at once.
 uvicorn times out only idle keep-alive connections; a client that connects and sends nothing,
 half a request line or half a body would hold its connection (and a file descriptor) forever.
 `TimedH11Protocol` gives every request a read deadline from its first byte (or from the
-connection's start) until its body is complete; past it the client gets a 408 and is closed.
+connection's start) until its body is complete; past it the client gets a 408 and is closed. A
+client that stops reading its answer (the socket's buffers full) for `send_timeout_s` is closed
+too, and its request aborted, instead of holding a stream for ever.
 """
 
 import asyncio
@@ -22,10 +24,12 @@ class TimedH11Protocol(H11Protocol):
     armed when a connection opens, when a request starts arriving (pipelined ones included) and
     while its body is incomplete; disarmed when the body is in or the response is complete."""
 
-    def __init__(self, *args, read_timeout_s: float, **kwargs) -> None:
+    def __init__(self, *args, read_timeout_s: float, send_timeout_s: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.read_timeout_s = read_timeout_s
+        self.send_timeout_s = send_timeout_s
         self._read_deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -33,7 +37,26 @@ class TimedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client reads slower than we write: it has `send_timeout_s` to catch up."""
+        super().pause_writing()
+        if self._send_deadline is None:
+            self._send_deadline = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_timed_out(self) -> None:
+        """Close a client that stopped reading; its request sees a disconnect and is aborted."""
+        self._send_deadline = None
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.cycle is None or self.cycle.response_complete:  # a new request starts arriving
@@ -81,6 +104,7 @@ class TimedH11Protocol(H11Protocol):
 
 def uvicorn_config(app, config: ServerConfig, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
     """uvicorn settings carrying the server's connection limits."""
-    protocol = functools.partial(TimedH11Protocol, read_timeout_s=config.request_read_timeout_s)
+    protocol = functools.partial(TimedH11Protocol, read_timeout_s=config.request_read_timeout_s,
+                                 send_timeout_s=config.send_timeout_s)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
                           timeout_keep_alive=config.keep_alive_timeout_s, limit_concurrency=config.max_connections)

@@ -5,7 +5,8 @@ import logging
 
 from scalesim.server.config import (DEFAULT_KEEP_ALIVE_TIMEOUT_S, DEFAULT_MAX_BODY_NBYTES, DEFAULT_MAX_CONNECTIONS,
                                     DEFAULT_MAX_SEQUENCES_PER_REQUEST, DEFAULT_MAX_TOKENS, DEFAULT_PORT,
-                                    DEFAULT_REQUEST_READ_TIMEOUT_S, ServerConfig, default_allowed_hosts)
+                                    DEFAULT_REQUEST_READ_TIMEOUT_S, DEFAULT_SEND_TIMEOUT_S, ServerConfig,
+                                    default_allowed_hosts)
 
 DEFAULT_MAX_WAITING = 16_384
 
@@ -42,6 +43,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--request-read-timeout", type=float, default=DEFAULT_REQUEST_READ_TIMEOUT_S, metavar="S",
                        help=f"a request's headers and body must arrive within S seconds, else a 408 "
                             f"(default: {DEFAULT_REQUEST_READ_TIMEOUT_S:g})")
+    group.add_argument("--send-timeout", type=float, default=DEFAULT_SEND_TIMEOUT_S, metavar="S",
+                       help=f"close a client that takes none of its answer for S seconds (default: "
+                            f"{DEFAULT_SEND_TIMEOUT_S:g})")
     group.add_argument("--timeout-keep-alive", type=float, default=DEFAULT_KEEP_ALIVE_TIMEOUT_S, metavar="S",
                        help=f"close a connection idle for S seconds (default: {DEFAULT_KEEP_ALIVE_TIMEOUT_S:g})")
     group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
@@ -74,7 +78,8 @@ def serve(args: argparse.Namespace, engine_args: dict) -> None:
         metrics_require_key=args.metrics_require_key, infer_agents=not args.no_infer_agents,
         default_max_tokens=args.default_max_tokens, max_body_nbytes=args.max_body_bytes,
         max_sequences_per_request=args.max_sequences_per_request, request_read_timeout_s=args.request_read_timeout,
-        keep_alive_timeout_s=args.timeout_keep_alive, max_connections=args.max_connections,
+        send_timeout_s=args.send_timeout, keep_alive_timeout_s=args.timeout_keep_alive,
+        max_connections=args.max_connections,
         allowed_local_paths=args.allowed_local_paths, state_dir=args.disk_dir)
     adapters, models = _pairs(args.lora_modules, "--lora-modules"), _pairs(args.private_models, "--private-models")
     llm = AsyncLLM(args.model, max_waiting=args.max_waiting, **engine_args)
