@@ -49,7 +49,6 @@ def check_text(text: str, what: str) -> None:
 
 
 def check_agent_id(agent_id) -> None:
-    """InvalidRequestError unless `agent_id` follows AGENT_ID_RULE."""
-    if not isinstance(agent_id, str) or not 0 < len(agent_id) <= MAX_AGENT_ID_CHARS or not agent_id.isprintable() \
-            or not is_valid_text(agent_id):
+    """InvalidRequestError unless `agent_id` follows AGENT_ID_RULE (surrogates are not printable)."""
+    if not isinstance(agent_id, str) or not 0 < len(agent_id) <= MAX_AGENT_ID_CHARS or not agent_id.isprintable():
         raise InvalidRequestError(f"agent_id must be {AGENT_ID_RULE}; got {agent_id!r:.300}")

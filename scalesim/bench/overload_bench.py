@@ -45,11 +45,14 @@ class OverloadRound:
     probe_status: int  # see _build_probe
 
 
-def _metric(url: str, name: str) -> float:
+def _metrics(url: str) -> dict[str, float]:
+    """The server's unlabelled Prometheus samples, by name, from one scrape."""
+    samples = {}
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
+        name, _, value = line.partition(" ")
+        if value and not line.startswith("#") and "{" not in name:
+            samples[name] = float(value)
+    return samples
 
 
 def _start(build: str, src: str, model: str, log_dir: str) -> Server:
@@ -100,11 +103,14 @@ def _one_round(build: str, src: str, round_index: int, model: str, agents: int, 
                                                                   long_replies))
         resolved_s = time.perf_counter() - started
         deadline = time.monotonic() + IDLE_TIMEOUT_S
-        while (_metric(server.url, "scalesim_num_requests_running")
-               or _metric(server.url, "scalesim_num_requests_waiting")) and time.monotonic() < deadline:
+        while True:
+            metrics = _metrics(server.url)
+            busy = metrics["scalesim_num_requests_running"] or metrics["scalesim_num_requests_waiting"]
+            if not busy or time.monotonic() > deadline:
+                break
             time.sleep(0.2)
         idle_after_s = time.perf_counter() - started - resolved_s
-        generated = _metric(server.url, "scalesim_generation_tokens_total")
+        generated = metrics["scalesim_generation_tokens_total"]
     finally:
         server.stop()
     return OverloadRound(build, round_index, completed, failed, generated, delivered, generated - delivered,

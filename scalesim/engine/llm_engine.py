@@ -191,17 +191,21 @@ class LLMEngine:
             broken = [h for h in seq.weights if h.load_error is not None]
             if broken:
                 broken_handles.update(broken)
-                logger.warning("failing %s: %s", seq.request_id, broken[0].load_error)
-                self.scheduler.finish(seq, "error")
-                self._finished(seq)
-                failed.append(SequenceDelta(seq.request_id, seq.index, "", [], finish_reason="error",
-                                            num_prompt_tokens=len(seq.prompt_token_ids),
-                                            error=f"its weights could not be loaded: {broken[0].load_error}"))
+                error = f"its weights could not be loaded: {broken[0].load_error}"
+                logger.warning("failing %s: %s", seq.request_id, error)
+                failed.append(self._fail(seq, error))
                 if all(s.is_finished for s in self.requests[seq.request_id].seqs):
                     del self.requests[seq.request_id]
         for handle in broken_handles:
             handle.load_error = None  # its requests have failed; a later request tries again
         return failed
+
+    def _fail(self, seq: Sequence, error: str) -> SequenceDelta:
+        """Finish `seq` with reason "error"; the delta that tells its caller why."""
+        self.scheduler.finish(seq, "error")
+        self._finished(seq)
+        return SequenceDelta(seq.request_id, seq.index, "", [], finish_reason="error",
+                             num_prompt_tokens=len(seq.prompt_token_ids), error=error)
 
     def _finished(self, seq: Sequence) -> None:
         self.memory_hooks.finished(seq)
@@ -242,12 +246,8 @@ class LLMEngine:
         for result in sampled:
             seq = result.seq
             request = self.requests[seq.request_id]
-            if result.error is not None:
-                logger.warning("failing %s: %s", seq.request_id, result.error)
-                self.scheduler.finish(seq, "error")
-                self._finished(seq)
-                deltas.append(SequenceDelta(seq.request_id, seq.index, "", [], finish_reason="error",
-                                            num_prompt_tokens=len(seq.prompt_token_ids), error=result.error))
+            if result.error is not None:  # logged where it happened
+                deltas.append(self._fail(seq, result.error))
             else:
                 deltas.append(self._append(seq, request, result, now))
             if all(s.is_finished for s in request.seqs):

@@ -143,12 +143,14 @@ class ModelRunner:
         seqs = [s.seq for s, _ in sampling]
         if any(q.params.logit_bias or q.json is not None for q in seqs):
             logits = process_logits(logits, seqs, self.token_texts)
-        tokens, failed = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
+        tokens, failed_rows = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
+        failed = set(failed_rows)
         want = max((q.params.logprobs for q in seqs if q.params.logprobs is not None), default=None)
         infos = top_logprobs(logits, tokens, want) if want is not None else [None] * len(seqs)
         results = []
         for i, (q, t, info) in enumerate(zip(seqs, tokens.tolist(), infos)):
             if i in failed:
+                logger.warning("failing %s: %s", q.request_id, NON_FINITE_LOGITS)
                 results.append(SampledToken(q, int(t), None, NON_FINITE_LOGITS))
                 continue
             if q.json is not None:  # last, and per sequence: nothing of the step is redone after it

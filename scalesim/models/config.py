@@ -69,7 +69,6 @@ class ModelConfig:
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(f"unsupported architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}")
         heads = raw["num_attention_heads"]
-        eos = raw.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         rope_theta = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta") or 10000.0
         rope_scaling = raw.get("rope_scaling") or raw.get("rope_parameters")
@@ -107,7 +106,5 @@ class ModelConfig:
             raise ModelLoadError(f"corrupt config.json in {folder}: {exc}") from exc
         try:
             return cls.from_dict(raw)
-        except KeyError as exc:
-            raise ModelLoadError(f"config.json in {folder} lacks {exc}") from exc
         except ModelLoadError as exc:
             raise ModelLoadError(f"{folder}: {exc}") from exc

@@ -91,26 +91,23 @@ class Gate:
                 status = message["status"]
             await send(message)
 
-        if not self.config.host_allowed(headers.get(b"host", b"").decode("latin-1")):
-            await error_response(400, "the Host header does not name this server (see --allowed-hosts)",
-                                 code="invalid_host")(scope, receive, recording_send)
-        elif self.config.api_key and path not in self.public and not secrets.compare_digest(
-                headers.get(b"authorization", b""), f"Bearer {self.config.api_key}".encode()):
-            await error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                 code="invalid_api_key")(scope, receive, recording_send)
-        else:
-            try:
+        try:
+            if not self.config.host_allowed(headers.get(b"host", b"").decode("latin-1")):
+                await error_response(400, "the Host header does not name this server (see --allowed-hosts)",
+                                     code="invalid_host")(scope, receive, recording_send)
+            elif self.config.api_key and path not in self.public and not secrets.compare_digest(
+                    headers.get(b"authorization", b""), f"Bearer {self.config.api_key}".encode()):
+                await error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                     code="invalid_api_key")(scope, receive, recording_send)
+            else:
                 await self.app(scope, receive, recording_send)
-            except Exception:
-                status = status or 500
-                raise
-            finally:
-                if path.startswith("/v1"):
-                    route = scope.get("route")
-                    self.metrics.requests.labels(getattr(route, "path", "other"), str(status or 499)).inc()
-            return
-        if path.startswith("/v1"):
-            self.metrics.requests.labels("other", str(status)).inc()
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            if path.startswith("/v1"):  # refused early, a request has no route: "other"
+                route = scope.get("route")
+                self.metrics.requests.labels(getattr(route, "path", "other"), str(status or 499)).inc()
 
 
 def build_app(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = False) -> FastAPI:

@@ -43,10 +43,12 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
 
 
 def check_fan_out(state: ServerState, sequences: int) -> None:
-    """A 400 when one request asks for more sequences (prompts x n) than the server allows."""
+    """A 400 when one request asks for more sequences (prompts x n) than the server allows; a
+    429 when the engine's queue has no room for them now (AsyncLLM.check_room)."""
     if sequences > state.config.max_sequences_per_request:
         raise APIError(400, f"this request asks for {sequences} sequences (prompts x n); the limit is "
                             f"{state.config.max_sequences_per_request}", param="n")
+    state.llm.check_room(sequences)  # all or none of a request's prompts, as far as it can tell
 
 
 def new_id(prefix: str) -> str:

@@ -56,7 +56,6 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     prompt = tokenize(state, render_prompt(state.llm.tokenizer, messages, tools))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     check_fan_out(state, req.n)
-    state.llm.check_room(req.n)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(state, req, len(prompt), max_tokens, logprobs, json_mode=_json_mode(req))
     head = {"id": new_id("chatcmpl"), "created": now_s(), "model": req.model}
@@ -134,7 +133,6 @@ async def completions(req: CompletionRequest, request: Request):
     adapter, model = state.resolve_model(identity.model)
     prompts = _prompts(req.prompt)
     check_fan_out(state, len(prompts) * req.n)
-    state.llm.check_room(len(prompts) * req.n)  # all or none of the prompts, as far as it can tell
     prompts = [tokenize(state, p) for p in prompts]
     params = [sampling_params(state, req, len(p), req.max_tokens, req.logprobs) for p in prompts]
     runs = [Run([CompletionOutput(i) for i in range(q.n)], prompt_tokens=len(p)) for p, q in zip(prompts, params)]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from pydantic_core import PydanticCustomError
 
-from scalesim.text import first_invalid_text
+from scalesim.text import MAX_AGENT_ID_CHARS, first_invalid_text
 
 
 class _Body(BaseModel):
@@ -76,7 +76,7 @@ class CompletionRequest(_Sampling):
 
 class AgentCreate(_Body):
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=256)
+    id: str = Field(min_length=1, max_length=MAX_AGENT_ID_CHARS)
     adapter: str | None = None  # a name loaded at start-up (--lora-modules), instead of a path
     model: str | None = None  # a private model loaded at start-up (--private-models)
     adapter_path: str | None = None
@@ -85,8 +85,10 @@ class AgentCreate(_Body):
     system: str | None = None  # the agent's system message: its rendered turn becomes the prefix
 
 
-class HintBatch(_Body):
-    """`POST /v1/hints`: the Python `hint()` API over HTTP (see scalesim.distance.hints)."""
+class HintBatch(BaseModel):
+    """`POST /v1/hints`: the Python `hint()` API over HTTP (see scalesim.distance.hints). Parsed
+    from the raw bytes by pydantic's JSON parser, which refuses lone surrogates itself, so a hint
+    naming a million agents is not walked again."""
 
     model_config = ConfigDict(extra="forbid")
     step: StrictInt | None = None
