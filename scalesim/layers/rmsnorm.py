@@ -1,7 +1,10 @@
-"""Root-mean-square layer norm, computed in float32 as Hugging Face Llama does."""
+"""Root-mean-square layer norm, computed in float32 as Hugging Face Llama does, optionally fused
+with the residual add before it (layers/fused.py)."""
 
 import torch
 from torch import nn
+
+from scalesim.layers.fused import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -10,8 +13,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(input_dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x); given `residual`, residual += x in place and return norm(residual)."""
+        return rms_norm(x, self.weight, self.eps, residual)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from scalesim.errors import ModelLoadError
+from scalesim.layers.fused import rotary_
 
 
 def inverse_frequencies(head_dim: int, theta: float, rope_scaling: dict | None) -> torch.Tensor:
@@ -44,23 +45,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotation table rows for `positions` [T], shaped [T, 1, head_dim / 2]; once per step."""
-        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
+        """The rotation table rows for `positions` [T], each [T, head_dim / 2]; once per step."""
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
     @staticmethod
-    def apply(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; computed in float32."""
-        cos, sin = cos_sin
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), half by half, with no concatenation."""
-    x32 = x.float()
-    half = x.shape[-1] // 2
-    x1, x2 = x32[..., :half], x32[..., half:]
-    out = torch.empty_like(x32)
-    torch.addcmul(x1 * cos, x2, sin, value=-1, out=out[..., :half])
-    torch.addcmul(x2 * cos, x1, sin, out=out[..., half:])
-    return out.to(x.dtype)
+    def apply_(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Rotate q [T, heads, head_dim] and k [T, kv_heads, head_dim] in place, in float32."""
+        rotary_(q, k, *cos_sin)

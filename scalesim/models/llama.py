@@ -6,10 +6,10 @@ matmul each, so a decoder layer is four matmuls.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scalesim.layers.attention import AttentionMetadata, paged_attention
+from scalesim.layers.fused import silu_and_mul
 from scalesim.layers.linear import Embedding, Linear
 from scalesim.layers.lora import LoRABatch
 from scalesim.layers.rmsnorm import RMSNorm
@@ -38,7 +38,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(q, k, cos_sin)
+        RotaryEmbedding.apply_(q, k, cos_sin)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return _project(self.o_proj, out, lora, self.layer, "o_proj")
 
@@ -52,10 +52,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
         if lora is not None:
+            gate, up = gate_up.chunk(2, dim=-1)
             _add_deltas(lora, self.layer, x, (("gate_proj", gate), ("up_proj", up)))
-        return _project(self.down_proj, F.silu(gate).mul_(up), lora, self.layer, "down_proj")
+        return _project(self.down_proj, silu_and_mul(gate_up), lora, self.layer, "down_proj")
 
 
 def _add_deltas(lora: LoRABatch, layer: int, x: torch.Tensor, outputs) -> None:
@@ -80,10 +81,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: torch.Tensor, meta: AttentionMetadata, lora: LoRABatch | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+        """x: the previous layer's output (not yet added), residual: the stream before it, which
+        the residual adds update in place (each fused with the norm after it). Returns this
+        layer's output, for the next layer or the final norm to add."""
+        x = self.self_attn(self.input_layernorm(x, residual), cos_sin, kv_cache, meta, lora)
+        return self.mlp(self.post_attention_layernorm(x, residual), lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -104,12 +108,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
                 meta: AttentionMetadata, lora: LoRABatch | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] of the flattened tokens; `lora` adds per-token adapter deltas."""
-        x = self.embed_tokens(input_ids)
+        residual = self.embed_tokens(input_ids)
+        x = torch.zeros_like(residual)  # the first layer's residual add adds nothing
         cos_sin = self.rotary.cos_sin(positions)
         lora = lora if lora is not None and lora.active else None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta, lora)
-        return self.norm(x)
+            x = layer(x, residual, cos_sin, kv_cache, meta, lora)
+        return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

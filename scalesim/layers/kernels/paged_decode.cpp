@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "float_bits.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,31 +30,8 @@
 
 namespace {
 
-// e^x for x <= 0 (scores minus their maximum): 2^(x log2 e) split into an integer power,
-// built in the exponent bits, and 2^f for f in [0, 1) by a degree-5 polynomial.
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -87.0f) * 1.44269504088896341f;
-  const float whole = std::floor(t);
-  const float f = t - whole;
-  float p = 1.8762329e-3f;
-  p = p * f + 8.9925844e-3f;
-  p = p * f + 5.5823606e-2f;
-  p = p * f + 2.4015453e-1f;
-  p = p * f + 6.9315296e-1f;
-  p = p * f + 9.9999994e-1f;
-  const int32_t bits = (static_cast<int32_t>(whole) + 127) << 23;
-  float power;
-  std::memcpy(&power, &bits, sizeof(power));
-  return p * power;
-}
-
-inline float widen(float x) { return x; }
-inline float widen(uint16_t bf16_bits) {
-  const uint32_t bits = static_cast<uint32_t>(bf16_bits) << 16;
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-}
+using scalesim::exp_nonpositive;
+using scalesim::widen;
 
 // T: the cache's element, float or uint16_t holding bfloat16 bits.
 template <typename T>
@@ -235,7 +214,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 
 }  // namespace
 
-TORCH_LIBRARY(scalesim, m) {
+TORCH_LIBRARY_FRAGMENT(scalesim, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "int block_size, float scale) -> Tensor");
   m.impl("paged_decode", c10::DispatchKey::CPU, TORCH_FN(paged_decode));
