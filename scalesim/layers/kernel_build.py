@@ -50,6 +50,9 @@ def build_dir(source: str) -> Path:
 def load(source: str) -> bool:
     """Build (once per machine on disk) and load layers/kernels/`source` into this process, once;
     False, with a warning, where it cannot be built here or kernels are turned off."""
+    loaded = _loaded.get(source)  # the layers ask on every call: no lock once it is known
+    if loaded is not None:
+        return loaded
     with _lock:
         if source not in _loaded:
             _loaded[source] = _build(source)
