@@ -43,7 +43,10 @@ def test_a_bare_json_object_naming_an_offered_function_is_a_call(text):
 
 @pytest.mark.parametrize("text", ["I like this post.", '{"name": "delete_everything", "arguments": {}}',
                                   '<tool_call>{"name": "like_post", "arguments": {"post_id": </tool_call>',
-                                  '<tool_call>{"name": "unknown_tool", "arguments": {}}</tool_call>'])
+                                  '<tool_call>{"name": "unknown_tool", "arguments": {}}</tool_call>',
+                                  # a name that is not a string (seen from SmolLM2 in bf16): once a TypeError, a 500
+                                  '<tool_call>{"name": ["like_post"], "arguments": {}}</tool_call>',
+                                  '{"name": {"like_post": 1}, "arguments": {}}'])
 def test_anything_else_is_plain_text(text):
     calls, rest = parse_tool_calls(text, OFFERED)
     assert calls == [] and rest == text

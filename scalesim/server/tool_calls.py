@@ -68,8 +68,8 @@ def render_tool_calls(tool_calls: list[dict]) -> str:
 
 
 def _as_call(obj, offered: set[str]) -> ToolCall | None:
-    if not isinstance(obj, dict) or obj.get("name") not in offered:
-        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in offered:
+        return None  # (a name that is a list or an object is not a call: and not hashable)
     arguments = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(arguments, str):
         try:
