@@ -14,6 +14,7 @@ from scalesim.engine.cpu_threads import ThreadGovernor
 from scalesim.layers.attention import AttentionMetadata, PrefillChunk, paged_attention
 from scalesim.layers.linear import linear
 from scalesim.layers.paged_decode import available as paged_decode_available, paged_decode
+from scalesim.layers.paged_prefill import available as paged_prefill_available, paged_prefill
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 300])
@@ -121,6 +122,54 @@ def test_the_paged_decode_kernel_equals_gathered_sdpa(heads, kv_heads, dim):
     finally:
         torch.set_num_threads(threads)
     assert paged_decode(q[:0], k_cache, v_cache, tables[:0], lengths[:0], block, 1.0).shape == (0, heads, dim)
+
+
+@pytest.mark.parametrize("dim, block, dtype", [(64, 16, torch.float32), (64, 16, torch.bfloat16),
+                                               (128, 4, torch.float32), (64, 32, torch.bfloat16)])
+def test_the_paged_prefill_kernel_equals_dense_causal_attention(dim, block, dtype):
+    """Chunks fresh and behind cached tokens, of lengths around the kernel's tiles (1, 15, 16, 17,
+    a 300-token one behind 100 cached), pages scattered: each new token attends causally to its
+    sequence's cached context exactly; a chunk's result is the same alone, batched, and at one
+    thread."""
+    if not paged_prefill_available(dim):
+        pytest.skip("the paged prefill kernel serves AVX-512 CPUs only")
+    gen, heads, kv_heads = torch.Generator().manual_seed(3), 9, 3
+    chunks = [(0, 37), (5, 16), (16, 17), (100, 300), (0, 1), (40, 15), (0, 64)]  # (cached, new)
+    blocks_needed = [-(-(c + n) // block) for c, n in chunks]
+    order = torch.randperm(sum(blocks_needed) + 5, generator=gen)
+    k_cache = torch.randn(len(order) * block, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(len(order) * block, kv_heads, dim, generator=gen).to(dtype)
+    widest, used, tables = max(blocks_needed), 0, []
+    for count in blocks_needed:
+        tables.append(order[used:used + count].tolist() + [0] * (widest - count))
+        used += count
+    tables = torch.tensor(tables)
+    lengths = torch.tensor([c + n for c, n in chunks])
+    counts = torch.tensor([n for _, n in chunks])
+    starts = torch.cumsum(torch.tensor([0] + [n for _, n in chunks[:-1]]), 0)
+    q = 3 * torch.randn(int(counts.sum()), heads, dim, generator=gen)
+    scale = dim ** -0.5
+    got = torch.full_like(q, float("nan"))
+    paged_prefill(q, k_cache, v_cache, tables, lengths, starts, counts, block, scale, got)
+    for i, (cached, new) in enumerate(chunks):
+        slots = (tables[i].view(-1, 1) * block + torch.arange(block)).view(-1)[:cached + new]
+        rows = slice(int(starts[i]), int(starts[i]) + new)
+        want = _reference(q[rows], k_cache[slots].float(), v_cache[slots].float(), scale)
+        assert torch.allclose(got[rows].reshape(new, -1), want, atol=2e-5), (cached, new)
+        alone = torch.zeros(new, heads, dim)
+        paged_prefill(q[rows].contiguous(), k_cache, v_cache, tables[i:i + 1], lengths[i:i + 1],
+                      torch.tensor([0]), counts[i:i + 1], block, scale, alone)
+        assert torch.equal(alone, got[rows]), (cached, new)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = torch.empty_like(q)
+        paged_prefill(q, k_cache, v_cache, tables, lengths, starts, counts, block, scale, again)
+        assert torch.equal(again, got)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="chunk out of range"):
+        paged_prefill(q, k_cache, v_cache, tables, lengths, starts, counts + 1000, block, scale, got)
 
 
 def test_the_paged_decode_kernel_reads_a_bfloat16_cache_as_its_float32_values():

@@ -65,3 +65,17 @@ def test_bf16_logits_stay_close_to_fp32_on_three_prompts():
         assert row.top1_agreement == 1.0, row
         assert row.max_relative_logit_error < 0.1, row
         assert row.first_divergence is None, row  # the first 8 greedy tokens agree
+
+
+def test_prompt_logits_fresh_and_behind_a_cached_prefix_match_transformers(smollm2, hf_from_gguf):
+    """On this model (head size 64) prefill attention runs the in-place kernel where the CPU has
+    AVX-512: its logits, fresh and behind a cached 3-block prefix, match transformers in fp32."""
+    prefix = smollm2.tokenizer.encode("The lighthouse keeper wrote in her log every night, " * 4)
+    ids = prefix + smollm2.tokenizer.encode("and on the last night she wrote only one word:")
+    with torch.no_grad():
+        want = hf_from_gguf(torch.tensor([ids])).logits[0]
+    fresh = smollm2.prompt_logits(prefix)
+    assert (fresh - want[:len(prefix)]).abs().max().item() <= 1e-4
+    behind = smollm2.prompt_logits(ids)
+    assert behind.shape[0] < len(ids) - 16, "the second prompt should have reused the cached prefix"
+    assert (behind - want[-behind.shape[0]:]).abs().max().item() <= 1e-4

@@ -14,6 +14,7 @@ from scalesim.engine.sequence import Sequence
 from scalesim.layers.attention import AttentionMetadata, PrefillChunk
 from scalesim.layers.lora import LoRABatch, LoRAStackCache
 from scalesim.layers.paged_decode import available as paged_decode_available
+from scalesim.layers.paged_prefill import available as paged_prefill_available
 from scalesim.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class ModelRunner:
         # decode attention reads the paged cache in place where the CPU kernel serves this cache
         self.decode_in_place = (self.device.type == "cpu" and pool.kv_cache.dtype in (torch.float32, torch.bfloat16)
                                 and paged_decode_available())
+        # and so does prefill attention, where the kernel serves this head size
+        self.prefill_in_place = self.decode_in_place and paged_prefill_available(model.config.head_dim)
 
     def _metadata(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         block_size = self.pool.block_size
@@ -53,6 +56,8 @@ class ModelRunner:
         decode_contexts: list[list[int]] = []  # block tables
         decode_lengths: list[int] = []
         prefills: list[PrefillChunk] = []
+        prefill_tables: list[list[int]] = []
+        prefill_lengths: list[int] = []
         for s in batch:
             start, count, table = s.seq.num_computed_tokens, s.num_new_tokens, s.seq.block_table
             row = len(input_ids)
@@ -63,6 +68,10 @@ class ModelRunner:
                 decode_rows.append(row)
                 decode_contexts.append(table[:-(-(start + 1) // block_size)])
                 decode_lengths.append(start + 1)
+            elif self.prefill_in_place:
+                prefills.append(PrefillChunk(row, row + count))
+                prefill_tables.append(table[:-(-(start + count) // block_size)])
+                prefill_lengths.append(start + count)
             elif start == 0:
                 prefills.append(PrefillChunk(row, row + count))
             else:
@@ -71,6 +80,13 @@ class ModelRunner:
                 prefills.append(PrefillChunk(row, row + count, self._to(context), self._to(mask)))
         meta = AttentionMetadata(slot_mapping=self._to(torch.tensor(slots)), num_tokens=len(input_ids),
                                  prefills=prefills)
+        if prefill_tables:
+            blocks = max(len(t) for t in prefill_tables)
+            meta.prefill_block_tables = torch.tensor([t + [0] * (blocks - len(t)) for t in prefill_tables])
+            meta.prefill_lengths = torch.tensor(prefill_lengths)
+            meta.prefill_starts = torch.tensor([c.start for c in prefills])
+            meta.prefill_counts = torch.tensor([c.end - c.start for c in prefills])
+            meta.block_size = block_size
         if decode_contexts:
             blocks, longest = max(len(c) for c in decode_contexts), max(decode_lengths)
             tables = torch.tensor([c + [0] * (blocks - len(c)) for c in decode_contexts])

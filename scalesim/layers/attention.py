@@ -5,10 +5,11 @@ are written to their slots in the cache, then:
 - each sequence with one new token (decode) attends, in one batched call, to its context: on the
   CPU by a kernel that reads the paged cache in place (layers/paged_decode.py), elsewhere (or
   where the kernel cannot be built) gathered from the cache, padded to the longest and masked;
-- each sequence with several new tokens (a prefill chunk) attends on its own, with no padding: a
-  fresh prompt attends to its own new keys and values, causally, with nothing read back from the
-  cache; a chunk behind cached tokens gathers its context once per layer and attends with a
-  bottom-right causal mask.
+- each sequence with several new tokens (a prefill chunk) attends causally to its context: on an
+  AVX-512 CPU all chunks at once by a kernel that reads the paged cache in place
+  (layers/paged_prefill.py); elsewhere each on its own by SDPA with no padding, a fresh prompt
+  over its own new keys and values, a chunk behind cached tokens over its context gathered once
+  per layer, with a bottom-right causal mask.
 Prefill attention is most of attention's cost in a simulation burst; batching it padded to the
 longest prompt, as this file did first, cost 1.5x on mixed lengths and more on skewed ones. The
 per-step index tensors are built once in `AttentionMetadata` and shared by every layer.
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from scalesim.layers.paged_decode import paged_decode
+from scalesim.layers.paged_prefill import paged_prefill
 
 
 @dataclass
@@ -42,7 +44,10 @@ class AttentionMetadata:
     decode_block_tables [D, blocks] (int64, padded with block 0) and decode_lengths [D]: their
     contexts, for the in-place kernel; or, for the gather path, decode_slots [D, C]: their
     contexts' slots, padded with 0, and decode_mask [D, 1, 1, C].
-    prefills: the sequences with several new tokens.
+    prefills: the sequences with several new tokens. For the in-place prefill kernel also
+    prefill_block_tables [P, blocks] (int64, padded with block 0), prefill_lengths [P] (context
+    length with the chunk), prefill_starts [P] and prefill_counts [P] (the chunk's rows); then
+    the chunks carry no context slots or masks.
     """
 
     slot_mapping: torch.Tensor
@@ -54,6 +59,10 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill_block_tables: torch.Tensor | None = None
+    prefill_lengths: torch.Tensor | None = None
+    prefill_starts: torch.Tensor | None = None
+    prefill_counts: torch.Tensor | None = None
 
     @property
     def num_decode(self) -> int:
@@ -85,6 +94,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if meta.num_decode:
         out.index_copy_(0, meta.decode_rows, _decode(q.index_select(0, meta.decode_rows), k_cache, v_cache,
                                                      meta, scale, gqa))
+    if meta.prefill_block_tables is not None:
+        paged_prefill(q.contiguous(), k_cache, v_cache, meta.prefill_block_tables, meta.prefill_lengths,
+                      meta.prefill_starts, meta.prefill_counts, meta.block_size, scale, out.view(q.shape))
+        return out.to(out_dtype)
     for chunk in meta.prefills:
         queries = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)              # [1, H, Q, D]
         if chunk.context_slots is None:

@@ -1,0 +1,29 @@
+"""Prefill attention that reads the paged KV cache in place, by a C++ kernel
+(kernels/paged_prefill.cpp): every chunk of new tokens, fresh prompt or behind a cached prefix,
+attends causally to its sequence's cached rows through its block table, with no gather of the
+prefix, no mask tensor and no float32 copy of bfloat16 keys and values.
+
+Built on first use (layers/kernel_build.py); AVX-512 CPUs and head sizes 32, 64, 96, 128 only.
+Where it is not `available`, attention keeps its SDPA path.
+"""
+
+import torch
+
+from scalesim.layers import kernel_build
+
+SOURCE = "paged_prefill.cpp"
+
+
+def available(head_dim: int) -> bool:
+    """Whether the kernel serves this head size on this machine (built on the first call)."""
+    return kernel_build.load(SOURCE) and bool(torch.ops.scalesim.paged_prefill_supported(head_dim))
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, query_starts: torch.Tensor, query_counts: torch.Tensor,
+                  block_size: int, scale: float, out: torch.Tensor) -> None:
+    """For each chunk c: rows query_starts[c] .. + query_counts[c] of q [T, heads, head_dim]
+    (float32, contiguous) are the last query_counts[c] of context_lens[c] cached tokens, found
+    through block_tables[c] (int64); write their attention into the same rows of out (like q)."""
+    torch.ops.scalesim.paged_prefill(q, k_cache, v_cache, block_tables, context_lens, query_starts, query_counts,
+                                     block_size, scale, out)
