@@ -124,16 +124,17 @@ def test_the_paged_decode_kernel_equals_gathered_sdpa(heads, kv_heads, dim):
     assert paged_decode(q[:0], k_cache, v_cache, tables[:0], lengths[:0], block, 1.0).shape == (0, heads, dim)
 
 
-@pytest.mark.parametrize("dim, block, dtype", [(64, 16, torch.float32), (64, 16, torch.bfloat16),
-                                               (128, 4, torch.float32), (64, 32, torch.bfloat16)])
-def test_the_paged_prefill_kernel_equals_dense_causal_attention(dim, block, dtype):
+@pytest.mark.parametrize("dim, block, dtype, heads, kv_heads", [
+    (64, 16, torch.float32, 9, 3), (64, 16, torch.bfloat16, 9, 3), (128, 4, torch.float32, 8, 1),
+    (64, 32, torch.bfloat16, 10, 2), (32, 8, torch.float32, 8, 8), (96, 16, torch.float32, 10, 2)])
+def test_the_paged_prefill_kernel_equals_dense_causal_attention(dim, block, dtype, heads, kv_heads):
     """Chunks fresh and behind cached tokens, of lengths around the kernel's tiles (1, 15, 16, 17,
     a 300-token one behind 100 cached), pages scattered: each new token attends causally to its
     sequence's cached context exactly; a chunk's result is the same alone, batched, and at one
-    thread."""
+    thread. Group sizes 3, 8 and 5 (blocks of 4 heads and their remainders), 1 (no sharing)."""
     if not paged_prefill_available(dim):
         pytest.skip("the paged prefill kernel serves AVX-512 CPUs only")
-    gen, heads, kv_heads = torch.Generator().manual_seed(3), 9, 3
+    gen = torch.Generator().manual_seed(3)
     chunks = [(0, 37), (5, 16), (16, 17), (100, 300), (0, 1), (40, 15), (0, 64)]  # (cached, new)
     blocks_needed = [-(-(c + n) // block) for c, n in chunks]
     order = torch.randperm(sum(blocks_needed) + 5, generator=gen)
@@ -155,7 +156,7 @@ def test_the_paged_prefill_kernel_equals_dense_causal_attention(dim, block, dtyp
         slots = (tables[i].view(-1, 1) * block + torch.arange(block)).view(-1)[:cached + new]
         rows = slice(int(starts[i]), int(starts[i]) + new)
         want = _reference(q[rows], k_cache[slots].float(), v_cache[slots].float(), scale)
-        assert torch.allclose(got[rows].reshape(new, -1), want, atol=2e-5), (cached, new)
+        assert torch.allclose(got[rows].reshape(new, -1), want, atol=5e-5), (cached, new)
         alone = torch.zeros(new, heads, dim)
         paged_prefill(q[rows].contiguous(), k_cache, v_cache, tables[i:i + 1], lengths[i:i + 1],
                       torch.tensor([0]), counts[i:i + 1], block, scale, alone)
@@ -170,6 +171,25 @@ def test_the_paged_prefill_kernel_equals_dense_causal_attention(dim, block, dtyp
         torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="chunk out of range"):
         paged_prefill(q, k_cache, v_cache, tables, lengths, starts, counts + 1000, block, scale, got)
+
+
+@pytest.mark.parametrize("position", [0, 3, 17])
+def test_a_nan_key_makes_the_prefill_kernels_output_nan_in_its_own_sequence_only(position):
+    """A NaN in one sequence's cached keys reaches the outputs of the queries that see it (so the
+    sampler's non-finite check fails that sequence) wherever it sits, and no other sequence's."""
+    if not paged_prefill_available(64):
+        pytest.skip("the paged prefill kernel serves AVX-512 CPUs only")
+    gen, block = torch.Generator().manual_seed(4), 16
+    k_cache, v_cache = torch.randn(8 * block, 3, 64, generator=gen), torch.randn(8 * block, 3, 64, generator=gen)
+    tables = torch.tensor([[0, 1], [2, 3]])
+    k_cache[position, 1, 5] = float("nan")  # sequence 0's token `position`, kv head 1
+    q = torch.randn(40, 9, 64, generator=gen)
+    out = torch.empty_like(q)
+    paged_prefill(q, k_cache, v_cache, tables, torch.tensor([20, 20]), torch.tensor([0, 20]),
+                  torch.tensor([20, 20]), block, 0.125, out)
+    sees = out[position:20, 3:6]  # the queries at or after the NaN, in the heads of kv head 1
+    assert torch.isnan(sees).all() and torch.isfinite(out[:position]).all()
+    assert torch.isfinite(out[position:20, :3]).all() and torch.isfinite(out[20:]).all()
 
 
 def test_the_paged_decode_kernel_reads_a_bfloat16_cache_as_its_float32_values():

@@ -25,5 +25,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """For each chunk c: rows query_starts[c] .. + query_counts[c] of q [T, heads, head_dim]
     (float32, contiguous) are the last query_counts[c] of context_lens[c] cached tokens, found
     through block_tables[c] (int64); write their attention into the same rows of out (like q)."""
+    if not kernel_build.load(SOURCE):
+        raise RuntimeError("the paged prefill kernel is not available here (see `available`)")
     torch.ops.scalesim.paged_prefill(q, k_cache, v_cache, block_tables, context_lens, query_starts, query_counts,
                                      block_size, scale, out)

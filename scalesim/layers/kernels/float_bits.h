@@ -31,8 +31,10 @@ inline float widen(float x) { return x; }
 // bfloat16 is the top half of a float32's bits.
 inline float widen(uint16_t bf16_bits) { return __builtin_bit_cast(float, static_cast<uint32_t>(bf16_bits) << 16); }
 
-// float32 -> the element type, rounding to nearest even as PyTorch's cast does (a NaN whose
-// payload sits in the low half only may come out as an infinity: still not finite).
+// float32 -> the element type, rounding to nearest even as PyTorch's cast does. Not NaN-safe:
+// a NaN whose payload sits in the low half may come out as an infinity, and one with every
+// mantissa bit set wraps to a zero; the kernels only narrow values computed from bfloat16 or
+// float32 activations, and the sampler checks the logits for non-finite values.
 inline void narrow(float x, float& out) { out = x; }
 inline void narrow(float x, uint16_t& out) {
   uint32_t bits = __builtin_bit_cast(uint32_t, x);

@@ -7,13 +7,14 @@
 // chunk, fresh or behind a cached prefix, takes the same path, so a token's attention does not
 // depend on whether its prefix was computed in this step or read back.
 //
-// A task is a tile of 16 consecutive new tokens of one chunk for one query head. It walks the
-// cached rows 16 at a time (within a block), computes each query's 16 scores with one
-// transposing reduction (avx512_rows.h), updates that query's online softmax (running maximum,
-// sum, and weighted values rescaled when the maximum grows, as FlashAttention does), and adds
-// the 16 weighted value rows. The 16 rows of keys and values are read once per tile from the
-// cache and reused by its 16 queries from the L1 cache. Queries, scores and sums are float32;
-// the cache holds float32 or bfloat16 (read as float32, as the decode kernel does).
+// A task is a tile of 32 consecutive new tokens of one chunk for all query heads of one KV
+// head. It walks the cached rows 16 at a time (within a block): the 16 keys are widened to
+// float32 and transposed once, so each query's 16 scores are broadcast FMAs with no horizontal
+// sum; then each query's online softmax (running maximum, sum, and weighted values rescaled when
+// the maximum grows, as FlashAttention does) and the 16 weighted value rows, up to 4 query heads
+// at a time sharing every load. Queries, scores and sums are float32; the cache holds float32 or
+// bfloat16 (read as float32, as the decode kernel does). A NaN score (from a NaN query or key)
+// makes that query's output NaN, as in PyTorch's attention, so the sampler's check still sees it.
 //
 // Tasks differ in cost (a later tile sees more keys): threads take them one at a time from a
 // shared counter, longest first. A task's result depends only on its own inputs, so results do
@@ -92,6 +93,7 @@ inline void rows_step(const float* q, const float* kt, const float* vt, int64_t 
     const int64_t row = i + j * nq;
     const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
                                         _mm512_mul_ps(_mm512_add_ps(even[j], odd[j]), _mm512_set1_ps(scale)));
+    if (_mm512_mask_cmp_ps_mask(valid, s, s, _CMP_UNORD_Q)) w.sum[row] = NAN;  // stays NaN: the output is NaN
     const float top = w.top[row], new_top = std::max(top, _mm512_reduce_max_ps(s));
     rescale[j] = top == -INFINITY ? 0.f : scalesim::exp_nonpositive(top - new_top);
     const __m512 p = _mm512_maskz_mov_ps(valid, scalesim::exp16_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(new_top))));
