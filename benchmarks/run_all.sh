@@ -21,8 +21,6 @@ $S microbench http --workload town --out $R/http-vs-inprocess.json
 # three interleaved rounds, then one round of the feed with a busy loop on one core (about 15 minutes
 # once vLLM's compile cache is warm; the first start of vLLM takes minutes more):
 $S microbench peer --dtypes fp32,bf16 --rounds 3 --contended-rounds 1 --out $R/peer.json
-# One quick bf16 round after AsyncLLM started building its engine on its loop thread (about 7 minutes):
-$S microbench peer --dtypes bf16 --rounds 1 --out $R/peer-bf16-1ec21f5.json
 # The same on an AVX2-only machine (no bf16 there; about 10 minutes):
 $S microbench peer --dtypes fp32 --rounds 2 --contended-rounds 1 --out $R/peer-avx2.json
 # Where a step's time goes, and what bf16 costs in output (about 3 minutes):
