@@ -55,6 +55,9 @@ class PolicyRun:
     preemptions: int = 0
     engine_steps: int = 0            # batches run: waits and smaller batches show up as more of them
     computed_tokens: int = 0
+    mean_batch_seqs: float = 0.0     # sequences per batch: a device too small for the step's state runs smaller ones
+    forward_s: float = 0.0           # seconds in forward passes; makespan - forward_s - idle_s is the rest
+    idle_s: float = 0.0              # seconds with requests queued and none runnable (loads, room)
     occupancy: list = field(default_factory=list)
     samples: list = field(default_factory=list)  # a few (agent, step, reply) as generated
     memory: dict = field(default_factory=dict)
@@ -262,6 +265,8 @@ def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tupl
             transfer_s=round(stats.get("transfer_s", 0.0), 4), stall_request_s=round(stats.get("stall_request_s", 0.0), 4),
             preemptions=stats["engine"]["preemptions"], engine_steps=stats["engine"]["steps"],
             computed_tokens=stats["engine"]["computed_tokens"],
+            mean_batch_seqs=round(stats["engine"]["scheduled_seqs"] / max(stats["engine"]["steps"], 1), 2),
+            forward_s=stats["engine"]["forward_s"], idle_s=stats["engine"]["idle_s"],
             occupancy=[(round(t, 3), n) for t, n in result.occupancy],
             samples=_first_reply_per_agent(result)[:SAMPLES_PER_RUN], memory=stats,
             device_nbytes=budgets.device_nbytes, host_nbytes=budgets.host_nbytes, disk=budgets.disk))
@@ -320,7 +325,7 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
     console = console or Console(width=200)
     table = Table(title="policy comparison (medians of rotated, interleaved runs on this machine)")
     for column in ("workload", "regime", "policy", "tiers", "makespan s (min-max)", "TTFT mean s", "device hit",
-                   "loaded MB", "stall s", "recomputed", "prefetch used/wasted", "vs ideal", "it/scalesim", "verdict"):
+                   "loaded MB", "stall s", "forward/idle s", "batch", "recomputed", "prefetch used/wasted", "vs ideal", "it/scalesim", "verdict"):
         table.add_column(column, justify="right")
     for result in results:
         ideal = next((r["makespan_s"] for r in result["runs"] if r["policy"] == "ideal"), None)
@@ -333,6 +338,7 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
             table.add_row(result["workload"], regime, run["policy"], tiers,
                           f"{run['makespan_s']:.2f} ({min(spread):.2f}-{max(spread):.2f})", f"{run['ttft_mean_s']:.3f}",
                           f"{run['device_hit_rate']:.2f}", f"{run['bytes_loaded'] / 2**20:.1f}", f"{run['stall_s']:.2f}",
+                          f"{run.get('forward_s', 0):.1f}/{run.get('idle_s', 0):.1f}", f"{run.get('mean_batch_seqs', 0):.1f}",
                           str(run["recomputed_tokens"]), f"{run['prefetch_used']}/{run['prefetch_wasted']}",
                           f"{run['makespan_s'] / ideal:.2f}x" if ideal else "-",
                           f"{run['makespan_s'] / scalesim:.2f}x" if scalesim and run["policy"] != "scalesim" else "",

@@ -91,6 +91,8 @@ class LLMEngine:
         self.agents: dict[str, Agent] = {}
         self.worker = TransferWorker(self.memory, config.transfer_threads)
         self.requests: dict[str, _Request] = {}
+        self.forward_s = 0.0  # seconds in the model's forward passes (sampling included)
+        self.idle_s = 0.0     # seconds with work queued and no batch to run: waiting for loads or room
         self._ids = itertools.count()
         self._shut_down = False
         logger.info("loaded %s in %.2f s; KV pool %d pages of %d tokens (%d bytes)", config.model,
@@ -225,10 +227,14 @@ class LLMEngine:
                 self.memory.release_all_held()  # no request can start: free what later ones hold
         if not batch:
             if self.has_unfinished() and not failed:
+                started_s = time.perf_counter()
                 self.memory.loaded.wait(0.005)
                 self.memory.loaded.clear()
+                self.idle_s += time.perf_counter() - started_s
             return failed
+        started_s = time.perf_counter()
         sampled = self.runner.run(batch)  # a sequence whose step fails comes back with an error
+        self.forward_s += time.perf_counter() - started_s
         with self.memory.lock:
             return failed + self._record(batch, sampled)
 
@@ -363,6 +369,7 @@ class LLMEngine:
             "kv_blocks_free": self.pool.num_free, "kv_blocks_cached": self.cache.num_cached_blocks,
             "prompt_tokens": s.prompt_tokens, "cached_prompt_tokens": s.cached_prompt_tokens,
             "preemptions": s.preemptions, "evicted_blocks": s.evicted_blocks,
-            "steps": s.steps, "computed_tokens": s.computed_tokens,
+            "steps": s.steps, "computed_tokens": s.computed_tokens, "scheduled_seqs": s.scheduled_seqs,
+            "forward_s": round(self.forward_s, 4), "idle_s": round(self.idle_s, 4),
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
         }

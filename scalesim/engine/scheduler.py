@@ -40,6 +40,7 @@ class SchedulerStats:
     evicted_blocks: int = 0
     steps: int = 0             # batches scheduled
     computed_tokens: int = 0   # tokens run through the model (prompt chunks and decodes)
+    scheduled_seqs: int = 0    # sequences over all batches: / steps is the mean batch size
 
 
 class MemoryHooks(Protocol):
@@ -119,6 +120,7 @@ class Scheduler:
         if batch:
             self.stats.steps += 1
             self.stats.computed_tokens += sum(item.num_new_tokens for item in batch)
+            self.stats.scheduled_seqs += len(batch)
         return batch
 
     def _stack_room(self, seq: Sequence, stacks: dict[int, int],

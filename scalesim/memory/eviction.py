@@ -8,7 +8,9 @@ When a tier needs room, its unpinned objects with the largest policy key go firs
 - a host victim goes to disk the same way (the engine thread never writes a file: there a
   demotion that needs one is staged in the bounded write buffer for a transfer thread to write,
   and forgotten if that buffer is full);
-- the disk makes room by forgetting its farthest objects.
+- the disk makes room by forgetting its farthest objects;
+- weights kept in a slot pool (memory/slot_pool.py) make room only among themselves: the least
+  recently used slot nothing holds goes back to the host, where such weights always fit.
 With `unlock` (worker threads) each copy runs with the manager lock released; without it (the
 engine thread, which needs the room before it can go on) copies run inline.
 """
@@ -53,7 +55,7 @@ class Evictor:
                 if above is not None and key[:len(above)] <= above:
                     return
                 self.index.take(obj)
-                if obj.key in tried or obj.tier != tier or not self.evictable(obj, tier):
+                if obj.key in tried or obj.tier != tier or self.tiers.in_slots(obj) or not self.evictable(obj, tier):
                     skipped.append(obj)
                     continue
                 tried.add(obj.key)
@@ -63,6 +65,24 @@ class Evictor:
         finally:
             for obj in skipped:
                 self.index.rekey(obj)
+
+    def room_for(self, obj: ResidentObject, above: tuple | None = None, unlock: bool = False) -> bool:
+        """Make the device room `obj` needs: a slot of the slot pool, or free blocks."""
+        if self.tiers.in_slots(obj):
+            return self.slot_room(obj, unlock)
+        return self.device_room(obj.device_blocks_needed(self.tiers.block_nbytes), above, unlock)
+
+    def slot_room(self, obj: ResidentObject, unlock: bool = False) -> bool:
+        """Free a slot for `obj`: least recently used member first, skipping those in use."""
+        slots = self.tiers.slots
+        for victim in slots.replaceable():
+            if slots.free_slots or obj.key in slots.members:
+                return True
+            if self.evictable(victim, "device") and self.mover.fits(victim, "host") and self.mover.move(victim, "host", unlock):
+                self.stats.add("evicted", victim.kind, tier="device")
+                if victim.prefetched_nbytes:
+                    self.on_evicted_unused(victim)
+        return slots.free_slots > 0 or obj.key in slots.members
 
     def device_room(self, blocks: int, above: tuple | None = None, unlock: bool = False) -> bool:
         """Free device blocks until `blocks` are free; False if impossible. With `above`, only

@@ -30,6 +30,7 @@ from scalesim.memory.mover import MoveRefused, Mover
 from scalesim.memory.policies import Policy, PolicyContext
 from scalesim.memory.prefetch import PrefetchSettings, Prefetcher
 from scalesim.memory.resident import ResidentObject, TierBandwidth
+from scalesim.memory.slot_pool import SlotPool
 from scalesim.memory.stats import MemoryStats
 from scalesim.memory.tiers import Tiers
 from scalesim.memory.writeback import DiskWriter
@@ -53,7 +54,8 @@ class MemoryManager:
         self.stats = MemoryStats()
         self.ctx = PolicyContext(tracker, bandwidth or TierBandwidth())
         self.index = ObjectIndex(policy, self.ctx)
-        self.tiers = Tiers(pool, host_nbytes, store, write_buffer_nbytes)
+        slots = SlotPool("adapter", policy.adapter_slots) if policy.adapter_slots else None
+        self.tiers = Tiers(pool, host_nbytes, store, write_buffer_nbytes, slots)
         self.mover = Mover(self.lock, self.index, self.tiers, self.stats, self.forget_tree)
         self.loads = LoadGroups(self.stats)
         self.prefetcher = Prefetcher(self.index, self.ctx.bandwidth, prefetch or PrefetchSettings())
@@ -81,9 +83,12 @@ class MemoryManager:
     def add(self, obj: ResidentObject) -> None:
         """Start managing `obj` in its current tier (its room there must be free: see `place`)."""
         with self.lock:
+            if not self.tiers.grow_slot_area(obj):
+                raise MoveRefused(f"the device cannot hold {self.tiers.slots.slots} slots for {obj.kind} "
+                                  f"weights of {obj.nbytes} bytes")
             if obj.tier == "device" and not self.tiers.reserve_device(obj):
                 raise MoveRefused(f"make room before adding {obj.key} to the device")
-            if obj.tier == "host" and not self.tiers.claim_host(obj.nbytes):
+            if obj.tier == "host" and not self.tiers.claim_host(self.tiers.host_charge(obj)):
                 raise MoveRefused(f"make room before adding {obj.key} to the host")
             self.index.add(obj)
 
@@ -95,7 +100,7 @@ class MemoryManager:
             if obj.tier == "device":
                 self.tiers.release_device(obj)
             elif obj.tier == "host":
-                self.tiers.release_host(obj.nbytes)
+                self.tiers.release_host(self.tiers.host_charge(obj))
             if obj.prefetched_nbytes:
                 self.prefetcher.unmark(obj)
             self.index.remove(obj)
@@ -104,7 +109,10 @@ class MemoryManager:
         """Manage a new object held in host memory: on the device if room can be made, else on
         the host if it fits, else on disk (weights: their source files)."""
         with self.lock:
-            if obj.tier == "host" and obj.nbytes > self.tiers.host_free_nbytes:
+            growth = self.tiers.slot_area_growth(obj)
+            if growth:
+                self.evictor.device_room(growth)  # the slot area grows out of the KV pages' room
+            if obj.tier == "host" and self.tiers.host_charge(obj) > self.tiers.host_free_nbytes:
                 obj.move_to("disk")
             self.add(obj)
             self.promote(obj)
@@ -216,7 +224,7 @@ class MemoryManager:
                 self._evicted_unused(obj)
             tier = obj.tier
             if tier == "host":
-                self.tiers.release_host(obj.nbytes)
+                self.tiers.release_host(self.tiers.host_charge(obj))
             elif tier == "device":
                 self.tiers.release_device(obj)
             self.stats.add("dropped", obj.kind, tier=tier)
@@ -237,7 +245,7 @@ class MemoryManager:
         """A request recomputed the pages of an off-device object: it is on the device now."""
         with self.lock:
             if old_tier == "host":
-                self.tiers.release_host(obj.nbytes)
+                self.tiers.release_host(self.tiers.host_charge(obj))
             obj.load_error = None  # fresh pages replace a bad copy
             self.tiers.settle(obj)
             if obj.prefetched_nbytes:
@@ -248,6 +256,8 @@ class MemoryManager:
         """Hold device room for the running step's stacked LoRA buffers: at least `nbytes` (evicting
         if needed), or with `exact` exactly `nbytes` (giving back what the step no longer needs)."""
         with self.lock:
+            if self.tiers.slots is not None:
+                return True  # adapters sit in their slots in the layout the step reads (slot_pool.py)
             blocks = -(-nbytes // self.pool.block_nbytes)
             if blocks <= self.tiers.stack_blocks:
                 return self.tiers.set_stack_blocks(blocks) if exact else True
@@ -266,7 +276,7 @@ class MemoryManager:
                 return False  # moving, gone, its copy known bad, or another thread is making room for it
             self._loading.add(obj.key)
             try:
-                if not self.evictor.device_room(obj.device_blocks_needed(self.pool.block_nbytes), only_above, unlock):
+                if not self.evictor.room_for(obj, only_above, unlock):
                     return False
             finally:
                 self._loading.discard(obj.key)
@@ -392,6 +402,9 @@ class MemoryManager:
             out["device_budget_nbytes"] = self.tiers.device_budget_nbytes
             out["host_budget_nbytes"] = self.tiers.host_budget_nbytes
             out["disk_budget_nbytes"] = self.store.budget_nbytes if self.store is not None else 0
+            if self.tiers.slots is not None:
+                out["adapter_slots"] = self.tiers.slots.slots
+                out["adapter_slot_area_nbytes"] = self.tiers.slot_area_blocks * self.pool.block_nbytes
             out["objects"] = len(self.index)
             out["tracked_agents"] = len(self.tracker.agents)
             return out

@@ -49,9 +49,9 @@ class Mover:
     def fits(self, obj: ResidentObject, target: str) -> bool:
         """The target tier has room for `obj` now (device: free blocks; host: budget; disk: budget)."""
         if target == "device":
-            return self.tiers.device_free_blocks >= obj.device_blocks_needed(self.tiers.block_nbytes)
+            return self.tiers.device_fits(obj)
         if target == "host":
-            return obj.nbytes <= self.tiers.host_free_nbytes
+            return self.tiers.host_charge(obj) <= self.tiers.host_free_nbytes
         return obj.has_disk_copy or not obj.writes_to_disk or obj.nbytes <= self.tiers.disk_free_nbytes
 
     def can_stage(self, obj: ResidentObject) -> bool:
@@ -71,8 +71,9 @@ class Mover:
         if target == "device":
             claimed = self.tiers.reserve_device(obj)
         elif target == "host":
-            claimed = self.tiers.claim_host(obj.nbytes)
-            move.host_claimed = obj.nbytes if claimed else 0
+            charge = self.tiers.host_charge(obj)
+            claimed = self.tiers.claim_host(charge)
+            move.host_claimed = charge if claimed else 0
         else:
             claimed = not defer_write or self.tiers.stage(obj)
         if not claimed:
@@ -107,7 +108,7 @@ class Mover:
             if move.source == "device":
                 tiers.release_device(obj)
             elif move.source == "host":
-                tiers.release_host(obj.nbytes)
+                tiers.release_host(tiers.host_charge(obj))
             direction = "bytes_in" if move.target == "device" else "bytes_out"
             self.stats.add(direction, obj.kind, obj.nbytes, tier=f"{move.source}_to_{move.target}")
             self.index.rekey(obj)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from scalesim.distance.tracker import DistanceTracker
 from scalesim.memory.resident import ResidentObject, TierBandwidth
+from scalesim.memory.slot_pool import SGLANG_MAX_LORAS_PER_BATCH
 
 INF = math.inf
 
@@ -68,6 +69,9 @@ class Policy:
     # `host_per_device` is the host budget as a multiple of the device's (0: no host tier).
     host_per_device: float | None = None
     disk: bool | None = None
+    # Adapters in a fixed pool of this many device slots, outside KV's budget (memory/slot_pool.py);
+    # None: adapters share the device budget with KV pages under the policy's key.
+    adapter_slots: int | None = None
 
     def key(self, obj: ResidentObject, ctx: PolicyContext) -> tuple:
         """The object's whole key (largest is evicted first)."""
@@ -88,12 +92,15 @@ POLICIES = {
     # SGLang's default RadixCache (python/sglang/srt/mem_cache/radix_cache.py): LRU over the tree's
     # leaves, device only, what is evicted is recomputed. Leaves first holds here because a use
     # touches a request's path from its leaf up (a parent is never less recent than its child)
-    # and only a node without children can be dropped. Differs from SGLang: adapters share the
-    # device budget with KV (LRU) instead of a separate pool of --max-loras-per-batch slots.
-    "sglang": Policy("sglang", least_recent, None, prefetch=False, host_per_device=0, disk=False),
+    # and only a node without children can be dropped. Adapters as SGLang serves LoRA (docs "LoRA
+    # Serving", lora/mem_pool.py): --max-loras-per-batch 8 device slots carved out of the same
+    # device memory, LRU replacement, every adapter kept in host memory outside any KV budget.
+    "sglang": Policy("sglang", least_recent, None, prefetch=False, host_per_device=0, disk=False,
+                     adapter_slots=SGLANG_MAX_LORAS_PER_BATCH),
     # SGLang with --enable-hierarchical-cache (HiRadixCache, docs "Hierarchical KV caching"): the
     # same LRU plus a host tier of --hicache-ratio 2.0 times the device, loaded back on demand, no
     # prefetch, no disk. Differs from SGLang: a victim is copied to the host when evicted (write
-    # back) rather than when inserted (write through); adapters as for `sglang`.
-    "sglang-hicache": Policy("sglang-hicache", least_recent, None, prefetch=False, host_per_device=2.0, disk=False),
+    # back) rather than when inserted (write through). Adapters as for `sglang`.
+    "sglang-hicache": Policy("sglang-hicache", least_recent, None, prefetch=False, host_per_device=2.0, disk=False,
+                             adapter_slots=SGLANG_MAX_LORAS_PER_BATCH),
 }

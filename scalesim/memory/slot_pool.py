@@ -1,0 +1,62 @@
+"""A fixed pool of device slots for the weights of one kind, outside the KV pages' budget.
+
+This is how SGLang serves LoRA (docs "LoRA Serving"; python/sglang/srt/lora/mem_pool.py): it
+reserves `--max-loras-per-batch` slots (default 8) of device memory, each sized for the largest
+adapter it serves, so a batch holds at most that many distinct adapters; every adapter it has
+loaded stays in host memory (`--max-loaded-loras` is unbounded by default), and an adapter a batch
+needs but no slot holds is copied in, replacing the least recently used slot no running request
+uses (`--lora-eviction-policy lru`). The slots hold adapters in the layout the kernels read, so
+there are no separate per-step stacked buffers.
+
+Contract (the memory layer's view, see tiers.py):
+- the slot area, `slots` x the largest member's blocks, is reserved out of the device pool when
+  an object of `kind` is first managed (or a larger one arrives), so KV pages, other weights and
+  the slots together never exceed the device budget;
+- an object of `kind` on the device holds one slot; `free_slots` is how many are left;
+- host copies of `kind` are outside the host budget and are never demoted below the host.
+"""
+
+from dataclasses import dataclass, field
+
+from scalesim.memory.resident import ResidentObject
+
+SGLANG_MAX_LORAS_PER_BATCH = 8
+
+
+@dataclass
+class SlotPool:
+    kind: str
+    slots: int
+    slot_blocks: int = 0                         # device blocks per slot (the largest member's size)
+    members: dict[str, ResidentObject] = field(default_factory=dict)  # key -> object holding a slot
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"a slot pool needs at least one slot, got {self.slots}")
+
+    def holds_kind(self, obj: ResidentObject) -> bool:
+        return obj.kind == self.kind
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.members)
+
+    def area_blocks_for(self, obj: ResidentObject, block_nbytes: int) -> int:
+        """The slot area's size in blocks once `obj` is served (it only grows)."""
+        return self.slots * max(self.slot_blocks, obj.device_blocks_needed(block_nbytes))
+
+    def take(self, obj: ResidentObject) -> bool:
+        if obj.key in self.members:
+            return True
+        if not self.free_slots:
+            return False
+        self.members[obj.key] = obj
+        return True
+
+    def give_back(self, obj: ResidentObject) -> bool:
+        """Free the slot `obj` held; False if it held none."""
+        return self.members.pop(obj.key, None) is not None
+
+    def replaceable(self) -> list[ResidentObject]:
+        """Members, least recently used first (the caller skips those in use)."""
+        return sorted(self.members.values(), key=lambda obj: obj.last_use_s)

@@ -1,0 +1,124 @@
+"""SGLang's LoRA pool, as the `sglang` baselines run it: a fixed set of device slots, LRU."""
+
+import pytest
+
+from scalesim import LLM, SamplingParams
+from scalesim.memory.slot_pool import SGLANG_MAX_LORAS_PER_BATCH
+from scalesim.weights.fixtures import make_random_adapters
+from tests.memory_util import Clock, FakeWeights, make_manager
+
+SLOTS = SGLANG_MAX_LORAS_PER_BATCH
+
+
+class FakeAdapter(FakeWeights):
+    kind = "adapter"
+
+
+def _sglang(blocks: int = 64, clock: Clock | None = None):
+    return make_manager(blocks=blocks, host_nbytes=0, policy="sglang", clock=clock or Clock())
+
+
+def _placed(manager, count: int, clock: Clock) -> list[FakeAdapter]:
+    adapters = []
+    for i in range(count):
+        clock.now_s += 1
+        adapter = FakeAdapter(f"a{i}", manager.pool.block_nbytes, owners=[f"agent-{i}"])
+        manager.place(adapter)
+        adapters.append(adapter)
+    return adapters
+
+
+def test_the_slot_area_comes_out_of_the_device_and_holds_at_most_eight_adapters():
+    clock = Clock()
+    manager = _sglang(clock=clock)
+    free_before = manager.pool.num_free
+    adapters = _placed(manager, SLOTS + 2, clock)
+    assert manager.pool.num_free == free_before - SLOTS  # 8 slots of one block, reserved once
+    on_device = [a for a in adapters if a.tier == "device"]
+    assert len(on_device) == SLOTS
+    # the host tier has a budget of 0 bytes, yet every adapter keeps a host copy, as in SGLang
+    assert all(a.tier == "host" for a in adapters if a not in on_device)
+    assert manager.usage()["host"] == 0
+
+
+def test_a_missing_adapter_replaces_the_least_recently_used_slot_nobody_uses():
+    clock = Clock()
+    manager = _sglang(clock=clock)
+    adapters = _placed(manager, SLOTS + 1, clock)
+    resident = sorted((a for a in adapters if a.tier == "device"), key=lambda a: a.last_use_s)
+    waiting = next(a for a in adapters if a.tier == "host")
+    oldest, second = resident[0], resident[1]
+    oldest.pins = 1  # a running request uses the oldest: it stays
+    clock.now_s += 1
+    assert manager.promote(waiting)
+    assert oldest.tier == "device" and second.tier == "host"
+
+
+def test_no_slot_can_be_taken_while_every_slot_is_in_use():
+    clock = Clock()
+    manager = _sglang(clock=clock)
+    adapters = _placed(manager, SLOTS + 1, clock)
+    for adapter in adapters:
+        if adapter.tier == "device":
+            adapter.pins = 1
+    waiting = next(a for a in adapters if a.tier == "host")
+    assert not manager.promote(waiting)
+    assert waiting.tier == "host"
+
+
+def test_kv_room_never_evicts_an_adapter_and_adapters_never_evict_other_state():
+    clock = Clock()
+    manager = _sglang(blocks=24, clock=clock)
+    adapters = _placed(manager, SLOTS, clock)
+    others = []
+    for i in range(manager.pool.num_free):
+        clock.now_s += 1
+        obj = FakeWeights(f"w{i}", manager.pool.block_nbytes, owners=[f"other-{i}"])
+        manager.place(obj)
+        others.append(obj)
+    assert all(o.tier == "device" for o in others) and manager.pool.num_free == 0
+    clock.now_s += 1
+    extra = FakeWeights("extra", manager.pool.block_nbytes, owners=["other-x"])
+    manager.place(extra)  # needs a block: an older soft prompt goes, never an adapter
+    assert extra.tier == "device"
+    assert all(a.tier == "device" for a in adapters)
+    assert sum(o.tier != "device" for o in others) == 1
+
+
+def test_the_slots_are_the_stacked_buffers():
+    manager = _sglang()
+    free_before = manager.pool.num_free
+    assert manager.reserve_stacks(10 * manager.pool.block_nbytes)
+    assert manager.pool.num_free == free_before
+
+
+@pytest.fixture(scope="module")
+def adapter_folders(tmp_path_factory):
+    return make_random_adapters("tiny-random", tmp_path_factory.mktemp("slots"), count=SLOTS + 2, rank=4, seed=3)
+
+
+def test_an_engine_under_sglang_runs_at_most_eight_adapters_per_batch_and_the_same_tokens(adapter_folders):
+    names = [f"lora-{i}" for i in range(len(adapter_folders))]
+    prompts = [f"agent {i} walks to the market and" for i in range(len(names))]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outputs = {}
+    for policy in ("sglang", "lru"):
+        llm = LLM("tiny-random", kv_cache_memory="8MiB", block_size_tokens=4, policy=policy, dtype="fp32")
+        try:
+            for name, folder in zip(names, adapter_folders):
+                llm.add_adapter(name, str(folder))
+            distinct, run = [], llm.engine.runner.run
+
+            def recording_run(batch, run=run, distinct=distinct):
+                distinct.append(len({item.seq.adapter for item in batch}))
+                return run(batch)
+
+            llm.engine.runner.run = recording_run
+            outputs[policy] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, adapters=names)]
+            if policy == "sglang":
+                assert max(distinct) == SLOTS  # ten adapters asked for at once: eight run, two wait
+            else:
+                assert max(distinct) == len(names)
+        finally:
+            llm.close()
+    assert outputs["sglang"] == outputs["lru"]
