@@ -17,6 +17,7 @@ from typing import Protocol
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.radix_cache import RadixCache
 from scalesim.engine.sequence import Sequence, SequenceStatus
+from scalesim.layers.lora import stack_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +131,11 @@ class Scheduler:
         adapter = seq.adapter
         if adapter is None or id(adapter) in stacks:
             return True
-        while not self.hooks.reserve_stacks(sum(stacks.values()) + adapter.nbytes):
+        nbytes = stack_nbytes(adapter)
+        while nbytes and not self.hooks.reserve_stacks(sum(stacks.values()) + nbytes):
             if batch is None or not self._preempt_other(seq, batch):
                 return False
-        stacks[id(adapter)] = adapter.nbytes
+        stacks[id(adapter)] = nbytes
         return True
 
     def _admit(self, seq: Sequence) -> None:

@@ -5,12 +5,33 @@ B_cat [out, R] with R the sum of their ranks. A per-token mask [T, R] holds the 
 the columns of that token's own adapter and zero elsewhere, so the delta of every token is
 `((x @ A_cat.T) * mask) @ B_cat.T`: two matmuls per projection, whatever the adapter mix, and no
 Python loop over requests (the S-LoRA/Punica idea, in plain PyTorch). Stacks are reused across
-steps while the set of adapters in the batch is unchanged, as it is through a decode run.
+steps while the set of adapters in the batch is unchanged, as it is through a decode run. The
+stacks are copies: they double the device bytes of the batch's adapters, and the memory layer
+reserves room for them (`stack_nbytes`).
+
+On the CPU, where kernels/lora_ops.cpp builds, no stacks are made: the kernel reads each token's
+own adapter where it lies (Punica's BGMV for decode tokens, a matmul pair per prompt chunk), so a
+batch needs no device room beyond its adapters.
 """
 
 import torch
 
+from scalesim.layers import kernel_build
 from scalesim.weights.lora import LoRAAdapter
+
+SOURCE = "lora_ops.cpp"
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_NONE = torch.empty(0)
+
+
+def uses_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Deltas on this device and dtype are computed by the kernel, without stacks."""
+    return torch.device(device).type == "cpu" and dtype in _KERNEL_DTYPES and kernel_build.load(SOURCE)
+
+
+def stack_nbytes(adapter: LoRAAdapter) -> int:
+    """Device room a step needs for `adapter`'s stacked copy beside the adapter itself."""
+    return 0 if uses_kernel(adapter.compute_device, adapter.dtype) else adapter.nbytes
 
 
 class LoRAStackCache:
@@ -51,6 +72,7 @@ class LoRABatch:
         self.cache = cache
         self.signature = tuple((a.key, a.version) for a in self.used)
         self._masks: dict[tuple[int, ...], torch.Tensor] = {}
+        self._scales = [a.scale for a in self.used]
 
     @property
     def active(self) -> bool:
@@ -63,6 +85,21 @@ class LoRABatch:
             match = self.token_owner.unsqueeze(1) == owners.unsqueeze(0)
             self._masks[members] = (match * scales.to(self.device).unsqueeze(0)).to(dtype)
         return self._masks[members]
+
+    def add_delta_(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out [T, out] += the LoRA delta of projection `target` in `layer` for input x [T, in]
+        (`out` may be a column slice of a fused projection's output)."""
+        if uses_kernel(x.device, x.dtype) and out.stride(-1) == 1:
+            pairs = [a.weights.get((layer, target), (_NONE, _NONE)) for a in self.used]
+            if any(p[0].numel() for p in pairs):
+                rows = x.reshape(x.shape[0], -1)
+                rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+                torch.ops.scalesim.lora_add_(out, rows, [p[0] for p in pairs],
+                                             [p[1] for p in pairs], self._scales, self.token_owner)
+            return
+        delta = self.delta(layer, target, x)
+        if delta is not None:
+            out += delta
 
     def delta(self, layer: int, target: str, x: torch.Tensor) -> torch.Tensor | None:
         """The LoRA delta [T, out] of projection `target` in `layer` for input x [T, in], or None."""

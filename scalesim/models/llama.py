@@ -62,15 +62,14 @@ class MLP(nn.Module):
 def _add_deltas(lora: LoRABatch, layer: int, x: torch.Tensor, outputs) -> None:
     """Add each target's LoRA delta in place into its slice of a fused projection's output."""
     for target, out in outputs:
-        delta = lora.delta(layer, target, x)
-        if delta is not None:
-            out += delta
+        lora.add_delta_(layer, target, x, out)
 
 
 def _project(linear: Linear, x: torch.Tensor, lora: LoRABatch | None, layer: int, target: str) -> torch.Tensor:
     out = linear(x)
-    delta = None if lora is None else lora.delta(layer, target, x)
-    return out if delta is None else out + delta
+    if lora is not None:
+        lora.add_delta_(layer, target, x, out)
+    return out
 
 
 class DecoderLayer(nn.Module):
