@@ -15,8 +15,8 @@ IN, OUT = 48, 40
 
 def _adapter(i: int, rank: int, dtype: torch.dtype, targets=("proj",)):
     g = torch.Generator().manual_seed(100 + i)
-    weights = {(0, t): (torch.randn(rank, IN, generator=g).to(dtype), torch.randn(OUT, rank, generator=g).to(dtype))
-               for t in targets}
+    weights = {(0, t): (torch.randn(rank, IN, generator=g).to(dtype), torch.randn(rank, OUT, generator=g).to(dtype))
+               for t in targets}  # (A, B^T) as weights/lora.py keeps them
     return SimpleNamespace(key=f"adapter:{i}", version=0, rank=rank, scale=0.5 + i, weights=weights)
 
 

@@ -85,6 +85,15 @@ def test_kv_room_never_evicts_an_adapter_and_adapters_never_evict_other_state():
     assert sum(o.tier != "device" for o in others) == 1
 
 
+def test_a_device_too_small_for_eight_slots_gets_fewer_and_keeps_half_for_kv():
+    clock = Clock()
+    manager = _sglang(blocks=10, clock=clock)
+    adapters = _placed(manager, 6, clock)
+    assert manager.tiers.slots.slots == 5  # half of 10 blocks, one block per adapter
+    assert sum(a.tier == "device" for a in adapters) == 5
+    assert manager.request_room_blocks == 5
+
+
 def test_the_slots_are_the_stacked_buffers():
     manager = _sglang()
     free_before = manager.pool.num_free

@@ -17,6 +17,7 @@ from scalesim.config import EngineConfig
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.cpu_runtime import configure_cpu_allocator
 from scalesim.layers.linear import pack_for_cpu
+from scalesim.layers.lora import stack_nbytes
 from scalesim.engine.detokenizer import IncrementalDetokenizer
 from scalesim.engine.json_constraint import JsonPrefix
 from scalesim.engine.logits_processors import TokenTexts
@@ -144,13 +145,14 @@ class LLMEngine:
             raise RequestTooLargeError(
                 f"this model's context is {self.max_model_len} tokens; the request has {len(prompt_ids)} prompt "
                 f"tokens and max_tokens {params.max_tokens}; shorten the prompt or lower max_tokens")
-        weight_blocks = sum(h.device_blocks_needed(self.pool.block_nbytes) for h in (lora, private) if h)
+        weight_blocks = self.memory.weight_blocks_needed([h for h in (lora, private) if h])
         if lora is not None:
-            weight_blocks += lora.device_blocks_needed(self.pool.block_nbytes)  # its stacked buffers in a step
-        if self.pool.blocks_for(total) + weight_blocks > self.pool.num_blocks:
+            weight_blocks += -(-stack_nbytes(lora) // self.pool.block_nbytes)  # its stacked copy in a step
+        room = self.memory.request_room_blocks
+        if self.pool.blocks_for(total) + weight_blocks > room:
             raise RequestTooLargeError(
                 f"the request needs {self.pool.blocks_for(total) + weight_blocks} device pages (KV and weights) but "
-                f"the whole pool has {self.pool.num_blocks}; raise device_memory or shorten the request")
+                f"the whole pool has {room} for requests; raise device_memory or shorten the request")
         seqs, detoks = [], []
         for index in range(params.n):
             seed = params.seed_for(index)

@@ -1,9 +1,9 @@
 """Batched multi-LoRA: one batch mixes tokens of many adapters (and of none).
 
 For each (layer, target) the adapters used in the step are stacked once: A_cat [R, in] and
-B_cat [out, R] with R the sum of their ranks. A per-token mask [T, R] holds the adapter's scale in
+B^T_cat [R, out] with R the sum of their ranks (adapters keep B transposed, weights/lora.py). A per-token mask [T, R] holds the adapter's scale in
 the columns of that token's own adapter and zero elsewhere, so the delta of every token is
-`((x @ A_cat.T) * mask) @ B_cat.T`: two matmuls per projection, whatever the adapter mix, and no
+`((x @ A_cat.T) * mask) @ B^T_cat`: two matmuls per projection, whatever the adapter mix, and no
 Python loop over requests (the S-LoRA/Punica idea, in plain PyTorch). Stacks are reused across
 steps while the set of adapters in the batch is unchanged, as it is through a decode run. The
 stacks are copies: they double the device bytes of the batch's adapters, and the memory layer
@@ -109,7 +109,7 @@ class LoRABatch:
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             pairs = [self.used[i].weights[(layer, target)] for i in members]
-            return torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs], dim=1)
+            return torch.cat([a for a, _ in pairs]), torch.cat([bt for _, bt in pairs])
 
-        a_cat, b_cat = self.cache.get(self.signature, (layer, target, members), build)
-        return ((x @ a_cat.t()) * self._mask(members, x.dtype)) @ b_cat.t()
+        a_cat, bt_cat = self.cache.get(self.signature, (layer, target, members), build)
+        return ((x @ a_cat.t()) * self._mask(members, x.dtype)) @ bt_cat

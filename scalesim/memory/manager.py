@@ -252,6 +252,15 @@ class MemoryManager:
                 self.prefetcher.unmark(obj)
             self.index.rekey(obj)
 
+    def weight_blocks_needed(self, handles: list[ResidentObject]) -> int:
+        """Device blocks a request's weights take beside its KV pages (a slot's are reserved already)."""
+        return sum(h.device_blocks_needed(self.pool.block_nbytes) for h in handles if not self.tiers.in_slots(h))
+
+    @property
+    def request_room_blocks(self) -> int:
+        """The most device blocks one request can ever have: the pool less the slot area."""
+        return self.pool.num_blocks - self.tiers.slot_area_blocks
+
     def reserve_stacks(self, nbytes: int, exact: bool = False) -> bool:
         """Hold device room for the running step's stacked LoRA buffers: at least `nbytes` (evicting
         if needed), or with `exact` exactly `nbytes` (giving back what the step no longer needs)."""

@@ -12,6 +12,9 @@ Contract (the memory layer's view, see tiers.py):
 - the slot area, `slots` x the largest member's blocks, is reserved out of the device pool when
   an object of `kind` is first managed (or a larger one arrives), so KV pages, other weights and
   the slots together never exceed the device budget;
+- on a device where 8 slots would take more than `MAX_AREA_FRACTION` of it, there are fewer
+  (at least one), as an operator would lower `--max-loras-per-batch`: a pool that left the KV
+  cache no room for a prompt would serve nothing;
 - an object of `kind` on the device holds one slot; `free_slots` is how many are left;
 - host copies of `kind` are outside the host budget and are never demoted below the host.
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from scalesim.memory.resident import ResidentObject
 
 SGLANG_MAX_LORAS_PER_BATCH = 8
+MAX_AREA_FRACTION = 0.5
 
 
 @dataclass
@@ -40,6 +44,13 @@ class SlotPool:
     @property
     def free_slots(self) -> int:
         return self.slots - len(self.members)
+
+    def fit(self, obj: ResidentObject, block_nbytes: int, device_blocks: int) -> None:
+        """Serve `obj` too: fewer slots if the area would pass MAX_AREA_FRACTION of the device
+        (never fewer than the slots taken, nor than one)."""
+        blocks = max(self.slot_blocks, obj.device_blocks_needed(block_nbytes))
+        room = int(MAX_AREA_FRACTION * device_blocks) // max(blocks, 1)
+        self.slots = max(min(self.slots, room), len(self.members), 1)
 
     def area_blocks_for(self, obj: ResidentObject, block_nbytes: int) -> int:
         """The slot area's size in blocks once `obj` is served (it only grows)."""

@@ -58,6 +58,8 @@ class Tiers:
         """Blocks the slot area must grow by before `obj` can be served (0 for other kinds)."""
         if not self.in_slots(obj):
             return 0
+        if obj.device_blocks_needed(self.pool.block_nbytes) > self.slots.slot_blocks:
+            self.slots.fit(obj, self.pool.block_nbytes, self.pool.num_blocks)
         return self.slots.area_blocks_for(obj, self.pool.block_nbytes) - self.slot_area_blocks
 
     def grow_slot_area(self, obj: ResidentObject) -> bool:

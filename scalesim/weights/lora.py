@@ -79,7 +79,7 @@ class LoRAAdapter(WeightHandle):
         alpha = _number(config, "lora_alpha", self.rank, where, float)
         self.scale = alpha / (self.rank ** 0.5 if config.get("use_rslora") else self.rank)
         self.targets = self._normalise_targets(config.get("target_modules"))
-        self.weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (A [r, in], B^T [r, out])
         self._load_from_disk(torch.device("cpu"))
         self._nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
                            for a, b in self.weights.values())
@@ -151,7 +151,8 @@ class LoRAAdapter(WeightHandle):
                     f"model needs A ({self.rank}, {in_features}) and B ({out_features}, {self.rank})")
             if not (a.isfinite().all() and b.isfinite().all()):
                 raise InvalidRequestError(f"{where}: layer {layer} {target} holds NaN or infinite values")
-            weights[(layer, target)] = (a.to(device, self.dtype).contiguous(), b.to(device, self.dtype).contiguous())
+            # B is kept transposed, [rank, out] with rows contiguous: the layout the LoRA kernel reads
+            weights[(layer, target)] = (a.to(device, self.dtype).contiguous(), b.t().to(device, self.dtype).contiguous())
         if not weights:
             raise InvalidRequestError(f"{where}: no LoRA weights in {path}")
         self.weights = weights
