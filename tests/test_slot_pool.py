@@ -94,6 +94,32 @@ def test_a_device_too_small_for_eight_slots_gets_fewer_and_keeps_half_for_kv():
     assert manager.request_room_blocks == 5
 
 
+def test_a_request_waiting_for_a_slot_does_not_hold_up_later_loads():
+    clock = Clock()
+    manager = make_manager(blocks=64, host_nbytes=10**6, policy="sglang-hicache", clock=clock)
+    adapters = _placed(manager, SLOTS + 1, clock)
+    for adapter in adapters:
+        if adapter.tier == "device":
+            adapter.pins = 1  # every slot runs a request
+    waiting = next(a for a in adapters if a.tier == "host")
+    page = FakeWeights("page", manager.pool.block_nbytes, owners=["other"])
+    manager.add(page)  # on the host
+    manager.request_group(1, [waiting])
+    manager.request_group(2, [page])
+    manager.serve_on_demand()
+    assert waiting.tier == "host" and page.tier == "device"
+
+
+def test_removing_an_adapter_gives_its_slot_back():
+    clock = Clock()
+    manager = _sglang(clock=clock)
+    adapters = _placed(manager, SLOTS + 1, clock)
+    gone = next(a for a in adapters if a.tier == "device")
+    manager.remove(gone)
+    assert manager.tiers.slots.free_slots == 1
+    assert manager.promote(next(a for a in adapters if a.tier == "host"))
+
+
 def test_the_slots_are_the_stacked_buffers():
     manager = _sglang()
     free_before = manager.pool.num_free

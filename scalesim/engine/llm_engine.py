@@ -146,7 +146,7 @@ class LLMEngine:
                 f"this model's context is {self.max_model_len} tokens; the request has {len(prompt_ids)} prompt "
                 f"tokens and max_tokens {params.max_tokens}; shorten the prompt or lower max_tokens")
         weight_blocks = self.memory.weight_blocks_needed([h for h in (lora, private) if h])
-        if lora is not None:
+        if lora is not None and not self.memory.tiers.in_slots(lora):  # a slot pool's slots are the stacks
             weight_blocks += -(-stack_nbytes(lora) // self.pool.block_nbytes)  # its stacked copy in a step
         room = self.memory.request_room_blocks
         if self.pool.blocks_for(total) + weight_blocks > room:

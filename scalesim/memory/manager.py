@@ -361,6 +361,9 @@ class MemoryManager:
                             continue
                         source = obj.tier
                         if not self.promote(obj, unlock=unlock):
+                            if self.tiers.in_slots(obj) and obj.load_error is None:
+                                complete = False  # every slot is in use: later groups may go on, as in SGLang
+                                break
                             if obj.load_error is None and obj in self.index and obj.tier is not None:
                                 return served  # no room: later groups wait their turn
                             continue

@@ -8,7 +8,7 @@
 // MATMUL_MIN_TOKENS tokens goes through two matmuls (oneDNN/MKL); shorter runs (decode tokens)
 // are computed here row by row in float32, rounded once into `out`. Results equal the plain
 // path's up to the order of additions in float32; in bfloat16 the plain path rounds the
-// intermediate x A^T and the delta, this one rounds only the sum.
+// intermediate x A^T and the delta, the row path only the sum (the matmul path rounds x A^T).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
