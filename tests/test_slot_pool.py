@@ -157,3 +157,23 @@ def test_an_engine_under_sglang_runs_at_most_eight_adapters_per_batch_and_the_sa
         finally:
             llm.close()
     assert outputs["sglang"] == outputs["lru"]
+
+
+def test_a_request_that_no_longer_fits_after_the_slot_area_grew_fails_instead_of_waiting(adapter_folders):
+    page_nbytes = LLM("tiny-random", kv_cache_memory="1MiB", block_size_tokens=4, dtype="fp32").engine.pool.block_nbytes
+    llm = LLM("tiny-random", kv_cache_memory=64 * page_nbytes, block_size_tokens=4, policy="sglang", dtype="fp32")
+    try:
+        engine = llm.engine
+        prompt = list(range(1, 200))  # 50 of the 64 pages with its reply
+        engine.add_request(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), request_id="big")
+        llm.add_adapter("lora-0", str(adapter_folders[0]))  # the slot area takes up to half the pool
+        assert engine.memory.request_room_blocks < 50
+        deltas = []
+        for _ in range(100):
+            deltas += engine.step()
+            if not engine.has_unfinished():
+                break
+        assert not engine.has_unfinished()
+        assert [d.finish_reason for d in deltas] == ["error"] and "device pages" in deltas[0].error
+    finally:
+        llm.close()

@@ -141,6 +141,16 @@ def _prepare_weights(model: str, trace: Trace) -> dict[str, str]:
     return folders
 
 
+def _warm_up(probe, adapter: str | None) -> None:
+    """One short prompt and decode (with an adapter if the trace has any), so that the kernels are
+    built and loaded before the first timed run instead of inside it."""
+    from scalesim.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    prompt = "warm up the kernels " * 3  # past the LoRA kernel's matmul threshold
+    probe.generate([prompt, "hi"], params, adapters=[adapter, adapter])
+
+
 @dataclass(frozen=True)
 class Budgets:
     device_nbytes: int
@@ -186,7 +196,7 @@ def prepare(workload: str, model: str, cfg: WorkloadConfig, regime: Regime, engi
 
     trace = WORKLOADS[workload](cfg)
     folders = _prepare_weights(model, trace)
-    probe = LLM(model, kv_cache_memory="1MiB", **engine_args)
+    probe = LLM(model, kv_cache_memory="64MiB", **engine_args)  # room for an adapter in the warm-up
     block_size = probe.engine.pool.block_size
     kv_bytes_per_token = probe.engine.pool.block_nbytes // block_size
     weight_nbytes = {}
@@ -194,6 +204,7 @@ def prepare(workload: str, model: str, cfg: WorkloadConfig, regime: Regime, engi
         (probe.add_adapter if name.startswith("cluster-") else probe.add_private_model)(name, folder)
         handle = probe.engine.weights.adapters.get(name) or probe.engine.weights.models.get(name)
         weight_nbytes[name] = handle.nbytes
+    _warm_up(probe, next((n for n in folders if n.startswith("cluster-")), None))
     probe.engine.shutdown()
     contexts = _contexts(trace, probe.tokenizer)
     total = estimate_state_nbytes(contexts, kv_bytes_per_token, weight_nbytes)

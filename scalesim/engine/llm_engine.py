@@ -145,13 +145,10 @@ class LLMEngine:
             raise RequestTooLargeError(
                 f"this model's context is {self.max_model_len} tokens; the request has {len(prompt_ids)} prompt "
                 f"tokens and max_tokens {params.max_tokens}; shorten the prompt or lower max_tokens")
-        weight_blocks = self.memory.weight_blocks_needed([h for h in (lora, private) if h])
-        if lora is not None and not self.memory.tiers.in_slots(lora):  # a slot pool's slots are the stacks
-            weight_blocks += -(-stack_nbytes(lora) // self.pool.block_nbytes)  # its stacked copy in a step
-        room = self.memory.request_room_blocks
-        if self.pool.blocks_for(total) + weight_blocks > room:
+        need, room = self._device_pages(total, lora, private), self.memory.request_room_blocks
+        if need > room:
             raise RequestTooLargeError(
-                f"the request needs {self.pool.blocks_for(total) + weight_blocks} device pages (KV and weights) but "
+                f"the request needs {need} device pages (KV and weights) but "
                 f"the whole pool has {room} for requests; raise device_memory or shorten the request")
         seqs, detoks = [], []
         for index in range(params.n):
@@ -204,6 +201,26 @@ class LLMEngine:
             handle.load_error = None  # its requests have failed; a later request tries again
         return failed
 
+    def _device_pages(self, total_tokens: int, lora, private) -> int:
+        """Device pages a request of `total_tokens` needs at once: KV, its weights, a stacked copy."""
+        pages = self.pool.blocks_for(total_tokens) + self.memory.weight_blocks_needed([h for h in (lora, private) if h])
+        if lora is not None and not self.memory.tiers.in_slots(lora):  # a slot pool's slots are the stacks
+            pages += -(-stack_nbytes(lora) // self.pool.block_nbytes)  # its stacked copy in a step
+        return pages
+
+    def _fail_unfittable(self) -> list[SequenceDelta]:
+        """Nothing runs: fail the waiting requests that no longer fit the device at all (room for
+        requests shrank since they were accepted, e.g. an adapter slot pool grew)."""
+        room, failed = self.memory.request_room_blocks, []
+        for seq in list(self.scheduler.waiting):
+            need = self._device_pages(len(seq.prompt_token_ids) + seq.params.max_tokens, seq.adapter,
+                                      seq.private_model)
+            if need > room:
+                failed.append(self._fail(seq, f"it needs {need} device pages but only {room} are left for requests"))
+                if all(s.is_finished for s in self.requests[seq.request_id].seqs):
+                    del self.requests[seq.request_id]
+        return failed
+
     def _fail(self, seq: Sequence, error: str) -> SequenceDelta:
         """Finish `seq` with reason "error"; the delta that tells its caller why."""
         self.scheduler.finish(seq, "error")
@@ -225,8 +242,10 @@ class LLMEngine:
             failed = self._fail_broken_weights()
             batch = self.scheduler.schedule()
             self.runner.lora_stacks.keep_only({item.seq.adapter for item in batch if item.seq.adapter is not None})
-            if not batch and not self.scheduler.running and self.scheduler.waiting and self.memory.held:
-                self.memory.release_all_held()  # no request can start: free what later ones hold
+            if not batch and not self.scheduler.running and self.scheduler.waiting:
+                failed += self._fail_unfittable()
+                if self.memory.held:
+                    self.memory.release_all_held()  # no request can start: free what later ones hold
         if not batch:
             if self.has_unfinished() and not failed:
                 started_s = time.perf_counter()

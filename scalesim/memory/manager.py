@@ -22,6 +22,7 @@ import threading
 from collections import Counter, defaultdict
 
 from scalesim.distance.tracker import DistanceTracker
+from scalesim.errors import InvalidRequestError
 from scalesim.memory.disk_store import DiskStore
 from scalesim.memory.eviction import Evictor
 from scalesim.memory.index import ObjectIndex
@@ -84,8 +85,8 @@ class MemoryManager:
         """Start managing `obj` in its current tier (its room there must be free: see `place`)."""
         with self.lock:
             if not self.tiers.grow_slot_area(obj):
-                raise MoveRefused(f"the device cannot hold {self.tiers.slots.slots} slots for {obj.kind} "
-                                  f"weights of {obj.nbytes} bytes")
+                raise InvalidRequestError(f"the device cannot hold {self.tiers.slots.slots} slots for {obj.kind} "
+                                          f"weights of {obj.nbytes} bytes; raise the device memory")
             if obj.tier == "device" and not self.tiers.reserve_device(obj):
                 raise MoveRefused(f"make room before adding {obj.key} to the device")
             if obj.tier == "host" and not self.tiers.claim_host(self.tiers.host_charge(obj)):
