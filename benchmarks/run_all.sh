@@ -39,6 +39,8 @@ $S bench town --hint-noise-sweep 0,1,2,4,inf --out $R/hint-noise-town.json --plo
 $S bench all --state lora-agent --repeats 3 --out $R/sim-lora-agent.json --plot $R/sim-lora-agent.png
 # The demo's town (LoRA per agent, tiered regime) against SGLang's policies, three rotated rounds (about 7 minutes):
 $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-town-lora-tiered.json
+# Feed, survey and city with a LoRA adapter per agent in the tiered regime against SGLang's policies (about 11 minutes):
+$S bench feed,survey,city --state lora-agent --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-lora-tiered.json --plot $R/sim-lora-tiered.png
 # `make demo` (one run of each policy, about 3 minutes); it writes demo.json/demo.png in the root:
 .venv/bin/python -m scalesim.demo && mv demo.json $R/demo.json && mv demo.png $R/demo.png
 # An overloaded OASIS-like burst (40 concurrent tool chats, client timeout 20 s, 2 retries) against the
