@@ -41,6 +41,8 @@ $S bench all --state lora-agent --repeats 3 --out $R/sim-lora-agent.json --plot 
 $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-town-lora-tiered.json
 # Feed, survey and city with a LoRA adapter per agent in the tiered regime against SGLang's policies (about 11 minutes):
 $S bench feed,survey,city --state lora-agent --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-lora-tiered.json --plot $R/sim-lora-tiered.png
+# Rounds (Werewolf-like: everyone speaks every round) the same way (about 12 minutes):
+$S bench rounds --state lora-agent --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-rounds-lora-tiered.json
 # `make demo` (one run of each policy, about 3 minutes); it writes demo.json/demo.png in the root:
 .venv/bin/python -m scalesim.demo && mv demo.json $R/demo.json && mv demo.png $R/demo.png
 # An overloaded OASIS-like burst (40 concurrent tool chats, client timeout 20 s, 2 retries) against the

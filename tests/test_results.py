@@ -43,8 +43,9 @@ def test_the_readme_peer_table_is_the_committed_json():
 
 
 def test_the_readme_sglang_baseline_tables_are_the_committed_json():
-    rows = [row for row in sim_bench.markdown_tables(json.loads((RESULTS / "sim-lora-tiered.json").read_text())).splitlines()
-            if row.startswith("| ") and not row.startswith("| workload")]
-    assert len(rows) == 6  # feed, survey and city, in both tables
-    for row in rows:
-        assert row in README, f"README lacks the committed row: {row}"
+    for name, workloads in (("sim-lora-tiered.json", 3), ("sim-rounds-lora-tiered.json", 1)):
+        rows = [row for row in sim_bench.markdown_tables(json.loads((RESULTS / name).read_text())).splitlines()
+                if row.startswith("| ") and not row.startswith("| workload")]
+        assert len(rows) == 2 * workloads  # every workload, in both tables
+        for row in rows:
+            assert row in README, f"README lacks the committed row of {name}: {row}"
