@@ -194,9 +194,7 @@ class LLMEngine:
                 broken_handles.update(broken)
                 error = f"its weights could not be loaded: {broken[0].load_error}"
                 logger.warning("failing %s: %s", seq.request_id, error)
-                failed.append(self._fail(seq, error))
-                if all(s.is_finished for s in self.requests[seq.request_id].seqs):
-                    del self.requests[seq.request_id]
+                failed.append(self._fail_waiting(seq, error))
         for handle in broken_handles:
             handle.load_error = None  # its requests have failed; a later request tries again
         return failed
@@ -216,10 +214,15 @@ class LLMEngine:
             need = self._device_pages(len(seq.prompt_token_ids) + seq.params.max_tokens, seq.adapter,
                                       seq.private_model)
             if need > room:
-                failed.append(self._fail(seq, f"it needs {need} device pages but only {room} are left for requests"))
-                if all(s.is_finished for s in self.requests[seq.request_id].seqs):
-                    del self.requests[seq.request_id]
+                failed.append(self._fail_waiting(seq, f"it needs {need} device pages but only {room} are left for requests"))
         return failed
+
+    def _fail_waiting(self, seq: Sequence, error: str) -> SequenceDelta:
+        """Fail a waiting sequence; drop its request once none of its sequences is left."""
+        delta = self._fail(seq, error)
+        if all(s.is_finished for s in self.requests[seq.request_id].seqs):
+            del self.requests[seq.request_id]
+        return delta
 
     def _fail(self, seq: Sequence, error: str) -> SequenceDelta:
         """Finish `seq` with reason "error"; the delta that tells its caller why."""

@@ -73,6 +73,7 @@ class LoRABatch:
         self.signature = tuple((a.key, a.version) for a in self.used)
         self._masks: dict[tuple[int, ...], torch.Tensor] = {}
         self._scales = [a.scale for a in self.used]
+        self._kernel: bool | None = None  # whether the kernel computes this batch's deltas (its dtype decides)
 
     @property
     def active(self) -> bool:
@@ -89,7 +90,9 @@ class LoRABatch:
     def add_delta_(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out [T, out] += the LoRA delta of projection `target` in `layer` for input x [T, in]
         (`out` may be a column slice of a fused projection's output)."""
-        if uses_kernel(x.device, x.dtype) and out.stride(-1) == 1:
+        if self._kernel is None:
+            self._kernel = uses_kernel(x.device, x.dtype)
+        if self._kernel and out.stride(-1) == 1:
             pairs = [a.weights.get((layer, target), (_NONE, _NONE)) for a in self.used]
             if any(p[0].numel() for p in pairs):
                 rows = x.reshape(x.shape[0], -1)

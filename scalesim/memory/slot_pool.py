@@ -45,16 +45,16 @@ class SlotPool:
     def free_slots(self) -> int:
         return self.slots - len(self.members)
 
-    def fit(self, obj: ResidentObject, block_nbytes: int, device_blocks: int) -> None:
-        """Serve `obj` too: fewer slots if the area would pass MAX_AREA_FRACTION of the device
-        (never fewer than the slots taken, nor than one)."""
+    def slots_for(self, obj: ResidentObject, block_nbytes: int, device_blocks: int) -> int:
+        """The slot count once `obj` is served too: fewer if the area would pass
+        MAX_AREA_FRACTION of the device (never fewer than the slots taken, nor than one)."""
         blocks = max(self.slot_blocks, obj.device_blocks_needed(block_nbytes))
         room = int(MAX_AREA_FRACTION * device_blocks) // max(blocks, 1)
-        self.slots = max(min(self.slots, room), len(self.members), 1)
+        return max(min(self.slots, room), len(self.members), 1)
 
-    def area_blocks_for(self, obj: ResidentObject, block_nbytes: int) -> int:
+    def area_blocks_for(self, obj: ResidentObject, block_nbytes: int, device_blocks: int) -> int:
         """The slot area's size in blocks once `obj` is served (it only grows)."""
-        return self.slots * max(self.slot_blocks, obj.device_blocks_needed(block_nbytes))
+        return self.slots_for(obj, block_nbytes, device_blocks) * max(self.slot_blocks, obj.device_blocks_needed(block_nbytes))
 
     def take(self, obj: ResidentObject) -> bool:
         if obj.key in self.members:

@@ -56,11 +56,9 @@ class Tiers:
 
     def slot_area_growth(self, obj: ResidentObject) -> int:
         """Blocks the slot area must grow by before `obj` can be served (0 for other kinds)."""
-        if not self.in_slots(obj):
+        if not self.in_slots(obj) or obj.device_blocks_needed(self.pool.block_nbytes) <= self.slots.slot_blocks:
             return 0
-        if obj.device_blocks_needed(self.pool.block_nbytes) > self.slots.slot_blocks:
-            self.slots.fit(obj, self.pool.block_nbytes, self.pool.num_blocks)
-        return self.slots.area_blocks_for(obj, self.pool.block_nbytes) - self.slot_area_blocks
+        return self.slots.area_blocks_for(obj, self.pool.block_nbytes, self.pool.num_blocks) - self.slot_area_blocks
 
     def grow_slot_area(self, obj: ResidentObject) -> bool:
         """Reserve the slot area `obj` needs; False if the device has not that many free blocks."""
@@ -69,6 +67,7 @@ class Tiers:
             return True
         if not self.pool.reserve(growth):
             return False
+        self.slots.slots = self.slots.slots_for(obj, self.pool.block_nbytes, self.pool.num_blocks)
         self.slot_area_blocks += growth
         self.slots.slot_blocks = self.slot_area_blocks // self.slots.slots
         return True
