@@ -32,6 +32,23 @@ def test_lru_evicts_the_least_recently_used_whatever_the_hints():
     assert near.tier == "host" and far.tier == "device"
 
 
+def test_the_oracle_sees_an_agent_that_has_made_this_steps_call_as_due_at_its_next_one():
+    """Belady at request granularity: once alice has issued her call of step 0 her state is next
+    needed at step 5, after bob's at step 2, so it is the one evicted, although both called now."""
+    manager = make_manager(blocks=8, policy="oracle")
+    block = manager.pool.block_nbytes
+    manager.set_future({"alice": [0, 5], "bob": [0, 2]})
+    manager.advance(0)
+    alice = add(manager, FakeWeights("alice", 4 * block, ["alice"]), device=True)
+    bob = add(manager, FakeWeights("bob", 4 * block, ["bob"]), device=True)
+    assert manager.ctx.next_call_step("alice") == manager.ctx.next_call_step("bob") == 0
+    manager.on_request("alice")
+    manager.on_request("bob")
+    assert (manager.ctx.next_call_step("alice"), manager.ctx.next_call_step("bob")) == (5, 2)
+    add(manager, FakeWeights("new", 4 * block, ["carol"]), device=True)
+    assert alice.tier == "host" and bob.tier == "device"
+
+
 def test_a_pinned_object_is_never_moved():
     manager = make_manager(blocks=4)
     block = manager.pool.block_nbytes

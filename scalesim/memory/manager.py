@@ -173,6 +173,7 @@ class MemoryManager:
     def on_request(self, agent_id: str) -> None:
         with self.lock:
             self.tracker.on_request(agent_id)
+            self.ctx.call_made(agent_id)
             self.index.agents_changed([agent_id, *self.tracker.refresh()])
 
     def on_finish(self, agent_id: str) -> None:
@@ -196,6 +197,7 @@ class MemoryManager:
         """For the `oracle` policy: the true steps at which each agent will call."""
         with self.lock:
             self.ctx.future = {a: sorted(steps) for a, steps in calls.items()}
+            self.ctx.calls_made = {}
             self._future_by_step = defaultdict(list)
             for agent, steps in self.ctx.future.items():
                 for step in steps:

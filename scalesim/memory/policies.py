@@ -27,12 +27,19 @@ class PolicyContext:
     bandwidth: TierBandwidth
     nearest: Callable[[ResidentObject], float] = lambda obj: INF  # the policy's agent_key over owners (the index's)
     future: dict[str, list[float]] = field(default_factory=dict)  # oracle: sorted steps of each agent's calls
+    calls_made: dict[str, int] = field(default_factory=dict)      # oracle: requests each agent has issued
 
     def next_call_step(self, agent_id: str) -> float:
-        """Oracle only: the true step of the agent's next call at or after now."""
+        """Oracle only: the true step of the agent's next call not yet issued, at request
+        granularity: an agent whose call of this step has been made is next due at its
+        following call, not now."""
         calls = self.future.get(agent_id, [])
-        i = bisect_left(calls, self.tracker.step)
+        i = max(bisect_left(calls, self.tracker.step), self.calls_made.get(agent_id, 0))
         return calls[i] if i < len(calls) else INF
+
+    def call_made(self, agent_id: str) -> None:
+        if self.future:
+            self.calls_made[agent_id] = self.calls_made.get(agent_id, 0) + 1
 
 
 def expected_step(agent_id: str, ctx: PolicyContext) -> float:
@@ -85,7 +92,7 @@ POLICIES = {
     # the recency ablation of this machinery (no prefetch, blind to hints)
     "lru": Policy("lru", least_recent, None, prefetch=False),
     "lfu": Policy("lfu", least_frequent, None, prefetch=False),
-    # the true future from a recorded trace, at step granularity
+    # the true future from a recorded trace (Belady), at request granularity
     "oracle": Policy("oracle", least_recent, true_next_call, prefetch=True),
     # no budget: the device holds everything the trace ever caches, nothing is moved or dropped
     "ideal": Policy("ideal", least_recent, None, prefetch=False, unbounded_device=True, host_per_device=0, disk=False),
