@@ -19,7 +19,7 @@ import httpx
 from scalesim.bench.regimes import resolve_regime
 from scalesim.bench.sim_bench import _run_policy, policy_budgets, prepare
 from scalesim.server.background import free_port
-from scalesim.sim.runner import OpenAITarget, run_trace
+from scalesim.sim.runner import OpenAITarget
 from scalesim.sim.workloads import Trace, WorkloadConfig
 
 SERVER_START_TIMEOUT_S = 180.0
@@ -61,7 +61,7 @@ def _run_over_http(model: str, policy: str, trace: Trace, folders: dict[str, str
                 if agent.private_model:
                     body["model"] = f"model-{agent.agent_id}"
                 httpx.post(url + "/v1/agents", json=body, timeout=60).raise_for_status()
-            result = asyncio.run(run_trace(trace, OpenAITarget(url, model), desc=f"{policy} over http"))
+            result = asyncio.run(OpenAITarget(url, model).replay(trace, desc=f"{policy} over http"))
             return result.makespan_s
         finally:
             server.terminate()

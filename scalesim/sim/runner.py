@@ -104,6 +104,19 @@ class OpenAITarget:
     def device_used_nbytes(self) -> int | None:
         return None
 
+    async def close(self) -> None:
+        """Close both HTTP clients on the loop that opened them (left to the garbage collector,
+        they would close after `asyncio.run` has closed the loop, and log an error each)."""
+        await self.client.close()
+        await self.http.aclose()
+
+    async def replay(self, trace: Trace, **kwargs) -> RunResult:
+        """`run_trace` on this server, closing the clients after."""
+        try:
+            return await run_trace(trace, self, **kwargs)
+        finally:
+            await self.close()
+
 
 def add_hint_noise(hints: dict, noise_steps: float, rng: random.Random, step: int) -> dict:
     """Every distance the hints imply, off by a random error of up to +-noise_steps; with noise
