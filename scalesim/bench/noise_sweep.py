@@ -2,15 +2,20 @@
 
 The same trace runs under `scalesim` once per noise level (every hinted distance off by a
 uniform random error of up to +-noise steps; `inf` withholds the hints, leaving the learned
-fallback alone), with `ideal` and `lru` once each as reference lines, same engine and budgets.
+fallback alone), with `ideal`, `oracle` (the true future) and `lru` (no hints, recency) as
+reference lines, same engine and budgets. Every run of a round goes in a rotated order, and each
+point is the median of its rounds, with every makespan kept; the spread of `ideal`'s rounds is
+the noise floor.
 """
 
 import math
 import statistics
 
 from scalesim.bench.regimes import REGIMES, Regime
-from scalesim.bench.sim_bench import _run_policy, policy_budgets, prepare
+from scalesim.bench.sim_bench import _run_policy, policy_budgets, prepare, rotated_order
 from scalesim.sim.workloads import WorkloadConfig
+
+REFERENCES = ("ideal", "oracle", "lru")
 
 
 def parse_noise_levels(text: str) -> list[float]:
@@ -20,25 +25,37 @@ def parse_noise_levels(text: str) -> list[float]:
     return levels
 
 
+def _label(noise: float) -> str:
+    return f"scalesim@{noise:g}"
+
+
 def run_noise_sweep(workload: str, model: str, cfg: WorkloadConfig, noise_levels: list[float],
-                    regime: Regime = REGIMES["tiered"]) -> dict:
+                    regime: Regime = REGIMES["tiered"], repeats: int = 1) -> dict:
+    """Every reference policy and every noise level `repeats` times in rotated rounds."""
     setup = prepare(workload, model, cfg, regime, {})
-
-    def makespan(policy: str, noise: float) -> float:
+    runs = {**{p: (p, 0.0) for p in REFERENCES}, **{_label(n): ("scalesim", n) for n in noise_levels}}
+    makespans: dict[str, list[float]] = {name: [] for name in runs}
+    for name in rotated_order(tuple(runs), repeats):
+        policy, noise = runs[name]
         result, _ = _run_policy(model, policy, setup.trace, setup.folders, policy_budgets(setup, policy), noise, {})
-        return round(result.makespan_s, 4)
-
-    references = {policy: makespan(policy, 0.0) for policy in ("ideal", "lru")}
+        makespans[name].append(round(result.makespan_s, 4))
+    median = {name: statistics.median(values) for name, values in makespans.items()}
+    references = {p: median[p] for p in REFERENCES}
+    ideal = makespans["ideal"]
+    noise_floor = round((max(ideal) - min(ideal)) / median["ideal"], 4) if repeats > 1 else None
     sweep = [{"hint_noise_steps": noise if math.isfinite(noise) else None,  # None: hints withheld
               "hints": "exact" if noise == 0 else "noisy" if math.isfinite(noise) else "withheld (learned fallback)",
-              "makespan_s": makespan("scalesim", noise)} for noise in noise_levels]
+              "makespan_s": median[_label(noise)], "makespans_s": makespans[_label(noise)]} for noise in noise_levels]
     for point in sweep:
         point["vs_ideal"] = round(point["makespan_s"] / references["ideal"], 4)
+        point["vs_oracle"] = round(point["makespan_s"] / references["oracle"], 4)
         point["lru_vs_scalesim"] = round(references["lru"] / point["makespan_s"], 4)
     return {"benchmark": "hint_noise_sweep", "workload": workload, "model": model, "config": cfg.__dict__,
             "regime": regime.__dict__, "device_fraction": regime.device_fraction,
-            "host_fraction": regime.host_fraction, "calls": setup.trace.num_calls,
-            "reference_makespan_s": references, "sweep": sweep,
+            "host_fraction": regime.host_fraction, "calls": setup.trace.num_calls, "repeats": repeats,
+            "order": rotated_order(tuple(runs), repeats), "noise_floor": noise_floor,
+            "reference_makespan_s": references, "reference_makespans_s": {p: makespans[p] for p in REFERENCES},
+            "sweep": sweep,
             "spread_vs_exact": round(statistics.fmean(p["makespan_s"] for p in sweep) / sweep[0]["makespan_s"], 4)}
 
 
@@ -52,7 +69,7 @@ def plot_noise_sweep(results: list[dict], path: str) -> None:
         labels = ["none (learned)" if p["hint_noise_steps"] is None else f"±{p['hint_noise_steps']:g}"
                   for p in result["sweep"]]
         ax.plot(labels, [p["makespan_s"] for p in result["sweep"]], marker="o", label="scalesim")
-        for policy, style in (("ideal", "--"), ("lru", ":")):
+        for policy, style in (("ideal", "--"), ("oracle", "-."), ("lru", ":")):
             ax.axhline(result["reference_makespan_s"][policy], color="grey", linestyle=style, label=policy)
         ax.set_xlabel("hint error (steps); 'none' = no hints")
         ax.set_ylabel("makespan (s)")
