@@ -8,7 +8,8 @@ alternating order per round, so that the machine's drift hits both:
 - `prefill_8x512_cached256`: the same behind a 256-token prefix both engines have cached;
 - `decode_b1`, `decode_b16`: 1 or 16 distinct 128-token prompts; decode tokens/s from the time for
   65 tokens minus the time for 1 (prefill taken out);
-- `feed`: the OASIS-like feed trace (64 agents, 6 steps, 32 tokens per call) with ample KV;
+- `feed`: the OASIS-like feed trace (64 agents, 6 steps, 32 tokens per call) with ample KV, on an
+  empty cache every time (vLLM's reset, ScaleSim's a fresh server: see `cold_feed`);
 - `feed_contended` (optional): the same with a competing process spinning on one core.
 Only the engine being measured runs: the other server's processes are stopped (SIGSTOP) until
 its turn, as vLLM's worker keeps spinning on a core for a while after it served (seen here at
@@ -95,24 +96,44 @@ def launch(engine: str, command: list[str], env: dict, model: str, log_dir: str,
     return Server(engine, process, f"http://127.0.0.1:{port}", model, log_path)
 
 
-def start_scalesim(model: str, dtype: str, kv_nbytes: int, max_num_batched_tokens: int, log_dir: str) -> Server:
+def start_scalesim(model: str, dtype: str, kv_nbytes: int, max_num_batched_tokens: int, log_dir: str,
+                   memory_flags: tuple[str, ...] = ("--host-memory", "0")) -> Server:
+    """ScaleSim's OpenAI server with a device tier of exactly `kv_nbytes`; `memory_flags` say the
+    rest of its tiers and its policy (default: no host tier)."""
     command = [sys.executable, "-m", "scalesim.cli", *(["-v"] if os.environ.get("SCALESIM_PEER_VERBOSE") else []), "serve", model, "--port", str(free_port()),
-               "--dtype", dtype, "--kv-cache-memory", str(kv_nbytes), "--host-memory", "0",
+               "--dtype", dtype, "--kv-cache-memory", str(kv_nbytes), *memory_flags,
                "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-num-seqs", "128"]
     return launch("scalesim", command, dict(os.environ), model, log_dir)
 
 
 def start_vllm(peer_python: str, model: str, dtype: str, kv_nbytes: int, max_num_batched_tokens: int,
-               log_dir: str) -> Server:
+               log_dir: str, max_model_len: int = 8192) -> Server:
     """vLLM's OpenAI server from its own venv, sized as PEERS.md says: all cores (no reserved
-    CPU), the KV cache exactly `kv_nbytes`, prefix caching on (its default)."""
+    CPU), the KV cache exactly `kv_nbytes`, prefix caching on (its default). Its development
+    routes are on, for POST /reset_prefix_cache between runs of a trace."""
     command = [peer_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model(model)),
                "--served-model-name", model, "--port", str(free_port()), "--dtype", PEER_DTYPES[dtype],
                "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-num-seqs", "128",
-               "--max-model-len", "8192", "--kv-cache-memory-bytes", str(kv_nbytes)]
-    env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", HF_HUB_OFFLINE="1")
+               "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_nbytes)]
+    env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", HF_HUB_OFFLINE="1", VLLM_SERVER_DEV_MODE="1")
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the exact KV size
     return launch("vllm", command, env, model, log_dir)
+
+
+def warm_scalesim(server: Server) -> Server:
+    """One short chat, so that a fresh ScaleSim server has loaded its kernels before it is timed
+    (vLLM warms up inside its start)."""
+    httpx.post(server.url + "/v1/chat/completions", timeout=600.0, json={
+        "model": server.model, "messages": [{"role": "user", "content": "warm up the kernels " * 3}],
+        "max_tokens": 2}).raise_for_status()
+    return server
+
+
+def reset_vllm_cache(server: Server) -> None:
+    """Empty vLLM's prefix cache, so that a trace replayed on the same server starts cold."""
+    response = httpx.post(server.url + "/reset_prefix_cache", timeout=60.0)
+    if response.status_code != 200 or not response.json().get("success"):
+        raise RuntimeError(f"vLLM did not reset its prefix cache: {response.status_code} {response.text[:200]}")
 
 
 async def _complete(client: httpx.AsyncClient, server: Server, prompts: list[list[int]], max_tokens: int) -> float:
@@ -157,6 +178,22 @@ def _feed(server: Server) -> float:
     return run_remote("feed", FEED, server.url, server.model)["runs"][0]["makespan_s"]
 
 
+def cold_feed(server: Server, start_fresh) -> float:
+    """The feed trace on an empty cache, as its first replay was: the same trace replayed on a
+    warm server would find the last replay's prefixes. vLLM's prefix cache is reset; ScaleSim
+    is served by a fresh server (`start_fresh()`) while the long-lived one is stopped."""
+    if server.engine == "vllm":
+        reset_vllm_cache(server)
+        return _feed(server)
+    server.pause()
+    fresh = warm_scalesim(wait_ready(start_fresh()))
+    try:
+        return _feed(fresh)
+    finally:
+        fresh.stop()
+        server.resume()
+
+
 def _spinner() -> subprocess.Popen:
     """A competing process that keeps one core busy."""
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -195,7 +232,13 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
               "dtypes": {}}
     for dtype in dtypes:
         ours = (scalesim_dtypes or {}).get(dtype, dtype)
-        servers = {"scalesim": wait_ready(start_scalesim(model, ours, kv_nbytes, max_num_batched_tokens, log_dir)),
+        def start_ours() -> Server:
+            return start_scalesim(model, ours, kv_nbytes, max_num_batched_tokens, log_dir)
+
+        def feed(server: Server) -> float:
+            return cold_feed(server, start_ours)
+
+        servers = {"scalesim": wait_ready(start_ours()),
                    "vllm": wait_ready(start_vllm(peer_python, model, dtype, kv_nbytes, max_num_batched_tokens,
                                                   log_dir))}
         cases = {name: PeerCase(name, "tokens/s") for name in
@@ -228,7 +271,7 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
                     for name, value in alone(engine, shapes).items():
                         cases[name].values[engine].append(round(value, 2))
                 for engine in order[::-1]:
-                    cases["feed"].values[engine].append(round(alone(engine, _feed), 2))
+                    cases["feed"].values[engine].append(round(alone(engine, feed), 2))
                 print(f"[{dtype} round {r + 1}/{rounds}]", {n: c.summary()["scalesim_speedup"] for n, c in cases.items()},
                       flush=True)
             for r in range(contended_rounds):
@@ -236,7 +279,7 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
                     spinner = _spinner()
                     try:
                         time.sleep(1.0)
-                        cases["feed_contended"].values[engine].append(round(alone(engine, _feed), 2))
+                        cases["feed_contended"].values[engine].append(round(alone(engine, feed), 2))
                     finally:
                         spinner.kill()
         finally:
