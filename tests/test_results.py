@@ -49,3 +49,13 @@ def test_the_readme_sglang_baseline_tables_are_the_committed_json():
         assert len(rows) == 2 * workloads  # every workload, in both tables
         for row in rows:
             assert row in README, f"README lacks the committed row of {name}: {row}"
+
+
+def test_the_readme_peer_trace_table_is_the_committed_json():
+    from scalesim.bench.peer_sim import markdown_table as peer_sim_table
+
+    for result in json.loads((RESULTS / "sim-feed-peer.json").read_text()):
+        rows = peer_sim_table(result).splitlines()[2:]
+        assert len(rows) == 6  # four runs and two ratios
+        for row in rows:
+            assert row in README, f"README lacks the committed row of sim-feed-peer.json: {row}"

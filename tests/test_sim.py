@@ -78,9 +78,12 @@ def test_quick_bench_with_per_agent_adapters_and_repeats(tmp_path):
 def test_hint_noise_sweep_runs_scalesim_per_level_with_references(tmp_path):
     out, plot = tmp_path / "noise.json", tmp_path / "noise.png"
     assert main(["bench", "feed", "--quick", "--model", "tiny-random", "--hint-noise-sweep", "0,2,inf",
-                 "--out", str(out), "--plot", str(plot)]) == 0
+                 "--repeats", "2", "--out", str(out), "--plot", str(plot)]) == 0
     result = json.loads(out.read_text())[0]
-    assert set(result["reference_makespan_s"]) == {"ideal", "lru"}
+    assert set(result["reference_makespan_s"]) == {"ideal", "oracle", "lru"}
+    assert all(len(v) == 2 for v in result["reference_makespans_s"].values())
+    assert all(len(p["makespans_s"]) == 2 for p in result["sweep"]) and result["noise_floor"] is not None
+    assert result["order"][:8] != result["order"][8:]  # the second round starts one run later
     assert [p["hint_noise_steps"] for p in result["sweep"]] == [0, 2, None]
     assert [p["hints"].split()[0] for p in result["sweep"]] == ["exact", "noisy", "withheld"]
     assert all(p["makespan_s"] > 0 for p in result["sweep"]) and plot.stat().st_size > 10_000
@@ -184,9 +187,37 @@ def test_regimes_set_the_tiers_and_baselines_keep_their_own(regime, host, disk):
 
     r = REGIMES[regime]
     assert (r.device_fraction, r.host_fraction, r.disk) == (0.25, host, disk)
-    setup = BenchSetup(None, {}, 1000, r, 250, int(1000 * host), 5000)
+    setup = BenchSetup(None, {}, 1000, r, 250, int(1000 * host), 5000, 1)
     assert policy_budgets(setup, "scalesim") == policy_budgets(setup, "lru") == Budgets(250, int(1000 * host), disk)
     assert policy_budgets(setup, "sglang") == Budgets(250, 0, False)
     assert policy_budgets(setup, "sglang-hicache") == Budgets(250, 500, False)
     assert policy_budgets(setup, "ideal") == Budgets(5000, 0, False)
     assert resolve_regime(regime, host_fraction=0.1).name == regime + "*"
+
+
+def test_peer_counts_read_the_servers_own_metrics():
+    """`bench --peer` reads prompt and cached tokens from each server's /metrics: on a real
+    ScaleSim server, a prompt sent twice counts twice, and the second finds its prefix cached."""
+    import httpx
+
+    from scalesim.async_llm import AsyncLLM
+    from scalesim.bench.peer_bench import Server
+    from scalesim.bench.peer_sim import scalesim_counts, scrape, vllm_counts
+    from scalesim.server.config import ServerConfig
+    from tests.server_util import running_server
+
+    llm = AsyncLLM("tiny-random", dtype="fp32", kv_cache_memory="4MiB", block_size_tokens=4, host_memory=0)
+    with running_server(llm, ServerConfig("tiny-random")) as base:
+        server = Server("scalesim", None, base, "tiny-random", "-")
+        before = scrape(server)
+        body = {"model": "tiny-random", "prompt": list(range(10, 50)), "max_tokens": 1, "temperature": 0}
+        usage = [httpx.post(base + "/v1/completions", json=body, timeout=60).json()["usage"] for _ in range(2)]
+        counts = scalesim_counts(before, scrape(server))
+    assert counts["prompt_tokens"] == sum(u["prompt_tokens"] for u in usage) == 80
+    assert 0 < counts["cached_prompt_tokens"] < 40 and counts["computed_prompt_tokens"] == 80 - counts["cached_prompt_tokens"]
+    assert counts["kv_hit_tokens"]["device"] == counts["cached_prompt_tokens"]
+    theirs = vllm_counts({"vllm:prompt_tokens_total": 5.0}, {"vllm:prompt_tokens_total": 105.0,
+                                                              "vllm:prefix_cache_hits_total": 30.0,
+                                                              "vllm:prefix_cache_queries_total": 100.0})
+    assert theirs["computed_prompt_tokens"] == 70 and theirs["prefix_cache_hit_rate"] == 0.3
+    assert theirs["cached_share"] == 0.3 and counts["cached_share"] == round(counts["cached_prompt_tokens"] / 80, 4)

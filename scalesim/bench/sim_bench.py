@@ -189,6 +189,7 @@ class BenchSetup:
     device_nbytes: int
     host_nbytes: int
     ideal_nbytes: int
+    kv_bytes_per_token: int
 
 
 def prepare(workload: str, model: str, cfg: WorkloadConfig, regime: Regime, engine_args: dict) -> BenchSetup:
@@ -210,7 +211,7 @@ def prepare(workload: str, model: str, cfg: WorkloadConfig, regime: Regime, engi
     total = estimate_state_nbytes(contexts, kv_bytes_per_token, weight_nbytes)
     ideal = ideal_device_nbytes(contexts, kv_bytes_per_token, block_size, weight_nbytes)
     return BenchSetup(trace, folders, total, regime, int(total * regime.device_fraction),
-                      int(total * regime.host_fraction), ideal)
+                      int(total * regime.host_fraction), ideal, kv_bytes_per_token)
 
 
 def policy_budgets(setup: BenchSetup, policy: str) -> Budgets:
@@ -320,7 +321,7 @@ def run_remote(workload: str, cfg: WorkloadConfig, url: str, model: str, hint_no
     except (httpx.HTTPError, OSError) as exc:
         raise ValueError(f"target URL {url} does not answer /v1/models: {exc}") from exc
     trace = WORKLOADS[workload](cfg)
-    result = asyncio.run(run_trace(trace, OpenAITarget(root, model), desc=url, hint_noise_steps=hint_noise_steps))
+    result = asyncio.run(OpenAITarget(root, model).replay(trace, desc=url, hint_noise_steps=hint_noise_steps))
     ttfts = sorted(c.ttft_s for c in result.calls)
     run = {"policy": f"remote:{root}", "makespan_s": round(result.makespan_s, 4),
            "ttft_mean_s": round(statistics.fmean(ttfts), 4), "ttft_p90_s": round(ttfts[int(0.9 * (len(ttfts) - 1))], 4),
