@@ -5,8 +5,15 @@ build directory is per CPU model and flags, and per source) into ~/.cache/scales
 which takes about a minute once. Where a source cannot be built (no compiler), `load` returns
 False, a warning says why, and the layers keep their plain-PyTorch path. `SCALESIM_NO_KERNELS=1`
 turns every kernel off (the plain path, for comparisons).
+
+Processes that start together (a server and its tests, several workers) build each source once:
+they take an `flock` on the build directory, which the OS drops when its holder dies. torch's own
+guard is a `lock` file that a process killed mid-build leaves behind, after which every later
+build waits on it forever; under our flock no one else is building, so such a file is stale and
+is removed.
 """
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -70,9 +77,12 @@ def _build(source: str) -> bool:
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         directory = build_dir(source)
         directory.mkdir(parents=True, exist_ok=True)
-        cpp_load(name=f"scalesim_{Path(source).stem}", sources=[str(KERNELS / source)], build_directory=str(directory),
-                 extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                 is_python_module=False, verbose=False)
+        with open(directory / "build.flock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # another process building this source: wait for it
+            (directory / "lock").unlink(missing_ok=True)  # torch's baton, left by a build that was killed
+            cpp_load(name=f"scalesim_{Path(source).stem}", sources=[str(KERNELS / source)], build_directory=str(directory),
+                     extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                     is_python_module=False, verbose=False)
         return True
     except Exception as exc:  # no compiler, no ninja, a failed build: the plain path still works
         log.warning("kernel %s unavailable, its layers run in plain PyTorch: %s", source, exc)
