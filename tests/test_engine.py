@@ -46,6 +46,22 @@ def test_a_second_request_sharing_a_long_prefix_reuses_its_pages():
     assert computed_second == 1010 - 992
 
 
+def test_requests_sent_together_behind_one_prefix_compute_it_once():
+    """The burst of a simulation step: four calls behind one 200-token world description, sent
+    at once. The first computes the prefix; the others wait one step and find it cached."""
+    llm = LLM("tiny-random", kv_cache_memory="16MiB", block_size_tokens=16)
+    rng = random.Random(5)
+    prefix = random_prompt(rng, 200)
+    prompts = [prefix + random_prompt(rng, 10) for _ in range(4)]
+    outputs = llm.generate(prompts, GREEDY)
+    stats = llm.stats()
+    assert [o.num_cached_tokens for o in outputs] == [0, 192, 192, 192]
+    assert stats["prompt_tokens"] - stats["cached_prompt_tokens"] == 4 * 210 - 3 * 192
+    assert stats["shared_prefix_waits"] == 3
+    alone = LLM("tiny-random", kv_cache_memory="16MiB", block_size_tokens=16)
+    assert _tokens(outputs) == [_tokens(alone.generate([p], GREEDY))[0] for p in prompts]
+
+
 def test_preemption_under_a_tiny_pool_completes_with_the_same_tokens():
     rng = random.Random(4)
     prompts = [random_prompt(rng, 40) for _ in range(6)]

@@ -394,6 +394,7 @@ class LLMEngine:
             "prompt_tokens": s.prompt_tokens, "cached_prompt_tokens": s.cached_prompt_tokens,
             "preemptions": s.preemptions, "evicted_blocks": s.evicted_blocks,
             "steps": s.steps, "computed_tokens": s.computed_tokens, "scheduled_seqs": s.scheduled_seqs,
+            "shared_prefix_waits": s.shared_prefix_waits,
             "forward_s": round(self.forward_s, 4), "idle_s": round(self.idle_s, 4),
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
         }

@@ -7,6 +7,11 @@ free block, the memory layer evicts by policy; if that is not enough, the most r
 running sequence is preempted (its pages freed, its tokens recomputed later). The stacked LoRA
 buffers of the step's adapters take device room too, reserved before a sequence joins the batch.
 A sequence samples a token in the step that computes its last uncomputed token.
+
+A waiting sequence whose prompt shares at least `IN_BATCH_SHARED_MIN_TOKENS` uncached tokens
+with a prompt this step computes waits one step (SGLang's in-batch prefix caching): then it finds
+them in the cache instead of computing them a second time. Simulations send such bursts, every
+agent's call behind the same world description, at once.
 """
 
 import logging
@@ -20,6 +25,7 @@ from scalesim.engine.sequence import Sequence, SequenceStatus
 from scalesim.layers.lora import stack_nbytes
 
 logger = logging.getLogger(__name__)
+IN_BATCH_SHARED_MIN_TOKENS = 32  # SGLang's IN_BATCH_PREFIX_CACHING_DEPRIORITIZE_THRESHOLD
 
 
 @dataclass
@@ -42,6 +48,7 @@ class SchedulerStats:
     steps: int = 0             # batches scheduled
     computed_tokens: int = 0   # tokens run through the model (prompt chunks and decodes)
     scheduled_seqs: int = 0    # sequences over all batches: / steps is the mean batch size
+    shared_prefix_waits: int = 0  # admissions put off a step for a prefix another sequence was computing
 
 
 class MemoryHooks(Protocol):
@@ -105,6 +112,11 @@ class Scheduler:
                 not_ready.append(seq)  # its state is still loading: let the others run
                 continue
             self._admit(seq)  # pins its weights and prefix first, so making room cannot evict them
+            if self._computed_by_another(seq, batch):
+                self._release(seq)
+                self.stats.shared_prefix_waits += 1
+                not_ready.append(seq)
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self._stack_room(seq, stacks) or not self._reserve(seq, num_new, batch, may_preempt=False):
                 self._release(seq)
@@ -123,6 +135,27 @@ class Scheduler:
             self.stats.computed_tokens += sum(item.num_new_tokens for item in batch)
             self.stats.scheduled_seqs += len(batch)
         return batch
+
+    def _computed_by_another(self, seq: Sequence, batch: list[ScheduledSequence]) -> bool:
+        """True if a prompt chunk of this step's batch computes at least
+        IN_BATCH_SHARED_MIN_TOKENS of `seq`'s prompt past what `seq` found cached."""
+        start, tokens = seq.num_cached_tokens, seq.token_ids[:-1]
+        probe = tokens[start:start + IN_BATCH_SHARED_MIN_TOKENS]
+        if len(probe) < IN_BATCH_SHARED_MIN_TOKENS:
+            return False
+        for item in batch:
+            other = item.seq
+            computed_after = other.num_computed_tokens + item.num_new_tokens
+            if (item.num_new_tokens <= 1 or other.namespace != seq.namespace
+                    or computed_after < start + IN_BATCH_SHARED_MIN_TOKENS):
+                continue
+            theirs = other.token_ids[:computed_after]
+            if theirs[start:start + IN_BATCH_SHARED_MIN_TOKENS] != probe:  # cheap test first
+                continue
+            shared = self.cache.common_pages(tokens, theirs) * self.pool.block_size
+            if shared - start >= IN_BATCH_SHARED_MIN_TOKENS:
+                return True
+        return False
 
     def _stack_room(self, seq: Sequence, stacks: dict[int, int],
                     batch: list[ScheduledSequence] | None = None) -> bool:
