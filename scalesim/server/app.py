@@ -1,6 +1,6 @@
 """The FastAPI application: routes, Host and API-key checks, body-size limit, OpenAI-style errors.
 
-`build_app(llm, config)` returns an app over an existing `AsyncLLM` (tests and embedding);
+`build_app(llm, config)` returns an app over an existing `AsyncLLM` (tests and notebooks);
 `scalesim serve` builds the engine from flags and runs it under uvicorn.
 """
 
@@ -12,7 +12,8 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from scalesim.async_llm import AsyncLLM
-from scalesim.server import agent_routes, openai_routes
+from scalesim.embeddings.sentence_embedder import SentenceEmbedder
+from scalesim.server import agent_routes, embedding_routes, openai_routes
 from scalesim.server.agent_store import AgentStore
 from scalesim.server.config import ServerConfig
 from scalesim.server.errors import error_response, install_error_handlers
@@ -110,8 +111,10 @@ class Gate:
                 self.metrics.requests.labels(getattr(route, "path", "other"), str(status or 499)).inc()
 
 
-def build_app(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = False) -> FastAPI:
-    state = ServerState(llm, config, AgentStore(config.state_dir), ServerMetrics(llm))
+def build_app(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = False,
+              embedder: SentenceEmbedder | None = None) -> FastAPI:
+    state = ServerState(llm, config, AgentStore(config.state_dir), ServerMetrics(llm), embedder)
+    state.check_aliases()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -130,6 +133,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = False) -
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(agent_routes.router)
+    app.include_router(embedding_routes.router)
 
     @app.get("/health")
     def health():
@@ -137,12 +141,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = False) -
 
     @app.get("/v1/models")
     def models():
-        weights = llm.engine.weights
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "scalesim",
-                 "root": config.served_model_name if name != config.served_model_name else None,
-                 "kind": "private_model" if name in weights.models else "adapter" if ":" in name else "base"}
-                for name in state.model_names()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": state.model_cards()}
 
     @app.get("/metrics")
     def metrics():

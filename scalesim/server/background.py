@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import uvicorn
 
 from scalesim.async_llm import AsyncLLM
+from scalesim.embeddings.sentence_embedder import SentenceEmbedder
 from scalesim.server.app import build_app
 from scalesim.server.config import ServerConfig
 from scalesim.server.connections import uvicorn_config
@@ -23,12 +24,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_in_thread(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = True) -> Iterator[str]:
-    """Yield the base URL (http://127.0.0.1:PORT) of `llm` served with `config` on a free loopback
-    port; stop the server (and the engine, when `shutdown_llm`) on exit."""
+def serve_in_thread(llm: AsyncLLM, config: ServerConfig, shutdown_llm: bool = True,
+                    embedder: SentenceEmbedder | None = None) -> Iterator[str]:
+    """Yield the base URL (http://127.0.0.1:PORT) of `llm` (and `embedder`) served with `config`
+    on a free loopback port; stop the server (and the engine, when `shutdown_llm`) on exit."""
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(build_app(llm, config, shutdown_llm=shutdown_llm), config, "127.0.0.1",
-                                           port))
+    app = build_app(llm, config, shutdown_llm=shutdown_llm, embedder=embedder)
+    server = uvicorn.Server(uvicorn_config(app, config, "127.0.0.1", port))
     thread = threading.Thread(target=server.run, name="scalesim-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -17,7 +17,11 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 @dataclass
 class ServerConfig:
-    """`served_model_name` is the name clients put in `model` (default: the engine's model).
+    """`served_model_name` is the name clients put in `model` (default: the engine's model);
+    `extra_model_names` are more names for the same base model (`--served-model-name` takes
+    several, as vLLM's does). `model_aliases` maps a name clients send (`gpt-4`) to one that is
+    served: a served name, `served:adapter`, a private model or the embedder. `accept_any_model`
+    answers every other name with the base model (an unknown `served:adapter` is still a 404).
 
     `api_key`: when set, every route but /health (and /metrics, unless `metrics_require_key`)
     needs `Authorization: Bearer <api_key>`; an empty key is refused (an unset `$KEY`).
@@ -35,6 +39,9 @@ class ServerConfig:
     """
 
     served_model_name: str
+    extra_model_names: list[str] = field(default_factory=list)
+    model_aliases: dict[str, str] = field(default_factory=dict)
+    accept_any_model: bool = False
     api_key: str | None = None
     allowed_hosts: list[str] | None = None
     metrics_require_key: bool = False
@@ -59,7 +66,17 @@ class ServerConfig:
         if self.allowed_hosts is not None:
             self.allowed_hosts = None if "*" in self.allowed_hosts else [h.lower() for h in self.allowed_hosts]
         self.allowed_local_paths = [Path(p).resolve() for p in self.allowed_local_paths]
+        for alias, target in self.model_aliases.items():
+            if not alias or not target or alias == target:
+                raise ValueError(f"a model alias maps a name to another, got {alias!r}={target!r}")
+            if target in self.model_aliases:
+                raise ValueError(f"model alias {alias!r} names another alias, {target!r}; name what it serves")
         self.state_dir = Path(self.state_dir) if self.state_dir is not None else None
+
+    @property
+    def base_model_names(self) -> list[str]:
+        """Every name the base model is served under, the first one first."""
+        return [self.served_model_name, *(n for n in self.extra_model_names if n != self.served_model_name)]
 
     def host_allowed(self, host_header: str | None) -> bool:
         """Whether a request's Host header names this server (always, when any host is allowed)."""

@@ -6,6 +6,7 @@ with a 500 in the same shape; the process keeps serving.
 """
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,11 +43,15 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+# pydantic names the member of a union a value failed as a step of its location ("input.str")
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|list|dict)(\[.*\])?|\w+\[.*\]")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "invalid_text":
         return first["msg"], first["ctx"]["where"]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     if not loc and first.get("type") in ("model_attributes_type", "dict_type"):

@@ -1,10 +1,10 @@
 """Request bodies of the OpenAI API as real clients send them.
 
-Unknown fields are ignored (clients send many: `reasoning_effort`, `frequency_penalty`, ...);
+Unknown fields are ignored (clients send many: `reasoning_effort`, `verbosity`, ...);
 known fields are type-checked, so a wrong type is a 400 naming the field. Every string of a body,
 known field or not, must be valid Unicode (no lone surrogates): a 400 names the first that is not.
-ScaleSim's extensions are `agent_id`, `ignore_eos` and `top_k`, sent by openai clients through
-`extra_body`.
+ScaleSim's extensions are `agent_id`, `ignore_eos`, and vLLM's `top_k`, `min_p` and
+`repetition_penalty`, sent by openai clients through `extra_body`.
 """
 
 from typing import Any, Literal
@@ -46,6 +46,10 @@ class _Sampling(_Lenient):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     n: StrictInt = 1
     max_tokens: StrictInt | None = None
     stop: str | list[str] | None = None
@@ -72,6 +76,16 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     logprobs: StrictInt | None = None
     echo: StrictBool = False
+
+
+class EmbeddingRequest(_Lenient):
+    """`POST /v1/embeddings`: `input` a text, texts, token ids or lists of token ids."""
+
+    model: str
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: str | None = None
 
 
 class AgentCreate(_Body):
@@ -113,5 +127,3 @@ class PaperUpdate(_Body):
     timestep_data: dict[str, list[str]] | None = None
     timestep_cnt: StrictInt | None = None
 
-
-ToolChoice = Literal["auto", "none"]

@@ -3,6 +3,7 @@
 import argparse
 import logging
 
+from scalesim.models.registry import DEFAULT_EMBEDDER
 from scalesim.server.config import (DEFAULT_KEEP_ALIVE_TIMEOUT_S, DEFAULT_MAX_BODY_NBYTES, DEFAULT_MAX_CONNECTIONS,
                                     DEFAULT_MAX_SEQUENCES_PER_REQUEST, DEFAULT_MAX_TOKENS, DEFAULT_PORT,
                                     DEFAULT_REQUEST_READ_TIMEOUT_S, DEFAULT_SEND_TIMEOUT_S, ServerConfig,
@@ -23,7 +24,13 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allowed-hosts", nargs="*", default=None, metavar="HOST",
                        help="Host header values to accept, '*' for any (default: local names when bound to "
                             "loopback, any host otherwise)")
-    group.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    group.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="the model names clients send (default: MODEL); the first is the main one")
+    group.add_argument("--model-aliases", nargs="*", default=[], metavar="ALIAS=NAME",
+                       help="names clients send for a served one, e.g. gpt-4=smollm2-135m "
+                            "text-embedding-3-small=all-minilm-l6-v2")
+    group.add_argument("--accept-any-model", action="store_true",
+                       help="answer any model name with the base model (default: an unknown name is a 404)")
     group.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH",
                        help="PEFT LoRA adapters to load at start; clients select one with model 'SERVED:NAME'")
     group.add_argument("--private-models", nargs="*", default=[], metavar="NAME=PATH",
@@ -51,6 +58,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                        help=f"beyond this many connections or requests in flight, answer 503 "
                             f"(default: {DEFAULT_MAX_CONNECTIONS})")
+    group.add_argument("--embedding-model", default=DEFAULT_EMBEDDER, metavar="NAME|PATH|none",
+                       help=f"what /v1/embeddings runs: {DEFAULT_EMBEDDER} (built in), a sentence-transformers "
+                            f"folder, or none (default: {DEFAULT_EMBEDDER})")
     group.add_argument("--no-infer-agents", action="store_true",
                        help="do not derive an agent id from the system message when a request names none")
 
@@ -60,9 +70,28 @@ def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"{flag} takes NAME=PATH, got {value!r}")
+            raise ValueError(f"{flag} takes NAME=VALUE pairs, got {value!r}")
         pairs.append((name, path))
     return pairs
+
+
+def load_embedder(choice: str):
+    """The embedder `--embedding-model` names, or None for 'none'. The built-in one, when its
+    package is missing, is skipped with a warning; a model the user named must load."""
+    from scalesim.embeddings.sentence_embedder import SentenceEmbedder
+    from scalesim.errors import ModelLoadError
+    from scalesim.models.registry import resolve_embedder
+
+    if choice == "none":
+        return None
+    try:
+        folder = resolve_embedder(choice)
+    except ModelLoadError as exc:
+        if choice != DEFAULT_EMBEDDER:
+            raise
+        logger.warning("no /v1/embeddings: %s", exc)
+        return None
+    return SentenceEmbedder(folder, name=choice if choice == DEFAULT_EMBEDDER else folder.name)
 
 
 def serve(args: argparse.Namespace, engine_args: dict) -> None:
@@ -73,7 +102,10 @@ def serve(args: argparse.Namespace, engine_args: dict) -> None:
     from scalesim.server.connections import uvicorn_config
 
     config = ServerConfig(
-        served_model_name=args.served_model_name or args.model, api_key=args.api_key,
+        served_model_name=(args.served_model_name or [args.model])[0],
+        extra_model_names=(args.served_model_name or [])[1:],
+        model_aliases=dict(_pairs(args.model_aliases, "--model-aliases")), accept_any_model=args.accept_any_model,
+        api_key=args.api_key,
         allowed_hosts=args.allowed_hosts if args.allowed_hosts is not None else default_allowed_hosts(args.host),
         metrics_require_key=args.metrics_require_key, infer_agents=not args.no_infer_agents,
         default_max_tokens=args.default_max_tokens, max_body_nbytes=args.max_body_bytes,
@@ -82,15 +114,16 @@ def serve(args: argparse.Namespace, engine_args: dict) -> None:
         max_connections=args.max_connections,
         allowed_local_paths=args.allowed_local_paths, state_dir=args.disk_dir)
     adapters, models = _pairs(args.lora_modules, "--lora-modules"), _pairs(args.private_models, "--private-models")
+    embedder = load_embedder(args.embedding_model)
     llm = AsyncLLM(args.model, max_waiting=args.max_waiting, **engine_args)
     try:
         for name, path in adapters:
             llm.add_adapter(name, path)
         for name, path in models:
             llm.add_private_model(name, path)
+        app = build_app(llm, config, shutdown_llm=True, embedder=embedder)  # checks that every alias names a served model
     except Exception:
         llm.shutdown()
         raise
-    app = build_app(llm, config, shutdown_llm=True)
     logger.info("serving %s as %r on http://%s:%d", args.model, config.served_model_name, args.host, args.port)
     uvicorn.Server(uvicorn_config(app, config, args.host, args.port, "info" if args.verbose else "warning")).run()

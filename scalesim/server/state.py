@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scalesim.async_llm import AsyncLLM
+from scalesim.embeddings.sentence_embedder import SentenceEmbedder
 from scalesim.server.agent_store import AgentRecord, AgentStore
 from scalesim.server.config import ServerConfig
 from scalesim.server.errors import APIError
@@ -29,6 +30,7 @@ class ServerState:
     config: ServerConfig
     agents: AgentStore
     metrics: ServerMetrics
+    embedder: SentenceEmbedder | None = None
     weight_names: dict[str, str] = field(default_factory=dict)  # resolved folder -> registered name
     weights_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -37,23 +39,68 @@ class ServerState:
         return self.llm.engine.weights.base_name
 
     def model_names(self) -> list[str]:
-        """What `/v1/models` lists: the served name, 'served:adapter' per adapter, private models."""
-        weights = self.llm.engine.weights
-        return ([self.config.served_model_name] + [f"{self.config.served_model_name}:{a}" for a in weights.adapters]
-                + list(weights.models))
-
-    def resolve_model(self, name: str) -> tuple[str | None, str | None]:
-        """(adapter, private model) that a request's `model` names; 404 for an unknown name."""
+        """What `/v1/models` lists: the served names, 'served:adapter' per adapter, private models,
+        then the aliases."""
         weights = self.llm.engine.weights
         served = self.config.served_model_name
-        if name in (served, self.base_name):
+        embedders = [self.embedder.name] if self.embedder else []
+        return (self.config.base_model_names + [f"{served}:{a}" for a in weights.adapters] + list(weights.models)
+                + embedders + list(self.config.model_aliases))
+
+    def model_cards(self) -> list[dict]:
+        """`/v1/models`' entries: each name with its kind and, where it stands for another, its root."""
+        weights, served, aliases = self.llm.engine.weights, self.config.served_model_name, self.config.model_aliases
+
+        def card(name: str) -> dict:
+            embedding = self.embedder is not None and name == self.embedder.name
+            kind = ("alias" if name in aliases else "private_model" if name in weights.models
+                    else "adapter" if name.startswith(f"{served}:") else "embedding" if embedding else "base")
+            root = aliases.get(name) or (None if name == served or embedding else served)
+            return {"id": name, "object": "model", "created": 0, "owned_by": "scalesim", "root": root, "kind": kind}
+
+        return [card(name) for name in self.model_names()]
+
+    def check_aliases(self) -> None:
+        """A ValueError at start-up for an alias whose target is not served."""
+        for alias, target in self.config.model_aliases.items():
+            if self.embedder is not None and target == self.embedder.name:
+                continue
+            try:
+                self.resolve_model(target)
+            except APIError:
+                raise ValueError(f"--model-aliases {alias}={target}: {target!r} is not served "
+                                 f"(served: {self.model_names()[:-len(self.config.model_aliases)]})") from None
+
+    def resolve_model(self, name: str) -> tuple[str | None, str | None]:
+        """(adapter, private model) that a request's `model` names, after its alias; 404 for an
+        unknown name unless any name is accepted."""
+        weights = self.llm.engine.weights
+        name = self.config.model_aliases.get(name, name)
+        if self.embedder is not None and name == self.embedder.name:
+            raise APIError(400, f"{name!r} is an embedding model: send it to /v1/embeddings", param="model")
+        bases = (*self.config.base_model_names, self.base_name)
+        if name in bases:
             return None, None
         base, sep, adapter = name.partition(":")
-        if sep and base in (served, self.base_name) and adapter in weights.adapters:
-            return adapter, None
-        if name in weights.models:
+        if sep and base in bases:
+            if adapter in weights.adapters:
+                return adapter, None
+        elif name in weights.models:
             return None, name
+        elif self.config.accept_any_model:
+            return None, None
         raise APIError(404, f"the model {name!r} does not exist; served: {self.model_names()}", param="model",
+                       code="model_not_found")
+
+    def resolve_embedder(self, name: str) -> SentenceEmbedder:
+        """The embedder, if `name` (after its alias) is its name or any name is accepted; else a 404."""
+        if self.embedder is None:
+            raise APIError(404, "this server has no embedding model (start it with --embedding-model)",
+                           param="model", code="model_not_found")
+        if self.config.model_aliases.get(name, name) == self.embedder.name or self.config.accept_any_model:
+            return self.embedder
+        raise APIError(404, f"the embedding model {name!r} does not exist; served: {self.embedder.name!r} (map "
+                            f"other names with --model-aliases NAME={self.embedder.name})", param="model",
                        code="model_not_found")
 
     # --- the agent registry ------------------------------------------------------------------
