@@ -19,7 +19,11 @@ class SamplingParams:
     temperature 0 (or below 1e-5, where dividing the logits by it is not finite) means greedy.
     top_p in (0, 1], top_k 0 or -1 means off, a top_k over the vocabulary keeps it all. A `seed` makes the
     request's samples reproducible regardless of what it is batched with; with n > 1 completion i
-    uses seed + i. Generation ends at max_tokens, at a stop string (cut from the text), at a stop
+    uses seed + i. `min_p` drops tokens less likely than min_p times the most likely one.
+    Penalties, as OpenAI and vLLM define them: `presence_penalty` is subtracted from the logit of
+    every token the completion has produced, `frequency_penalty` once per time it has;
+    `repetition_penalty` (vLLM's) divides positive and multiplies negative logits of tokens in
+    the prompt or the completion. Generation ends at max_tokens, at a stop string (cut from the text), at a stop
     token id, or at the model's end-of-sequence token unless ignore_eos.
     """
 
@@ -27,6 +31,10 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     n: int = 1
     stop: list[str] = field(default_factory=list)
@@ -34,7 +42,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
-    json_mode: bool = False
+    grammar: str | None = None  # an llguidance grammar the output must match (scalesim.engine.grammar)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +61,14 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise InvalidRequestError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty <= 2:
+            raise InvalidRequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
@@ -73,6 +89,10 @@ class SamplingParams:
                                       "biases in [-100, 100]")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise InvalidRequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:

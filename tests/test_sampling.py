@@ -63,3 +63,45 @@ def test_extreme_but_valid_knobs_sample_normally():
     tokens, failed = sample(logits, params, [None] * 4)
     assert failed == []
     assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax() and tokens[3] == logits[3].argmax()
+
+
+def test_min_p_never_samples_a_token_less_likely_than_min_p_times_the_best():
+    logits = _logits()
+    probs = logits.softmax(-1)
+    keep = probs >= 0.2 * probs.amax(-1, keepdim=True)
+    params = [SamplingParams(temperature=1.0, min_p=0.2)] * 4
+    for _ in range(50):
+        tokens = sample(logits.clone(), params, [None] * 4)[0]
+        assert keep[torch.arange(4), tokens].all()
+
+
+def _seq(params: SamplingParams, prompt: list[int], output: list[int]):
+    from scalesim.engine.sequence import Sequence
+
+    return Sequence(request_id="r", index=0, prompt_token_ids=prompt, params=params, output_token_ids=output)
+
+
+def test_presence_and_frequency_penalties_lower_the_completions_tokens_as_openai_defines():
+    from scalesim.engine.logits_processors import process_logits
+
+    row = torch.zeros(1, 10)
+    seq = _seq(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt=[7], output=[3, 3, 3, 4])
+    out = process_logits(row, [seq])[0]
+    assert out[3] == -(0.5 + 3 * 0.25) and out[4] == -(0.5 + 0.25)
+    assert out[7] == 0 and out[0] == 0  # the prompt's tokens are not penalized
+
+
+def test_repetition_penalty_shrinks_every_seen_token_toward_unlikely():
+    from scalesim.engine.logits_processors import process_logits
+
+    row = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
+    seq = _seq(SamplingParams(repetition_penalty=2.0), prompt=[0, 1], output=[])
+    assert process_logits(row, [seq])[0].tolist() == [1.0, -4.0, 2.0, -2.0]
+
+
+def test_a_greedy_request_with_a_penalty_stops_repeating_itself():
+    from scalesim.engine.logits_processors import process_logits
+
+    logits = torch.tensor([[5.0, 4.0, 0.0]])
+    seq = _seq(SamplingParams(temperature=0, frequency_penalty=2.0), prompt=[], output=[0])
+    assert sample(process_logits(logits, [seq]), [seq.params], [None])[0].item() == 1

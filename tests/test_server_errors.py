@@ -131,9 +131,9 @@ def test_unknown_route_and_wrong_method_get_openai_error_bodies(url):
     _error(httpx.get(url + "/v1/chat/completions", headers=AUTH), 405)
 
 
-def test_forcing_a_tool_is_refused_clearly(url):
+def test_forcing_a_tool_that_is_not_offered_is_refused_clearly(url):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    body = {"model": MODEL, "messages": CHAT, "tools": tools, "tool_choice": "required"}
+    body = {"model": MODEL, "messages": CHAT, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "g"}}}
     assert "tool_choice" in _error(httpx.post(url + "/v1/chat/completions", json=body, headers=AUTH), 400)["message"]
 
 

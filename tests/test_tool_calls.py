@@ -5,7 +5,6 @@ import json
 import jinja2
 import pytest
 
-from scalesim.engine.json_constraint import JsonPrefix
 from scalesim.errors import InvalidRequestError
 from scalesim.server.chat_render import render_prompt
 from scalesim.server.tool_calls import function_names, parse_tool_calls
@@ -79,14 +78,3 @@ def test_a_strict_template_never_rejects_what_frameworks_send():
                    {"role": "tool", "content": "{'success': True}"}]
     text = render_prompt(_StrictTokenizer(), with_system)
     assert "profile" in text and '"name": "like_post"' in text and "{'success': True}" in text
-
-
-def test_json_prefix_accepts_json_objects_and_rejects_the_rest():
-    good = '{"a": [1, -2.5e3, true, null, "x\\u00e9"], "b": {}}'
-    state = JsonPrefix()
-    state.advance(good)
-    assert state.done and json.loads(good)
-    for bad in ("[1]", '{"a" 1}', '{"a": 01}', '{"a": 1,}', "{} x", '{"a": tru}'):
-        probe = JsonPrefix()
-        assert not (probe.accepts(bad) and (probe.advance(bad) or probe.done)), bad
-    assert JsonPrefix().accepts('{"a": 12') and not JsonPrefix().accepts("```json")

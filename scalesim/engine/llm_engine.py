@@ -10,6 +10,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -19,8 +20,7 @@ from scalesim.engine.cpu_runtime import configure_cpu_allocator
 from scalesim.layers.linear import pack_for_cpu
 from scalesim.layers.lora import stack_nbytes
 from scalesim.engine.detokenizer import IncrementalDetokenizer
-from scalesim.engine.json_constraint import JsonPrefix
-from scalesim.engine.logits_processors import TokenTexts
+from scalesim.engine.grammar import GrammarCompiler
 from scalesim.engine.model_runner import ModelRunner, SampledToken
 from scalesim.engine.radix_cache import RadixCache
 from scalesim.distance.hints import estimate_distances
@@ -85,8 +85,7 @@ class LLMEngine:
         self.memory_hooks = ManagedMemory(self.memory, self.cache, self.pool)
         self.scheduler = Scheduler(self.pool, self.cache, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.memory_hooks)
-        self.runner = ModelRunner(self.model, self.pool, config.device,
-                                  TokenTexts(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids))
+        self.runner = ModelRunner(self.model, self.pool, config.device)
         self.weights = WeightRegistry(config.model, self.model_config, config.device, config.torch_dtype,
                                       config.max_lora_rank, self.memory)
         self.agents: dict[str, Agent] = {}
@@ -157,7 +156,8 @@ class LLMEngine:
             seq = Sequence(request_id=request_id, index=index, prompt_token_ids=list(prompt_ids), params=params,
                            agent_id=agent_id, namespace=namespace, eos_token_ids=self.eos_token_ids,
                            generator=generator, want_prompt_logits=want_prompt_logits and index == 0,
-                           adapter=lora, private_model=private, json=JsonPrefix() if params.json_mode else None)
+                           adapter=lora, private_model=private,
+                           grammar=self.grammars.matcher(params.grammar) if params.grammar is not None else None)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.stop))
         self.requests[request_id] = _Request(request_id, seqs, detoks)
@@ -166,6 +166,11 @@ class LLMEngine:
         if agent_id is not None:
             self.memory.on_request(agent_id)
         return request_id
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Matchers for structured output over this model's tokenizer, built on first use (about 0.5 s)."""
+        return GrammarCompiler(self.tokenizer.fast.to_str(), self.model_config.vocab_size, self.eos_token_ids)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its pages (a client went away). Unknown ids are ignored."""

@@ -1,67 +1,41 @@
-"""Per-request edits of the logits before sampling: OpenAI's `logit_bias`, and JSON mode.
-
-JSON mode keeps, of the `JSON_CANDIDATES` most likely tokens, those whose text keeps the output
-a prefix of a JSON object (single-character tokens when none does), and only end-of-sequence
-once the object is closed. The model's own preferences still choose among the valid tokens.
+"""Per-request edits of the logits before sampling, in vLLM's order: OpenAI's `logit_bias`, the
+repetition, frequency and presence penalties, then the structured-output grammar's mask (last,
+so that nothing can make a disallowed token win again).
 """
-
-from functools import cached_property
 
 import torch
 
+from scalesim.engine.grammar import mask_disallowed
 from scalesim.engine.sequence import Sequence
 
-JSON_CANDIDATES = 64
+
+def needs_processing(seq: Sequence) -> bool:
+    return bool(seq.params.logit_bias) or seq.params.penalized or seq.grammar is not None
 
 
-class TokenTexts:
-    """The text of every token id, decoded once on first use."""
-
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.eos_token_ids = sorted(eos_token_ids)
-
-    @cached_property
-    def texts(self) -> list[str]:
-        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
-
-    @cached_property
-    def single_chars(self) -> list[int]:
-        return [i for i, text in enumerate(self.texts) if len(text) == 1 and i not in self.special]
-
-    @cached_property
-    def special(self) -> frozenset[int]:
-        """Control tokens (end of turn, tool tags, ...): text that must never count as JSON."""
-        return frozenset(i for i, text in enumerate(self.texts)
-                         if text and not self.tokenizer.decode([i], skip_special_tokens=True))
+def _penalize(row: torch.Tensor, seq: Sequence) -> None:
+    """OpenAI's penalties on the completion's tokens, vLLM's repetition penalty on every token seen."""
+    params = seq.params
+    if params.presence_penalty or params.frequency_penalty:
+        output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=row.device)
+        counts = torch.bincount(output, minlength=row.shape[0])[:row.shape[0]].to(row.dtype)
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=row.device)
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
 
 
-def _json_allowed(seq: Sequence, row: torch.Tensor, texts: TokenTexts) -> list[int]:
-    if seq.json.done:
-        return texts.eos_token_ids
-    candidates = row.topk(min(JSON_CANDIDATES, row.shape[0])).indices.tolist()
-    allowed = [t for t in candidates if t not in texts.special and seq.json.accepts(texts.texts[t])]
-    return allowed or [t for t in texts.single_chars if seq.json.accepts(texts.texts[t])]
-
-
-def process_logits(logits: torch.Tensor, seqs: list[Sequence], texts: TokenTexts) -> torch.Tensor:
-    """Apply each row's logit bias and JSON constraint (in place); rows without either are untouched."""
+def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Apply each row's logit bias, penalties and grammar (in place); other rows are untouched."""
     for i, seq in enumerate(seqs):
         bias = seq.params.logit_bias
         if bias:
             ids = torch.tensor(list(bias), device=logits.device)
             logits[i, ids] += torch.tensor(list(bias.values()), device=logits.device, dtype=logits.dtype)
-        if seq.json is not None:
-            allowed = torch.tensor(_json_allowed(seq, logits[i], texts), device=logits.device, dtype=torch.long)
-            kept = logits[i, allowed]
-            logits[i] = float("-inf")
-            logits[i, allowed] = kept
+        if seq.params.penalized:
+            _penalize(logits[i], seq)
+    constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+    if constrained:
+        mask_disallowed(logits, constrained, [seqs[i].grammar for i in constrained])
     return logits
-
-
-def advance_constraints(seqs: list[Sequence], tokens: list[int], texts: TokenTexts) -> None:
-    """Feed each JSON-mode sequence the text of the token it just sampled."""
-    for seq, token in zip(seqs, tokens):
-        if seq.json is not None and not seq.json.done and token not in texts.eos_token_ids:
-            seq.json.advance(texts.texts[token])

@@ -7,7 +7,8 @@ import torch
 
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.cpu_threads import ThreadGovernor
-from scalesim.engine.logits_processors import TokenTexts, advance_constraints, process_logits
+from scalesim.engine.grammar import consume
+from scalesim.engine.logits_processors import needs_processing, process_logits
 from scalesim.engine.sampler import sample, top_logprobs
 from scalesim.engine.scheduler import ScheduledSequence
 from scalesim.engine.sequence import Sequence
@@ -34,9 +35,8 @@ class SampledToken:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: BlockPool, device: str, token_texts: TokenTexts) -> None:
+    def __init__(self, model: LlamaForCausalLM, pool: BlockPool, device: str) -> None:
         self.model = model
-        self.token_texts = token_texts
         self.pool = pool
         self.device = torch.device(device)
         self.lora_stacks = LoRAStackCache()
@@ -157,8 +157,8 @@ class ModelRunner:
         rows = torch.tensor([row for _, row in sampling], device=self.device)
         logits = model.compute_logits(hidden.index_select(0, rows))
         seqs = [s.seq for s, _ in sampling]
-        if any(q.params.logit_bias or q.json is not None for q in seqs):
-            logits = process_logits(logits, seqs, self.token_texts)
+        if any(needs_processing(q) for q in seqs):
+            logits = process_logits(logits, seqs)
         tokens, failed_rows = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
         failed = set(failed_rows)
         want = max((q.params.logprobs for q in seqs if q.params.logprobs is not None), default=None)
@@ -169,9 +169,9 @@ class ModelRunner:
                 logger.warning("failing %s: %s", q.request_id, NON_FINITE_LOGITS)
                 results.append(SampledToken(q, int(t), None, NON_FINITE_LOGITS))
                 continue
-            if q.json is not None:  # last, and per sequence: nothing of the step is redone after it
+            if q.grammar is not None:  # last, and per sequence: nothing of the step is redone after it
                 try:
-                    advance_constraints([q], [int(t)], self.token_texts)
+                    consume(q.grammar, int(t))
                 except Exception as exc:
                     results.append(_failed(q, exc))
                     continue

@@ -1,4 +1,4 @@
-"""Turn logits into tokens: greedy, temperature, top-k, top-p, with per-request seeds.
+"""Turn logits into tokens: greedy, temperature, top-k, top-p, min-p, with per-request seeds.
 
 Filtering is batched; the final draw is one `torch.multinomial` per sampled row so that a seeded
 request draws from its own generator and gets the same tokens whatever it is batched with.
@@ -11,8 +11,9 @@ from scalesim.sampling_params import SamplingParams
 MIN_LOGPROB = -9999.0
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) everything outside each row's top-k and top-p nucleus."""
+def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) everything outside each row's top-k and top-p nucleus, and every token less
+    likely than min_p times the row's most likely token."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
@@ -21,6 +22,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     drop |= mass_before >= top_p.unsqueeze(1)
+    drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
@@ -46,7 +48,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         temperature = torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(1)
         top_k = torch.tensor([min(params[i].top_k, vocab) for i in rows], device=logits.device)
         top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device, dtype=sub.dtype)
-        probs = _filter_top_k_top_p(sub / temperature, top_k, top_p).softmax(dim=-1)
+        min_p = torch.tensor([params[i].min_p for i in rows], device=logits.device, dtype=sub.dtype)
+        probs = _filter(sub / temperature, top_k, top_p, min_p).softmax(dim=-1)
         failed[index] |= ~probs.amax(dim=-1).isfinite()
         for j, row in enumerate(rows):
             if not failed[row]:

@@ -4,9 +4,9 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import llguidance
 import torch
 
-from scalesim.engine.json_constraint import JsonPrefix
 from scalesim.engine.radix_cache import RadixNode
 from scalesim.sampling_params import SamplingParams
 from scalesim.weights.lora import LoRAAdapter
@@ -50,7 +50,7 @@ class Sequence:
     arrival_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     num_preemptions: int = 0
-    json: JsonPrefix | None = None  # JSON mode: what the output so far is a prefix of
+    grammar: llguidance.LLMatcher | None = None  # structured output: where the output stands in its grammar
 
     @property
     def weights(self) -> tuple:

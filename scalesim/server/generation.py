@@ -60,7 +60,7 @@ def now_s() -> int:
 
 
 def sampling_params(state: ServerState, req: _Sampling, prompt_tokens: int, max_tokens: int | None,
-                    logprobs: int | None, json_mode: bool = False) -> SamplingParams:
+                    logprobs: int | None, grammar: str | None = None) -> SamplingParams:
     """The engine's settings for an OpenAI request; a missing max_tokens is the server's default cap,
     shortened to what the context has left."""
     context_left = state.llm.engine.max_model_len - prompt_tokens
@@ -76,8 +76,10 @@ def sampling_params(state: ServerState, req: _Sampling, prompt_tokens: int, max_
     return SamplingParams(
         max_tokens=max_tokens, n=req.n, seed=req.seed, stop=req.stop or [], ignore_eos=req.ignore_eos,
         temperature=OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, logprobs=logprobs,
-        logit_bias=bias, json_mode=json_mode)
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logprobs=logprobs, logit_bias=bias, grammar=grammar)
 
 
 @dataclass

@@ -11,37 +11,12 @@ from scalesim.server.errors import APIError, error_body
 from scalesim.server.generation import (Run, chat_logprobs, check_fan_out, completion_logprobs, new_id, now_s,
                                         run_to_end, sampling_params, stream_deltas, tokenize, unless_client_leaves)
 from scalesim.server.identity import resolve_identity
+from scalesim.server.output_format import OutputFormat, output_format
 from scalesim.server.protocol import ChatCompletionRequest, CompletionRequest
 from scalesim.server.sse import DONE, event, primed, sse_response
 from scalesim.server.state import ServerState, server_state
-from scalesim.server.tool_calls import function_names, parse_tool_calls
 
 router = APIRouter()
-JSON_FORMATS = ("json_object", "json_schema")
-
-
-def _offered_tools(req: ChatCompletionRequest) -> list[dict] | None:
-    choice = req.tool_choice if req.tool_choice is not None else "auto"
-    if choice not in ("auto", "none"):
-        raise APIError(400, "tool_choice must be 'auto' or 'none' (forcing a function is not supported)",
-                       param="tool_choice")
-    return req.tools if req.tools and choice == "auto" else None
-
-
-def _json_mode(req: ChatCompletionRequest) -> bool:
-    kind = (req.response_format or {}).get("type", "text")
-    if kind not in ("text", *JSON_FORMATS):
-        raise APIError(400, f"response_format type must be text, json_object or json_schema, got {kind!r}",
-                       param="response_format")
-    return kind in JSON_FORMATS
-
-
-def _chat_message(output: CompletionOutput, offered: list[str]) -> tuple[dict, str | None]:
-    if offered:
-        calls, content = parse_tool_calls(output.text, offered)
-        if calls:
-            return {"role": "assistant", "content": content, "tool_calls": [c.as_openai() for c in calls]}, "tool_calls"
-    return {"role": "assistant", "content": output.text}, output.finish_reason
 
 
 @router.post("/v1/chat/completions")
@@ -51,29 +26,28 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"), messages,
                                 state.config.infer_agents)
     adapter, model = state.resolve_model(identity.model)
-    tools = _offered_tools(req)
-    offered = function_names(tools) if tools else []
-    prompt = tokenize(state, render_prompt(state.llm.tokenizer, messages, tools))
+    fmt = output_format(req)
+    prompt = tokenize(state, render_prompt(state.llm.tokenizer, messages, fmt.tools))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     check_fan_out(state, req.n)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = sampling_params(state, req, len(prompt), max_tokens, logprobs, json_mode=_json_mode(req))
+    params = sampling_params(state, req, len(prompt), max_tokens, logprobs, grammar=fmt.grammar)
     head = {"id": new_id("chatcmpl"), "created": now_s(), "model": req.model}
     if req.stream:
         run = Run([CompletionOutput(i) for i in range(params.n)], prompt_tokens=len(prompt))
         deltas = await unless_client_leaves(
             request, primed(stream_deltas(state, prompt, params, identity.agent_id, adapter, model, run)))
-        return sse_response(_chat_events(head, deltas, run, offered, req, state))
+        return sse_response(_chat_events(head, deltas, run, fmt, req, state))
     run = await unless_client_leaves(request, run_to_end(state, prompt, params, identity.agent_id, adapter, model))
     choices = []
     for output in run.outputs:
-        message, finish = _chat_message(output, offered)
+        message, finish = fmt.message(output)
         choices.append({"index": output.index, "message": message, "finish_reason": finish,
                         "logprobs": chat_logprobs(state, output.logprobs) if logprobs is not None else None})
     return {**head, "object": "chat.completion", "choices": choices, "usage": run.usage()}
 
 
-async def _chat_events(head: dict, deltas: AsyncIterator, run: Run, offered: list[str],
+async def _chat_events(head: dict, deltas: AsyncIterator, run: Run, fmt: OutputFormat,
                        req: ChatCompletionRequest, state: ServerState) -> AsyncIterator[str]:
     """Chunks as OpenAI streams them; with tools offered a completion is held back until it ends,
     then sent as tool_calls or as text."""
@@ -89,9 +63,9 @@ async def _chat_events(head: dict, deltas: AsyncIterator, run: Run, offered: lis
         if isinstance(delta, str):
             yield delta
             return
-        if offered:
+        if fmt.calls:
             if delta.finished:
-                message, finish = _chat_message(run.outputs[delta.index], offered)
+                message, finish = fmt.message(run.outputs[delta.index])
                 if "tool_calls" in message:
                     calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
                     yield chunk(delta.index, {"content": message["content"], "tool_calls": calls}, finish)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from scalesim.errors import InvalidRequestError
 
-_TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+TOOL_CALL_BEGIN, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+_TOOL_CALL_BLOCK = re.compile(f"{TOOL_CALL_BEGIN}\\s*(.*?)\\s*(?:{TOOL_CALL_END}|$)", re.DOTALL)
 _CODE_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
 
@@ -26,6 +27,10 @@ class ToolCall:
     def as_openai(self, index: int | None = None) -> dict:
         out = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
         return out if index is None else {"index": index, **out}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def function_names(tools: list[dict]) -> list[str]:
@@ -46,7 +51,7 @@ def tools_system_text(tools: list[dict]) -> str:
     return ("# Tools\n\nYou may call one or more of these functions. Their signatures, one JSON object a line:\n"
             f"<tools>\n{signatures}\n</tools>\n\n"
             "To call a function, answer with a JSON object of its name and arguments inside tags:\n"
-            '<tool_call>\n{"name": <function-name>, "arguments": <arguments-object>}\n</tool_call>')
+            f'{TOOL_CALL_BEGIN}\n{{"name": <function-name>, "arguments": <arguments-object>}}\n{TOOL_CALL_END}')
 
 
 def render_tool_calls(tool_calls: list[dict]) -> str:
@@ -78,7 +83,7 @@ def _as_call(obj, offered: set[str]) -> ToolCall | None:
             return None
     if not isinstance(arguments, dict):
         return None
-    return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}")
+    return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False), new_call_id())
 
 
 def _bare_json_calls(text: str, offered: set[str]) -> tuple[list[ToolCall], str]:
