@@ -8,7 +8,8 @@ from openai import OpenAI
 
 from scalesim import AsyncLLM
 from scalesim.server.config import ServerConfig
-from scalesim.server.identity import infer_from_system_message
+from scalesim.server.identity import message_texts
+from scalesim.server.private_spans import PrivateSpans, segments
 from scalesim.sim import Simulation, SimulationError
 from tests.server_util import running_server
 
@@ -65,21 +66,28 @@ def test_the_first_channel_wins(url):
     assert [_agent(url, a).status_code for a in ("w-user", "w-header", "w-alias")] == [404, 404, 404]
 
 
-def test_without_an_id_the_system_message_names_a_stable_anonymous_agent(url):
+def _inferred(url: str, messages: list[dict]) -> str:
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    for _ in range(2):
-        client.chat.completions.create(model=MODEL, messages=_chat("Nameless"), max_tokens=2)
-    inferred = infer_from_system_message(_chat("Nameless"))
-    assert inferred.startswith("anon-") and _agent(url, inferred).status_code == 200
-    assert inferred != infer_from_system_message(_chat("Other"))
+    return client.chat.completions.with_raw_response.create(model=MODEL, messages=messages,
+                                                            max_tokens=2).headers["x-agent-id"]
+
+
+def test_without_an_id_the_prompt_names_a_stable_anonymous_agent(url):
+    first, other = _inferred(url, _chat("Nameless")), _inferred(url, _chat("Other"))
+    assert first.startswith("anon-") and other.startswith("anon-") and first != other
+    assert _inferred(url, _chat("Nameless")) == _inferred(url, _chat("Nameless") + [
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}])
+    assert _agent(url, first).status_code == 200
 
 
 def test_inference_can_be_turned_off():
     llm = AsyncLLM(MODEL, kv_cache_memory="1MiB", block_size_tokens=4)
     with running_server(llm, ServerConfig(MODEL, infer_agents=False)) as base:
-        OpenAI(base_url=base + "/v1", api_key="none").chat.completions.create(
+        reply = OpenAI(base_url=base + "/v1", api_key="none").chat.completions.with_raw_response.create(
             model=MODEL, messages=_chat("Ghost"), max_tokens=2)
-        assert _agent(base, infer_from_system_message(_chat("Ghost"))).status_code == 404
+        assert "x-agent-id" not in reply.headers
+        would_be = PrivateSpans().agent_of(segments(message_texts(_chat("Ghost"))))  # a first call's id
+        assert _agent(base, would_be).status_code == 404
 
 
 def test_a_registered_persona_is_prefilled_and_reused(url):

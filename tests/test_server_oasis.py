@@ -9,7 +9,6 @@ from openai import AsyncOpenAI, OpenAI
 
 from scalesim import AsyncLLM
 from scalesim.server.config import ServerConfig
-from scalesim.server.identity import infer_from_system_message
 from scalesim.sim import oasis_requests as oasis
 from tests.server_util import running_server
 
@@ -43,9 +42,14 @@ def test_an_oasis_replay_is_served_and_each_profile_becomes_its_own_agent(url):
     histories = [[{"role": "system", "content": oasis.profile(i)}, {"role": "user", "content": oasis.feed(1, i)}]
                  for i in range(AGENTS)]
 
+    agent_ids: list[set[str]] = [set() for _ in range(AGENTS)]
+
     async def step_all(step: int) -> list[dict]:
-        replies = await asyncio.gather(*(client.chat.completions.create(**oasis.request(h)) for h in histories))
-        return [r.model_dump() for r in replies]
+        raws = await asyncio.gather(*(client.chat.completions.with_raw_response.create(**oasis.request(h))
+                                      for h in histories))
+        for ids, raw in zip(agent_ids, raws):
+            ids.add(raw.headers["x-agent-id"])
+        return [raw.parse().model_dump() for raw in raws]
 
     async def run() -> list[list[dict]]:
         steps = []
@@ -63,9 +67,11 @@ def test_an_oasis_replay_is_served_and_each_profile_becomes_its_own_agent(url):
     # Each later request extends the agent's previous one, so most of its prompt comes from the cache.
     for reply in steps[-1]:
         assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] > reply["usage"]["prompt_tokens"] // 2
-    inferred = [infer_from_system_message([{"role": "system", "content": oasis.profile(i)}]) for i in range(AGENTS)]
-    assert len(set(inferred)) == AGENTS
-    for agent_id in inferred:
+    # Every profile is its own agent; the first call of the run has nothing to part from yet and is
+    # named by its first sentence (private_spans' cold start), so one agent may have a second id.
+    assert sum(len(ids) for ids in agent_ids) <= AGENTS + 1
+    assert len(set.union(*agent_ids)) >= AGENTS
+    for agent_id in set.union(*agent_ids):
         agent = httpx.get(f"{url}/v1/agents/{agent_id}").json()
         assert any(o["kind"] == "kv" for o in agent["objects"]), agent_id
 

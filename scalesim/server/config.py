@@ -27,7 +27,7 @@ class ServerConfig:
     needs `Authorization: Bearer <api_key>`; an empty key is refused (an unset `$KEY`).
     `allowed_hosts`: Host header values accepted (a port is ignored); None accepts any. Against
     DNS rebinding, `scalesim serve` on a loopback address accepts only local names by default.
-    `infer_agents`: a chat request without an agent id gets one derived from its system message.
+    `infer_agents`: a request without an agent id gets one inferred from its prompt's private part.
     `default_max_tokens`: the completion cap when a request sets none (OASIS sends none).
     `max_sequences_per_request`: prompts x n of one request, at most.
     `request_read_timeout_s`: a request (headers and body) must arrive within this; else a 408.

@@ -1,24 +1,23 @@
 """Which agent sent a request: the first channel that names one wins.
 
 Order: `agent_id` in the body (openai `extra_body`), the standard `user` field, the `X-Agent-Id`
-header, the model alias `base@agent`. No framework sends any of these today, so when none is
-given the agent is inferred from the request's private part: in a chat, the system message
-(in OASIS it is the agent's profile, unique per agent and constant across steps). Its hash is a
-stable anonymous id, so an unmodified simulation still gets per-agent memory management through
-the learned-fallback distance.
+header, the model alias `base@agent`. Frameworks send none of these, so when none is given the
+agent is inferred from the request's private part: the first place where its prompt parts ways
+with the prompts seen before (see private_spans). The id used is sent back in the `X-Agent-Id`
+response header, so a simulation can see whom the server took each call for.
 """
 
-import hashlib
 from dataclasses import dataclass
 
-INFERRED_PREFIX = "anon-"
-INFERRED_HASH_CHARS = 16
+from scalesim.server.private_spans import PrivateSpans, segments
+
+AGENT_ID_HEADER = "X-Agent-Id"
 
 
 @dataclass
 class Identity:
     agent_id: str | None
-    source: str  # body, user, header, model_alias, system_message, none
+    source: str  # body, user, header, model_alias, inferred, none
     model: str  # the request's model name with any `@agent` alias removed
 
 
@@ -28,24 +27,23 @@ def split_model_alias(model: str) -> tuple[str, str | None]:
     return (base, agent) if sep and base and agent else (model, None)
 
 
-def infer_from_system_message(messages: list[dict] | None) -> str | None:
-    """A stable id from the first system message's text, or None when there is none."""
-    for message in messages or ():
-        if message.get("role") in ("system", "developer"):
-            text = message.get("content")
-            if isinstance(text, list):
-                text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
-            if isinstance(text, str) and text:
-                return INFERRED_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:INFERRED_HASH_CHARS]
-            return None
-    return None
+def message_texts(messages: list[dict]) -> list[tuple[str, str]]:
+    """(role, text) of each chat message, text parts joined."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        out.append((str(message.get("role")), content if isinstance(content, str) else ""))
+    return out
 
 
 def resolve_identity(model: str, body_agent_id: str | None, user: str | None, header: str | None,
-                     messages: list[dict] | None, infer: bool) -> Identity:
+                     texts: list[tuple[str, str]] | None, spans: PrivateSpans | None) -> Identity:
+    """The agent a request names; else, with `spans` (inference on) and text, the inferred one."""
     base, alias = split_model_alias(model)
     for agent_id, source in ((body_agent_id, "body"), (user, "user"), (header, "header"), (alias, "model_alias")):
         if agent_id:
             return Identity(agent_id, source, base)
-    inferred = infer_from_system_message(messages) if infer else None
-    return Identity(inferred, "system_message" if inferred else "none", base)
+    inferred = spans.agent_of(segments(texts)) if spans is not None and texts else None
+    return Identity(inferred, "inferred" if inferred else "none", base)

@@ -3,14 +3,14 @@
 import asyncio
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from scalesim.outputs import CompletionOutput
 from scalesim.server.chat_render import render_prompt
 from scalesim.server.errors import APIError, error_body
 from scalesim.server.generation import (Run, chat_logprobs, check_fan_out, completion_logprobs, new_id, now_s,
                                         run_to_end, sampling_params, stream_deltas, tokenize, unless_client_leaves)
-from scalesim.server.identity import resolve_identity
+from scalesim.server.identity import AGENT_ID_HEADER, message_texts, resolve_identity
 from scalesim.server.output_format import OutputFormat, output_format
 from scalesim.server.protocol import ChatCompletionRequest, CompletionRequest
 from scalesim.server.sse import DONE, event, primed, sse_response
@@ -20,11 +20,12 @@ router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request):
+async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response):
     state = server_state(request)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"), messages,
-                                state.config.infer_agents)
+    identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"),
+                                message_texts(messages), state.private_spans)
+    headers = {AGENT_ID_HEADER: identity.agent_id} if identity.agent_id else {}
     adapter, model = state.resolve_model(identity.model)
     fmt = output_format(req)
     prompt = tokenize(state, render_prompt(state.llm.tokenizer, messages, fmt.tools))
@@ -37,13 +38,14 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         run = Run([CompletionOutput(i) for i in range(params.n)], prompt_tokens=len(prompt))
         deltas = await unless_client_leaves(
             request, primed(stream_deltas(state, prompt, params, identity.agent_id, adapter, model, run)))
-        return sse_response(_chat_events(head, deltas, run, fmt, req, state))
+        return sse_response(_chat_events(head, deltas, run, fmt, req, state), headers)
     run = await unless_client_leaves(request, run_to_end(state, prompt, params, identity.agent_id, adapter, model))
     choices = []
     for output in run.outputs:
         message, finish = fmt.message(output)
         choices.append({"index": output.index, "message": message, "finish_reason": finish,
                         "logprobs": chat_logprobs(state, output.logprobs) if logprobs is not None else None})
+    response.headers.update(headers)
     return {**head, "object": "chat.completion", "choices": choices, "usage": run.usage()}
 
 
@@ -100,10 +102,12 @@ def _prompts(prompt) -> list[str | list[int]]:
 
 
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request):
+async def completions(req: CompletionRequest, request: Request, response: Response):
     state = server_state(request)
-    identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"), None,
-                                state.config.infer_agents)
+    text = [("prompt", req.prompt)] if isinstance(req.prompt, str) else None
+    identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"), text,
+                                state.private_spans)
+    headers = {AGENT_ID_HEADER: identity.agent_id} if identity.agent_id else {}
     adapter, model = state.resolve_model(identity.model)
     prompts = _prompts(req.prompt)
     check_fan_out(state, len(prompts) * req.n)
@@ -116,7 +120,7 @@ async def completions(req: CompletionRequest, request: Request):
                for p, q, r in zip(prompts, params, runs)]
     if req.stream:
         merged = await unless_client_leaves(request, primed(_merge(streams)))
-        return sse_response(_completion_events(head, merged, runs, echoes, req, state))
+        return sse_response(_completion_events(head, merged, runs, echoes, req, state), headers)
     await unless_client_leaves(request, _drain_all(streams))
     choices = []
     for p, (run, echo) in enumerate(zip(runs, echoes)):
@@ -125,6 +129,7 @@ async def completions(req: CompletionRequest, request: Request):
                             "finish_reason": output.finish_reason,
                             "logprobs": completion_logprobs(state, output.logprobs, len(echo))
                             if req.logprobs is not None else None})
+    response.headers.update(headers)
     return {**head, "object": "text_completion", "choices": choices, "usage": _total_usage(runs)}
 
 

@@ -62,7 +62,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"what /v1/embeddings runs: {DEFAULT_EMBEDDER} (built in), a sentence-transformers "
                             f"folder, or none (default: {DEFAULT_EMBEDDER})")
     group.add_argument("--no-infer-agents", action="store_true",
-                       help="do not derive an agent id from the system message when a request names none")
+                       help="do not infer an agent id from a prompt's private part when a request names none")
 
 
 def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ from scalesim.embeddings.sentence_embedder import SentenceEmbedder
 from scalesim.server.agent_store import AgentRecord, AgentStore
 from scalesim.server.config import ServerConfig
 from scalesim.server.errors import APIError
+from scalesim.server.private_spans import PrivateSpans
 from scalesim.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,13 @@ class ServerState:
     agents: AgentStore
     metrics: ServerMetrics
     embedder: SentenceEmbedder | None = None
+    private_spans: PrivateSpans | None = None  # agent inference; None when it is off
     weight_names: dict[str, str] = field(default_factory=dict)  # resolved folder -> registered name
     weights_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.config.infer_agents and self.private_spans is None:
+            self.private_spans = PrivateSpans()
 
     @property
     def base_name(self) -> str:
