@@ -36,6 +36,8 @@ $S microbench engine --model smollm2-135m --batch 16 --prompt-len 128 --gen-len 
 $S microbench prefix --model smollm2-135m --prefix-len 1000 --out $R/prefix.json
 $S microbench adapters --model smollm2-135m --dtype fp32 --out $R/adapters-fp32.json
 $S microbench adapters --model smollm2-135m --dtype bf16 --out $R/adapters-bf16.json
+# Structured output: batch-16 decode held to a JSON schema vs unconstrained, five interleaved rounds (about 5 minutes):
+$S microbench grammar --rounds 5 --gen-len 64 --out $R/grammar.json
 # ScaleSim's makespan against hint error, exact hints to none, with ideal, oracle and lru as references: the demo's
 # town (LoRA per agent, tiered), three rotated rounds (about 10 minutes):
 $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --hint-noise-sweep 0,1,2,4,inf --repeats 3 \

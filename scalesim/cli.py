@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     ada.add_argument("--gen-len", type=int, default=32, help="tokens generated per request (default: 32)")
     ada.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="engine dtype (default: fp32)")
     ada.add_argument("--out", default=None, help="write the JSON result here too")
+    gra = kinds.add_parser("grammar", help="batched decode held to a JSON schema vs unconstrained, same batch")
+    gra.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
+    gra.add_argument("--batch", type=int, default=16, help="sequences per batch (default: 16)")
+    gra.add_argument("--gen-len", type=int, default=64, help="tokens generated per sequence (default: 64)")
+    gra.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="engine dtype (default: fp32)")
+    gra.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    gra.add_argument("--out", default=None, help="write the JSON result here too")
     mem = kinds.add_parser("memory", help="cost of one eviction or prefetch decision at scale (no model)")
     mem.add_argument("--agents", type=int, default=10_000, help="registered agents (default: 10000)")
     mem.add_argument("--objects", type=int, default=100_000, help="resident objects (default: 100000)")
@@ -267,6 +274,9 @@ def _microbench(args: argparse.Namespace) -> None:
     elif args.kind == "adapters":
         write_result(run_adapters_bench(args.model, args.adapters, args.rank, args.prompt_len, args.gen_len,
                                         args.dtype), args.out)
+    elif args.kind == "grammar":
+        from scalesim.bench.grammar_bench import run_grammar_bench
+        write_result(run_grammar_bench(args.model, args.batch, args.gen_len, args.dtype, args.rounds), args.out)
     elif args.kind == "memory":
         from scalesim.bench.memory_bench import run_memory_bench
         write_result(run_memory_bench(args.agents, args.objects, args.steps), args.out)

@@ -39,6 +39,15 @@ def _check_call(call, offered: list[str]) -> None:
     jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
 
 
+def _calls(client: OpenAI, stream: bool, **kwargs) -> tuple[list, str]:
+    """The tool calls of a reply and its finish_reason, streamed or not."""
+    if not stream:
+        reply = client.chat.completions.create(**kwargs)
+        return reply.choices[0].message.tool_calls or [], reply.choices[0].finish_reason
+    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    return [c for chunk in chunks for c in chunk.choices[0].delta.tool_calls or []], chunks[-1].choices[0].finish_reason
+
+
 @pytest.mark.parametrize("temperature", [0, 0.8])
 def test_json_schema_output_validates(client, temperature):
     for seed in range(3):
@@ -63,15 +72,8 @@ def test_a_json_reply_cut_by_max_tokens_says_length(client):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_named_tool_choice_returns_a_valid_call_of_that_function(client, stream):
     choice = {"type": "function", "function": {"name": "create_comment"}}
-    kwargs = dict(model=MODEL, messages=FEED, tools=oasis.TOOLS, tool_choice=choice, temperature=0.8, seed=1,
-                  max_tokens=80)
-    if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kwargs))
-        calls = [c for chunk in chunks if chunk.choices for c in chunk.choices[0].delta.tool_calls or []]
-        finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1]
-    else:
-        reply = client.chat.completions.create(**kwargs)
-        calls, finish = reply.choices[0].message.tool_calls, reply.choices[0].finish_reason
+    calls, finish = _calls(client, stream, model=MODEL, messages=FEED, tools=oasis.TOOLS, tool_choice=choice,
+                           temperature=0.8, seed=1, max_tokens=80)
     assert finish == "tool_calls" and len(calls) == 1
     assert calls[0].function.name == "create_comment"
     _check_call(calls[0], ["create_comment"])
@@ -79,14 +81,8 @@ def test_a_named_tool_choice_returns_a_valid_call_of_that_function(client, strea
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_choice_required_returns_valid_calls_of_offered_functions(client, stream):
-    kwargs = dict(model=MODEL, messages=FEED, tools=oasis.TOOLS, tool_choice="required", temperature=0, max_tokens=120)
-    if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kwargs))
-        calls = [c for chunk in chunks if chunk.choices for c in chunk.choices[0].delta.tool_calls or []]
-        finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1]
-    else:
-        reply = client.chat.completions.create(**kwargs)
-        calls, finish = reply.choices[0].message.tool_calls, reply.choices[0].finish_reason
+    calls, finish = _calls(client, stream, model=MODEL, messages=FEED, tools=oasis.TOOLS, tool_choice="required",
+                           temperature=0, max_tokens=120)
     assert finish == "tool_calls" and calls
     for call in calls:
         _check_call(call, oasis.NAMES)

@@ -85,9 +85,13 @@ def mask_disallowed(logits: torch.Tensor, rows: list[int], matchers: list[llguid
     for i, matcher in enumerate(matchers):
         view = bitmask[i]
         matcher.unsafe_compute_mask_ptr(view.data_ptr(), view.numel() * view.element_size())
-    allowed = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    # one byte per token, 1 where the bit is 0 (not allowed), read as bools without a copy
+    disallowed = np.unpackbits((~bitmask.numpy()).view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    disallowed = torch.from_numpy(disallowed.view(np.bool_)).to(logits.device)
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(disallowed, float("-inf"))
+        return
     index = torch.tensor(rows, device=logits.device)
-    disallowed = torch.from_numpy(allowed == 0).to(logits.device)
     logits[index] = logits.index_select(0, index).masked_fill_(disallowed, float("-inf"))
 
 
