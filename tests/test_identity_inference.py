@@ -3,6 +3,7 @@ frameworks and OASIS, the inferred ids keep each agent's calls together (splitti
 from other agents' (purity); through the server, the id used comes back in X-Agent-Id."""
 
 import random
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -32,7 +33,26 @@ def test_inferred_ids_are_pure_and_rarely_split(shape):
     assert purity >= MIN_PURITY and splitting <= MAX_SPLITTING
 
 
-def test_one_agents_calls_across_templates_and_a_cold_start_cost_one_call():
+def test_shapes_sharing_one_server_with_stray_calls_keep_their_agents_apart():
+    rng = random.Random(2)
+    streams = [[(f"{shape}:{agent}", messages) for agent, messages in make(random.Random(3), STEPS)]
+               for shape, make in SHAPES.items()]
+    stray = [(f"stray{i}", [{"role": "user", "content": f"Summarize the day in one line. Day {i}."}])
+             for i in range(20)]
+    calls = []
+    while any(streams):  # the shapes interleaved at random, each in its own order, strays among them
+        stream = rng.choice([s for s in streams if s])
+        calls.append(stream.pop(0))
+        if rng.random() < 0.05 and stray:
+            calls.append(stray.pop())
+    spans = PrivateSpans()
+    inferred = [spans.agent_of(segments(message_texts(messages))) for _, messages in calls]
+    purity, splitting = purity_and_splitting([agent for agent, _ in calls], inferred)
+    print(f"mixed: {len(calls)} calls -> purity {purity:.3f}, splitting {splitting:.3f}")
+    assert purity >= MIN_PURITY and splitting <= MAX_SPLITTING
+
+
+def test_one_agents_calls_keep_their_id_across_phases_once_a_second_agent_shows_the_fork():
     spans = PrivateSpans()
     ana = [("user", "Shared rules.\nYou are Ana.\nVote now.")]
     assert spans.agent_of(segments(ana)) == spans.agent_of(segments(ana))  # no fork yet: the first segment
@@ -63,5 +83,8 @@ def test_the_server_names_the_inferred_agent_in_x_agent_id_and_keeps_its_state()
         explicit = httpx.post(base + "/v1/chat/completions", headers={"X-Agent-Id": "ana"},
                               json={"model": "tiny-random", "messages": calls[0][1], "max_tokens": 1})
         assert explicit.headers["x-agent-id"] == "ana"
+        beyond_latin1 = httpx.post(base + "/v1/chat/completions",  # headers carry Latin-1: percent-encoded
+                                   json={"model": "tiny-random", "messages": calls[0][1], "max_tokens": 1, "user": "用户"})
+        assert beyond_latin1.status_code == 200 and unquote(beyond_latin1.headers["x-agent-id"]) == "用户"
     assert len(set.union(*ids.values())) >= len(ids) - 1  # distinct agents, distinct ids (one cold start)
     assert sum(len(v) for v in ids.values()) <= len(ids) + 1

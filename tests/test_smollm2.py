@@ -5,6 +5,8 @@ import torch
 
 from scalesim import LLM, SamplingParams
 from scalesim.bench.accuracy_bench import PROMPTS as ACCURACY_PROMPTS
+from scalesim.config import auto_dtype
+from scalesim.layers.paged_prefill import available as paged_prefill_available
 from scalesim.models.registry import resolve_model, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
@@ -55,6 +57,8 @@ def test_conversion_happens_once_and_is_reused():
     assert weights.stat().st_mtime_ns == before
 
 
+@pytest.mark.skipif(auto_dtype("cpu") != "bf16", reason="this CPU computes bf16 by emulation (no AVX512-BF16 or "
+                    "AMX), so `auto` runs fp32 here and the claim is not about it")
 def test_bf16_logits_stay_close_to_fp32_on_three_prompts():
     """bf16 weights with fp32 accumulation (the `auto` dtype on CPUs with AVX512-BF16 or AMX):
     every prompt position keeps fp32's top token and its logits stay within 10% of their spread.
@@ -69,13 +73,16 @@ def test_bf16_logits_stay_close_to_fp32_on_three_prompts():
 
 def test_prompt_logits_fresh_and_behind_a_cached_prefix_match_transformers(smollm2, hf_from_gguf):
     """On this model (head size 64) prefill attention runs the in-place kernel where the CPU has
-    AVX-512: its logits, fresh and behind a cached 3-block prefix, match transformers in fp32."""
+    AVX-512: its logits, fresh and behind a cached 3-block prefix, match transformers in fp32
+    within 1e-4. Elsewhere PyTorch's attention runs, held to 2e-4: on an AVX2-only EPYC, fp32
+    rounding over 30 layers put one of 2M logits 1.06e-4 away (logits here reach about 16)."""
+    tolerance = 1e-4 if paged_prefill_available(smollm2.engine.model_config.head_dim) else 2e-4
     prefix = smollm2.tokenizer.encode("The lighthouse keeper wrote in her log every night, " * 4)
     ids = prefix + smollm2.tokenizer.encode("and on the last night she wrote only one word:")
     with torch.no_grad():
         want = hf_from_gguf(torch.tensor([ids])).logits[0]
     fresh = smollm2.prompt_logits(prefix)
-    assert (fresh - want[:len(prefix)]).abs().max().item() <= 1e-4
+    assert (fresh - want[:len(prefix)]).abs().max().item() <= tolerance
     behind = smollm2.prompt_logits(ids)
     assert behind.shape[0] < len(ids) - 16, "the second prompt should have reused the cached prefix"
-    assert (behind - want[-behind.shape[0]:]).abs().max().item() <= 1e-4
+    assert (behind - want[-behind.shape[0]:]).abs().max().item() <= tolerance

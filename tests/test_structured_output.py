@@ -79,6 +79,14 @@ def test_a_named_tool_choice_returns_a_valid_call_of_that_function(client, strea
     _check_call(calls[0], ["create_comment"])
 
 
+def test_a_stop_string_cannot_cut_a_forced_call_into_text(client):
+    calls, finish = _calls(client, False, model=MODEL, messages=FEED, tools=oasis.TOOLS, stop=["}", ","],
+                           tool_choice={"type": "function", "function": {"name": "like_post"}}, temperature=0,
+                           max_tokens=80)
+    assert finish == "tool_calls" and [c.function.name for c in calls] == ["like_post"]
+    _check_call(calls[0], ["like_post"])
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_choice_required_returns_valid_calls_of_offered_functions(client, stream):
     calls, finish = _calls(client, stream, model=MODEL, messages=FEED, tools=oasis.TOOLS, tool_choice="required",
@@ -88,15 +96,28 @@ def test_tool_choice_required_returns_valid_calls_of_offered_functions(client, s
         _check_call(call, oasis.NAMES)
 
 
+def _with_earlier_calls() -> list[dict]:
+    """An OASIS history in which the agent called like_post twice: the model then calls tools."""
+    messages = list(FEED)
+    for step, post in ((2, 11), (3, 21)):
+        earlier = {"choices": [{"message": {"tool_calls": [{"id": f"call_{step}", "type": "function", "function": {
+            "name": "like_post", "arguments": json.dumps({"post_id": post})}}]}}]}
+        messages = oasis.next_history(messages, earlier, step, 0)
+    return messages
+
+
 def test_under_auto_a_started_tool_call_is_a_valid_one(client):
+    called = 0
     for seed in range(4):
-        reply = client.chat.completions.create(model=MODEL, messages=FEED, tools=oasis.TOOLS, temperature=1.0,
-                                               seed=seed, max_tokens=96)
+        reply = client.chat.completions.create(model=MODEL, messages=_with_earlier_calls(), tools=oasis.TOOLS,
+                                               temperature=1.0, seed=seed, max_tokens=64)
         choice = reply.choices[0]
         for call in choice.message.tool_calls or []:
             _check_call(call, oasis.NAMES)
+        called += bool(choice.message.tool_calls)
         if choice.finish_reason == "stop":  # text that opened a call block but is not a call would be a failure
             assert "<tool_call>" not in (choice.message.content or "")
+    assert called  # the model did start calls, and each was valid
 
 
 @pytest.mark.parametrize("body, param", [
@@ -106,6 +127,10 @@ def test_under_auto_a_started_tool_call_is_a_valid_one(client):
     ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"tools": oasis.TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice"),
     ({"tools": oasis.TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": oasis.TOOLS, "tool_choice": {"type": "function", "function": "create_post"}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "not a schema"}}],
+      "tool_choice": "required"}, "tools"),
 ])
 def test_a_format_that_cannot_be_enforced_is_a_400_and_the_server_goes_on(client, body, param):
     url = str(client.base_url).rstrip("/")

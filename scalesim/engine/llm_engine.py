@@ -150,6 +150,7 @@ class LLMEngine:
                 f"the request needs {need} device pages (KV and weights) but "
                 f"the whole pool has {room} for requests; raise device_memory or shorten the request")
         seqs, detoks = [], []
+        grammar = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         for index in range(params.n):
             seed = params.seed_for(index)
             generator = None if seed is None else torch.Generator(device=self.config.device).manual_seed(seed)
@@ -157,7 +158,7 @@ class LLMEngine:
                            agent_id=agent_id, namespace=namespace, eos_token_ids=self.eos_token_ids,
                            generator=generator, want_prompt_logits=want_prompt_logits and index == 0,
                            adapter=lora, private_model=private,
-                           grammar=self.grammars.matcher(params.grammar) if params.grammar is not None else None)
+                           grammar=grammar.deep_copy() if grammar is not None else None)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, params.stop))
         self.requests[request_id] = _Request(request_id, seqs, detoks)

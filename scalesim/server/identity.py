@@ -8,6 +8,7 @@ response header, so a simulation can see whom the server took each call for.
 """
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from scalesim.server.private_spans import PrivateSpans, segments
 
@@ -19,6 +20,19 @@ class Identity:
     agent_id: str | None
     source: str  # body, user, header, model_alias, inferred, none
     model: str  # the request's model name with any `@agent` alias removed
+
+    def infer(self, spans: PrivateSpans | None, texts: list[tuple[str, str]]) -> None:
+        """With no id named, take the one `spans` infers from the prompt (when inference is on)."""
+        if self.agent_id is None and spans is not None and texts:
+            self.agent_id = spans.agent_of(segments(texts))
+            self.source = "inferred" if self.agent_id else "none"
+
+    def headers(self) -> dict[str, str]:
+        """The response header naming the agent; an id beyond ASCII is percent-encoded (UTF-8),
+        as HTTP headers carry Latin-1 only."""
+        if self.agent_id is None:
+            return {}
+        return {AGENT_ID_HEADER: self.agent_id if self.agent_id.isascii() else quote(self.agent_id, safe="")}
 
 
 def split_model_alias(model: str) -> tuple[str, str | None]:
@@ -38,12 +52,10 @@ def message_texts(messages: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
-def resolve_identity(model: str, body_agent_id: str | None, user: str | None, header: str | None,
-                     texts: list[tuple[str, str]] | None, spans: PrivateSpans | None) -> Identity:
-    """The agent a request names; else, with `spans` (inference on) and text, the inferred one."""
+def resolve_identity(model: str, body_agent_id: str | None, user: str | None, header: str | None) -> Identity:
+    """The agent a request names, if any (`Identity.infer` fills in the others)."""
     base, alias = split_model_alias(model)
     for agent_id, source in ((body_agent_id, "body"), (user, "user"), (header, "header"), (alias, "model_alias")):
         if agent_id:
             return Identity(agent_id, source, base)
-    inferred = spans.agent_of(segments(texts)) if spans is not None and texts else None
-    return Identity(inferred, "inferred" if inferred else "none", base)
+    return Identity(None, "none", base)

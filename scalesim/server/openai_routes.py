@@ -10,7 +10,7 @@ from scalesim.server.chat_render import render_prompt
 from scalesim.server.errors import APIError, error_body
 from scalesim.server.generation import (Run, chat_logprobs, check_fan_out, completion_logprobs, new_id, now_s,
                                         run_to_end, sampling_params, stream_deltas, tokenize, unless_client_leaves)
-from scalesim.server.identity import AGENT_ID_HEADER, message_texts, resolve_identity
+from scalesim.server.identity import message_texts, resolve_identity
 from scalesim.server.output_format import OutputFormat, output_format
 from scalesim.server.protocol import ChatCompletionRequest, CompletionRequest
 from scalesim.server.sse import DONE, event, primed, sse_response
@@ -23,16 +23,18 @@ router = APIRouter()
 async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response):
     state = server_state(request)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"),
-                                message_texts(messages), state.private_spans)
-    headers = {AGENT_ID_HEADER: identity.agent_id} if identity.agent_id else {}
+    identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"))
     adapter, model = state.resolve_model(identity.model)
     fmt = output_format(req)
+    if fmt.forces_call:
+        req.stop = None  # a forced call ends where its grammar does; a stop string would cut it into text
     prompt = tokenize(state, render_prompt(state.llm.tokenizer, messages, fmt.tools))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     check_fan_out(state, req.n)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(state, req, len(prompt), max_tokens, logprobs, grammar=fmt.grammar)
+    identity.infer(state.private_spans, message_texts(messages))  # only from requests that are valid
+    headers = identity.headers()
     head = {"id": new_id("chatcmpl"), "created": now_s(), "model": req.model}
     if req.stream:
         run = Run([CompletionOutput(i) for i in range(params.n)], prompt_tokens=len(prompt))
@@ -104,15 +106,14 @@ def _prompts(prompt) -> list[str | list[int]]:
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request, response: Response):
     state = server_state(request)
-    text = [("prompt", req.prompt)] if isinstance(req.prompt, str) else None
-    identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"), text,
-                                state.private_spans)
-    headers = {AGENT_ID_HEADER: identity.agent_id} if identity.agent_id else {}
+    identity = resolve_identity(req.model, req.agent_id, req.user, request.headers.get("x-agent-id"))
     adapter, model = state.resolve_model(identity.model)
     prompts = _prompts(req.prompt)
     check_fan_out(state, len(prompts) * req.n)
     prompts = [tokenize(state, p) for p in prompts]
     params = [sampling_params(state, req, len(p), req.max_tokens, req.logprobs) for p in prompts]
+    identity.infer(state.private_spans, [("prompt", req.prompt)] if isinstance(req.prompt, str) else [])
+    headers = identity.headers()
     runs = [Run([CompletionOutput(i) for i in range(q.n)], prompt_tokens=len(p)) for p, q in zip(prompts, params)]
     echoes = [state.llm.tokenizer.decode(p, skip_special_tokens=False) if req.echo else "" for p in prompts]
     head = {"id": new_id("cmpl"), "created": now_s(), "model": req.model}

@@ -38,18 +38,20 @@ class OutputFormat:
     calls: list[str] = field(default_factory=list)
     forced: str | None = None
     grammar: str | None = None
+    forces_call: bool = False  # named or required: stop strings do not apply, the grammar ends the reply
 
     def message(self, output: CompletionOutput) -> tuple[dict, str | None]:
-        """The assistant message of a finished completion, and its finish_reason."""
-        if self.forced is not None and output.finish_reason != "length":
+        """The assistant message of a finished completion, and its finish_reason: a complete call
+        is a call even when its last token was the last one allowed; a cut one is text."""
+        if self.forced is not None:
             try:
                 arguments = json.loads(output.text)
-            except json.JSONDecodeError:  # cut by a stop string
+            except json.JSONDecodeError:  # cut by max_tokens
                 arguments = None
             if isinstance(arguments, dict):
                 call = ToolCall(self.forced, json.dumps(arguments, ensure_ascii=False), new_call_id())
                 return {"role": "assistant", "content": None, "tool_calls": [call.as_openai()]}, "tool_calls"
-        if self.calls and output.finish_reason != "length":
+        elif self.calls:
             calls, content = parse_tool_calls(output.text, self.calls)
             if calls:
                 return {"role": "assistant", "content": content,
@@ -108,21 +110,26 @@ def output_format(req: ChatCompletionRequest) -> OutputFormat:
     except InvalidRequestError as exc:
         raise APIError(400, str(exc), param="tools")
     grammar = _response_format_grammar(req.response_format)
+    if not req.tools and choice not in ("auto", "none"):
+        raise APIError(400, "tool_choice forces a tool call, but no tools are offered", param="tool_choice")
     if not req.tools or choice == "none":
         return OutputFormat(grammar=grammar)
     try:
         if choice == "auto":
             return OutputFormat(req.tools, names, grammar=grammar or _auto_calls_grammar(req.tools))
         if choice == "required":
-            return OutputFormat(req.tools, names, grammar=json_schema_grammar(_required_calls_schema(req.tools)))
-        name = ((choice.get("function") or {}).get("name") if isinstance(choice, dict) else None)
-        if name is None:
+            return OutputFormat(req.tools, names, grammar=json_schema_grammar(_required_calls_schema(req.tools)),
+                                forces_call=True)
+        function = choice.get("function") if isinstance(choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
             raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
                                 "{'name': ...}}", param="tool_choice")
         if name not in names:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools offered: {names}",
                            param="tool_choice")
         tool = req.tools[names.index(name)]
-        return OutputFormat(req.tools, [name], forced=name, grammar=json_schema_grammar(_parameters(tool)))
+        return OutputFormat(req.tools, [name], forced=name, grammar=json_schema_grammar(_parameters(tool)),
+                            forces_call=True)
     except InvalidRequestError as exc:
         raise APIError(400, str(exc), param="tools")
