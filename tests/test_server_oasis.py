@@ -84,28 +84,19 @@ def test_roles_that_do_not_alternate_are_accepted(url):
     _check_reply(response.json())
 
 
-def _few_shot() -> list[dict]:
-    messages = [{"role": "system", "content": oasis.profile(2)}, {"role": "user", "content": oasis.feed(1, 2)}]
-    for step, post in ((2, 11), (3, 21)):
-        earlier = {"choices": [{"message": {"tool_calls": [{"id": f"call_{step}", "type": "function", "function": {
-            "name": "like_post", "arguments": json.dumps({"post_id": post})}}]}}]}
-        messages = oasis.next_history(messages, earlier, step, 2)
-    return messages
-
-
 def test_the_models_tool_call_comes_back_as_tool_calls(url):
     client = OpenAI(base_url=url + "/v1", api_key="Not_Used", max_retries=0, timeout=180)
-    reply = client.chat.completions.create(model=MODEL, messages=_few_shot(), tools=oasis.TOOLS, temperature=0,
+    reply = client.chat.completions.create(model=MODEL, messages=oasis.history_with_likes(2), tools=oasis.TOOLS, temperature=0,
                                            max_tokens=48)
     call = reply.choices[0].message.tool_calls[0]
     assert reply.choices[0].finish_reason == "tool_calls"
     assert call.function.name == "like_post" and "post_id" in json.loads(call.function.arguments)
-    stream = client.chat.completions.create(model=MODEL, messages=_few_shot(), tools=oasis.TOOLS, temperature=0,
+    stream = client.chat.completions.create(model=MODEL, messages=oasis.history_with_likes(2), tools=oasis.TOOLS, temperature=0,
                                             max_tokens=48, stream=True)
     streamed = [c.choices[0].delta.tool_calls for c in stream if c.choices and c.choices[0].delta.tool_calls]
     assert streamed and streamed[0][0].function.name == "like_post"
     assert streamed[0][0].function.arguments == call.function.arguments
-    plain = client.chat.completions.create(model=MODEL, messages=_few_shot(), tools=oasis.TOOLS, temperature=0,
+    plain = client.chat.completions.create(model=MODEL, messages=oasis.history_with_likes(2), tools=oasis.TOOLS, temperature=0,
                                            max_tokens=48, tool_choice="none")
     assert plain.choices[0].message.tool_calls is None
 

@@ -96,20 +96,10 @@ def test_tool_choice_required_returns_valid_calls_of_offered_functions(client, s
         _check_call(call, oasis.NAMES)
 
 
-def _with_earlier_calls() -> list[dict]:
-    """An OASIS history in which the agent called like_post twice: the model then calls tools."""
-    messages = list(FEED)
-    for step, post in ((2, 11), (3, 21)):
-        earlier = {"choices": [{"message": {"tool_calls": [{"id": f"call_{step}", "type": "function", "function": {
-            "name": "like_post", "arguments": json.dumps({"post_id": post})}}]}}]}
-        messages = oasis.next_history(messages, earlier, step, 0)
-    return messages
-
-
 def test_under_auto_a_started_tool_call_is_a_valid_one(client):
     called = 0
     for seed in range(4):
-        reply = client.chat.completions.create(model=MODEL, messages=_with_earlier_calls(), tools=oasis.TOOLS,
+        reply = client.chat.completions.create(model=MODEL, messages=oasis.history_with_likes(0), tools=oasis.TOOLS,
                                                temperature=1.0, seed=seed, max_tokens=64)
         choice = reply.choices[0]
         for call in choice.message.tool_calls or []:

@@ -60,3 +60,14 @@ def next_history(messages: list[dict], reply: dict, step: int, i: int) -> list[d
             {"role": "tool", "tool_call_id": calls[0]["id"], "content": "{'success': True, 'post_id': 3}"},
             {"role": "assistant", "content": ""},
             {"role": "user", "content": feed(step, i)}]
+
+
+def history_with_likes(i: int, posts: tuple[int, ...] = (11, 21)) -> list[dict]:
+    """Agent i's messages after it liked `posts` in the steps after the first: a history in which
+    the agent has called tools, so a small model calls them again."""
+    messages = [{"role": "system", "content": profile(i)}, {"role": "user", "content": feed(1, i)}]
+    for step, post in enumerate(posts, start=2):
+        earlier = {"choices": [{"message": {"tool_calls": [{"id": f"call_{step}", "type": "function", "function": {
+            "name": "like_post", "arguments": json.dumps({"post_id": post})}}]}}]}
+        messages = next_history(messages, earlier, step, i)
+    return messages
