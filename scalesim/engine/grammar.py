@@ -67,7 +67,6 @@ class GrammarCompiler:
     """Builds matchers over one model's tokenizer. Thread-safe (llguidance's objects are)."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: frozenset[int]) -> None:
-        self.vocab_size = vocab_size
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(eos_token_ids))
 
     def matcher(self, grammar: str) -> llguidance.LLMatcher:

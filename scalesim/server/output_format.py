@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from scalesim.engine.grammar import json_object_grammar, json_schema_grammar, tagged_json_grammar
+from scalesim.engine.grammar import ANY_OBJECT_SCHEMA, json_object_grammar, json_schema_grammar, tagged_json_grammar
 from scalesim.errors import InvalidRequestError
 from scalesim.outputs import CompletionOutput
 from scalesim.server.errors import APIError
@@ -26,7 +26,6 @@ from scalesim.server.tool_calls import TOOL_CALL_BEGIN, TOOL_CALL_END, ToolCall,
     parse_tool_calls
 
 logger = logging.getLogger(__name__)
-ANY_ARGUMENTS = {"type": "object"}
 
 
 @dataclass
@@ -60,7 +59,7 @@ class OutputFormat:
 
 
 def _parameters(tool: dict) -> dict:
-    parameters = tool["function"].get("parameters") or ANY_ARGUMENTS
+    parameters = tool["function"].get("parameters") or ANY_OBJECT_SCHEMA
     if not isinstance(parameters, dict):
         raise InvalidRequestError(f"the parameters of {tool['function']['name']!r} must be a JSON schema object")
     return parameters
@@ -78,7 +77,7 @@ def _response_format_grammar(response_format: dict | None) -> str | None:
             raise APIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
                            param="response_format")
         try:
-            return json_schema_grammar(spec.get("schema", ANY_ARGUMENTS))
+            return json_schema_grammar(spec.get("schema", ANY_OBJECT_SCHEMA))
         except InvalidRequestError as exc:
             raise APIError(400, str(exc), param="response_format")
     raise APIError(400, f"response_format type must be text, json_object or json_schema, got {kind!r}",
