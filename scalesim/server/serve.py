@@ -63,6 +63,23 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                             f"folder, or none (default: {DEFAULT_EMBEDDER})")
     group.add_argument("--no-infer-agents", action="store_true",
                        help="do not infer an agent id from a prompt's private part when a request names none")
+    cluster = parser.add_argument_group("scale-out on Ray Serve (pip install scalesim[ray])")
+    cluster.add_argument("--replicas", type=int, default=1,
+                         help="engine replicas, each a whole engine with its own tiers; over 1, an ingress "
+                              "routes each agent to its replica (default: 1, no Ray)")
+    cluster.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one")
+    cluster.add_argument("--routing", default="affine", choices=["affine", "random", "power-of-two"],
+                         help="affine: an agent's calls go to the replica that owns its slot; random; "
+                              "power-of-two: Serve's default router (default: affine)")
+    cluster.add_argument("--spill-factor", type=float, default=1.25, metavar="C",
+                         help="a cold agent spills past its owner when the owner's queue is over C x the mean "
+                              "(default: 1.25)")
+    cluster.add_argument("--replica-cpus", type=float, default=None, metavar="N",
+                         help="CPUs Ray reserves for each engine replica (default: the machine's CPUs / replicas)")
+    cluster.add_argument("--deployment-options", default=None, metavar="JSON",
+                         help="more Ray Serve options for the engine deployment, e.g. "
+                              "'{\"autoscaling_config\": {\"min_replicas\": 2, \"max_replicas\": 4}}'")
 
 
 def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
@@ -94,14 +111,9 @@ def load_embedder(choice: str):
     return SentenceEmbedder(folder, name=choice if choice == DEFAULT_EMBEDDER else folder.name)
 
 
-def serve(args: argparse.Namespace, engine_args: dict) -> None:
-    import uvicorn
-
-    from scalesim.async_llm import AsyncLLM
-    from scalesim.server.app import build_app
-    from scalesim.server.connections import uvicorn_config
-
-    config = ServerConfig(
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The HTTP server's settings from `scalesim serve`'s flags."""
+    return ServerConfig(
         served_model_name=(args.served_model_name or [args.model])[0],
         extra_model_names=(args.served_model_name or [])[1:],
         model_aliases=dict(_pairs(args.model_aliases, "--model-aliases")), accept_any_model=args.accept_any_model,
@@ -113,6 +125,14 @@ def serve(args: argparse.Namespace, engine_args: dict) -> None:
         send_timeout_s=args.send_timeout, keep_alive_timeout_s=args.timeout_keep_alive,
         max_connections=args.max_connections,
         allowed_local_paths=args.allowed_local_paths, state_dir=args.disk_dir)
+
+
+def build_server(args: argparse.Namespace, engine_args: dict):
+    """The engine with its adapters and private models loaded, and the app over it."""
+    from scalesim.async_llm import AsyncLLM
+    from scalesim.server.app import build_app
+
+    config = server_config(args)
     adapters, models = _pairs(args.lora_modules, "--lora-modules"), _pairs(args.private_models, "--private-models")
     embedder = load_embedder(args.embedding_model)
     llm = AsyncLLM(args.model, max_waiting=args.max_waiting, **engine_args)
@@ -121,9 +141,25 @@ def serve(args: argparse.Namespace, engine_args: dict) -> None:
             llm.add_adapter(name, path)
         for name, path in models:
             llm.add_private_model(name, path)
-        app = build_app(llm, config, shutdown_llm=True, embedder=embedder)  # checks that every alias names a served model
+        return build_app(llm, config, shutdown_llm=True, embedder=embedder)  # checks that every alias names a served model
     except Exception:
         llm.shutdown()
         raise
+
+
+def serve(args: argparse.Namespace, engine_args: dict) -> None:
+    """One engine under uvicorn; with --replicas over 1 or --ray-address, an ingress in front of
+    engine replicas on Ray Serve (scalesim.cluster)."""
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.replicas > 1 or args.ray_address:
+        from scalesim.cluster.launch import serve_on_ray
+        return serve_on_ray(args, engine_args)
+    import uvicorn
+
+    from scalesim.server.connections import uvicorn_config
+
+    app = build_server(args, engine_args)
+    config = app.state.scalesim.config
     logger.info("serving %s as %r on http://%s:%d", args.model, config.served_model_name, args.host, args.port)
     uvicorn.Server(uvicorn_config(app, config, args.host, args.port, "info" if args.verbose else "warning")).run()

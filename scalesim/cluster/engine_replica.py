@@ -1,0 +1,59 @@
+"""One engine replica of the Ray Serve app: a whole ScaleSim server (engine, tiers, registry)
+behind a Serve deployment, reached only through the ingress.
+
+Each replica keeps its state under `<disk-dir>/replica-<rank>`: its disk tier and its agent
+registry. Serve gives a restarted replica its old rank, so a replica that died finds its disk-tier
+state and its registered agents again. The ingress checks the Host header and the API key; a
+replica accepts what the ingress relays.
+"""
+
+import argparse
+import copy
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ray import serve
+
+from scalesim.cluster.asgi_relay import RelayHead, RelayRequest, run_asgi
+from scalesim.cluster.router import Route
+
+REPLICA_HEADER = "x-scalesim-replica"
+
+
+def replica_dir(disk_dir: str | Path | None, rank: int) -> Path | None:
+    return Path(disk_dir) / f"replica-{rank}" if disk_dir else None
+
+
+class EngineReplica:
+    async def __init__(self, args: argparse.Namespace, engine_args: dict) -> None:
+        from scalesim.server.serve import build_server
+
+        self.rank = serve.get_replica_context().rank.rank
+        self.disk_dir = replica_dir(args.disk_dir, self.rank)
+        args = copy.copy(args)
+        args.disk_dir, args.api_key, args.allowed_hosts = self.disk_dir, None, ["*"]
+        self.app = build_server(args, {**engine_args, "disk_dir": self.disk_dir})
+        self.lifespan = self.app.router.lifespan_context(self.app)
+        await self.lifespan.__aenter__()  # restores the registry's agents, pre-fills their personas
+
+    def record_replica_metadata(self) -> dict:
+        """What routers learn about this replica: its rank, which owns slots."""
+        return {"rank": self.rank}
+
+    async def relay(self, request: RelayRequest, route: Route) -> AsyncIterator[RelayHead | bytes]:
+        """Run one HTTP request through this replica's app; the head names the replica.
+        (`route` is read by the router, which sent the request here.)"""
+        async for item in run_asgi(self.app, request):
+            if isinstance(item, RelayHead):
+                item.headers.append((REPLICA_HEADER.encode(), str(self.rank).encode()))
+            yield item
+
+    def describe(self, route: Route | None = None) -> dict:
+        """Rank, process, state folder, agents and queue of this replica (for /v1/replicas)."""
+        state = self.app.state.scalesim
+        return {"rank": self.rank, "pid": os.getpid(), "disk_dir": str(self.disk_dir) if self.disk_dir else None,
+                "agents": len(state.llm.engine.agents), **{k: state.llm.stats()[k] for k in ("running", "waiting")}}
+
+    async def __del__(self) -> None:
+        await self.lifespan.__aexit__(None, None, None)  # persists the tiers when configured, releases the disk dir

@@ -1,0 +1,84 @@
+"""`scalesim serve MODEL --replicas N`: the OpenAI server as a Ray Serve app, an ingress in front
+of N engine replicas, each agent routed to the replica that owns its slot."""
+
+import argparse
+import json
+import logging
+import os
+import time
+
+from scalesim.server.serve import server_config
+
+APP_NAME = "scalesim"
+ENGINE_MAX_ONGOING_REQUESTS = 4096  # the engine queues and answers 429 itself (--max-waiting)
+INGRESS_MAX_ONGOING_REQUESTS = 8192
+
+logger = logging.getLogger(__name__)
+
+
+def _import_ray():
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ValueError("--replicas over 1 and --ray-address need Ray Serve: pip install 'scalesim[ray]'") from None
+    return ray, serve
+
+
+def build_serve_app(args: argparse.Namespace, engine_args: dict):
+    """The Serve application: Ingress(engine deployment) with the router `--routing` names."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from scalesim.cluster.engine_replica import EngineReplica
+    from scalesim.cluster.ingress import Ingress
+
+    options = json.loads(args.deployment_options) if args.deployment_options else {}
+    if not isinstance(options, dict):
+        raise ValueError("--deployment-options must be a JSON object")
+    if "autoscaling_config" not in options:
+        options["num_replicas"] = args.replicas
+    if args.routing != "power-of-two":  # else Serve's default router
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class="scalesim.cluster.router.AgentAffineRouter",
+            request_router_kwargs={"routing": args.routing, "spill_factor": args.spill_factor})
+    replica_cpus = args.replica_cpus if args.replica_cpus is not None else max((os.cpu_count() or 1) / args.replicas, 0.1)
+    engine = serve.deployment(EngineReplica, name="engine", max_ongoing_requests=ENGINE_MAX_ONGOING_REQUESTS,
+                              ray_actor_options={"num_cpus": replica_cpus}, **options)
+    ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine.bind(args, engine_args), server_config(args))
+
+
+def start(args: argparse.Namespace, engine_args: dict) -> None:
+    """Connect to (or start) Ray, start Serve's HTTP proxy on --host/--port, deploy the app and
+    wait until every replica is up; a replica that cannot start fails this with its error."""
+    ray, serve = _import_ray()
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    try:
+        ray.init(address=args.ray_address, num_cpus=None if args.ray_address else os.cpu_count(),
+                 include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError: Ray's own wording says why
+        raise ValueError(f"cannot start or reach Ray at {args.ray_address or 'a new local cluster'}: {exc}") from None
+    serve.start(http_options={"host": args.host, "port": args.port})
+    try:
+        serve.run(build_serve_app(args, engine_args), name=APP_NAME, route_prefix="/")
+    except Exception as exc:
+        serve.shutdown()
+        raise ValueError(f"the engine replicas did not start: {exc}") from None
+
+
+def serve_on_ray(args: argparse.Namespace, engine_args: dict) -> None:
+    ray, serve = _import_ray()
+    start(args, engine_args)
+    logger.warning("serving %s on Ray Serve (%d engine replicas, %s routing) on http://%s:%d; `serve status` "
+                   "shows the app", args.model, args.replicas, args.routing, args.host, args.port)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
