@@ -16,9 +16,11 @@ next-ranked replica until Serve has restarted the dead one under the same rank.
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -62,6 +64,18 @@ def _agent_of_completion(body: dict, header: str | None, spans: PrivateSpans | N
         identity.infer(spans, texts)
         return identity.agent_id, identity.agent_id is not None
     return identity.agent_id, False
+
+
+def _own_request_id() -> None:
+    """Give the handle call about to be made an internal request id of its own. Serve copies the
+    id of the HTTP request being served into every handle call made while serving it, and its
+    router matches a routing decision to the pending request by that id: two concurrent calls
+    from one request (hints fanned out to two replicas) then share an id, and one of them is
+    never sent. Call this inside each concurrent task (the context is per task)."""
+    from ray.serve import context
+
+    current = context._get_serve_request_context()
+    context._serve_request_context.set(dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
 
 
 class _RoutingCollector(Collector):
@@ -134,6 +148,7 @@ class Ingress:
         """The live replicas' ranks. The handle builds its router on its first request, so a
         route that needs the ranks before any request was sent makes one and waits for them."""
         if not self.view.live_ranks:
+            _own_request_id()
             await self.engine.describe.remote(route=Route())
             for _ in range(RANKS_WAIT_POLLS):
                 if self.view.live_ranks:
@@ -154,6 +169,7 @@ class Ingress:
         raw = [(k, v) for k, v in request.headers.raw if k not in replaced] + list(replaced.items())
         relayed = RelayRequest(request.method, path or request.url.path, request.url.query.encode(), raw, body)
         for delay_s in (*RETRY_DELAYS_S, None):
+            _own_request_id()
             stream = self.engine.options(stream=True).relay.remote(relayed, route=route)
             try:
                 head = await stream.__anext__()
@@ -256,8 +272,12 @@ class Ingress:
 
     async def replicas(self) -> dict:
         ranks = await self._live_ranks()
-        described = await asyncio.gather(*(self.engine.describe.remote(route=Route(rank=r)) for r in ranks),
-                                         return_exceptions=True)
+
+        async def describe(rank: int) -> dict:
+            _own_request_id()
+            return await self.engine.describe.remote(route=Route(rank=rank))
+
+        described = await asyncio.gather(*(describe(r) for r in ranks), return_exceptions=True)
         return {"object": "list", "data": [d for d in described if isinstance(d, dict)]}
 
     async def metrics(self, request: Request) -> Response:

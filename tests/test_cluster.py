@@ -1,0 +1,181 @@
+"""Scale-out on Ray Serve: two engine replicas (tiny-random) behind the ingress, on this machine.
+
+One app for the module (about 20 s to start); the kill -9 test runs last, as it restarts a replica.
+"""
+
+import os
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+ray = pytest.importorskip("ray", reason="scale-out needs the ray extra (make test installs it)")
+
+from scalesim.cli import _engine_args, build_parser  # noqa: E402
+from scalesim.cluster.placement import SlotTable  # noqa: E402
+from scalesim.sim import Simulation  # noqa: E402
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny-random"
+AGENTS = [f"villager-{i}" for i in range(12)]
+PERSONA = "You are {name}, who keeps the mill by the river and remembers every traveller's face. " * 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _owner(agent_id: str, ranks=(0, 1)) -> int:
+    return SlotTable().order(agent_id, list(ranks))[0]
+
+
+def _chat(name: str) -> list[dict]:
+    return [{"role": "system", "content": PERSONA.format(name=name)}, {"role": "user", "content": "Who passed today?"}]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    from ray import serve
+
+    from scalesim.cluster.launch import start
+
+    port = _free_port()
+    # fp32, 4-token pages, a device tier of 256 KiB (128 pages) and no host tier: an agent's KV goes to disk
+    # once a few others have called, so a restarted replica has disk-tier state to find
+    args = build_parser().parse_args([
+        "serve", MODEL, "--replicas", "2", "--port", str(port), "--replica-cpus", "0.5", "--embedding-model", "none",
+        "--disk-dir", str(tmp_path_factory.mktemp("state")), "--dtype", "fp32", "--device-memory", "256KiB",
+        "--kv-cache-memory", "256KiB", "--host-memory", "0", "--block-size", "4", "--default-max-tokens", "4"])
+    start(args, _engine_args(args))
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _replica_of(client: OpenAI, agent_id: str, **extra) -> tuple[int, dict]:
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=_chat(agent_id), max_tokens=2,
+                                                           user=agent_id, **extra)
+    return int(raw.headers["x-scalesim-replica"]), raw.parse().usage.model_dump()
+
+
+def test_each_agent_is_served_by_its_owner_every_time_and_both_replicas_get_agents(url):
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    served = {agent: {_replica_of(client, agent)[0] for _ in range(2)} for agent in AGENTS}
+    assert served == {agent: {_owner(agent)} for agent in AGENTS}
+    assert {r for ranks in served.values() for r in ranks} == {0, 1}
+    _, usage = _replica_of(client, AGENTS[0])
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0, "its prefix stayed on its replica"
+
+
+def test_an_unnamed_agent_is_inferred_at_the_ingress_and_keeps_one_replica(url):
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    replicas, ids = set(), set()
+    for name in ("Oona", "Piet", "Oona", "Oona"):  # a second agent makes the private part visible
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=_chat(name), max_tokens=2)
+        if name == "Oona":
+            replicas.add(raw.headers["x-scalesim-replica"])
+            ids.add(raw.headers["x-agent-id"])
+    assert len(replicas) == 1 and len(ids) <= 2  # the first call, before any fork, may name it by its first segment
+
+
+def test_hints_are_split_by_owner_and_land_on_each_agents_replica(url):
+    distances = {agent: float(i) for i, agent in enumerate(AGENTS)}
+    result = httpx.post(f"{url}/v1/hints", json={"step": 3, "distances": distances}, timeout=60).json()
+    expected = {str(rank): sum(_owner(a) == rank for a in AGENTS) for rank in (0, 1)}
+    assert result["agents_by_replica"] == expected and result["agents"] == len(AGENTS)
+    for agent, distance in distances.items():
+        view = httpx.get(f"{url}/v1/agents/{agent}").json()
+        assert view["replica"] == _owner(agent)
+        assert view["distance_steps"] is not None and view["distance_steps"] <= distance  # min(hint, learned)
+    turn = httpx.post(f"{url}/v1/hints", json={"step": 4, "turn_order": AGENTS[:4]}).json()
+    assert turn["agents"] == 4, "a turn order relates agents: it is turned into distances before the split"
+    paper = httpx.post(f"{url}/v1/update", json={"agent_data": {AGENTS[5]: 2}, "timestep_cnt": 5}).json()
+    assert paper["agents"] == 1 and paper["step"] == 5
+
+
+def test_bad_hints_get_the_single_servers_errors(url):
+    for body in ({"step": -1}, {"distances": {"a": "far"}}, {"turn_order": "a"}):
+        response = httpx.post(f"{url}/v1/hints", json=body)
+        assert response.status_code == 400 and response.json()["error"]["message"], body
+    assert httpx.post(f"{url}/v1/hints", content=b"{not json").status_code == 400
+
+
+def test_the_sdk_works_unchanged_against_the_ingress(url):
+    with Simulation(url) as sim:
+        sim.add_agent("ada", system="You are Ada, a baker who rises before dawn.")
+        assert sim.agent("ada")["replica"] == _owner("ada")
+        sim.step(7, distances={"ada": 0, "bob": 3})
+        reply = sim.client("ada").chat.completions.create(model=sim.model, max_tokens=2,
+                                                          messages=[{"role": "user", "content": "Bread?"}])
+        assert reply.choices[0].message.content is not None
+        sim.remove_agent("ada")
+        assert httpx.get(f"{url}/v1/agents/ada").json()["registered"] is False
+
+
+def test_streaming_passes_through_the_ingress(url):
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    stream = client.chat.completions.create(model=MODEL, messages=_chat("Quill"), max_tokens=3, stream=True,
+                                            user="Quill", stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 3
+
+
+def test_metrics_label_each_replica_and_count_routing(url):
+    text = httpx.get(f"{url}/metrics").text
+    for rank in (0, 1):
+        assert f'scalesim_requests_total{{replica="{rank}",route="/v1/chat/completions",status="200"}}' in text
+        assert f'scalesim_routed_requests_total{{replica="{rank}"}}' in text
+    assert "scalesim_live_replicas 2.0" in text and "scalesim_routing_spills_total" in text
+
+
+def _replicas(url: str) -> dict[int, dict]:
+    return {r["rank"]: r for r in httpx.get(f"{url}/v1/replicas", timeout=30).json()["data"]}
+
+
+def _disk_nbytes(url: str, rank: int) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f'scalesim_memory{{replica="{rank}",name="disk_used_nbytes"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_after_kill_9_the_fallback_serves_and_the_restarted_replica_gets_its_slots_and_disk_back(url):
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    victim = 1
+    mine = [a for a in (f"miller-{i}" for i in range(40)) if _owner(a) == victim][:6]
+    for agent in mine:  # six personas (about 52 pages each) overflow the 128-page device tier: the older go to disk
+        _replica_of(client, agent)
+    deadline = time.monotonic() + 30
+    while _disk_nbytes(url, victim) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _disk_nbytes(url, victim) > 0
+    old_pid = _replicas(url)[victim]["pid"]
+
+    os.kill(old_pid, signal.SIGKILL)
+    rank, _ = _replica_of(client, mine[0])  # retried by the ingress on the next-ranked replica
+    assert rank == 1 - victim
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        replicas = _replicas(url)
+        if victim in replicas and replicas[victim]["pid"] != old_pid:
+            break
+        time.sleep(1)
+    assert _replicas(url)[victim]["pid"] != old_pid, "Serve restarted the replica under its rank"
+    assert _disk_nbytes(url, victim) > 0, "the restarted replica found its disk tier through the SQLite index"
+    cached = []
+    for agent in mine:
+        deadline = time.monotonic() + 30
+        while True:  # until the ingress's router has the restarted replica back
+            rank, usage = _replica_of(client, agent)
+            if rank == victim or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert rank == victim, "the agent's slot came home"
+        cached.append(usage["prompt_tokens_details"]["cached_tokens"])
+    assert max(cached) > 0, f"prefixes computed before the kill were read back from disk: {cached}"
