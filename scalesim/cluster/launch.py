@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import time
 
 from scalesim.server.serve import server_config
@@ -12,6 +13,8 @@ from scalesim.server.serve import server_config
 APP_NAME = "scalesim"
 ENGINE_MAX_ONGOING_REQUESTS = 4096  # the engine queues and answers 429 itself (--max-waiting)
 INGRESS_MAX_ONGOING_REQUESTS = 8192
+ADDRESS_TIMEOUT_S = 5.0
+CONSTRUCTOR_RETRIES = 2  # a replica that cannot load the model fails start-up after this many tries
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,20 @@ def _import_ray():
     return ray, serve
 
 
+def _check_reachable(address: str) -> None:
+    """A clear error within seconds for a Ray address nothing listens on (Ray itself retries for
+    minutes). 'auto' and 'local' are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--ray-address takes HOST:PORT, ray://HOST:PORT, auto or local; got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ValueError(f"cannot start or reach Ray at {address}: {exc.strerror or exc}") from None
+
+
 def build_serve_app(args: argparse.Namespace, engine_args: dict):
     """The Serve application: Ingress(engine deployment) with the router `--routing` names."""
     from ray import serve
@@ -36,6 +53,7 @@ def build_serve_app(args: argparse.Namespace, engine_args: dict):
     options = json.loads(args.deployment_options) if args.deployment_options else {}
     if not isinstance(options, dict):
         raise ValueError("--deployment-options must be a JSON object")
+    options.setdefault("max_constructor_retry_count", CONSTRUCTOR_RETRIES)
     if "autoscaling_config" not in options:
         options["num_replicas"] = args.replicas
     if args.routing != "power-of-two":  # else Serve's default router
@@ -56,6 +74,8 @@ def start(args: argparse.Namespace, engine_args: dict) -> None:
     ray, serve = _import_ray()
     if args.replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.ray_address:
+        _check_reachable(args.ray_address)
     try:
         ray.init(address=args.ray_address, num_cpus=None if args.ray_address else os.cpu_count(),
                  include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
@@ -65,8 +85,22 @@ def start(args: argparse.Namespace, engine_args: dict) -> None:
     try:
         serve.run(build_serve_app(args, engine_args), name=APP_NAME, route_prefix="/")
     except Exception as exc:
+        reason = _replica_error(serve) or str(exc)
         serve.shutdown()
-        raise ValueError(f"the engine replicas did not start: {exc}") from None
+        raise ValueError(f"the engine replicas did not start: {reason}") from None
+
+
+def _replica_error(serve) -> str | None:
+    """The last line of the error a failing replica raised, from `serve status`."""
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments
+    except Exception:
+        return None
+    for name, status in deployments.items():
+        lines = [line.strip() for line in (status.message or "").splitlines() if line.strip()]
+        if lines and status.status != "HEALTHY":
+            return f"{name}: {lines[-1]}"
+    return None
 
 
 def serve_on_ray(args: argparse.Namespace, engine_args: dict) -> None:
