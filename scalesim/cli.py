@@ -192,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--prefix-len", type=int, default=1000, help="shared prefix tokens (default: 1000)")
     pre.add_argument("--suffix-len", type=int, default=16, help="private suffix tokens (default: 16)")
     pre.add_argument("--out", default=None, help="write the JSON result here too")
+    rou = kinds.add_parser("routing", help="agent-affine vs random vs power-of-two routing over Ray Serve replicas, "
+                                           "and one engine with their room, on an OASIS-shaped trace")
+    rou.add_argument("--model", default="smollm2-135m", help="model to serve (default: smollm2-135m)")
+    rou.add_argument("--agents", type=int, default=48, help="agents (default: 48)")
+    rou.add_argument("--steps", type=int, default=8, help="simulation steps (default: 8)")
+    rou.add_argument("--active", type=float, default=0.4, help="share of the agents that call each step (default: 0.4)")
+    rou.add_argument("--output-tokens", type=int, default=8, help="tokens per reply (default: 8)")
+    rou.add_argument("--replicas", type=int, default=2, help="engine replicas, one CPU each (default: 2)")
+    rou.add_argument("--device-fraction", type=float, default=0.5,
+                     help="each replica's device tier as a share of all agent state (default: 0.5)")
+    rou.add_argument("--runs", default="affine,random,power-of-two,single-2x",
+                     help="comma-separated: affine, random, power-of-two, single-2x (default: all)")
+    rou.add_argument("--repeats", type=int, default=1, help="rotating repeats of every run (default: 1)")
+    rou.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="engine dtype (default: fp32)")
+    rou.add_argument("--out", default=None, help="write the JSON result here too")
     htp = kinds.add_parser("http", help="the same workload trace in-process and through the HTTP server")
     htp.add_argument("--workload", default="town", help="town, feed, survey, city or rounds (default: town)")
     htp.add_argument("--model", default="smollm2-135m", help="model to serve (default: smollm2-135m)")
@@ -286,6 +301,13 @@ def _microbench(args: argparse.Namespace) -> None:
         write_result(run_disk_bench(parse_nbytes(args.nbytes), rounds=args.rounds), args.out)
     elif args.kind == "prefix":
         write_result(run_prefix_bench(args.model, args.prefix_len, args.suffix_len), args.out)
+    elif args.kind == "routing":
+        from scalesim.bench.routing_bench import RUNS, run_routing_bench
+        runs = tuple(r.strip() for r in args.runs.split(",") if r.strip())
+        if not runs or any(r not in RUNS for r in runs):
+            raise ValueError(f"--runs takes {', '.join(RUNS)}; got {args.runs!r}")
+        write_result(run_routing_bench(args.model, args.agents, args.steps, args.active, args.output_tokens,
+                                       args.replicas, args.device_fraction, args.repeats, runs, args.dtype), args.out)
     elif args.kind == "http":
         from scalesim.bench.http_bench import run_http_bench
         from scalesim.sim.workloads import WORKLOADS, WorkloadConfig

@@ -56,10 +56,9 @@ def build_serve_app(args: argparse.Namespace, engine_args: dict):
     options.setdefault("max_constructor_retry_count", CONSTRUCTOR_RETRIES)
     if "autoscaling_config" not in options:
         options["num_replicas"] = args.replicas
-    if args.routing != "power-of-two":  # else Serve's default router
-        options["request_router_config"] = RequestRouterConfig(
-            request_router_class="scalesim.cluster.router.AgentAffineRouter",
-            request_router_kwargs={"routing": args.routing, "spill_factor": args.spill_factor})
+    options["request_router_config"] = RequestRouterConfig(
+        request_router_class="scalesim.cluster.router.AgentAffineRouter",
+        request_router_kwargs={"routing": args.routing, "spill_factor": args.spill_factor})
     replica_cpus = args.replica_cpus if args.replica_cpus is not None else max((os.cpu_count() or 1) / args.replicas, 0.1)
     engine = serve.deployment(EngineReplica, name="engine", max_ongoing_requests=ENGINE_MAX_ONGOING_REQUESTS,
                               ray_actor_options={"num_cpus": replica_cpus}, **options)

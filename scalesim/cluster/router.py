@@ -67,8 +67,11 @@ def _route(pending_request: PendingRequest | None) -> Route:
 
 
 class AgentAffineRouter(ConsistentHashRouter):
-    """`request_router_kwargs`: routing ('affine' or 'random'; Serve's own power-of-two router
-    is used for 'power-of-two'), spill_factor (default 1.25), num_slots (default 4096).
+    """`request_router_kwargs`: routing, spill_factor (default 1.25), num_slots (default 4096).
+    Routing 'affine' is the placement above; 'random' picks any live replica; 'power-of-two'
+    offers two random replicas and Serve sends to the one with the shorter queue, which is what
+    Serve's default router does on one node (it prefers replicas on its own node first). Every
+    mode routes rank-addressed requests (hints, /metrics) by rank.
 
     Built on Serve's ConsistentHashRouter for its routing loop only (each routing task sends
     the request it chose replicas for; the base loop may hand the choice to another pending
@@ -76,8 +79,8 @@ class AgentAffineRouter(ConsistentHashRouter):
 
     def initialize_state(self, routing: str = "affine", spill_factor: float = DEFAULT_SPILL_FACTOR,
                          num_slots: int | None = None, **_) -> None:
-        if routing not in ("affine", "random"):
-            raise ValueError(f"routing must be affine or random here, got {routing!r}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
         self.routing = routing
         self.view = shared_view()
         self.view.placement = AffinePlacement(SlotTable(num_slots) if num_slots else SlotTable(), spill_factor)
@@ -113,6 +116,8 @@ class AgentAffineRouter(ConsistentHashRouter):
             order = sorted(by_rank, key=lambda rank: (queue_lens[rank], random.random()))
         elif self.routing == "random":
             order = random.sample(sorted(by_rank), len(by_rank))
+        elif self.routing == "power-of-two":
+            return [random.sample(list(by_rank.values()), min(2, len(by_rank)))]
         else:
             decision = self.view.placement.decide(route.agent_id, queue_lens)
             order = decision.order

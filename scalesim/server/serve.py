@@ -71,7 +71,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                          help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one")
     cluster.add_argument("--routing", default="affine", choices=["affine", "random", "power-of-two"],
                          help="affine: an agent's calls go to the replica that owns its slot; random; "
-                              "power-of-two: Serve's default router (default: affine)")
+                              "power-of-two: the shorter queue of two random replicas, as Serve's default router "
+                              "(default: affine)")
     cluster.add_argument("--spill-factor", type=float, default=1.25, metavar="C",
                          help="a cold agent spills past its owner when the owner's queue is over C x the mean "
                               "(default: 1.25)")
