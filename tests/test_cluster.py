@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 ray = pytest.importorskip("ray", reason="scale-out needs the ray extra (make test installs it)")
 
@@ -38,19 +39,37 @@ def _chat(name: str) -> list[dict]:
     return [{"role": "system", "content": PERSONA.format(name=name)}, {"role": "user", "content": "Who passed today?"}]
 
 
+def _args(port: int, state_dir, replicas: int = 2):
+    # fp32, 4-token pages, a device tier of 256 KiB (128 pages) and no host tier: an agent's KV
+    # goes to disk once a few others have called, so a restarted replica has disk-tier state to find
+    return build_parser().parse_args([
+        "serve", MODEL, "--replicas", str(replicas), "--port", str(port), "--replica-cpus", "0.5",
+        "--embedding-model", "none", "--disk-dir", str(state_dir), "--dtype", "fp32", "--device-memory", "256KiB",
+        "--kv-cache-memory", "256KiB", "--host-memory", "0", "--block-size", "4", "--default-max-tokens", "4"])
+
+
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def state_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="module")
+def port():
+    return _free_port()
+
+
+@pytest.fixture
+def scaled_args(port, state_dir):
+    return _args(port, state_dir, replicas=3)
+
+
+@pytest.fixture(scope="module")
+def url(port, state_dir):
     from ray import serve
 
     from scalesim.cluster.launch import start
 
-    port = _free_port()
-    # fp32, 4-token pages, a device tier of 256 KiB (128 pages) and no host tier: an agent's KV goes to disk
-    # once a few others have called, so a restarted replica has disk-tier state to find
-    args = build_parser().parse_args([
-        "serve", MODEL, "--replicas", "2", "--port", str(port), "--replica-cpus", "0.5", "--embedding-model", "none",
-        "--disk-dir", str(tmp_path_factory.mktemp("state")), "--dtype", "fp32", "--device-memory", "256KiB",
-        "--kv-cache-memory", "256KiB", "--host-memory", "0", "--block-size", "4", "--default-max-tokens", "4"])
+    args = _args(port, state_dir)
     start(args, _engine_args(args))
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -117,6 +136,27 @@ def test_the_sdk_works_unchanged_against_the_ingress(url):
         assert httpx.get(f"{url}/v1/agents/ada").json()["registered"] is False
 
 
+def test_a_registered_agent_is_known_to_every_replica_and_its_owner_prefilled_it(url):
+    created = httpx.post(f"{url}/v1/agents", json={"id": "brook", "system": PERSONA.format(name="Brook")},
+                         timeout=60).json()
+    assert created["replica"] == _owner("brook") and created["prefilled_tokens"] > 0
+    assert created["registered"] is True and created["registered_on"] == [0, 1]
+
+
+def test_a_pinned_slot_sends_its_agents_to_the_pinned_replica_in_a_new_epoch(url):
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    agent = "wren"
+    home = _owner(agent)
+    before = httpx.get(f"{url}/v1/slots").json()
+    pinned = httpx.post(f"{url}/v1/slots", json={"agent_id": agent, "replica": 1 - home}).json()
+    assert pinned["epoch"] == before["epoch"] + 1 and pinned["replica"] == 1 - home
+    assert _replica_of(client, agent)[0] == 1 - home
+    assert httpx.get(f"{url}/v1/slots").json()["overrides"] == {str(pinned["slot"]): 1 - home}
+    httpx.delete(f"{url}/v1/slots/{pinned['slot']}")
+    assert _replica_of(client, "wren-2")[0] == _owner("wren-2")
+    assert httpx.post(f"{url}/v1/slots", json={"agent_id": agent, "replica": 7}).status_code == 400
+
+
 def test_streaming_passes_through_the_ingress(url):
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     stream = client.chat.completions.create(model=MODEL, messages=_chat("Quill"), max_tokens=3, stream=True,
@@ -129,6 +169,7 @@ def test_metrics_label_each_replica_and_count_routing(url):
     text = httpx.get(f"{url}/metrics").text
     for rank in (0, 1):
         assert f'scalesim_requests_total{{replica="{rank}",route="/v1/chat/completions",status="200"}}' in text
+        assert f'scalesim_requests_total{{replica="{rank}",route="/v1/agents/{{agent_id:path}}",status="200"}}' in text
         assert f'scalesim_routed_requests_total{{replica="{rank}"}}' in text
     assert "scalesim_live_replicas 2.0" in text and "scalesim_routing_spills_total" in text
 
@@ -138,16 +179,37 @@ def _replicas(url: str) -> dict[int, dict]:
 
 
 def _disk_nbytes(url: str, rank: int) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(f'scalesim_memory{{replica="{rank}",name="disk_used_nbytes"}}'):
-            return float(line.split()[-1])
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "scalesim_memory" and sample.labels == {"replica": str(rank), "name": "disk_used_nbytes"}:
+                return sample.value
     return 0.0
 
 
-def test_after_kill_9_the_fallback_serves_and_the_restarted_replica_gets_its_slots_and_disk_back(url):
+def test_scaling_to_three_replicas_moves_only_the_slots_the_new_rank_wins(url, scaled_args):
+    from ray import serve
+
+    from scalesim.cluster.launch import APP_NAME, build_serve_app
+
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    victim = 1
-    mine = [a for a in (f"miller-{i}" for i in range(40)) if _owner(a) == victim][:6]
+    serve.run(build_serve_app(scaled_args, _engine_args(scaled_args)), name=APP_NAME, route_prefix="/")
+    deadline = time.monotonic() + 120
+    while sorted(_replicas(url)) != [0, 1, 2] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert sorted(_replicas(url)) == [0, 1, 2]
+    slots = httpx.get(f"{url}/v1/slots").json()["slots_by_replica"]
+    assert 0.25 < slots["2"] / 4096 <= 0.40, slots  # rank 2 took about a third; ranks 0 and 1 kept the rest
+    fresh = [f"newcomer-{i}" for i in range(9)]
+    for agent in fresh:
+        assert _replica_of(client, agent)[0] == _owner(agent, (0, 1, 2))
+
+
+def test_after_kill_9_the_next_ranked_replica_serves_and_the_restarted_one_gets_its_slots_and_disk_back(url):
+    """Three replicas now (the scaling test ran first): the victim's agents go to their
+    second-ranked replica, which differs between agents."""
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    victim, ranks = 1, (0, 1, 2)
+    mine = [a for a in (f"miller-{i}" for i in range(60)) if _owner(a, ranks) == victim][:6]
     for agent in mine:  # six personas (about 52 pages each) overflow the 128-page device tier: the older go to disk
         _replica_of(client, agent)
     deadline = time.monotonic() + 30
@@ -157,8 +219,10 @@ def test_after_kill_9_the_fallback_serves_and_the_restarted_replica_gets_its_slo
     old_pid = _replicas(url)[victim]["pid"]
 
     os.kill(old_pid, signal.SIGKILL)
-    rank, _ = _replica_of(client, mine[0])  # retried by the ingress on the next-ranked replica
-    assert rank == 1 - victim
+    for agent in mine:  # the first is retried by the ingress once the router knows the replica died
+        rank, _ = _replica_of(client, agent)
+        assert rank == SlotTable().order(agent, list(ranks))[1], agent
+    assert "scalesim_routing_fallbacks_total 0.0" not in httpx.get(f"{url}/metrics").text
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -15,13 +15,13 @@ tokens computed and the prefix hit rate (from the replicas' /metrics), and reque
 
 import asyncio
 import random
-import re
 import statistics
 import subprocess
 import sys
 import time
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from scalesim.server.background import free_port
 from scalesim.sim.oasis_requests import feed, profile
@@ -30,7 +30,6 @@ from scalesim.sim.workloads.trace import AgentSpec, Call, Step, Trace
 
 RUNS = ("affine", "random", "power-of-two", "single-2x")
 START_TIMEOUT_S = 300.0
-_SAMPLE = re.compile(r'^(scalesim_[a-z_]+)(?:\{(?:replica="(\d+)",?)?([^}]*)\})? ([0-9.e+-]+)$')
 
 
 def oasis_trace(agents: int, steps: int, active_fraction: float, output_tokens: int, seed: int = 0) -> Trace:
@@ -63,20 +62,17 @@ def state_nbytes(trace: Trace, model: str) -> tuple[int, int]:
 def parse_replica_metrics(text: str) -> dict[int, dict[str, float]]:
     """Per replica, prompt and cached tokens and chat requests answered, from the ingress's
     /metrics (samples labelled `replica="<rank>"`) or one server's (no label: replica 0)."""
+    keys = {"scalesim_prompt_tokens_total": "prompt_tokens", "scalesim_cached_prompt_tokens": "cached_tokens",
+            "scalesim_requests_total": "chat_requests"}
     out: dict[int, dict[str, float]] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if not match:
-            continue
-        name, rank, labels, value = match.groups()
-        rank = rank or 0
-        if name == "scalesim_requests_total" and 'route="/v1/chat/completions"' not in (labels or ""):
-            continue
-        key = {"scalesim_prompt_tokens_total": "prompt_tokens", "scalesim_cached_prompt_tokens": "cached_tokens",
-               "scalesim_requests_total": "chat_requests"}.get(name)
-        if key:
-            replica = out.setdefault(int(rank), {"prompt_tokens": 0.0, "cached_tokens": 0.0, "chat_requests": 0.0})
-            replica[key] += float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = keys.get(sample.name)
+            if key is None or (key == "chat_requests" and sample.labels.get("route") != "/v1/chat/completions"):
+                continue
+            replica = out.setdefault(int(sample.labels.get("replica", 0)),
+                                     {"prompt_tokens": 0.0, "cached_tokens": 0.0, "chat_requests": 0.0})
+            replica[key] += sample.value
     return out
 
 
@@ -109,7 +105,7 @@ def _summary(per_replica: dict[int, dict[str, float]]) -> dict:
     return {"prompt_tokens": int(prompt), "prefill_tokens_computed": int(prompt - cached),
             "prefix_hit_rate": round(cached / prompt, 4) if prompt else 0.0,
             "requests_by_replica": {str(k): int(v["chat_requests"]) for k, v in sorted(per_replica.items())},
-            "max_over_mean_load": round(max(loads) / statistics.mean(loads), 3) if loads and statistics.mean(loads) else None}
+            "max_over_mean_load": round(max(loads) / statistics.mean(loads), 3) if any(loads) else None}
 
 
 def _run_on_ray(routing: str, model: str, trace: Trace, replicas: int, device_nbytes: int, engine_flags: list[str],

@@ -6,8 +6,12 @@ body chunks as they are sent, so a streamed (SSE) answer streams across the Ray 
 """
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+REPLICA_HEADER = "x-scalesim-replica"  # the response header naming the engine replica that answered
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,13 +59,20 @@ async def run_asgi(app, request: RelayRequest) -> AsyncIterator[RelayHead | byte
             await sent.put(done)
 
     task = asyncio.ensure_future(run())
+    started = False
     try:
         while (message := await sent.get()) is not done:
             if message["type"] == "http.response.start":
+                started = True
                 yield RelayHead(message["status"], list(message.get("headers", [])))
             elif message["type"] == "http.response.body" and message.get("body"):
                 yield bytes(message["body"])
-        await task  # re-raise what the app raised
+        try:
+            await task
+        except Exception:
+            if not started:
+                raise  # no answer at all: the caller sees the error
+            logger.exception("%s %s failed after its answer was sent", request.method, request.path)
     finally:
         disconnected.set()
         if not task.done():

@@ -8,6 +8,7 @@ replica accepts what the ingress relays.
 """
 
 import argparse
+import asyncio
 import copy
 import os
 from collections.abc import AsyncIterator
@@ -15,10 +16,10 @@ from pathlib import Path
 
 from ray import serve
 
-from scalesim.cluster.asgi_relay import RelayHead, RelayRequest, run_asgi
+from scalesim.cluster.asgi_relay import REPLICA_HEADER, RelayHead, RelayRequest, run_asgi
+from scalesim.cluster.placement import SlotTable
 from scalesim.cluster.router import Route
-
-REPLICA_HEADER = "x-scalesim-replica"
+from scalesim.server.agent_routes import hint_agents
 
 
 def replica_dir(disk_dir: str | Path | None, rank: int) -> Path | None:
@@ -34,6 +35,9 @@ class EngineReplica:
         args = copy.copy(args)
         args.disk_dir, args.api_key, args.allowed_hosts = self.disk_dir, None, ["*"]
         self.app = build_server(args, {**engine_args, "disk_dir": self.disk_dir})
+        self.state = self.app.state.scalesim
+        ranks = list(range(max(args.replicas, self.rank + 1)))  # every agent is registered everywhere:
+        self.state.prefills_on_restore = lambda agent: SlotTable().order(agent, ranks)[0] == self.rank  # pre-fill ours
         self.lifespan = self.app.router.lifespan_context(self.app)
         await self.lifespan.__aenter__()  # restores the registry's agents, pre-fills their personas
 
@@ -49,11 +53,19 @@ class EngineReplica:
                 item.headers.append((REPLICA_HEADER.encode(), str(self.rank).encode()))
             yield item
 
+    async def hint(self, step: int | None, distances: dict[str, float], schedule: dict[str, float],
+                   route: Route | None = None) -> dict:
+        """This replica's share of a hint, as distances (and absolute schedule steps) per agent;
+        advances its step to `step` even when the share is empty. Validated by the ingress."""
+        fields = {"distances": distances, **({"schedule": schedule} if schedule else {})}
+        result = await asyncio.to_thread(hint_agents, self.state, step, fields)
+        return {**result, "replica": self.rank}
+
     def describe(self, route: Route | None = None) -> dict:
         """Rank, process, state folder, agents and queue of this replica (for /v1/replicas)."""
-        state = self.app.state.scalesim
+        stats = self.state.llm.stats()
         return {"rank": self.rank, "pid": os.getpid(), "disk_dir": str(self.disk_dir) if self.disk_dir else None,
-                "agents": len(state.llm.engine.agents), **{k: state.llm.stats()[k] for k in ("running", "waiting")}}
+                "agents": len(self.state.llm.engine.agents), "running": stats["running"], "waiting": stats["waiting"]}
 
     async def __del__(self) -> None:
         await self.lifespan.__aexit__(None, None, None)  # persists the tiers when configured, releases the disk dir

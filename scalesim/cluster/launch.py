@@ -8,12 +8,14 @@ import os
 import socket
 import time
 
+from scalesim.cluster.slot_table import SLOT_TABLE_ACTOR, SlotTableActor
 from scalesim.server.serve import server_config
 
 APP_NAME = "scalesim"
 ENGINE_MAX_ONGOING_REQUESTS = 4096  # the engine queues and answers 429 itself (--max-waiting)
 INGRESS_MAX_ONGOING_REQUESTS = 8192
 ADDRESS_TIMEOUT_S = 5.0
+MIN_REPLICA_CPUS = 0.1
 CONSTRUCTOR_RETRIES = 2  # a replica that cannot load the model fails start-up after this many tries
 
 logger = logging.getLogger(__name__)
@@ -44,26 +46,36 @@ def _check_reachable(address: str) -> None:
 
 def build_serve_app(args: argparse.Namespace, engine_args: dict):
     """The Serve application: Ingress(engine deployment) with the router `--routing` names."""
+    import ray
     from ray import serve
-    from ray.serve.config import RequestRouterConfig
+    from ray.serve.config import DeploymentActorConfig, RequestRouterConfig
 
     from scalesim.cluster.engine_replica import EngineReplica
     from scalesim.cluster.ingress import Ingress
 
-    options = json.loads(args.deployment_options) if args.deployment_options else {}
-    if not isinstance(options, dict):
-        raise ValueError("--deployment-options must be a JSON object")
-    options.setdefault("max_constructor_retry_count", CONSTRUCTOR_RETRIES)
-    if "autoscaling_config" not in options:
-        options["num_replicas"] = args.replicas
-    options["request_router_config"] = RequestRouterConfig(
-        request_router_class="scalesim.cluster.router.AgentAffineRouter",
-        request_router_kwargs={"routing": args.routing, "spill_factor": args.spill_factor})
-    replica_cpus = args.replica_cpus if args.replica_cpus is not None else max((os.cpu_count() or 1) / args.replicas, 0.1)
-    engine = serve.deployment(EngineReplica, name="engine", max_ongoing_requests=ENGINE_MAX_ONGOING_REQUESTS,
-                              ray_actor_options={"num_cpus": replica_cpus}, **options)
+    try:
+        given = json.loads(args.deployment_options) if args.deployment_options else {}
+    except ValueError as exc:
+        raise ValueError(f"--deployment-options is not JSON: {exc}") from None
+    if not isinstance(given, dict) or not isinstance(given.get("ray_actor_options", {}), dict):
+        raise ValueError("--deployment-options must be a JSON object (ray_actor_options an object too)")
+    reserved = {"name", "request_router_config"} & set(given)
+    if reserved:
+        raise ValueError(f"--deployment-options cannot set {', '.join(sorted(reserved))}: scalesim sets it")
+    replica_cpus = args.replica_cpus if args.replica_cpus is not None else \
+        max((os.cpu_count() or 1) / args.replicas, MIN_REPLICA_CPUS)
+    gpus = 1 if args.device == "cuda" or (args.device == "auto" and ray.cluster_resources().get("GPU", 0)) else 0
+    options = {"max_ongoing_requests": ENGINE_MAX_ONGOING_REQUESTS, "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
+               **({} if "autoscaling_config" in given else {"num_replicas": args.replicas}), **given,
+               "ray_actor_options": {"num_cpus": replica_cpus, "num_gpus": gpus, **given.get("ray_actor_options", {})},
+               "request_router_config": RequestRouterConfig(
+                   request_router_class="scalesim.cluster.router.AgentAffineRouter",
+                   request_router_kwargs={"routing": args.routing, "spill_factor": args.spill_factor})}
+    engine = serve.deployment(EngineReplica, name="engine", **options)
+    slot_table = DeploymentActorConfig(name=SLOT_TABLE_ACTOR, actor_class=ray.remote(SlotTableActor),
+                                       actor_options={"num_cpus": 0})
     ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
-                               ray_actor_options={"num_cpus": 0})
+                               ray_actor_options={"num_cpus": 0}, deployment_actors=[slot_table])
     return ingress.bind(engine.bind(args, engine_args), server_config(args))
 
 
@@ -81,12 +93,26 @@ def start(args: argparse.Namespace, engine_args: dict) -> None:
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError: Ray's own wording says why
         raise ValueError(f"cannot start or reach Ray at {args.ray_address or 'a new local cluster'}: {exc}") from None
     serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_serve_app(args, engine_args)
     try:
-        serve.run(build_serve_app(args, engine_args), name=APP_NAME, route_prefix="/")
+        serve.run(app, name=APP_NAME, route_prefix="/")
     except Exception as exc:
         reason = _replica_error(serve) or str(exc)
-        serve.shutdown()
+        stop(args)
         raise ValueError(f"the engine replicas did not start: {reason}") from None
+
+
+def stop(args: argparse.Namespace) -> None:
+    """Remove this app; on a cluster this process started, stop Serve and Ray too (a joined
+    cluster's other apps keep running)."""
+    import ray
+    from ray import serve
+
+    if args.ray_address:
+        serve.delete(APP_NAME)
+    else:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def _replica_error(serve) -> str | None:
@@ -103,7 +129,6 @@ def _replica_error(serve) -> str | None:
 
 
 def serve_on_ray(args: argparse.Namespace, engine_args: dict) -> None:
-    ray, serve = _import_ray()
     start(args, engine_args)
     logger.warning("serving %s on Ray Serve (%d engine replicas, %s routing) on http://%s:%d; `serve status` "
                    "shows the app", args.model, args.replicas, args.routing, args.host, args.port)
@@ -113,5 +138,4 @@ def serve_on_ray(args: argparse.Namespace, engine_args: dict) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop(args)

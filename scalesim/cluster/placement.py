@@ -10,7 +10,7 @@ The load bound: an agent that has nothing on its owner yet (cold) goes to the ne
 order while the owner's queue is over `spill_factor` x the mean queue; an agent that has been
 served (warm) always goes where it was served, unless that replica is gone.
 
-Pure Python; the Serve router (`router.py`), the routing benchmark and `scalesim project` share it.
+Pure Python, shared by the Serve router (`router.py`) and the ingress (`ingress.py`).
 """
 
 import hashlib
@@ -66,7 +66,7 @@ class SlotTable:
 class Decision:
     order: list[int]  # replicas to try, best first; order[0] is where the request goes
     owner: int  # the slot's owner among the live replicas
-    spilled: bool  # a cold agent sent past its owner for load
+    spilled: bool  # this request spilled a cold agent past its owner (not repeated for its later calls)
 
 
 class AffinePlacement:
@@ -94,13 +94,19 @@ class AffinePlacement:
         warm = agent_id in self.spilled_to
         target = self.spilled_to.get(agent_id)
         if target not in queue_lens:  # at its owner, or its spill target is gone
-            target = owner if warm else self._least_loaded_within_bound(order, queue_lens)
+            target = owner if warm else self._first_within_bound(order, queue_lens)
         order.remove(target)
         order.insert(0, target)
         self._remember(agent_id, None if target == owner else target)
-        return Decision(order, owner, spilled=target != owner)
+        return Decision(order, owner, spilled=not warm and target != owner)
 
-    def _least_loaded_within_bound(self, order: list[int], queue_lens: dict[int, int]) -> int:
+    def target(self, agent_id: str, live_ranks: list[int]) -> int:
+        """Where the agent's state is, without deciding anything: its spill replica if it spilled
+        and that replica lives, else its slot's owner (where hints about it go)."""
+        spilled_to = self.spilled_to.get(agent_id)
+        return spilled_to if spilled_to in live_ranks else self.table.order(agent_id, live_ranks)[0]
+
+    def _first_within_bound(self, order: list[int], queue_lens: dict[int, int]) -> int:
         """The first replica in `order` whose queue, with this request, stays within the bound."""
         bound = self.spill_factor * max(sum(queue_lens.values()) / len(queue_lens), 1.0)
         return next((rank for rank in order if queue_lens[rank] + 1 <= bound), order[0])

@@ -38,10 +38,11 @@ def _agent_view(state: ServerState, agent_id: str) -> dict:
 
 
 @router.post("/v1/agents")
-async def create_agent(body: AgentCreate, request: Request):
+async def create_agent(body: AgentCreate, request: Request, prefill: bool = True):
     """Register an agent: its adapter / private model (folders under --allowed-local-paths) and a
     persona prefix pre-filled into the prefix cache now: `prefix` (raw prompt text) or `system`
-    (its system message, rendered as the first turn of its chats)."""
+    (its system message, rendered as the first turn of its chats). `?prefill=false` registers it
+    without pre-filling (a scale-out ingress registers agents on replicas that do not own them)."""
     state = server_state(request)
     if body.prefix and body.system:
         raise APIError(400, "give either prefix or system, not both", param="system")
@@ -52,7 +53,7 @@ async def create_agent(body: AgentCreate, request: Request):
     record = AgentRecord(body.id, body.adapter_path, body.model_path, prefix, adapter=body.adapter, model=body.model)
     await run_in_threadpool(state.register, record, False)
     try:
-        prefilled = await state.llm.prefill(body.id, prefix) if prefix else 0
+        prefilled = await state.llm.prefill(body.id, prefix) if prefix and prefill else 0
     except Exception:
         await run_in_threadpool(state.llm.unregister_agent, body.id)
         raise
@@ -78,7 +79,8 @@ def delete_agent(agent_id: str, request: Request):
     return {"id": agent_id, "object": "agent", "deleted": True}
 
 
-def _hint(state: ServerState, step: int | None, hints: dict) -> dict:
+def hint_agents(state: ServerState, step: int | None, hints: dict) -> dict:
+    """Feed `hints` (the keyword arguments of LLM.hint) to the engine; a 400 for values out of range."""
     if step is not None and not 0 <= step <= MAX_HINT_STEP:
         raise APIError(400, f"step must be in [0, {MAX_HINT_STEP}]", param="step")
     try:
@@ -89,7 +91,7 @@ def _hint(state: ServerState, step: int | None, hints: dict) -> dict:
     return {"object": "hint_result", **accepted}
 
 
-def _parse_hints(raw: bytes) -> HintBatch:
+def parse_hint_batch(raw: bytes) -> HintBatch:
     """The body of POST /v1/hints, parsed and validated in one pass (a hint may name a million
     agents: this runs off the event loop, and without copying the maps again)."""
     try:
@@ -103,21 +105,22 @@ def _parse_hints(raw: bytes) -> HintBatch:
 async def hints(request: Request):
     """Invocation-distance hints for the coming steps (see scalesim.distance.hints). Agents the
     server does not know yet are accepted and counted: they may call later."""
-    body = await run_in_threadpool(_parse_hints, await request.body())
+    body = await run_in_threadpool(parse_hint_batch, await request.body())
     fields = {name: getattr(body, name) for name in body.model_fields_set if name != "step"}
-    return await run_in_threadpool(_hint, server_state(request), body.step, fields)
+    return await run_in_threadpool(hint_agents, server_state(request), body.step, fields)
 
 
 @router.post("/v1/update")
 async def paper_update(body: PaperUpdate, request: Request):
     """The ScaleSim paper's shape: agent_data {agent: distance}, timestep_data {distance: [agents]}."""
     fields = body.model_dump(exclude={"timestep_cnt"})
-    return await run_in_threadpool(_hint, server_state(request), body.timestep_cnt, fields)
+    return await run_in_threadpool(hint_agents, server_state(request), body.timestep_cnt, fields)
 
 
 async def prefill_registered(state: ServerState) -> None:
     """After a restart: pre-fill the persona prefixes of the restored agents."""
-    records = [r for r in state.agents.all() if r.prefix and r.agent_id in state.llm.engine.agents]
+    records = [r for r in state.agents.all() if r.prefix and r.agent_id in state.llm.engine.agents
+               and state.prefills_on_restore(r.agent_id)]
     results = await asyncio.gather(*(state.llm.prefill(r.agent_id, r.prefix) for r in records), return_exceptions=True)
     for record, result in zip(records, results):
         if isinstance(result, Exception):

@@ -5,6 +5,7 @@ import itertools
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class ServerState:
     private_spans: PrivateSpans | None = None  # agent inference; None when it is off
     weight_names: dict[str, str] = field(default_factory=dict)  # resolved folder -> registered name
     weights_lock: threading.Lock = field(default_factory=threading.Lock)
+    prefills_on_restore: Callable[[str], bool] = lambda agent_id: True  # which restored agents to pre-fill
 
     def __post_init__(self) -> None:
         if self.config.infer_agents and self.private_spans is None:
