@@ -36,6 +36,10 @@ $S microbench engine --model smollm2-135m --batch 16 --prompt-len 128 --gen-len 
 $S microbench prefix --model smollm2-135m --prefix-len 1000 --out $R/prefix.json
 $S microbench adapters --model smollm2-135m --dtype fp32 --out $R/adapters-fp32.json
 $S microbench adapters --model smollm2-135m --dtype bf16 --out $R/adapters-bf16.json
+# Scale-out: agent-affine vs random vs power-of-two routing over 2 Ray Serve replicas (one CPU each, each with a
+# device tier of half the agents' state, no host tier) and one engine with both CPUs and their room, on an
+# OASIS-shaped trace (48 agents, 8 steps, 40% active), two rotated repeats (about 30 minutes):
+$S microbench routing --repeats 2 --out $R/routing.json
 # Structured output: batch-16 decode held to a JSON schema vs unconstrained, five interleaved rounds (about 5 minutes):
 $S microbench grammar --rounds 5 --gen-len 64 --out $R/grammar.json
 # ScaleSim's makespan against hint error, exact hints to none, with ideal, oracle and lru as references: the demo's
