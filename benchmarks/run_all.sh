@@ -40,6 +40,8 @@ $S microbench adapters --model smollm2-135m --dtype bf16 --out $R/adapters-bf16.
 # device tier of half the agents' state, no host tier) and one engine with both CPUs and their room, on an
 # OASIS-shaped trace (48 agents, 8 steps, 40% active), two rotated repeats (about 30 minutes):
 $S microbench routing --repeats 2 --out $R/routing.json
+# The same over 16 steps (histories twice as long), affine and random, one run each (about 12 minutes):
+$S microbench routing --steps 16 --runs affine,random --out $R/routing-16-steps.json
 # Structured output: batch-16 decode held to a JSON schema vs unconstrained, five interleaved rounds (about 5 minutes):
 $S microbench grammar --rounds 5 --gen-len 64 --out $R/grammar.json
 # ScaleSim's makespan against hint error, exact hints to none, with ideal, oracle and lru as references: the demo's

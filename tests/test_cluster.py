@@ -93,13 +93,14 @@ def test_each_agent_is_served_by_its_owner_every_time_and_both_replicas_get_agen
 
 def test_an_unnamed_agent_is_inferred_at_the_ingress_and_keeps_one_replica(url):
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    replicas, ids = set(), set()
-    for name in ("Oona", "Piet", "Oona", "Oona"):  # a second agent makes the private part visible
+    served = []
+    for name in ("Oona", "Piet", "Oona", "Oona", "Piet"):  # a second agent makes the private part visible
         raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=_chat(name), max_tokens=2)
-        if name == "Oona":
-            replicas.add(raw.headers["x-scalesim-replica"])
-            ids.add(raw.headers["x-agent-id"])
-    assert len(replicas) == 1 and len(ids) <= 2  # the first call, before any fork, may name it by its first segment
+        served.append((name, raw.headers["x-agent-id"], int(raw.headers["x-scalesim-replica"])))
+    later = served[1:]  # the first call, before any fork, is named by its first segment
+    assert len({agent for name, agent, _ in later if name == "Oona"}) == 1
+    assert {agent for name, agent, _ in later if name == "Oona"} != {agent for name, agent, _ in later if name == "Piet"}
+    assert all(rank == _owner(agent) for _, agent, rank in later), later  # routed by the inferred id
 
 
 def test_hints_are_split_by_owner_and_land_on_each_agents_replica(url):
@@ -141,6 +142,10 @@ def test_a_registered_agent_is_known_to_every_replica_and_its_owner_prefilled_it
                          timeout=60).json()
     assert created["replica"] == _owner("brook") and created["prefilled_tokens"] > 0
     assert created["registered"] is True and created["registered_on"] == [0, 1]
+    other = 1 - created["replica"]
+    text = httpx.get(f"{url}/metrics").text
+    assert f'scalesim_requests_total{{replica="{other}",route="/v1/agents",status="200"}}' in text
+
 
 
 def test_a_pinned_slot_sends_its_agents_to_the_pinned_replica_in_a_new_epoch(url):
@@ -152,8 +157,9 @@ def test_a_pinned_slot_sends_its_agents_to_the_pinned_replica_in_a_new_epoch(url
     assert pinned["epoch"] == before["epoch"] + 1 and pinned["replica"] == 1 - home
     assert _replica_of(client, agent)[0] == 1 - home
     assert httpx.get(f"{url}/v1/slots").json()["overrides"] == {str(pinned["slot"]): 1 - home}
-    httpx.delete(f"{url}/v1/slots/{pinned['slot']}")
-    assert _replica_of(client, "wren-2")[0] == _owner("wren-2")
+    unpinned = httpx.delete(f"{url}/v1/slots/{pinned['slot']}").json()
+    assert unpinned["epoch"] == pinned["epoch"] + 1 and httpx.get(f"{url}/v1/slots").json()["overrides"] == {}
+    assert _replica_of(client, agent)[0] == home, "unpinned, the slot is its rendezvous owner's again"
     assert httpx.post(f"{url}/v1/slots", json={"agent_id": agent, "replica": 7}).status_code == 400
 
 
@@ -199,9 +205,10 @@ def test_scaling_to_three_replicas_moves_only_the_slots_the_new_rank_wins(url, s
     assert sorted(_replicas(url)) == [0, 1, 2]
     slots = httpx.get(f"{url}/v1/slots").json()["slots_by_replica"]
     assert 0.25 < slots["2"] / 4096 <= 0.40, slots  # rank 2 took about a third; ranks 0 and 1 kept the rest
-    fresh = [f"newcomer-{i}" for i in range(9)]
-    for agent in fresh:
-        assert _replica_of(client, agent)[0] == _owner(agent, (0, 1, 2))
+    moved = [a for a in AGENTS if _owner(a, (0, 1, 2)) != _owner(a)]
+    assert moved and all(_owner(a, (0, 1, 2)) == 2 for a in moved)  # only to the new rank
+    for agent in AGENTS + [f"newcomer-{i}" for i in range(9)]:  # the others stay where their state is
+        assert _replica_of(client, agent)[0] == _owner(agent, (0, 1, 2)), agent
 
 
 def test_after_kill_9_the_next_ranked_replica_serves_and_the_restarted_one_gets_its_slots_and_disk_back(url):
@@ -219,6 +226,9 @@ def test_after_kill_9_the_next_ranked_replica_serves_and_the_restarted_one_gets_
     old_pid = _replicas(url)[victim]["pid"]
 
     os.kill(old_pid, signal.SIGKILL)
+    hinted = httpx.post(f"{url}/v1/hints", json={"step": 9, "distances": {a: 1 for a in mine}}, timeout=60)
+    assert hinted.status_code == 200 and hinted.json()["agents"] == len(mine), "the dead replica's share went on"
+    assert str(victim) not in hinted.json()["agents_by_replica"]
     for agent in mine:  # the first is retried by the ingress once the router knows the replica died
         rank, _ = _replica_of(client, agent)
         assert rank == SlotTable().order(agent, list(ranks))[1], agent

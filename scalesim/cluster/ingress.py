@@ -42,15 +42,16 @@ from scalesim.distance.hints import estimate_distances
 from scalesim.server.agent_routes import MAX_HINT_STEP, parse_hint_batch
 from scalesim.server.app import BodySizeLimit, Gate
 from scalesim.server.config import ServerConfig
-from scalesim.server.errors import APIError, install_error_handlers
+from scalesim.server.errors import APIError, error_body, install_error_handlers
 from scalesim.server.identity import AGENT_ID_HEADER, message_texts, resolve_identity
 from scalesim.server.private_spans import PrivateSpans
 from scalesim.server.protocol import PaperUpdate
+from scalesim.server.sse import DONE, event
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # a dead replica: about 16 s for Serve to notice and reroute
-RANKS_WAIT_POLLS, RANKS_POLL_S = 50, 0.1
+WARM_UP_S, RANKS_POLL_S = 5.0, 0.1
 HOP_BY_HOP = {b"connection", b"transfer-encoding", b"keep-alive", b"content-length"}  # re-framed by the proxy
 
 
@@ -95,8 +96,12 @@ def split_by_target(view: RoutingView, ranks: list[int], distances: dict[str, fl
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, engine: DeploymentHandle, config: ServerConfig) -> None:
+    def __init__(self, engine: DeploymentHandle, config: ServerConfig, min_replicas: int = 1) -> None:
+        """`min_replicas`: the engine replicas to wait for (briefly) before the first request
+        that needs them all (a hint split, a scrape): the router learns of them one by one."""
         self.engine = engine
+        self.min_replicas = min_replicas
+        self.warm = False
         self.config = config
         self.spans = PrivateSpans() if config.infer_agents else None
         self.slot_table = SlotTableReader(self._install_table)
@@ -132,16 +137,26 @@ class Ingress:
     def _install_table(self, table) -> None:
         self.view.placement.table = table
 
-    async def _live_ranks(self) -> list[int]:
-        """The live replicas' ranks. The handle builds its router on its first request, so a
-        route that needs the ranks before any request was sent makes one and waits for them."""
+    async def _warm_up(self) -> None:
+        """Once, before the first request is routed: the handle builds its router on its first
+        call and learns of the replicas one by one, so make a call and wait (briefly) until it
+        knows `min_replicas` of them; else the first agents would be placed over too few."""
+        if self.warm:
+            return
         self.slot_table.start(self.view.placement.table.num_slots)
-        if not self.view.live_ranks:
-            await self.engine.describe.remote(route=Route())
-            for _ in range(RANKS_WAIT_POLLS):
-                if self.view.live_ranks:
-                    break
-                await asyncio.sleep(RANKS_POLL_S)
+        try:
+            await asyncio.wait_for(self.engine.describe.remote(route=Route()), WARM_UP_S)
+        except asyncio.TimeoutError:
+            raise APIError(503, "no engine replica is up") from None
+        for _ in range(int(WARM_UP_S / RANKS_POLL_S)):
+            if len(self.view.live_ranks) >= self.min_replicas:
+                break
+            await asyncio.sleep(RANKS_POLL_S)
+        self.warm = True
+
+    async def _live_ranks(self) -> list[int]:
+        """The live replicas' ranks."""
+        await self._warm_up()
         if not self.view.live_ranks:
             raise APIError(503, "no engine replica is up")
         return list(self.view.live_ranks)
@@ -176,10 +191,17 @@ class Ingress:
     async def _forward(self, request: Request, route: Route, **kwargs) -> Response:
         head, stream = await self._relay(request, route, **kwargs)
 
+        server_sent_events = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                 for k, v in head.headers)
+
         async def body():
             try:
                 async for chunk in stream:
                     yield chunk
+            except Exception as exc:  # the replica died mid-answer; the 200 is sent already
+                if not server_sent_events:
+                    raise
+                yield (event(error_body(502, f"the engine replica failed mid-answer: {exc}")) + DONE).encode()
             finally:
                 stream.cancel()
 
@@ -205,6 +227,7 @@ class Ingress:
             body = None
         if not isinstance(body, dict):  # the replica answers the 4xx
             return await self._forward(request, Route())
+        await self._warm_up()
         agent_id, inferred = _agent_of_completion(body, request.headers.get("x-agent-id"), self.spans)
         extra = {AGENT_ID_HEADER.lower().encode(): agent_id.encode()} if inferred and agent_id.isascii() else None
         return await self._forward(request, Route(agent_id=agent_id), headers=extra)
@@ -216,6 +239,7 @@ class Ingress:
             agent_id = None
         if not isinstance(agent_id, str):
             return await self._forward(request, Route())  # the replica answers the 400
+        await self._warm_up()
         status, data, rank = await self._json_from(request, Route(agent_id=agent_id))
         if status != 200:
             return JSONResponse(data, status_code=status)
@@ -229,7 +253,8 @@ class Ingress:
         return JSONResponse({**data, "replica": rank, "registered_on": sorted(registered)})
 
     async def agent(self, agent_id: str, request: Request) -> Response:
-        status, data, rank = await self._json_from(request, Route(agent_id=agent_id))
+        await self._live_ranks()  # asked where the agent's state is, not routed as a call (no spill)
+        status, data, rank = await self._json_from(request, Route(rank=self.view.target(agent_id)))
         if request.method == "GET":
             return JSONResponse({**data, "replica": rank} if status == 200 else data, status_code=status)
         others = [r for r in await self._live_ranks() if r != rank]
@@ -260,13 +285,31 @@ class Ingress:
             distances = await run_in_threadpool(estimate_distances, 0, **fields) if fields else {}
         except (ValueError, TypeError, ArithmeticError) as exc:
             raise APIError(400, f"bad hint: {exc}")
-        shares = split_by_target(self.view, await self._live_ranks(), distances, schedule)
-        results = await asyncio.gather(
-            *(alone(lambda r=r, share=share: self.engine.hint.remote(step, *share, route=Route(rank=r)))
-              for r, share in shares.items()))
+        results = await self._send_hints(step, distances, schedule)
         totals = {k: sum(r[k] for r in results) for k in ("agents", "changed", "unknown")}
         return JSONResponse({"object": "hint_result", "step": max(r["step"] for r in results), **totals,
                              "agents_by_replica": {str(r["replica"]): r["agents"] for r in results}})
+
+    async def _send_hints(self, step: int | None, distances: dict, schedule: dict) -> list[dict]:
+        """One call per live replica with its share. A share whose replica died meanwhile is split
+        again over the replicas still live (the router has dropped the dead one by then)."""
+        results: list[dict] = []
+        for _ in range(len(RETRY_DELAYS_S)):
+            shares = await run_in_threadpool(split_by_target, self.view, await self._live_ranks(), distances, schedule)
+            answers = await asyncio.gather(
+                *(alone(lambda r=r, share=share: self.engine.hint.remote(step, *share, route=Route(rank=r)))
+                  for r, share in shares.items()), return_exceptions=True)
+            failed = [(r, a) for r, a in zip(shares, answers) if isinstance(a, BaseException)]
+            results += [a for a in answers if not isinstance(a, BaseException)]
+            if not failed:
+                return results
+            if not all(isinstance(a, ActorDiedError) for _, a in failed):
+                raise next(a for _, a in failed if not isinstance(a, ActorDiedError))
+            distances = {k: v for r, _ in failed for k, v in shares[r][0].items()}
+            schedule = {k: v for r, _ in failed for k, v in shares[r][1].items()}
+            logger.warning("replicas %s died during a hint; its share goes to the others", [r for r, _ in failed])
+            await asyncio.sleep(RETRY_DELAYS_S[0])
+        raise APIError(503, "engine replicas kept dying while a hint was sent")
 
     async def replicas(self) -> dict:
         ranks = await self._live_ranks()

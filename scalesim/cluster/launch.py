@@ -76,12 +76,15 @@ def build_serve_app(args: argparse.Namespace, engine_args: dict):
                                        actor_options={"num_cpus": 0})
     ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
                                ray_actor_options={"num_cpus": 0}, deployment_actors=[slot_table])
-    return ingress.bind(engine.bind(args, engine_args), server_config(args))
+    min_replicas = given.get("autoscaling_config", {}).get("min_replicas", 1) if "autoscaling_config" in given \
+        else args.replicas
+    return ingress.bind(engine.bind(args, engine_args), server_config(args), min_replicas)
 
 
-def start(args: argparse.Namespace, engine_args: dict) -> None:
+def start(args: argparse.Namespace, engine_args: dict, dashboard: bool = False) -> None:
     """Connect to (or start) Ray, start Serve's HTTP proxy on --host/--port, deploy the app and
-    wait until every replica is up; a replica that cannot start fails this with its error."""
+    wait until every replica is up; a replica that cannot start fails this with its error.
+    `dashboard`: start Ray's dashboard with a new cluster (what `serve status` talks to)."""
     ray, serve = _import_ray()
     if args.replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
@@ -89,7 +92,7 @@ def start(args: argparse.Namespace, engine_args: dict) -> None:
         _check_reachable(args.ray_address)
     try:
         ray.init(address=args.ray_address, num_cpus=None if args.ray_address else os.cpu_count(),
-                 include_dashboard=False, log_to_driver=args.verbose, configure_logging=False)
+                 include_dashboard=dashboard, log_to_driver=args.verbose, configure_logging=False)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError: Ray's own wording says why
         raise ValueError(f"cannot start or reach Ray at {args.ray_address or 'a new local cluster'}: {exc}") from None
     serve.start(http_options={"host": args.host, "port": args.port})
@@ -108,6 +111,8 @@ def stop(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
+    if not ray.is_initialized():
+        return
     if args.ray_address:
         serve.delete(APP_NAME)
     else:
@@ -129,10 +134,12 @@ def _replica_error(serve) -> str | None:
 
 
 def serve_on_ray(args: argparse.Namespace, engine_args: dict) -> None:
-    start(args, engine_args)
-    logger.warning("serving %s on Ray Serve (%d engine replicas, %s routing) on http://%s:%d; `serve status` "
-                   "shows the app", args.model, args.replicas, args.routing, args.host, args.port)
+    """Start the app and serve until interrupted (Ctrl-C), then take it down."""
     try:
+        start(args, engine_args, dashboard=True)
+        logger.warning("serving %s on Ray Serve (%d engine replicas, %s routing) on http://%s:%d; "
+                       "`RAY_AUTH_MODE=token serve status` shows the app", args.model, args.replicas, args.routing,
+                       args.host, args.port)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

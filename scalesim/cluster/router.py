@@ -107,7 +107,10 @@ class AgentAffineRouter(RequestRouter):
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
         self.policy = ROUTINGS[routing]
         self.view = shared_view()
-        self.view.placement = AffinePlacement(SlotTable(num_slots) if num_slots else SlotTable(), spill_factor)
+        table = self.view.placement.table  # pins the ingress may have read already stay
+        if num_slots is not None and num_slots != table.num_slots:
+            table = SlotTable(num_slots)
+        self.view.placement = AffinePlacement(table, spill_factor)
 
     @staticmethod
     def _rank_of(replica: RunningReplica) -> int | None:
