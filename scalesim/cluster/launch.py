@@ -135,6 +135,7 @@ def _replica_error(serve) -> str | None:
 
 def serve_on_ray(args: argparse.Namespace, engine_args: dict) -> None:
     """Start the app and serve until interrupted (Ctrl-C), then take it down."""
+    _import_ray()  # without Ray: the one-line error, before anything needs taking down
     try:
         start(args, engine_args, dashboard=True)
         logger.warning("serving %s on Ray Serve (%d engine replicas, %s routing) on http://%s:%d; "
