@@ -5,7 +5,6 @@ One app for the module (about 20 s to start); the kill -9 test runs last, as it 
 
 import os
 import signal
-import socket
 import time
 
 import httpx
@@ -17,18 +16,13 @@ ray = pytest.importorskip("ray", reason="scale-out needs the ray extra (make tes
 
 from scalesim.cli import _engine_args, build_parser  # noqa: E402
 from scalesim.cluster.placement import SlotTable  # noqa: E402
+from scalesim.server.background import free_port  # noqa: E402
 from scalesim.sim import Simulation  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-random"
 AGENTS = [f"villager-{i}" for i in range(12)]
 PERSONA = "You are {name}, who keeps the mill by the river and remembers every traveller's face. " * 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _owner(agent_id: str, ranks=(0, 1)) -> int:
@@ -55,7 +49,7 @@ def state_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def port():
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture

@@ -12,13 +12,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import httpx
 
 from scalesim.bench.regimes import resolve_regime
 from scalesim.bench.sim_bench import _run_policy, policy_budgets, prepare
-from scalesim.server.background import free_port
+from scalesim.server.background import free_port, wait_healthy
 from scalesim.sim.runner import OpenAITarget
 from scalesim.sim.workloads import Trace, WorkloadConfig
 
@@ -36,17 +35,12 @@ def _serve(model: str, policy: str, device_nbytes: int, host_nbytes: int, folder
     command += (["--lora-modules", *adapters] if adapters else []) + (["--private-models", *models] if models else [])
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"scalesim serve exited: {server.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("scalesim serve did not start in time")
+    try:
+        wait_healthy(url, SERVER_START_TIMEOUT_S, server)
+    except RuntimeError:
+        server.kill()
+        raise
+    return server, url
 
 
 def _run_over_http(model: str, policy: str, trace: Trace, folders: dict[str, str], device_nbytes: int,

@@ -18,12 +18,11 @@ import random
 import statistics
 import subprocess
 import sys
-import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from scalesim.server.background import free_port
+from scalesim.server.background import free_port, wait_healthy
 from scalesim.sim.oasis_requests import feed, profile
 from scalesim.sim.runner import OpenAITarget
 from scalesim.sim.workloads.trace import AgentSpec, Call, Step, Trace
@@ -76,20 +75,6 @@ def parse_replica_metrics(text: str) -> dict[int, dict[str, float]]:
     return out
 
 
-def _wait_healthy(url: str, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"scalesim serve exited: {process.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up in {START_TIMEOUT_S:.0f} s")
-
-
 def _replay(url: str, model: str, trace: Trace, desc: str) -> dict:
     result = asyncio.run(OpenAITarget(url, model).replay(trace, desc=desc))
     ttfts = sorted(c.ttft_s for c in result.calls)
@@ -123,7 +108,7 @@ def _run_on_ray(routing: str, model: str, trace: Trace, replicas: int, device_nb
     url = f"http://127.0.0.1:{port}"
     try:
         serve.run(build_serve_app(args, _engine_args(args)), name=APP_NAME, route_prefix="/")
-        _wait_healthy(url)
+        wait_healthy(url, START_TIMEOUT_S)
         run = _replay(url, model, trace, routing)
         return {**run, **_summary(parse_replica_metrics(httpx.get(url + "/metrics", timeout=30).text))}
     finally:
@@ -138,7 +123,7 @@ def _run_single(model: str, trace: Trace, device_nbytes: int, engine_flags: list
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, server)
+        wait_healthy(url, START_TIMEOUT_S, server)
         run = _replay(url, model, trace, "single-2x")
         return {**run, **_summary(parse_replica_metrics(httpx.get(url + "/metrics", timeout=30).text))}
     finally:

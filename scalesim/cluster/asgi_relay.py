@@ -28,6 +28,11 @@ class RelayHead:
     status: int
     headers: list[tuple[bytes, bytes]]
 
+    @property
+    def replica(self) -> int | None:
+        """The rank of the engine replica that answered (its REPLICA_HEADER)."""
+        return next((int(v) for k, v in self.headers if k == REPLICA_HEADER.encode()), None)
+
 
 async def run_asgi(app, request: RelayRequest) -> AsyncIterator[RelayHead | bytes]:
     """The response of `app` to `request`: a RelayHead, then body chunks. Closing the iterator

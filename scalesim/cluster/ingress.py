@@ -33,7 +33,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError
 from ray.serve.handle import DeploymentHandle
 
-from scalesim.cluster.asgi_relay import REPLICA_HEADER, RelayHead, RelayRequest
+from scalesim.cluster.asgi_relay import RelayHead, RelayRequest
 from scalesim.cluster.cluster_metrics import RoutingCollector, merge_replica_metrics
 from scalesim.cluster.placement import slot_of
 from scalesim.cluster.router import Route, RoutingView, shared_view
@@ -213,7 +213,7 @@ class Ingress:
         """(status, JSON body, replica rank) of a relayed request whose answer is JSON."""
         head, stream = await self._relay(request, route, **kwargs)
         data = b"".join([chunk async for chunk in stream])
-        rank = next((int(v) for k, v in head.headers if k == REPLICA_HEADER.encode()), -1)
+        rank = head.replica if head.replica is not None else -1
         try:
             return head.status, json.loads(data), rank
         except ValueError:
@@ -330,8 +330,7 @@ class Ingress:
         """Replica `rank`'s /metrics page, or None if another replica answered (it had died)."""
         head, stream = await self._relay(request, Route(rank=rank), body=b"")
         text = b"".join([chunk async for chunk in stream]).decode()
-        answered = next((int(v) for k, v in head.headers if k == REPLICA_HEADER.encode()), None)
-        return text if answered == rank else None
+        return text if head.replica == rank else None
 
     # --- the slot table --------------------------------------------------------------------------
     async def slots(self) -> dict:

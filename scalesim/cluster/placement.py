@@ -48,7 +48,10 @@ class SlotTable:
 
     def order(self, agent_id: str, live_ranks: list[int]) -> list[int]:
         """The live replicas to try for `agent_id`, best first."""
-        slot = slot_of(agent_id, self.num_slots)
+        return self.order_of_slot(slot_of(agent_id, self.num_slots), live_ranks)
+
+    def order_of_slot(self, slot: int, live_ranks: list[int]) -> list[int]:
+        """The live replicas to try for the agents of `slot`, best first."""
         order = rendezvous_order(slot, live_ranks)
         pinned = self.overrides.get(slot)
         if pinned is not None and pinned in order:
@@ -58,8 +61,7 @@ class SlotTable:
 
     def owners(self, live_ranks: list[int]) -> list[int]:
         """The owner of every slot (for counting moved slots)."""
-        return [self.overrides.get(s) if self.overrides.get(s) in live_ranks else rendezvous_order(s, live_ranks)[0]
-                for s in range(self.num_slots)]
+        return [self.order_of_slot(s, live_ranks)[0] for s in range(self.num_slots)]
 
 
 @dataclass

@@ -1,11 +1,14 @@
-"""Run the server in a background thread of this process (benchmarks, tests, notebooks)."""
+"""Run the server in a background thread of this process (benchmarks, tests, notebooks), and wait
+for one to come up."""
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 from scalesim.async_llm import AsyncLLM
@@ -15,6 +18,22 @@ from scalesim.server.config import ServerConfig
 from scalesim.server.connections import uvicorn_config
 
 STARTUP_TIMEOUT_S = 60.0
+
+
+def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Return once `url`/health answers 200; a RuntimeError when `process` (the server, if it
+    is one) exits first, with its last stderr, or when `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"scalesim serve exited: {process.stderr.read()[-2000:] if process.stderr else ''}")
+        try:
+            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up in {timeout_s:.0f} s")
 
 
 def free_port() -> int:
