@@ -5,7 +5,7 @@ import random
 import subprocess
 import sys
 
-from scalesim.cluster.placement import AffinePlacement, SlotTable, rendezvous_order, slot_of
+from scalesim.cluster.placement import AffinePlacement, SlotTable, rendezvous_order, slot_of, spill_bound
 
 AGENTS = [f"agent-{i}" for i in range(3000)]
 
@@ -76,8 +76,8 @@ def test_an_agent_served_by_a_fallback_goes_home_when_its_owner_returns():
 def test_cold_agents_never_push_a_replica_past_the_spill_factor_on_a_skewed_trace():
     """Cold agents arrive in bursts whose owners are mostly one replica (a skewed id space);
     each request holds its replica for 5-15 ticks. Every placement keeps the chosen replica's
-    queue, with the new request, within c x the mean at that moment (rounded up to one request
-    when queues are near empty); without the bound the favoured replica would take 3/4 of them."""
+    queue, with the new request, within c x the mean at that moment (or MIN_SPILL_QUEUE x c when
+    queues are short); without the bound the favoured replica would take 3/4 of them."""
     rng = random.Random(0)
     placement, c = AffinePlacement(spill_factor=1.25), 1.25
     favoured = [a for a in AGENTS if placement.table.order(a, [0, 1, 2, 3])[0] == 0]
@@ -86,7 +86,7 @@ def test_cold_agents_never_push_a_replica_past_the_spill_factor_on_a_skewed_trac
     queues, in_flight, spills, ratios = {r: 0 for r in range(4)}, [], 0, []
     for tick in range(0, len(trace), 3):  # three calls arrive per tick
         for agent in trace[tick:tick + 3]:
-            bound = c * max(sum(queues.values()) / len(queues), 1.0)
+            bound = spill_bound(queues, c)
             decision = placement.decide(agent, queues)
             rank = decision.order[0]
             assert queues[rank] + 1 <= bound or all(q + 1 > bound for q in queues.values())

@@ -7,8 +7,8 @@ slots back, and adding a replica moves only the slots the new rank wins (about 1
 Every ingress replica computes the same order from the same ranks, without coordination.
 
 The load bound: an agent that has nothing on its owner yet (cold) goes to the next replica in its
-order while the owner's queue is over `spill_factor` x the mean queue; an agent that has been
-served (warm) always goes where it was served, unless that replica is gone.
+order while the owner's queue is over `spill_factor` x the mean queue (and over a few requests);
+an agent that has been served (warm) always goes where it was served, unless that replica is gone.
 
 Pure Python, shared by the Serve router (`router.py`) and the ingress (`ingress.py`).
 """
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_NUM_SLOTS = 4096
 DEFAULT_SPILL_FACTOR = 1.25
+MIN_SPILL_QUEUE = 4  # requests: a queue this short never spills (the engine batches them together)
 MAX_REMEMBERED_AGENTS = 1_000_000  # where each agent was served; the oldest are forgotten past this
 
 
@@ -62,6 +63,12 @@ class SlotTable:
     def owners(self, live_ranks: list[int]) -> list[int]:
         """The owner of every slot (for counting moved slots)."""
         return [self.order_of_slot(s, live_ranks)[0] for s in range(self.num_slots)]
+
+
+def spill_bound(queue_lens: dict[int, int], spill_factor: float) -> float:
+    """The longest queue (with the new request) a cold agent may join: c x the mean queue, but
+    never under MIN_SPILL_QUEUE, so that one request in flight on an idle cluster spills no one."""
+    return spill_factor * max(sum(queue_lens.values()) / len(queue_lens), MIN_SPILL_QUEUE)
 
 
 @dataclass
@@ -110,7 +117,7 @@ class AffinePlacement:
 
     def _first_within_bound(self, order: list[int], queue_lens: dict[int, int]) -> int:
         """The first replica in `order` whose queue, with this request, stays within the bound."""
-        bound = self.spill_factor * max(sum(queue_lens.values()) / len(queue_lens), 1.0)
+        bound = spill_bound(queue_lens, self.spill_factor)
         return next((rank for rank in order if queue_lens[rank] + 1 <= bound), order[0])
 
     def _remember(self, agent_id: str, spilled_to: int | None) -> None:
