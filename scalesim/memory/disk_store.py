@@ -152,7 +152,27 @@ class DiskStore:
     def write(self, key: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> int:
         """Store the tensors durably; return the bytes written. DiskFullError if over the budget
         or the filesystem is full (nothing is left behind)."""
-        data = self.encode(key, kind, tensors, meta)
+        return self._store(key, kind, self.encode(key, kind, tensors, meta), meta)
+
+    def write_encoded(self, data: bytes) -> tuple[str, dict]:
+        """Store a file made by another store's `encode` (an object moving between engines);
+        return its (key, meta). CorruptObjectError if it does not verify or was written under
+        another identity (another model, page size or dtype); DiskFullError as for `write`."""
+        body, trailer = data[:-CHECKSUM_NBYTES], data[-CHECKSUM_NBYTES:]
+        try:
+            header = _header(body)
+            key, kind, meta = header["key"], header["kind"], json.loads(header["meta"])
+            identity = json.loads(header["identity"])
+        except (ValueError, KeyError, struct.error) as exc:
+            raise CorruptObjectError(f"not an object file: {exc}") from exc
+        if len(data) <= CHECKSUM_NBYTES or trailer != _checksum(key, body):
+            raise CorruptObjectError(f"{key}: checksum mismatch (the file is corrupted or truncated)")
+        if identity != self.identity:
+            raise CorruptObjectError(f"{key}: written under {identity}, this store holds {self.identity}")
+        self._store(key, kind, data, meta)
+        return key, meta
+
+    def _store(self, key: str, kind: str, data: bytes, meta: dict) -> int:
         with self._lock:
             old = self.db.execute("SELECT nbytes FROM objects WHERE key = ?", (key,)).fetchone()
             growth = len(data) - (old[0] if old else 0)
@@ -188,6 +208,14 @@ class DiskStore:
 
     def read(self, key: str) -> dict[str, torch.Tensor]:
         """The stored tensors; CorruptObjectError if missing, truncated, swapped or corrupted."""
+        body = self.encoded(key)[:-CHECKSUM_NBYTES]
+        try:
+            return load_bytes(body)
+        except Exception as exc:  # safetensors raises its own kinds for a malformed body
+            raise CorruptObjectError(f"{key}: unreadable ({exc})") from exc
+
+    def encoded(self, key: str) -> bytes:
+        """The object's verified file (body and checksum trailer), as `encode` made it."""
         with self._lock:
             row = self.db.execute("SELECT file, sha256 FROM objects WHERE key = ?", (key,)).fetchone()
         if row is None:
@@ -202,10 +230,7 @@ class DiskStore:
         body, trailer = data[:-CHECKSUM_NBYTES], data[-CHECKSUM_NBYTES:]
         if len(data) <= CHECKSUM_NBYTES or trailer != _checksum(key, body) or trailer.hex() != row[1]:
             raise CorruptObjectError(f"{key}: checksum mismatch (the file is corrupted, truncated or another's)")
-        try:
-            return load_bytes(body)
-        except Exception as exc:  # safetensors raises its own kinds for a malformed body
-            raise CorruptObjectError(f"{key}: unreadable ({exc})") from exc
+        return data
 
     def delete(self, key: str) -> None:
         with self._lock:

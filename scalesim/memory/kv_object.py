@@ -143,6 +143,22 @@ class KVNodeObject(ResidentObject):
             raise CorruptObjectError(f"{self.key}: stored pages have shape {tuple(kv.shape)}, expected {tuple(expected)}")
         return kv
 
+    def file_name(self) -> tuple[str, dict]:
+        """The key and meta of this node's file: its namespace and every token up to it."""
+        path = path_tokens(self.node)
+        return (disk_key(self.node.namespace, path, self.pool.block_size),
+                {"namespace": self.node.namespace, "path": path, "edge": len(self.node.tokens)})
+
+    def export_source(self) -> torch.Tensor | str | None:
+        """Where another engine's copy of these pages comes from, taken under the manager's
+        lock: the pages themselves if they are on the device or the host (a copy), else the key
+        of the disk copy; None if the node holds no copy."""
+        if self._tier == "device":
+            return self._gather()
+        if self.host_kv is not None:
+            return self.host_kv
+        return self.disk_key
+
     @property
     def write_pending(self) -> bool:
         return self._tier == "disk" and self.disk_key is None and self.host_kv is not None
@@ -169,9 +185,8 @@ class KVNodeObject(ResidentObject):
             if self._defer_write:
                 self._staged = kv
                 return
-            key = disk_key(self.node.namespace, path_tokens(self.node), self.pool.block_size)
-            self.store.write(key, "kv", {"kv": kv}, {"namespace": self.node.namespace, "path": path_tokens(self.node),
-                                                      "edge": len(self.node.tokens)})
+            key, meta = self.file_name()
+            self.store.write(key, "kv", {"kv": kv}, meta)
             self._staged_disk_key = key
 
     def commit_move(self) -> None:

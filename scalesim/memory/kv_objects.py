@@ -53,25 +53,31 @@ class KVObjects:
     # --- restart ---------------------------------------------------------------------------------
     def restore(self) -> int:
         """Re-create the tree's disk-tier nodes from the index; return how many were attached."""
-        store = self.manager.store
-        if store is None:
+        if self.manager.store is None:
             return 0
-        attached = 0
-        for key, _, meta in sorted(store.entries("kv"), key=lambda e: len(e[2].get("path", ()))):
+        attached = self.attach_stored([(key, meta) for key, _, meta in self.manager.store.entries("kv")])
+        logger.info("found %d KV objects on disk (%d waiting for their parent pages)", attached,
+                    sum(len(v) for v in self.orphans.values()))
+        return attached
+
+    def attach_stored(self, entries: list[tuple[str, dict]]) -> int:
+        """Put disk-tier nodes for stored objects (key, meta) into the tree, parents first; an
+        object whose parent pages are not in the tree waits as an orphan. Returns how many were
+        attached. The caller holds the manager's lock (or runs before the engine does)."""
+        store, attached = self.manager.store, 0
+        for key, meta in sorted(entries, key=lambda e: len(e[1].get("path", ()))):
             try:
                 namespace, path, edge = meta["namespace"], list(meta["path"]), int(meta["edge"])
             except (KeyError, TypeError, ValueError):
                 logger.warning("disk object %s has unusable meta; removed", key)
                 store.delete(key)
                 continue
-            parent = self._find(namespace, path[: len(path) - edge])
+            parent = self.find(namespace, path[: len(path) - edge])
             if parent is None:
                 self.orphans.setdefault(disk_key(namespace, path[: len(path) - edge], self.cache.page),
                                         []).append((key, meta))
                 continue
             attached += self._attach(parent, key, meta)
-        logger.info("found %d KV objects on disk (%d waiting for their parent pages)", attached,
-                    sum(len(v) for v in self.orphans.values()))
         return attached
 
     def _attach(self, parent, key: str, meta: dict) -> int:
@@ -103,7 +109,8 @@ class KVObjects:
         waiting = self.orphans.pop(keys[-1], ()) if keys else ()
         return sum(self._attach(node, key, meta) for key, meta in waiting)
 
-    def _find(self, namespace: str, path: list[int]):
+    def find(self, namespace: str, path: list[int]):
+        """The node whose edge ends exactly at the end of `path`, or None."""
         node, rest = self.cache.root(namespace), tuple(path)
         while rest:
             child = node.children.get(rest[: self.cache.page])
