@@ -146,14 +146,19 @@ def test_a_pinned_slot_sends_its_agents_to_the_pinned_replica_in_a_new_epoch(url
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     agent = "wren"
     home = _owner(agent)
+    assert _replica_of(client, agent)[0] == home
     before = httpx.get(f"{url}/v1/slots").json()
-    pinned = httpx.post(f"{url}/v1/slots", json={"agent_id": agent, "replica": 1 - home}).json()
+    pinned = httpx.post(f"{url}/v1/slots", json={"agent_id": agent, "replica": 1 - home}, timeout=60).json()
     assert pinned["epoch"] == before["epoch"] + 1 and pinned["replica"] == 1 - home
-    assert _replica_of(client, agent)[0] == 1 - home
+    assert pinned["moves"]["moved"] == 1 and pinned["moves"]["nbytes"] > 0, "wren's state went first"
+    rank, usage = _replica_of(client, agent)
+    assert rank == 1 - home and usage["prompt_tokens_details"]["cached_tokens"] > 0
     assert httpx.get(f"{url}/v1/slots").json()["overrides"] == {str(pinned["slot"]): 1 - home}
-    unpinned = httpx.delete(f"{url}/v1/slots/{pinned['slot']}").json()
+    unpinned = httpx.delete(f"{url}/v1/slots/{pinned['slot']}", timeout=60).json()
     assert unpinned["epoch"] == pinned["epoch"] + 1 and httpx.get(f"{url}/v1/slots").json()["overrides"] == {}
-    assert _replica_of(client, agent)[0] == home, "unpinned, the slot is its rendezvous owner's again"
+    assert unpinned["moves"]["moved"] == 1, "and back to its rendezvous owner"
+    rank, usage = _replica_of(client, agent)
+    assert rank == home and usage["prompt_tokens_details"]["cached_tokens"] > 0
     assert httpx.post(f"{url}/v1/slots", json={"agent_id": agent, "replica": 7}).status_code == 400
 
 
@@ -176,6 +181,10 @@ def test_metrics_label_each_replica_and_count_routing(url):
 
 def _replicas(url: str) -> dict[int, dict]:
     return {r["rank"]: r for r in httpx.get(f"{url}/v1/replicas", timeout=30).json()["data"]}
+
+
+def _metric(url: str, name: str) -> str:
+    return next(line.split()[-1] for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(name + " "))
 
 
 def _disk_nbytes(url: str, rank: int) -> float:
@@ -201,8 +210,17 @@ def test_scaling_to_three_replicas_moves_only_the_slots_the_new_rank_wins(url, s
     assert 0.25 < slots["2"] / 4096 <= 0.40, slots  # rank 2 took about a third; ranks 0 and 1 kept the rest
     moved = [a for a in AGENTS if _owner(a, (0, 1, 2)) != _owner(a)]
     assert moved and all(_owner(a, (0, 1, 2)) == 2 for a in moved)  # only to the new rank
+    # the redeploy restarted every replica (their arguments changed), which found their KV on
+    # disk with its owners; a rebalance takes the agents whose slots rank 2 won there, pages and all
+    rebalance = httpx.post(f"{url}/v1/rebalance", timeout=120).json()
+    assert rebalance["failed"] == 0 and rebalance["errors"] == []
+    assert float(_metric(url, "scalesim_routing_moves_total")) >= len(moved), "their state was moved"
+    assert float(_metric(url, "scalesim_routing_moved_bytes_total")) > 0
     for agent in AGENTS + [f"newcomer-{i}" for i in range(9)]:  # the others stay where their state is
-        assert _replica_of(client, agent)[0] == _owner(agent, (0, 1, 2)), agent
+        rank, usage = _replica_of(client, agent)
+        assert rank == _owner(agent, (0, 1, 2)), agent
+        if agent in moved:
+            assert usage["prompt_tokens_details"]["cached_tokens"] > 0, f"{agent}'s pages came along to rank 2"
 
 
 def test_after_kill_9_the_next_ranked_replica_serves_and_the_restarted_one_gets_its_slots_and_disk_back(url):
@@ -218,6 +236,7 @@ def test_after_kill_9_the_next_ranked_replica_serves_and_the_restarted_one_gets_
         time.sleep(0.2)
     assert _disk_nbytes(url, victim) > 0
     old_pid = _replicas(url)[victim]["pid"]
+    moves_before = float(_metric(url, "scalesim_routing_moves_total"))
 
     os.kill(old_pid, signal.SIGKILL)
     hinted = httpx.post(f"{url}/v1/hints", json={"step": 9, "distances": {a: 1 for a in mine}}, timeout=60)
@@ -247,3 +266,7 @@ def test_after_kill_9_the_next_ranked_replica_serves_and_the_restarted_one_gets_
         assert rank == victim, "the agent's slot came home"
         cached.append(usage["prompt_tokens_details"]["cached_tokens"])
     assert max(cached) > 0, f"prefixes computed before the kill were read back from disk: {cached}"
+    deadline = time.monotonic() + 30  # the replica's return started a rebalance: what the
+    while float(_metric(url, "scalesim_routing_moves_total")) == moves_before:  # fallbacks computed comes home
+        assert time.monotonic() < deadline, "no move after the victim came back"
+        time.sleep(0.5)

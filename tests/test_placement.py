@@ -102,3 +102,31 @@ def test_cold_agents_never_push_a_replica_past_the_spill_factor_on_a_skewed_trac
         in_flight = [x for x in in_flight if x[0] > 0]
     print(f"spills {spills}, max/mean queue at placement: worst {max(ratios):.2f}")
     assert spills > 100 and max(ratios) <= c + 0.1  # at a mean of 8 or more, one request is at most 0.125 of it
+
+
+def test_a_warm_agent_stays_with_its_state_when_a_replica_joins_until_it_is_moved():
+    placement = AffinePlacement()
+    won = [a for a in AGENTS[:300] if placement.table.order(a, [0, 1, 2])[0] == 2]
+    for agent in won:
+        placement.decide(agent, {0: 0, 1: 0})
+    before = {a: placement.target(a, [0, 1]) for a in won}
+    three = {0: 0, 1: 0, 2: 0}
+    assert all(placement.decide(a, three).order[0] == before[a] for a in won), "state is there"
+    assert all(placement.home(a, [0, 1, 2]) == 2 for a in won), "a rebalance takes them to rank 2"
+    newcomer = next(a for a in AGENTS[300:] if placement.table.order(a, [0, 1, 2])[0] == 2)
+    assert placement.decide(newcomer, three).order[0] == 2  # cold: straight to its owner
+    placement.place(won[0], 2)  # moved
+    assert placement.decide(won[0], three).order[0] == 2 and placement.target(won[0], [0, 1, 2]) == 2
+
+
+def test_a_spilled_agent_belongs_where_it_spilled_and_its_slots_pins_move_it():
+    placement = AffinePlacement()
+    owner = placement.table.order("alice", [0, 1])[0]
+    assert placement.decide("alice", {owner: 10, 1 - owner: 0}).spilled
+    assert placement.home("alice", [0, 1]) == 1 - owner, "a rebalance leaves a spilled agent"
+    placement.table = SlotTable(overrides={slot_of("alice"): owner}, epoch=1)
+    placement.follow_pins({slot_of("alice")})
+    assert placement.decide("alice", {owner: 10, 1 - owner: 0}).order[0] == owner, "pinned: placed there"
+    placement.table = SlotTable(epoch=2)
+    placement.follow_pins({slot_of("alice")})
+    assert "alice" not in placement.placed, "unpinned: cold again"

@@ -30,6 +30,10 @@ class RoutingCollector(Collector):
                                   value=view.fallbacks)
         yield CounterMetricFamily("scalesim_misrouted_hints", "hinted agents whose owner had died when hinted",
                                   value=view.misrouted_hints)
+        yield CounterMetricFamily("scalesim_routing_moves", "agents whose state a planned move took elsewhere",
+                                  value=view.moves)
+        yield CounterMetricFamily("scalesim_routing_moved_bytes", "bytes of KV files stored by planned moves",
+                                  value=view.moved_nbytes)
         yield GaugeMetricFamily("scalesim_live_replicas", "engine replicas the router can reach",
                                 value=len(view.live_ranks))
 

@@ -19,6 +19,7 @@ from ray import serve
 from scalesim.cluster.asgi_relay import REPLICA_HEADER, RelayHead, RelayRequest, run_asgi
 from scalesim.cluster.placement import SlotTable
 from scalesim.cluster.router import Route
+from scalesim.memory import agent_kv
 from scalesim.server.agent_routes import hint_agents
 
 
@@ -60,6 +61,41 @@ class EngineReplica:
         fields = {"distances": distances, **({"schedule": schedule} if schedule else {})}
         result = await asyncio.to_thread(hint_agents, self.state, step, fields)
         return {**result, "replica": self.rank}
+
+    # --- planned moves (cluster/moves.py): an agent's KV goes to another replica --------------
+    async def agents_with_kv(self, route: Route | None = None) -> dict[str, dict]:
+        """Agent -> {nbytes, distance} of the KV only it uses here."""
+        self._meant_for_me(route)
+        return await asyncio.to_thread(agent_kv.agents_with_kv, self.kv_objects)
+
+    async def export_agents(self, agents: list[str], route: Route | None = None) -> dict[str, list[bytes]]:
+        """Each agent's KV as self-verifying files (see memory/agent_kv.py)."""
+        self._meant_for_me(route)
+        return {a: await asyncio.to_thread(agent_kv.export_agent_kv, self.kv_objects, a) for a in agents}
+
+    async def import_agents(self, files: dict[str, list[bytes]], route: Route | None = None) -> dict:
+        """Store and attach each agent's files; the summed ImportResult."""
+        self._meant_for_me(route)
+        results = [await asyncio.to_thread(agent_kv.import_agent_kv, self.kv_objects, a, f) for a, f in files.items()]
+        return {name: sum(getattr(r, name) for r in results) for name in ("files", "attached", "present", "rejected",
+                                                                             "nbytes")}
+
+    async def drop_agents(self, agents: list[str], route: Route | None = None) -> dict:
+        """Forget the KV only these agents use here (the old owner's side of a move)."""
+        self._meant_for_me(route)
+        results = [await asyncio.to_thread(agent_kv.drop_agent_kv, self.kv_objects, a) for a in agents]
+        return {"dropped": sum(r[0] for r in results), "kept": sum(r[1] for r in results)}
+
+    def _meant_for_me(self, route: Route | None) -> None:
+        """A move's step must run on the replica it names: the router sends a call whose replica
+        is gone to any other, which would move the wrong replica's state."""
+        rank = getattr(route, "rank", None)
+        if rank is not None and rank != self.rank:
+            raise RuntimeError(f"replica {rank} is gone; replica {self.rank} answered")
+
+    @property
+    def kv_objects(self):
+        return self.state.llm.engine.kv_objects
 
     def describe(self, route: Route | None = None) -> dict:
         """Rank, process, state folder, agents and queue of this replica (for /v1/replicas)."""

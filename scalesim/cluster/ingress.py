@@ -11,7 +11,9 @@ Every request is relayed to one engine replica through the engine deployment's h
 - `/v1/hints` and `/v1/update`: parsed here, turned into per-agent distances, split by where each
   agent's state is, and sent in one call per live replica (each replica also advances its step);
 - `/metrics`: every replica's series labelled `replica="<rank>"`, and the routing counters;
-- `/v1/replicas`: each live replica's rank, process and queue; `/v1/slots`: the slot table;
+- `/v1/replicas`: each live replica's rank, process and queue; `/v1/slots`: the slot table,
+  where pinning or unpinning a slot moves its agents' state first (moves.py);
+- `POST /v1/rebalance`: move every agent's state home; also run when a replica joins;
 - anything else (models, embeddings, health): the replica with the shortest queue.
 A replica that dies before it answers is retried: the router sends the retry to the agent's
 next-ranked replica until Serve has restarted the dead one under the same rank.
@@ -35,7 +37,8 @@ from ray.serve.handle import DeploymentHandle
 
 from scalesim.cluster.asgi_relay import RelayHead, RelayRequest
 from scalesim.cluster.cluster_metrics import RoutingCollector, merge_replica_metrics
-from scalesim.cluster.placement import slot_of
+from scalesim.cluster.moves import Move, Mover, far_future_first
+from scalesim.cluster.placement import SlotTable, slot_of
 from scalesim.cluster.router import Route, RoutingView, shared_view
 from scalesim.cluster.slot_table import SlotTableReader
 from scalesim.distance.hints import estimate_distances
@@ -105,6 +108,7 @@ class Ingress:
         self.config = config
         self.spans = PrivateSpans() if config.infer_agents else None
         self.slot_table = SlotTableReader(self._install_table)
+        self.mover = Mover(engine, shared_view, alone)
         self.registry = CollectorRegistry()
         self.registry.register(RoutingCollector())
         self.requests = Counter("scalesim_ingress_requests", "HTTP requests at the ingress by route and status",
@@ -123,6 +127,7 @@ class Ingress:
         app.get("/v1/slots")(self.slots)
         app.post("/v1/slots")(self.pin_slot)
         app.delete("/v1/slots/{slot}")(self.unpin_slot)
+        app.post("/v1/rebalance")(self.rebalance)
         app.get("/metrics")(self.metrics)
         app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])(self.anywhere)
         app.add_middleware(Gate, config=self.config, metrics=self)
@@ -134,8 +139,11 @@ class Ingress:
         """The engine router's view of the replicas and its counters (see router.shared_view)."""
         return shared_view()
 
-    def _install_table(self, table) -> None:
-        self.view.placement.table = table
+    def _install_table(self, table: SlotTable) -> None:
+        placement = self.view.placement
+        old, new = placement.table.overrides, table.overrides
+        placement.table = table
+        placement.follow_pins({s for s in set(old) | set(new) if old.get(s) != new.get(s)})
 
     async def _warm_up(self) -> None:
         """Once, before the first request is routed: the handle builds its router on its first
@@ -144,6 +152,7 @@ class Ingress:
         if self.warm:
             return
         self.slot_table.start(self.view.placement.table.num_slots)
+        self.mover.watch()
         try:
             await asyncio.wait_for(self.engine.describe.remote(route=Route()), WARM_UP_S)
         except asyncio.TimeoutError:
@@ -343,8 +352,8 @@ class Ingress:
                 "slots_by_replica": {str(r): owners.count(r) for r in ranks}}
 
     async def pin_slot(self, request: Request) -> dict:
-        """`{"replica": R, "slot": S}` or `{"replica": R, "agent_id": A}`: route the slot to R
-        from now on (every ingress replica within a second). Its agents' KV is recomputed there."""
+        """`{"replica": R, "slot": S}` or `{"replica": R, "agent_id": A}`: move the slot's agents'
+        state to R, then route the slot to R (every ingress replica within a second)."""
         try:
             body = json.loads(await request.body())
         except ValueError:
@@ -359,12 +368,43 @@ class Ingress:
             raise APIError(400, f"slot must be in [0, {num_slots}), or give agent_id", param="slot")
         if body["replica"] not in ranks:
             raise APIError(400, f"no live replica of rank {body['replica']}; live: {ranks}", param="replica")
-        table = await self.slot_table.pin(slot, body["replica"], num_slots)
-        return {"object": "slot", "slot": slot, "replica": body["replica"], "epoch": table.epoch}
+        return await self._move_slot(slot, body["replica"])
 
     async def unpin_slot(self, slot: int) -> dict:
-        table = await self.slot_table.unpin(slot, self.view.placement.table.num_slots)
-        return {"object": "slot", "slot": slot, "replica": None, "epoch": table.epoch}
+        """Move the slot's agents' state to its rendezvous owner, then route the slot there."""
+        return await self._move_slot(slot, None)
+
+    async def _move_slot(self, slot: int, rank: int | None) -> dict:
+        """Pin `slot` to `rank` (None: unpin): its agents' state goes to the slot's new replica,
+        far-future agents first, then the table changes (a new epoch), then the old replicas
+        drop what only those agents used."""
+        num_slots = self.view.placement.table.num_slots
+        async with self.mover.lock:
+            ranks = await self._live_ranks()
+            overrides = {s: r for s, r in self.view.placement.table.overrides.items() if s != slot}
+            target = rank if rank is not None else SlotTable(num_slots, overrides).order_of_slot(slot, ranks)[0]
+            moves = sorted((Move(agent, r, target, info["distance"] if info["distance"] is not None else float("inf"),
+                                 info["nbytes"])
+                            for r, held in (await self.mover.held(ranks)).items() if r != target
+                            for agent, info in held.items() if slot_of(agent, num_slots) == slot), key=far_future_first)
+            changed: list[SlotTable] = []
+
+            async def flip(batch: list[Move]) -> None:  # the first batch in changes the table for the whole slot
+                if not changed:
+                    changed.append(await (self.slot_table.pin(slot, rank, num_slots) if rank is not None
+                                          else self.slot_table.unpin(slot, num_slots)))
+                for move in batch:
+                    self.view.placement.place(move.agent_id, target)
+
+            report = await self.mover.move(moves, flip)
+            if not changed:
+                await flip([])
+        return {"object": "slot", "slot": slot, "replica": rank, "epoch": changed[0].epoch, "moves": report.as_dict()}
+
+    async def rebalance(self) -> dict:
+        """Move every agent's state to its home replica now (far-future agents first)."""
+        await self._live_ranks()
+        return {"object": "rebalance", **(await self.mover.rebalance()).as_dict()}
 
     async def anywhere(self, path: str, request: Request) -> Response:
         return await self._forward(request, Route())

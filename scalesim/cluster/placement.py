@@ -6,9 +6,12 @@ Ranks, not replica ids: Ray Serve gives a restarted replica its old rank back, s
 slots back, and adding a replica moves only the slots the new rank wins (about 1/N of them).
 Every ingress replica computes the same order from the same ranks, without coordination.
 
-The load bound: an agent that has nothing on its owner yet (cold) goes to the next replica in its
-order while the owner's queue is over `spill_factor` x the mean queue (and over a few requests);
-an agent that has been served (warm) always goes where it was served, unless that replica is gone.
+The load bound: an agent that has nothing anywhere yet (cold) goes to the next replica in its
+order while the owner's queue is over `spill_factor` x the mean queue (and over a few requests).
+An agent that has been served (warm) goes where its state is: where it was placed, also after
+a replica joins and wins its slot, until a planned move (`moves.py`) takes its state to the new
+owner. While the replica holding it is down it is served by its next-ranked replica, and goes
+back when that replica returns with its disk tier.
 
 Pure Python, shared by the Serve router (`router.py`) and the ingress (`ingress.py`).
 """
@@ -78,12 +81,16 @@ class Decision:
     spilled: bool  # this request spilled a cold agent past its owner (not repeated for its later calls)
 
 
+@dataclass(frozen=True)
+class Placed:
+    rank: int  # the replica that holds the agent's state
+    spilled: bool  # placed there by the load bound, not as its slot's owner (a rebalance leaves it)
+
+
 class AffinePlacement:
-    """The routing decision for one request: owner by slot, warm agents sticky, cold agents spill
-    past an overloaded owner. Remembers, per agent (bounded, oldest forgotten first), whether it
-    was served at its slot's owner or spilled to another replica, so that a spilled agent stays
-    where its state now is, and an agent served by a fallback while its owner was down goes home
-    when the owner is back (its disk tier still holds the agent's older state)."""
+    """The routing decision for one request: owner by slot, warm agents where their state is,
+    cold agents spill past an overloaded owner. Remembers, per agent (bounded, oldest forgotten
+    first), the replica that holds its state."""
 
     def __init__(self, table: SlotTable | None = None, spill_factor: float = DEFAULT_SPILL_FACTOR,
                  max_remembered: int = MAX_REMEMBERED_AGENTS) -> None:
@@ -92,7 +99,7 @@ class AffinePlacement:
         self.table = table or SlotTable()
         self.spill_factor = spill_factor
         self.max_remembered = max_remembered
-        self.spilled_to: OrderedDict[str, int | None] = OrderedDict()  # agent -> rank, None = at its owner
+        self.placed: OrderedDict[str, Placed] = OrderedDict()
 
     def decide(self, agent_id: str, queue_lens: dict[int, int]) -> Decision:
         """Where `agent_id`'s request goes, given the live replicas' queue lengths by rank."""
@@ -100,28 +107,50 @@ class AffinePlacement:
             raise ValueError("no live replica")
         order = self.table.order(agent_id, sorted(queue_lens))
         owner = order[0]
-        warm = agent_id in self.spilled_to
-        target = self.spilled_to.get(agent_id)
-        if target not in queue_lens:  # at its owner, or its spill target is gone
-            target = owner if warm else self._first_within_bound(order, queue_lens)
+        placed = self.placed.get(agent_id)
+        if placed is None:  # cold
+            target = self._first_within_bound(order, queue_lens)
+            self.place(agent_id, target, spilled=target != owner)
+        else:  # warm: where its state is; its next-ranked replica while that one is down
+            target = placed.rank if placed.rank in queue_lens else owner
+            self.placed.move_to_end(agent_id)
         order.remove(target)
         order.insert(0, target)
-        self._remember(agent_id, None if target == owner else target)
-        return Decision(order, owner, spilled=not warm and target != owner)
+        return Decision(order, owner, spilled=placed is None and target != owner)
 
     def target(self, agent_id: str, live_ranks: list[int]) -> int:
-        """Where the agent's state is, without deciding anything: its spill replica if it spilled
-        and that replica lives, else its slot's owner (where hints about it go)."""
-        spilled_to = self.spilled_to.get(agent_id)
-        return spilled_to if spilled_to in live_ranks else self.table.order(agent_id, live_ranks)[0]
+        """Where the agent's state is, without deciding anything (where hints about it go): the
+        replica it was placed on if that one lives, else its slot's owner."""
+        placed = self.placed.get(agent_id)
+        return placed.rank if placed is not None and placed.rank in live_ranks \
+            else self.table.order(agent_id, live_ranks)[0]
+
+    def home(self, agent_id: str, live_ranks: list[int]) -> int:
+        """Where the agent's state belongs: the replica it spilled to while that one lives, else
+        its slot's owner (a rebalance moves it there)."""
+        placed = self.placed.get(agent_id)
+        return placed.rank if placed is not None and placed.spilled and placed.rank in live_ranks \
+            else self.table.order(agent_id, live_ranks)[0]
+
+    def place(self, agent_id: str, rank: int, spilled: bool = False) -> None:
+        """Remember that `rank` holds the agent's state (a decision, or a move that took it there)."""
+        self.placed[agent_id] = Placed(rank, spilled)
+        self.placed.move_to_end(agent_id)
+        while len(self.placed) > self.max_remembered:
+            self.placed.popitem(last=False)
+
+    def follow_pins(self, slots: set[int]) -> None:
+        """The pins of `slots` changed: their agents are placed on their slot's pinned replica,
+        or cold again where a slot was unpinned."""
+        overrides, num_slots = self.table.overrides, self.table.num_slots
+        for agent in [a for a in self.placed if slot_of(a, num_slots) in slots]:
+            pinned = overrides.get(slot_of(agent, num_slots))
+            if pinned is None:
+                del self.placed[agent]
+            else:
+                self.place(agent, pinned)
 
     def _first_within_bound(self, order: list[int], queue_lens: dict[int, int]) -> int:
         """The first replica in `order` whose queue, with this request, stays within the bound."""
         bound = spill_bound(queue_lens, self.spill_factor)
         return next((rank for rank in order if queue_lens[rank] + 1 <= bound), order[0])
-
-    def _remember(self, agent_id: str, spilled_to: int | None) -> None:
-        self.spilled_to[agent_id] = spilled_to
-        self.spilled_to.move_to_end(agent_id)
-        while len(self.spilled_to) > self.max_remembered:
-            self.spilled_to.popitem(last=False)

@@ -42,6 +42,8 @@ class RoutingView:
     spills: int = 0  # cold agents sent past an overloaded owner
     fallbacks: int = 0  # agent requests sent elsewhere because the agent's owner had died
     misrouted_hints: int = 0  # hinted agents whose owner had died (the hint went to its fallback)
+    moves: int = 0  # agents whose state a planned move took to another replica
+    moved_nbytes: int = 0  # bytes of the KV files those moves stored
 
     def target(self, agent_id: str) -> int | None:
         """The live replica that holds `agent_id`'s state now (where its hints go)."""

@@ -20,6 +20,7 @@ from scalesim.memory.disk_store import CorruptObjectError, DiskStore
 from scalesim.memory.resident import ResidentObject, to_host
 
 _ids = itertools.count()
+MAX_OWNERS_ON_DISK = 16  # a node more agents share is stored without owners (they are found again on use)
 
 
 class KVPool(Protocol):
@@ -144,10 +145,13 @@ class KVNodeObject(ResidentObject):
         return kv
 
     def file_name(self) -> tuple[str, dict]:
-        """The key and meta of this node's file: its namespace and every token up to it."""
+        """The key and meta of this node's file: its namespace, every token up to it, and the
+        agents that used it so far (up to MAX_OWNERS_ON_DISK; a restart restores them, so that
+        hints prefetch restored pages and moves find them)."""
         path = path_tokens(self.node)
+        owners = sorted(self.owners) if len(self.owners) <= MAX_OWNERS_ON_DISK else []
         return (disk_key(self.node.namespace, path, self.pool.block_size),
-                {"namespace": self.node.namespace, "path": path, "edge": len(self.node.tokens)})
+                {"namespace": self.node.namespace, "path": path, "edge": len(self.node.tokens), "owners": owners})
 
     def export_source(self) -> torch.Tensor | str | None:
         """Where another engine's copy of these pages comes from, taken under the manager's

@@ -89,6 +89,8 @@ class KVObjects:
         node = self.cache.attach_offline(parent, edge)
         obj = self._new_object(node, tier="disk")
         obj.disk_key = key
+        owners = meta.get("owners")
+        obj.owners = {a for a in owners if isinstance(a, str)} if isinstance(owners, list) else set()
         self.manager.add(obj)
         return 1 + self._attach_orphans(node, may_split=False)
 
