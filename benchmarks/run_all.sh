@@ -42,6 +42,10 @@ $S microbench adapters --model smollm2-135m --dtype bf16 --out $R/adapters-bf16.
 $S microbench routing --repeats 2 --out $R/routing.json
 # The same over 16 steps (histories twice as long), affine and random, one run each (about 12 minutes):
 $S microbench routing --steps 16 --runs affine,random --out $R/routing-16-steps.json
+# The same question projected to GPUs (a model, not a measurement): 4 H100s behind each routing, 1,000 agents of the
+# OASIS-shaped feed over 16 steps, the 4 devices holding a quarter of all KV together (seconds):
+$S project feed --agents 1000 --steps 16 --state none --replicas 4 --out $R/projection-4-replicas.json
+$S project feed --agents 1000 --steps 16 --state none --replicas 4 --policy ideal --out $R/projection-4-replicas-ideal.json
 # Structured output: batch-16 decode held to a JSON schema vs unconstrained, five interleaved rounds (about 5 minutes):
 $S microbench grammar --rounds 5 --gen-len 64 --out $R/grammar.json
 # ScaleSim's makespan against hint error, exact hints to none, with ideal, oracle and lru as references: the demo's

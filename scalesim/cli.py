@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     proj.add_argument("--policies", default="ideal,scalesim,lru", help="comma-separated policies")
     proj.add_argument("--device-fraction", type=float, default=0.25, help="device budget share of all agent state")
     proj.add_argument("--host-fraction", type=float, default=0.5, help="host budget share of all agent state")
+    proj.add_argument("--replicas", type=int, default=1,
+                      help="project N GPUs behind each --routing instead (the budgets are shared by the N; "
+                           "see bench/cluster_projection.py)")
+    proj.add_argument("--routing", default="affine,random,power-of-two",
+                      help="with --replicas over 1: comma-separated routings (default: all three)")
+    proj.add_argument("--policy", default="scalesim", help="with --replicas over 1: the memory policy (default: scalesim)")
     proj.add_argument("--out", default=None, help="write the JSON projection here too")
 
     bench = commands.add_parser("microbench", help="microbenchmarks that print ratios from one run")
@@ -393,16 +399,26 @@ def _project(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
+    from scalesim.bench.cluster_projection import ROUTINGS, project_cluster
     from scalesim.bench.costmodel import project_workload
     from scalesim.sim.workloads import WORKLOADS
 
     if args.workload not in WORKLOADS:
         raise ValueError(f"unknown workload {args.workload!r}; choose from {', '.join(WORKLOADS)}")
     policies = tuple(args.policies.split(","))
-    if any(p not in POLICIES for p in policies):
-        raise ValueError(f"unknown policy in {args.policies!r}; choose from {', '.join(POLICIES)}")
-    result = project_workload(args.workload, args.agents, args.steps, args.state, policies, args.device_fraction,
-                              args.host_fraction)
+    if any(p not in POLICIES for p in (*policies, args.policy)):
+        raise ValueError(f"unknown policy in {args.policies!r} or {args.policy!r}; choose from {', '.join(POLICIES)}")
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.replicas > 1:
+        routings = tuple(args.routing.split(","))
+        if any(r not in ROUTINGS for r in routings):
+            raise ValueError(f"unknown routing in {args.routing!r}; choose from {', '.join(ROUTINGS)}")
+        result = project_cluster(args.workload, args.agents, args.steps, args.replicas, routings, args.state,
+                                 args.policy, args.device_fraction, args.host_fraction)
+    else:
+        result = project_workload(args.workload, args.agents, args.steps, args.state, policies, args.device_fraction,
+                                  args.host_fraction)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -221,3 +221,23 @@ def test_peer_counts_read_the_servers_own_metrics():
                                                               "vllm:prefix_cache_queries_total": 100.0})
     assert theirs["computed_prompt_tokens"] == 70 and theirs["prefix_cache_hit_rate"] == 0.3
     assert theirs["cached_share"] == 0.3 and counts["cached_share"] == round(counts["cached_prompt_tokens"] / 80, 4)
+
+
+def test_the_n_replica_projection_routes_with_the_placement_code_and_charges_split_histories():
+    """A model projection (bench/cluster_projection.py), checked for its bookkeeping: one replica
+    is the same whatever the routing; over 4 replicas, affinity keeps one engine's hit rate while
+    spreading the calls splits histories, which are recomputed."""
+    from scalesim.bench.cluster_projection import project_replicas
+    from scalesim.sim.workloads import WORKLOADS, WorkloadConfig
+
+    def trace():
+        return WORKLOADS["feed"](WorkloadConfig(agents=300, steps=8, output_tokens=64))
+
+    one = {r: project_replicas(trace(), r, 1) for r in ("affine", "random", "power-of-two")}
+    assert len({(r["makespan_s"], r["prefill_tokens"]) for r in one.values()}) == 1
+    four = {r: project_replicas(trace(), r, 4) for r in ("affine", "random")}
+    assert abs(four["affine"]["prefix_hit_rate"] - one["affine"]["prefix_hit_rate"]) < 0.05
+    assert four["random"]["prefix_hit_rate"] < 0.6 * four["affine"]["prefix_hit_rate"]
+    assert four["random"]["prefill_tokens"] > four["affine"]["prefill_tokens"]
+    assert four["affine"]["prompt_tokens"] == four["random"]["prompt_tokens"], "the same calls, charged per call"
+    assert four["affine"]["max_over_mean_calls"] <= 1.25 + 0.05
