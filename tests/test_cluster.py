@@ -212,6 +212,11 @@ def test_scaling_to_three_replicas_moves_only_the_slots_the_new_rank_wins(url, s
     assert moved and all(_owner(a, (0, 1, 2)) == 2 for a in moved)  # only to the new rank
     # the redeploy restarted every replica (their arguments changed), which found their KV on
     # disk with its owners; a rebalance takes the agents whose slots rank 2 won there, pages and all
+    deadline = time.monotonic() + 30  # the ingress registers at rank 2 the agents the others know
+    while (known := {r: d["agents"] for r, d in _replicas(url).items()})[2] < max(known[0], known[1]):
+        assert time.monotonic() < deadline, known
+        time.sleep(0.5)
+    assert known[2] == known[0] == known[1] > 0
     rebalance = httpx.post(f"{url}/v1/rebalance", timeout=120).json()
     assert rebalance["failed"] == 0 and rebalance["errors"] == []
     assert float(_metric(url, "scalesim_routing_moves_total")) >= len(moved), "their state was moved"

@@ -10,6 +10,7 @@ replica accepts what the ingress relays.
 import argparse
 import asyncio
 import copy
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,9 @@ from scalesim.cluster.placement import SlotTable
 from scalesim.cluster.router import Route
 from scalesim.memory import agent_kv
 from scalesim.server.agent_routes import hint_agents
+from scalesim.server.agent_store import AgentRecord
+
+logger = logging.getLogger(__name__)
 
 
 def replica_dir(disk_dir: str | Path | None, rank: int) -> Path | None:
@@ -85,6 +89,32 @@ class EngineReplica:
         self._meant_for_me(route)
         results = [await asyncio.to_thread(agent_kv.drop_agent_kv, self.kv_objects, a) for a in agents]
         return {"dropped": sum(r[0] for r in results), "kept": sum(r[1] for r in results)}
+
+    # --- the registry of a replica that joins later ---------------------------------------------
+    async def registrations(self, route: Route | None = None) -> list[AgentRecord]:
+        """Every agent registered here."""
+        self._meant_for_me(route)
+        return await asyncio.to_thread(self.state.agents.all)
+
+    async def register_missing(self, records: list[AgentRecord], route: Route | None = None) -> dict:
+        """Register (without pre-filling) the agents of `records` this replica does not know;
+        how many were added and how many failed (an adapter folder missing on this node)."""
+        self._meant_for_me(route)
+
+        def register() -> dict:
+            added = failed = 0
+            for record in records:
+                if self.state.agents.get(record.agent_id) is not None:
+                    continue
+                try:
+                    self.state.register(record)
+                    added += 1
+                except Exception as exc:
+                    logger.warning("agent %s not registered on replica %d: %s", record.agent_id, self.rank, exc)
+                    failed += 1
+            return {"added": added, "failed": failed}
+
+        return await asyncio.to_thread(register)
 
     def _meant_for_me(self, route: Route | None) -> None:
         """A move's step must run on the replica it names: the router sends a call whose replica

@@ -12,8 +12,9 @@ that last turn. Nothing is lost if a step fails: the agents stay routed to S.
 
 `plan_rebalance` lists the moves that take every agent's state home (its slot's owner, or the
 replica it spilled to), far-future agents first: those are the least likely to be called while
-they move. The ingress runs a rebalance when a replica joins (a scale-up, or a restarted replica
-whose agents were served by others meanwhile) and on `POST /v1/rebalance`.
+they move. When a replica joins (a scale-up, or a restarted replica whose agents were served by
+others meanwhile) the ingress registers at it the agents another replica knows, then runs a
+rebalance; `POST /v1/rebalance` runs one too.
 """
 
 import asyncio
@@ -78,7 +79,6 @@ class Mover:
         self.view = view
         self.call = call
         self.lock = asyncio.Lock()  # one planned change at a time in this ingress
-        self.seen_ranks: set[int] | None = None
         self.task: asyncio.Task | None = None
 
     async def held(self, ranks: list[int]) -> dict[int, dict[str, dict]]:
@@ -132,20 +132,40 @@ class Mover:
             return report
 
     def watch(self, period_s: float = 1.0, settle_s: float = 2.0) -> None:
-        """Rebalance, in the background, whenever a replica joins (once; from the event loop)."""
+        """In the background, whenever replicas join (and for those this ingress finds when it
+        starts): share the registry with them, then rebalance. Once; from the event loop."""
         if self.task is None:
             self.task = asyncio.ensure_future(self._watch(period_s, settle_s))
 
     async def _watch(self, period_s: float, settle_s: float) -> None:
+        seen: set[int] = set()  # the live replicas at the last look (one that died and returns joins again)
         while True:
             await asyncio.sleep(period_s)
             ranks = set(self.view().live_ranks)
-            joined = ranks - self.seen_ranks if self.seen_ranks is not None else set()
-            self.seen_ranks = ranks
-            if joined:
-                await asyncio.sleep(settle_s)  # a scale-up brings its replicas one by one
-                self.seen_ranks = set(self.view().live_ranks)
-                try:
-                    await self.rebalance()
-                except Exception as exc:
-                    logger.warning("rebalance after replicas %s joined failed: %s", sorted(joined), exc)
+            if not ranks - seen:
+                seen = ranks
+                continue
+            await asyncio.sleep(settle_s)  # a scale-up brings its replicas one by one
+            ranks = set(self.view().live_ranks)
+            joined, seen = sorted(ranks - seen), ranks
+            try:
+                shared = await self.share_registry(joined)
+                report = await self.rebalance()
+                logger.info("replicas %s joined: %d agents registered there, %d moved", joined, shared["added"],
+                            report.moved)
+            except Exception as exc:
+                logger.warning("replicas %s joined; sharing the registry or rebalancing failed: %s", joined, exc)
+
+    async def share_registry(self, joined: list[int]) -> dict:
+        """Register at each joined replica the agents any live replica knows (every replica knows
+        every registered agent; one that joins later knew none of them)."""
+        ranks = list(self.view().live_ranks)
+        answers = await asyncio.gather(*(self.call(lambda r=r: self.engine.registrations.remote(route=Route(rank=r)))
+                                         for r in ranks), return_exceptions=True)
+        records = list({rec.agent_id: rec for a in answers if isinstance(a, list) for rec in a}.values())
+        if not records:
+            return {"added": 0, "failed": 0}
+        answers = await asyncio.gather(*(self.call(lambda r=r: self.engine.register_missing.remote(
+            records, route=Route(rank=r))) for r in joined), return_exceptions=True)
+        done = [a for a in answers if isinstance(a, dict)]
+        return {"added": sum(a["added"] for a in done), "failed": sum(a["failed"] for a in done) + len(answers) - len(done)}
