@@ -150,15 +150,15 @@ def test_a_pinned_slot_sends_its_agents_to_the_pinned_replica_in_a_new_epoch(url
     before = httpx.get(f"{url}/v1/slots").json()
     pinned = httpx.post(f"{url}/v1/slots", json={"agent_id": agent, "replica": 1 - home}, timeout=60).json()
     assert pinned["epoch"] == before["epoch"] + 1 and pinned["replica"] == 1 - home
-    assert pinned["moves"]["moved"] == 1 and pinned["moves"]["nbytes"] > 0, "wren's state went first"
+    assert pinned["moves"]["moved"] == 1 and pinned["moves"]["attached"] >= 1, "wren's state went first"
     rank, usage = _replica_of(client, agent)
-    assert rank == 1 - home and usage["prompt_tokens_details"]["cached_tokens"] > 0
+    assert rank == 1 - home and _all_but_the_last_pages_cached(usage)
     assert httpx.get(f"{url}/v1/slots").json()["overrides"] == {str(pinned["slot"]): 1 - home}
     unpinned = httpx.delete(f"{url}/v1/slots/{pinned['slot']}", timeout=60).json()
     assert unpinned["epoch"] == pinned["epoch"] + 1 and httpx.get(f"{url}/v1/slots").json()["overrides"] == {}
     assert unpinned["moves"]["moved"] == 1, "and back to its rendezvous owner"
     rank, usage = _replica_of(client, agent)
-    assert rank == home and usage["prompt_tokens_details"]["cached_tokens"] > 0
+    assert rank == home and _all_but_the_last_pages_cached(usage)
     assert httpx.post(f"{url}/v1/slots", json={"agent_id": agent, "replica": 7}).status_code == 400
 
 
@@ -181,6 +181,12 @@ def test_metrics_label_each_replica_and_count_routing(url):
 
 def _replicas(url: str) -> dict[int, dict]:
     return {r["rank"]: r for r in httpx.get(f"{url}/v1/replicas", timeout=30).json()["data"]}
+
+
+def _all_but_the_last_pages_cached(usage: dict) -> bool:
+    """The whole prompt came from the cache but its last page or two (4-token pages; a request
+    computes at least its last token) - not only the chat template every agent shares."""
+    return usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 8
 
 
 def _metric(url: str, name: str) -> str:
@@ -211,7 +217,8 @@ def test_scaling_to_three_replicas_moves_only_the_slots_the_new_rank_wins(url, s
     moved = [a for a in AGENTS if _owner(a, (0, 1, 2)) != _owner(a)]
     assert moved and all(_owner(a, (0, 1, 2)) == 2 for a in moved)  # only to the new rank
     # the redeploy restarted every replica (their arguments changed), which found their KV on
-    # disk with its owners; a rebalance takes the agents whose slots rank 2 won there, pages and all
+    # disk with its owners; a rebalance takes the agents whose slots rank 2 won there, pages and
+    # all (the restarted ingress ran one when it found the replicas; this one waits for it)
     deadline = time.monotonic() + 30  # the ingress registers at rank 2 the agents the others know
     while (known := {r: d["agents"] for r, d in _replicas(url).items()})[2] < max(known[0], known[1]):
         assert time.monotonic() < deadline, known
@@ -225,7 +232,7 @@ def test_scaling_to_three_replicas_moves_only_the_slots_the_new_rank_wins(url, s
         rank, usage = _replica_of(client, agent)
         assert rank == _owner(agent, (0, 1, 2)), agent
         if agent in moved:
-            assert usage["prompt_tokens_details"]["cached_tokens"] > 0, f"{agent}'s pages came along to rank 2"
+            assert _all_but_the_last_pages_cached(usage), f"{agent}'s pages came along to rank 2: {usage}"
 
 
 def test_after_kill_9_the_next_ranked_replica_serves_and_the_restarted_one_gets_its_slots_and_disk_back(url):

@@ -130,3 +130,22 @@ def test_a_spilled_agent_belongs_where_it_spilled_and_its_slots_pins_move_it():
     placement.table = SlotTable(epoch=2)
     placement.follow_pins({slot_of("alice")})
     assert "alice" not in placement.placed, "unpinned: cold again"
+
+
+def test_moves_go_far_future_first_in_batches_of_one_source_and_target():
+    from scalesim.cluster.moves import BATCH_AGENTS, batches, plan_rebalance, plan_slot_move
+
+    placement = AffinePlacement()
+    agents = [a for a in AGENTS[:200] if placement.table.order(a, [0, 1, 2])[0] == 2]
+    held = {0: {a: {"nbytes": 10, "distance": i} for i, a in enumerate(agents) if i % 2},
+            1: {a: {"nbytes": 10, "distance": None if i == 0 else i} for i, a in enumerate(agents) if not i % 2}}
+    moves = plan_rebalance(held, placement, [0, 1, 2])
+    assert {m.agent_id for m in moves} == set(agents) and all(m.target == 2 for m in moves)
+    assert moves[0].agent_id == agents[0], "an agent of unknown distance goes first"
+    assert [m.distance for m in moves[1:]] == sorted((m.distance for m in moves[1:]), reverse=True)
+    for batch in batches(moves):
+        assert len({(m.source, m.target) for m in batch}) == 1 and len(batch) <= BATCH_AGENTS
+    placement.decide(agents[1], {0: 10, 1: 0, 2: 10})  # spills: its state belongs where it went
+    assert agents[1] not in {m.agent_id for m in plan_rebalance({1: held[0]}, placement, [0, 1, 2])}
+    slot_moves = plan_slot_move(held, slot_of(agents[3]), 1, placement.table.num_slots)
+    assert [(m.agent_id, m.source, m.target) for m in slot_moves] == [(agents[3], 0, 1)]

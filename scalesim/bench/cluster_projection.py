@@ -7,7 +7,8 @@ agent state, the N hosts `host_fraction` (`ideal`: each device could hold it all
 `affine` is cluster/placement.py's AffinePlacement (slot owner, warm agents stay, cold agents
 spill past c x the mean queue), `random` any replica, `power-of-two` the shorter queue of two
 random replicas; the queue is the calls already routed to a replica in the step. Hints go where
-the ingress sends them (placement.target).
+the ingress sends them (placement.target): under random and power-of-two routing, which place
+nothing, that is the agent's slot owner.
 
 Unlike costmodel.py, which sizes each agent's KV at its final length, every call is charged
 with the context it has at that call: the agent's persona and its turns so far (a sliding window
@@ -22,7 +23,7 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from scalesim.bench.costmodel import (ALLOCATION_UNIT_BYTES, PROJECTION_LABEL, WORDS_TO_TOKENS, HardwareProfile,
-                                      ModelProfile, _CountingPool, _State)
+                                      ModelProfile, CountingPool, StandIn)
 from scalesim.cluster.placement import AffinePlacement
 from scalesim.distance.hints import estimate_distances
 from scalesim.distance.tracker import DistanceTracker
@@ -59,7 +60,7 @@ class _History:
 class _HeldKV:
     """A replica's KV of an agent: the object, and the context it covers (window start, tokens)."""
 
-    obj: _State
+    obj: StandIn
     window_start: int
     tokens: int
 
@@ -67,17 +68,17 @@ class _HeldKV:
 class _Replica:
     def __init__(self, device_nbytes: int, host_nbytes: int, policy: str, hw: HardwareProfile, clock,
                  future: dict) -> None:
-        self.manager = MemoryManager(_CountingPool(device_nbytes), DistanceTracker(clock=clock), POLICIES[policy],
+        self.manager = MemoryManager(CountingPool(device_nbytes), DistanceTracker(clock=clock), POLICIES[policy],
                                      host_nbytes, None, TierBandwidth(host=hw.pcie_bytes_per_s, disk=hw.disk_bytes_per_s))
         self.manager.set_future(future)
         self.kv: dict[str, _HeldKV] = {}
-        self.adapters: dict[int, _State] = {}
+        self.adapters: dict[int, StandIn] = {}
         self.calls = 0
 
-    def adapter(self, cluster: int, owners: set[str], nbytes: int) -> _State:
+    def adapter(self, cluster: int, owners: set[str], nbytes: int) -> StandIn:
         """This replica's copy of a cluster's adapter (read from disk the first time it is used)."""
         if cluster not in self.adapters:
-            self.adapters[cluster] = _State(f"lora:{cluster}", "adapter", nbytes, set(owners), "disk")
+            self.adapters[cluster] = StandIn(f"lora:{cluster}", "adapter", nbytes, set(owners), "disk")
             self.manager.add(self.adapters[cluster])
         return self.adapters[cluster]
 
@@ -89,19 +90,22 @@ class _StepCost:
     kv_bytes: int = 0  # the batch's KV, read per decoded token
     outputs: list[int] = field(default_factory=list)
     calls_per_agent: dict[str, int] = field(default_factory=dict)
-    pinned: list[_State] = field(default_factory=list)
+    pinned: list[StandIn] = field(default_factory=list)
 
 
-def _route(routing: str, placement: AffinePlacement, agent: str, queue: dict[int, int], rng: random.Random) -> int:
+def _route(routing: str, placement: AffinePlacement, agent: str, queue: dict[int, int],
+           rng: random.Random) -> tuple[int, bool]:
+    """(replica, whether a cold agent spilled past its owner)."""
     if routing == "affine":
-        return placement.decide(agent, queue).order[0]
+        decision = placement.decide(agent, queue)
+        return decision.order[0], decision.spilled
     if routing == "random":
-        return rng.choice(sorted(queue))
+        return rng.choice(sorted(queue)), False
     first, second = rng.sample(sorted(queue), 2) if len(queue) > 1 else (0, 0)
-    return first if queue[first] <= queue[second] else second
+    return (first if queue[first] <= queue[second] else second), False
 
 
-def _load(replica: _Replica, obj: _State, cost: _StepCost, hw: HardwareProfile) -> bool:
+def _load(replica: _Replica, obj: StandIn, cost: _StepCost, hw: HardwareProfile) -> bool:
     """Bring `obj` to the replica's device for a call (a stall over its link); False if no room."""
     if obj.tier == "device":
         return True
@@ -141,6 +145,7 @@ def project_replicas(trace: Trace, routing: str, replicas: int, policy: str = "s
              for _ in ranks]
     placement = AffinePlacement()
     makespan = stall = 0.0
+    spills = 0
     prompt_tokens = cached_tokens = prefill_tokens = 0
     step_s = [0.0] * replicas
     for step in trace.steps:
@@ -158,7 +163,8 @@ def project_replicas(trace: Trace, routing: str, replicas: int, policy: str = "s
         costs, routed = [_StepCost() for _ in ranks], []
         for call in step.calls:
             agent = call.agent_id
-            rank = _route(routing, placement, agent, queue, rng)
+            rank, spilled = _route(routing, placement, agent, queue, rng)
+            spills += spilled
             queue[rank] += 1
             routed.append((rank, agent))
             node, cost = nodes[rank], costs[rank]
@@ -177,6 +183,9 @@ def project_replicas(trace: Trace, routing: str, replicas: int, policy: str = "s
             if held is not None and held.obj.tier is not None and _load(node, held.obj, cost, hw):
                 cached = held.tokens if held.window_start == past.window_start else past.system_tokens
             if held is not None:
+                if held.obj in cost.pinned:  # the agent's earlier call of this step on this replica
+                    held.obj.pins -= 1
+                    cost.pinned.remove(held.obj)
                 node.manager.remove(held.obj)  # replaced below by the KV of the longer context
             prompt, window_start = past.context_tokens + _tokens(call.user), past.window_start
             prompt_tokens, cached_tokens = prompt_tokens + prompt, cached_tokens + cached
@@ -185,7 +194,7 @@ def project_replicas(trace: Trace, routing: str, replicas: int, policy: str = "s
             cost.outputs.append(call.max_tokens)
             cost.calls_per_agent[agent] = cost.calls_per_agent.get(agent, 0) + 1
             past.turns.append(_tokens(call.user) + call.max_tokens)
-            grown = _State(f"kv:{agent}", "kv", (prompt + call.max_tokens) * mp.kv_bytes_per_token, {agent}, None)
+            grown = StandIn(f"kv:{agent}", "kv", (prompt + call.max_tokens) * mp.kv_bytes_per_token, {agent}, None)
             node.manager.add(grown)
             node.kv[agent] = _HeldKV(grown, window_start, prompt + call.max_tokens)
             if node.manager.promote(grown):
@@ -210,7 +219,7 @@ def project_replicas(trace: Trace, routing: str, replicas: int, policy: str = "s
             "makespan_s": round(makespan, 4), "prefix_hit_rate": round(cached_tokens / max(prompt_tokens, 1), 4),
             "prompt_tokens": prompt_tokens, "prefill_tokens": prefill_tokens, "slowest_stall_s": round(stall, 4),
             "calls_per_replica": calls, "max_over_mean_calls": round(max(calls) * replicas / max(sum(calls), 1), 4),
-            "spills": sum(p.spilled for p in placement.placed.values()), "total_state_bytes": total}
+            "spills": spills, "total_state_bytes": total}
 
 
 def project_cluster(workload: str, agents: int, steps: int, replicas: int, routings: tuple[str, ...] = ROUTINGS,

@@ -48,7 +48,7 @@ class ModelProfile:
     lora_bytes: int = 32 * 81920 * 16 * 2  # rank 16 on all seven projections
 
 
-class _CountingPool:
+class CountingPool:
     """Only the bookkeeping of a KV pool: units of ALLOCATION_UNIT_BYTES, no tensor."""
 
     def __init__(self, nbytes: int) -> None:
@@ -72,7 +72,9 @@ class _CountingPool:
         self.reserved_blocks -= count
 
 
-class _State(ResidentObject):
+class StandIn(ResidentObject):
+    """A byte-sized stand-in for a piece of agent state (KV context or adapter) in the projection."""
+
     def __init__(self, key: str, kind: str, nbytes: int, owners: set[str], tier: str | None) -> None:
         super().__init__()
         self._key, self.kind, self._nbytes, self._tier, self.owners = key, kind, nbytes, tier, owners
@@ -113,14 +115,14 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
             clusters.setdefault(agent.adapter_cluster, set()).add(agent.agent_id)
     total = sum(kv_nbytes.values()) + len(clusters) * mp.lora_bytes
     unbounded = POLICIES[policy].unbounded_device
-    pool = _CountingPool(int(2 * total if unbounded else device_fraction * total) + ALLOCATION_UNIT_BYTES)
+    pool = CountingPool(int(2 * total if unbounded else device_fraction * total) + ALLOCATION_UNIT_BYTES)
     clock_s = [0.0]  # the simulated clock: projected seconds so far
     tracker = DistanceTracker(clock=lambda: clock_s[0])
     manager = MemoryManager(pool, tracker, POLICIES[policy], 0 if unbounded else int(host_fraction * total), None,
                             TierBandwidth(host=hw.pcie_bytes_per_s, disk=hw.disk_bytes_per_s))
     manager.set_future(trace.future())
-    kv: dict[str, _State] = {}
-    adapters = {c: _State(f"lora:{c}", "adapter", mp.lora_bytes, owners, "disk") for c, owners in clusters.items()}
+    kv: dict[str, StandIn] = {}
+    adapters = {c: StandIn(f"lora:{c}", "adapter", mp.lora_bytes, owners, "disk") for c, owners in clusters.items()}
     for obj in adapters.values():
         manager.add(obj)
         if unbounded:
@@ -164,7 +166,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
             if agent not in kv or kv[agent].tier is None:
                 recomputed_tokens += context[agent] if agent in kv else 0
                 new_tokens += context[agent] // 2  # on average half of the final context exists by now
-                kv[agent] = _State(f"kv:{agent}", "kv", kv_nbytes[agent], {agent}, None)  # computed now
+                kv[agent] = StandIn(f"kv:{agent}", "kv", kv_nbytes[agent], {agent}, None)  # computed now
                 manager.add(kv[agent])
                 if manager.promote(kv[agent]):
                     kv[agent].pins += 1

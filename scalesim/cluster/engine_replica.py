@@ -10,6 +10,7 @@ replica accepts what the ingress relays.
 import argparse
 import asyncio
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -77,12 +78,14 @@ class EngineReplica:
         self._meant_for_me(route)
         return {a: await asyncio.to_thread(agent_kv.export_agent_kv, self.kv_objects, a) for a in agents}
 
-    async def import_agents(self, files: dict[str, list[bytes]], route: Route | None = None) -> dict:
-        """Store and attach each agent's files; the summed ImportResult."""
+    async def import_agents(self, files: dict[str, list[bytes]], route: Route | None = None) -> dict[str, dict]:
+        """Store and attach each agent's files; agent -> its ImportResult and whether it is complete."""
         self._meant_for_me(route)
-        results = [await asyncio.to_thread(agent_kv.import_agent_kv, self.kv_objects, a, f) for a, f in files.items()]
-        return {name: sum(getattr(r, name) for r in results) for name in ("files", "attached", "present", "rejected",
-                                                                             "nbytes")}
+        results = {}
+        for agent, agent_files in files.items():
+            result = await asyncio.to_thread(agent_kv.import_agent_kv, self.kv_objects, agent, agent_files)
+            results[agent] = {**dataclasses.asdict(result), "complete": result.complete}
+        return results
 
     async def drop_agents(self, agents: list[str], route: Route | None = None) -> dict:
         """Forget the KV only these agents use here (the old owner's side of a move)."""
@@ -124,7 +127,7 @@ class EngineReplica:
             raise RuntimeError(f"replica {rank} is gone; replica {self.rank} answered")
 
     @property
-    def kv_objects(self):
+    def kv_objects(self) -> agent_kv.KVObjects:
         return self.state.llm.engine.kv_objects
 
     def describe(self, route: Route | None = None) -> dict:

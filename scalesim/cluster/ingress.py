@@ -37,7 +37,7 @@ from ray.serve.handle import DeploymentHandle
 
 from scalesim.cluster.asgi_relay import RelayHead, RelayRequest
 from scalesim.cluster.cluster_metrics import RoutingCollector, merge_replica_metrics
-from scalesim.cluster.moves import Move, Mover, far_future_first
+from scalesim.cluster.moves import Mover
 from scalesim.cluster.placement import SlotTable, slot_of
 from scalesim.cluster.router import Route, RoutingView, shared_view
 from scalesim.cluster.slot_table import SlotTableReader
@@ -375,31 +375,15 @@ class Ingress:
         return await self._move_slot(slot, None)
 
     async def _move_slot(self, slot: int, rank: int | None) -> dict:
-        """Pin `slot` to `rank` (None: unpin): its agents' state goes to the slot's new replica,
-        far-future agents first, then the table changes (a new epoch), then the old replicas
-        drop what only those agents used."""
-        num_slots = self.view.placement.table.num_slots
-        async with self.mover.lock:
-            ranks = await self._live_ranks()
-            overrides = {s: r for s, r in self.view.placement.table.overrides.items() if s != slot}
-            target = rank if rank is not None else SlotTable(num_slots, overrides).order_of_slot(slot, ranks)[0]
-            moves = sorted((Move(agent, r, target, info["distance"] if info["distance"] is not None else float("inf"),
-                                 info["nbytes"])
-                            for r, held in (await self.mover.held(ranks)).items() if r != target
-                            for agent, info in held.items() if slot_of(agent, num_slots) == slot), key=far_future_first)
-            changed: list[SlotTable] = []
-
-            async def flip(batch: list[Move]) -> None:  # the first batch in changes the table for the whole slot
-                if not changed:
-                    changed.append(await (self.slot_table.pin(slot, rank, num_slots) if rank is not None
-                                          else self.slot_table.unpin(slot, num_slots)))
-                for move in batch:
-                    self.view.placement.place(move.agent_id, target)
-
-            report = await self.mover.move(moves, flip)
-            if not changed:
-                await flip([])
-        return {"object": "slot", "slot": slot, "replica": rank, "epoch": changed[0].epoch, "moves": report.as_dict()}
+        """Pin `slot` to `rank` (None: unpin): its agents' state goes to the slot's new replica
+        first (moves.Mover.move_slot), then the table changes, then the old replicas drop it."""
+        num_slots, ranks = self.view.placement.table.num_slots, await self._live_ranks()
+        overrides = {s: r for s, r in self.view.placement.table.overrides.items() if s != slot}
+        target = rank if rank is not None else SlotTable(num_slots, overrides).order_of_slot(slot, ranks)[0]
+        table, report = await self.mover.move_slot(
+            slot, target, lambda: self.slot_table.pin(slot, rank, num_slots) if rank is not None
+            else self.slot_table.unpin(slot, num_slots))
+        return {"object": "slot", "slot": slot, "replica": rank, "epoch": table.epoch, "moves": report.as_dict()}
 
     async def rebalance(self) -> dict:
         """Move every agent's state to its home replica now (far-future agents first)."""

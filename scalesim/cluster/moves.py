@@ -4,11 +4,14 @@ A move of agents from replica S to replica T (run by the ingress, one batch of a
 1. S exports each agent's KV nodes as the disk tier's self-verifying files (memory/agent_kv.py);
 2. T verifies them, stores them in its disk tier and attaches them to its radix tree, owned by
    the agent, so that a hint about the agent prefetches them;
-3. the routing flips: this ingress places the agents on T (for a slot pin, the slot table's
-   epoch moves too, and every ingress replica reads it within a second);
-4. S drops what only those agents used (pages a running request holds stay, evicted later).
+3. the routing flips for the agents whose every page arrived: this ingress places them on T
+   (a slot pin or unpin changes the slot table after all its agents were copied: a new epoch,
+   read by every ingress replica within a second);
+4. S drops what only those agents used (pages a running request holds, or that a waiting one
+   has loaded, stay and are evicted later by policy).
 A request that reaches S between 1 and 3 extends the agent's history on S only; T recomputes
-that last turn. Nothing is lost if a step fails: the agents stay routed to S.
+that last turn. An agent whose copy failed, or whose pages found no place at T, stays routed to
+S with its state (a slot pin routes the slot to T all the same; such agents recompute there).
 
 `plan_rebalance` lists the moves that take every agent's state home (its slot's owner, or the
 replica it spilled to), far-future agents first: those are the least likely to be called while
@@ -22,13 +25,13 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from itertools import groupby
 
-from scalesim.cluster.placement import AffinePlacement
+from scalesim.cluster.placement import AffinePlacement, SlotTable, slot_of
 from scalesim.cluster.router import Route, RoutingView
 
 logger = logging.getLogger(__name__)
 BATCH_AGENTS = 16  # agents per export/import call
+BATCH_NBYTES = 256 * 2**20  # and at most about this many bytes of KV (the files pass through the ingress)
 
 
 @dataclass(frozen=True)
@@ -44,23 +47,48 @@ def far_future_first(move: Move) -> tuple:
     return (-move.distance, move.agent_id)
 
 
-def plan_rebalance(held: dict[int, dict[str, dict]], placement: AffinePlacement, live_ranks: list[int]) -> list[Move]:
-    """The moves that take each agent's state, on replica `rank` per `held[rank]` (agent ->
-    {nbytes, distance}), to its home replica; far-future agents first."""
+def _moves_of(held: dict[int, dict[str, dict]], target_of: Callable[[str], int | None]) -> list[Move]:
+    """A move for each agent held on a replica other than `target_of(agent)` (None: stays), far-future first."""
     moves = []
     for rank, agents in held.items():
         for agent, info in agents.items():
-            home = placement.home(agent, live_ranks)
-            if home != rank:
+            target = target_of(agent)
+            if target is not None and target != rank:
                 distance = info.get("distance")
-                moves.append(Move(agent, rank, home, math.inf if distance is None else float(distance), info["nbytes"]))
+                moves.append(Move(agent, rank, target, math.inf if distance is None else float(distance), info["nbytes"]))
     return sorted(moves, key=far_future_first)
+
+
+def plan_rebalance(held: dict[int, dict[str, dict]], placement: AffinePlacement, live_ranks: list[int]) -> list[Move]:
+    """The moves that take each agent's state, on replica `rank` per `held[rank]` (agent ->
+    {nbytes, distance}), to its home replica; far-future agents first."""
+    return _moves_of(held, lambda agent: placement.home(agent, live_ranks))
+
+
+def plan_slot_move(held: dict[int, dict[str, dict]], slot: int, target: int, num_slots: int) -> list[Move]:
+    """The moves that take the state of `slot`'s agents to `target`; far-future agents first."""
+    return _moves_of(held, lambda agent: target if slot_of(agent, num_slots) == slot else None)
+
+
+def batches(moves: list[Move]) -> list[list[Move]]:
+    """`moves` in batches of one source and target, at most BATCH_AGENTS agents and about
+    BATCH_NBYTES each, in the order of each batch's first move."""
+    out: list[list[Move]] = []
+    open_batch: dict[tuple[int, int], list[Move]] = {}
+    for move in moves:
+        pair = (move.source, move.target)
+        batch = open_batch.get(pair)
+        if batch is None or len(batch) >= BATCH_AGENTS or sum(m.nbytes for m in batch) + move.nbytes > BATCH_NBYTES:
+            batch = open_batch[pair] = []
+            out.append(batch)
+        batch.append(move)
+    return out
 
 
 @dataclass
 class MoveReport:
     moved: int = 0  # agents whose state reached the target and whose requests go there now
-    failed: int = 0  # agents left where they were (a step failed)
+    failed: int = 0  # agents left where they were, state and routing (a step failed, or pages did not fit)
     nbytes: int = 0  # bytes of the files the targets stored
     attached: int = 0  # KV nodes the targets attached
     errors: list[str] = field(default_factory=list)
@@ -71,14 +99,15 @@ class MoveReport:
 
 
 class Mover:
-    """Runs moves through the engine deployment's handle; one batch of agents at a time.
-    `call(make_call)` makes a handle call under its own request id (ingress.alone)."""
+    """Runs moves through the engine deployment's handle, one batch of agents at a time, one
+    planned change at a time in this ingress. `call(make_call)` makes a handle call under a
+    request id of its own (ingress.alone)."""
 
     def __init__(self, engine, view: Callable[[], RoutingView], call: Callable[[Callable[[], Awaitable]], Awaitable]) -> None:
         self.engine = engine
         self.view = view
         self.call = call
-        self.lock = asyncio.Lock()  # one planned change at a time in this ingress
+        self.lock = asyncio.Lock()
         self.task: asyncio.Task | None = None
 
     async def held(self, ranks: list[int]) -> dict[int, dict[str, dict]]:
@@ -87,56 +116,79 @@ class Mover:
                                          for r in ranks), return_exceptions=True)
         return {r: a for r, a in zip(ranks, answers) if isinstance(a, dict)}
 
-    async def move(self, moves: list[Move], flip: Callable[[list[Move]], Awaitable[None]] | None = None) -> MoveReport:
-        """Run `moves` in order, in batches of agents with one source and target. `flip(batch)`
-        switches their routing (default: place them on the target in this ingress)."""
-        report = MoveReport()
+    async def _copy(self, batch: list[Move], report: MoveReport) -> list[Move]:
+        """Export the batch's agents at their source and import them at their target; the moves
+        whose every page arrived (only those may flip and be dropped at the source)."""
+        source, target, agents = batch[0].source, batch[0].target, [m.agent_id for m in batch]
+        try:
+            files = await self.call(lambda: self.engine.export_agents.remote(agents, route=Route(rank=source)))
+            results = await self.call(lambda: self.engine.import_agents.remote(files, route=Route(rank=target)))
+        except Exception as exc:
+            logger.warning("moving %d agents from replica %d to %d failed: %s", len(batch), source, target, exc)
+            report.failed += len(batch)
+            report.errors.append(f"{source}->{target}: {exc}")
+            return []
+        done = [m for m in batch if results[m.agent_id]["complete"]]
+        left = [m.agent_id for m in batch if not results[m.agent_id]["complete"]]
+        if left:
+            report.errors.append(f"{source}->{target}: pages of {left[:5]} found no place (see import_agent_kv); "
+                                 "they stay")
+        report.failed += len(left)
+        report.nbytes += sum(r["nbytes"] for r in results.values())
+        report.attached += sum(r["attached"] for r in results.values())
+        return done
+
+    async def _flipped(self, done: list[Move], report: MoveReport) -> None:
+        """The routing of `done` has flipped: count them, then drop their state at the sources."""
         view = self.view()
-        for (source, target), run in groupby(moves, key=lambda m: (m.source, m.target)):
-            run = list(run)
-            for start in range(0, len(run), BATCH_AGENTS):
-                batch = run[start:start + BATCH_AGENTS]
-                agents = [m.agent_id for m in batch]
-                try:
-                    files = await self.call(lambda: self.engine.export_agents.remote(agents, route=Route(rank=source)))
-                    result = await self.call(lambda: self.engine.import_agents.remote(files, route=Route(rank=target)))
-                    if flip is None:
-                        for m in batch:
-                            view.placement.place(m.agent_id, target)
-                    else:
-                        await flip(batch)
-                except Exception as exc:  # the agents stay where they are, routed there
-                    logger.warning("moving %d agents from replica %d to %d failed: %s", len(batch), source, target, exc)
-                    report.failed += len(batch)
-                    report.errors.append(f"{source}->{target}: {exc}")
-                    continue
-                report.moved += len(batch)
-                report.nbytes += result["nbytes"]
-                report.attached += result["attached"]
-                view.moves += len(batch)
-                view.moved_nbytes += result["nbytes"]
-                try:
-                    await self.call(lambda: self.engine.drop_agents.remote(agents, route=Route(rank=source)))
-                except Exception as exc:  # moved all the same; the source evicts the leftovers by policy
-                    logger.warning("replica %d kept the KV of %d moved agents: %s", source, len(batch), exc)
-        return report
+        report.moved += len(done)
+        view.moves += len(done)
+        view.moved_nbytes += sum(m.nbytes for m in done)
+        for source in sorted({m.source for m in done}):
+            agents = [m.agent_id for m in done if m.source == source]
+            try:
+                await self.call(lambda: self.engine.drop_agents.remote(agents, route=Route(rank=source)))
+            except Exception as exc:  # moved all the same; the source evicts the leftovers by policy
+                logger.warning("replica %d kept the KV of %d moved agents: %s", source, len(agents), exc)
 
     async def rebalance(self) -> MoveReport:
-        """Take every agent's state home (see plan_rebalance)."""
+        """Take every agent's state home (see plan_rebalance); each batch flips on its own."""
+        report = MoveReport()
+        if self.view().routing != "affine":
+            report.errors.append(f"nothing to rebalance under {self.view().routing} routing")
+            return report
         async with self.lock:
             ranks = list(self.view().live_ranks)
-            moves = plan_rebalance(await self.held(ranks), self.view().placement, ranks)
-            report = await self.move(moves) if moves else MoveReport()
-            if moves:
+            for batch in batches(plan_rebalance(await self.held(ranks), self.view().placement, ranks)):
+                done = await self._copy(batch, report)
+                for move in done:
+                    self.view().placement.place(move.agent_id, move.target)
+                await self._flipped(done, report)
+            if report.moved or report.failed:
                 logger.info("rebalance over replicas %s: %s", ranks, report.as_dict())
             return report
+
+    async def move_slot(self, slot: int, target: int, change_table: Callable[[], Awaitable[SlotTable]]
+                        ) -> tuple[SlotTable, MoveReport]:
+        """Copy the state of `slot`'s agents to `target`, then `change_table()` (a pin or unpin:
+        a new epoch, the whole slot routed to `target`), then drop what arrived at the sources.
+        The table changes even where some state could not move: those agents recompute there."""
+        report = MoveReport()
+        async with self.lock:
+            ranks = list(self.view().live_ranks)
+            moves = plan_slot_move(await self.held(ranks), slot, target, self.view().placement.table.num_slots)
+            done = [m for batch in batches(moves) for m in await self._copy(batch, report)]
+            table = await change_table()
+            for move in done:
+                self.view().placement.place(move.agent_id, target)
+            await self._flipped(done, report)
+            return table, report
 
     def watch(self, period_s: float = 1.0, settle_s: float = 2.0) -> None:
         """In the background, whenever replicas join (and for those this ingress finds when it
         starts): share the registry with them, then rebalance. Once; from the event loop."""
         if self.task is None:
             self.task = asyncio.ensure_future(self._watch(period_s, settle_s))
-
     async def _watch(self, period_s: float, settle_s: float) -> None:
         seen: set[int] = set()  # the live replicas at the last look (one that died and returns joins again)
         while True:

@@ -17,6 +17,7 @@ Pure Python, shared by the Serve router (`router.py`) and the ingress (`ingress.
 """
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -90,7 +91,8 @@ class Placed:
 class AffinePlacement:
     """The routing decision for one request: owner by slot, warm agents where their state is,
     cold agents spill past an overloaded owner. Remembers, per agent (bounded, oldest forgotten
-    first), the replica that holds its state."""
+    first), the replica that holds its state. Thread-safe: Serve's router decides on its own
+    thread while the ingress places moved agents."""
 
     def __init__(self, table: SlotTable | None = None, spill_factor: float = DEFAULT_SPILL_FACTOR,
                  max_remembered: int = MAX_REMEMBERED_AGENTS) -> None:
@@ -100,6 +102,8 @@ class AffinePlacement:
         self.spill_factor = spill_factor
         self.max_remembered = max_remembered
         self.placed: OrderedDict[str, Placed] = OrderedDict()
+        self.by_slot: dict[int, set[str]] = {}  # the remembered agents of each slot
+        self.lock = threading.Lock()
 
     def decide(self, agent_id: str, queue_lens: dict[int, int]) -> Decision:
         """Where `agent_id`'s request goes, given the live replicas' queue lengths by rank."""
@@ -107,13 +111,14 @@ class AffinePlacement:
             raise ValueError("no live replica")
         order = self.table.order(agent_id, sorted(queue_lens))
         owner = order[0]
-        placed = self.placed.get(agent_id)
-        if placed is None:  # cold
-            target = self._first_within_bound(order, queue_lens)
-            self.place(agent_id, target, spilled=target != owner)
-        else:  # warm: where its state is; its next-ranked replica while that one is down
-            target = placed.rank if placed.rank in queue_lens else owner
-            self.placed.move_to_end(agent_id)
+        with self.lock:
+            placed = self.placed.get(agent_id)
+            if placed is None:  # cold
+                target = self._first_within_bound(order, queue_lens)
+                self._place(agent_id, Placed(target, spilled=target != owner))
+            else:  # warm: where its state is; its next-ranked replica while that one is down
+                target = placed.rank if placed.rank in queue_lens else owner
+                self.placed.move_to_end(agent_id)
         order.remove(target)
         order.insert(0, target)
         return Decision(order, owner, spilled=placed is None and target != owner)
@@ -133,22 +138,35 @@ class AffinePlacement:
             else self.table.order(agent_id, live_ranks)[0]
 
     def place(self, agent_id: str, rank: int, spilled: bool = False) -> None:
-        """Remember that `rank` holds the agent's state (a decision, or a move that took it there)."""
-        self.placed[agent_id] = Placed(rank, spilled)
-        self.placed.move_to_end(agent_id)
-        while len(self.placed) > self.max_remembered:
-            self.placed.popitem(last=False)
+        """Remember that `rank` holds the agent's state (a move took it there)."""
+        with self.lock:
+            self._place(agent_id, Placed(rank, spilled))
 
     def follow_pins(self, slots: set[int]) -> None:
         """The pins of `slots` changed: their agents are placed on their slot's pinned replica,
         or cold again where a slot was unpinned."""
-        overrides, num_slots = self.table.overrides, self.table.num_slots
-        for agent in [a for a in self.placed if slot_of(a, num_slots) in slots]:
-            pinned = overrides.get(slot_of(agent, num_slots))
-            if pinned is None:
-                del self.placed[agent]
-            else:
-                self.place(agent, pinned)
+        with self.lock:
+            for slot in slots:
+                pinned = self.table.overrides.get(slot)
+                for agent in list(self.by_slot.get(slot, ())):
+                    if pinned is None:
+                        self._forget(agent)
+                    else:
+                        self._place(agent, Placed(pinned, False))
+
+    def _place(self, agent_id: str, placed: Placed) -> None:
+        self.placed[agent_id] = placed
+        self.placed.move_to_end(agent_id)
+        self.by_slot.setdefault(slot_of(agent_id, self.table.num_slots), set()).add(agent_id)
+        while len(self.placed) > self.max_remembered:
+            self._forget(next(iter(self.placed)))
+
+    def _forget(self, agent_id: str) -> None:
+        del self.placed[agent_id]
+        slot = slot_of(agent_id, self.table.num_slots)
+        self.by_slot[slot].discard(agent_id)
+        if not self.by_slot[slot]:
+            del self.by_slot[slot]
 
     def _first_within_bound(self, order: list[int], queue_lens: dict[int, int]) -> int:
         """The first replica in `order` whose queue, with this request, stays within the bound."""

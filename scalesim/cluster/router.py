@@ -36,6 +36,7 @@ class RoutingView:
     """The router's state as the ingress reads it (one per process)."""
 
     placement: AffinePlacement = field(default_factory=AffinePlacement)
+    routing: str = "affine"  # the router's policy (a key of ROUTINGS)
     live_ranks: list[int] = field(default_factory=list)
     requests_by_rank: dict[int, int] = field(default_factory=dict)
     down_ranks: set[int] = field(default_factory=set)  # died and not back yet (a scale-down is not a death)
@@ -109,6 +110,7 @@ class AgentAffineRouter(RequestRouter):
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
         self.policy = ROUTINGS[routing]
         self.view = shared_view()
+        self.view.routing = routing
         table = self.view.placement.table  # pins the ingress may have read already stay
         if num_slots is not None and num_slots != table.num_slots:
             table = SlotTable(num_slots)

@@ -1,14 +1,16 @@
 """An agent's KV prefix as files that travel between engines (a planned move across replicas).
 
 - `export_agent_kv`: the file (as the disk tier writes it: safetensors, identity, checksum) of
-  every KV node the agent uses, with the nodes on their paths, parents first. Pages on the
-  device or the host are copied under the manager's lock; files are encoded, and disk copies
-  read, after it is released.
-- `import_agent_kv`: verifies and stores the files in this engine's disk tier, attaches them to
-  the radix tree as disk-tier nodes (the way a restart does) and makes the agent their owner, so
-  that a hint about the agent prefetches them. Nodes the tree has already are skipped.
-- `drop_agent_kv`: forgets the nodes only this agent uses, leaves first (the old owner's side
-  of a move); nodes in use by a running request are kept and evicted later by policy.
+  every KV node the agent uses, with the nodes on their paths, parents first. Device pages are
+  copied with their nodes locked in the tree and the manager's lock released; host pages and disk
+  copies are read the same way.
+- `import_agent_kv`: verifies each file against this engine's identity, finds where it fits in
+  this engine's tree (a device node that runs past the point where the agent's path leaves it is
+  split there; pages the tree holds already are cut off the file), stores it in the disk tier and
+  attaches it as a disk-tier node the agent owns, so that a hint about the agent prefetches it.
+  The result says whether every page arrived (`complete`): only then may the source drop them.
+- `drop_agent_kv`: forgets the nodes only this agent uses, leaves first (the old owner's side of
+  a move); nodes in use by a running request or loaded for a waiting one are kept.
 - `agents_with_kv`: which agents own nodes no other agent uses here, how many bytes, how far.
 """
 
@@ -25,11 +27,17 @@ class NoDiskTierError(RuntimeError):
 
 @dataclass
 class ImportResult:
-    files: int  # files received
-    attached: int  # new disk-tier nodes in the tree
-    present: int  # nodes the tree had already
-    rejected: int  # files that did not verify or were written for another model, page size or dtype
-    nbytes: int  # bytes of the files stored
+    files: int = 0  # files received
+    attached: int = 0  # new disk-tier nodes in the tree
+    present: int = 0  # files whose pages the tree held already
+    blocked: int = 0  # files that found no place: pages before them missing, or a node off the device in the way
+    rejected: int = 0  # files that did not verify or were written for another model, page size or dtype
+    nbytes: int = 0  # bytes stored
+
+    @property
+    def complete(self) -> bool:
+        """Every page the source sent is in this engine's tree now."""
+        return self.attached + self.present == self.files
 
 
 def _store(kv_objects: KVObjects) -> DiskStore:
@@ -44,7 +52,7 @@ def _kv_objects_of(kv_objects: KVObjects, agent_id: str) -> list:
 
 def export_agent_kv(kv_objects: KVObjects, agent_id: str) -> list[bytes]:
     """The files of the agent's KV nodes and their ancestors, parents first (empty if none)."""
-    store = _store(kv_objects)
+    store, cache = _store(kv_objects), kv_objects.cache
     with kv_objects.manager.lock:
         nodes: dict[int, object] = {}
         for obj in _kv_objects_of(kv_objects, agent_id):
@@ -52,74 +60,94 @@ def export_agent_kv(kv_objects: KVObjects, agent_id: str) -> list[bytes]:
             while node is not None and node.parent is not None and id(node) not in nodes:
                 nodes[id(node)] = node
                 node = node.parent
-        sources = []
+        sources, locked = [], []
         for node in nodes.values():
-            if node.resident is not None:
-                source = node.resident.export_source()
-                if source is not None:
-                    key, meta = node.resident.file_name()
-                    sources.append((key, meta, source))
+            source = node.resident.export_source() if node.resident is not None else None
+            if source is None:
+                continue
+            if isinstance(source, list):  # device pages: kept in place (never evicted) while copied
+                cache.lock(node)
+                locked.append(node)
+            sources.append((node.resident, *node.resident.file_name(), source))
     files = []
-    for key, meta, source in sorted(sources, key=lambda s: len(s[1]["path"])):
-        try:
-            files.append(store.encoded(source) if isinstance(source, str) else
-                         store.encode(key, "kv", {"kv": source}, meta))
-        except CorruptObjectError:  # dropped since (or bad): its descendants wait at the target
-            continue
+    try:
+        for obj, key, meta, source in sorted(sources, key=lambda s: len(s[2]["path"])):
+            try:
+                if isinstance(source, str):
+                    files.append(store.encoded(source))
+                else:
+                    pages = obj.pages_of(source) if isinstance(source, list) else source
+                    files.append(store.encode(key, "kv", {"kv": pages}, meta))
+            except CorruptObjectError:  # dropped since (or bad): the nodes after it do not fit at the target
+                continue
+    finally:
+        with kv_objects.manager.lock:
+            for node in locked:
+                cache.unlock(node)
     return files
 
 
 def import_agent_kv(kv_objects: KVObjects, agent_id: str, files: list[bytes]) -> ImportResult:
-    """Store `files` (from `export_agent_kv` of an engine of the same model and page layout) and
-    attach them for `agent_id`. DiskFullError if the disk tier cannot hold them (the files stored
-    before stay, attached)."""
-    store, manager = _store(kv_objects), kv_objects.manager
-    stored, present, rejected, nbytes = [], 0, 0, 0
-    try:
-        for data in files:
-            try:
-                key, meta = store.write_encoded(data)
-            except CorruptObjectError:
-                rejected += 1
-                continue
-            if not (isinstance(meta, dict) and isinstance(meta.get("namespace"), str)
-                    and isinstance(meta.get("path"), list)):
-                store.delete(key)
-                rejected += 1
-                continue
-            with manager.lock:
-                node = kv_objects.find(meta["namespace"], meta["path"])
-                if node is not None:  # the tree has these pages: keep the file only as the node's own copy
-                    if node.resident is None or node.resident.disk_key != key:
-                        store.delete(key)
-                    present += 1
-                    continue
-            stored.append((key, meta))
-            nbytes += len(data)
-    finally:
+    """Store `files` (from `export_agent_kv` of an engine of the same model and page layout, parents
+    first) and attach them for `agent_id`. DiskFullError if the disk tier cannot hold them (the
+    files placed before stay)."""
+    store, manager, result = _store(kv_objects), kv_objects.manager, ImportResult(files=len(files))
+    for data in files:
+        try:
+            key, kind, meta = store.verify_encoded(data)
+            namespace, path, edge = meta["namespace"], list(meta["path"]), int(meta["edge"])
+            if kind != "kv" or not isinstance(namespace, str) or not 0 < edge <= len(path):
+                raise CorruptObjectError(f"{key}: not a KV node")
+        except (CorruptObjectError, KeyError, TypeError, ValueError):
+            result.rejected += 1
+            continue
         with manager.lock:
-            attached = kv_objects.attach_stored(stored)
-            for _, meta in stored:
-                _own_path(kv_objects, agent_id, meta)
-    return ImportResult(len(files), attached, present, rejected, nbytes)
+            where, node, start = kv_objects.graft_point(namespace, path, edge)
+            if where == "present":
+                _own_path(kv_objects, agent_id, node)
+        if where != "attach":
+            result.present += where == "present"
+            result.blocked += where == "blocked"
+            continue
+        cut = start - (len(path) - edge)  # pages the tree holds already come off the file's front
+        if cut:
+            kv = store.decode(data)["kv"][:, :, cut:]
+            meta = {**meta, "edge": len(path) - start}
+            data = store.encode(key, "kv", {"kv": kv}, meta)
+        store.store_encoded(key, "kv", data, meta)
+        with manager.lock:
+            again, parent, start_now = kv_objects.graft_point(namespace, path, edge)
+            if (again, parent, start_now) == ("attach", node, start):
+                _own_path(kv_objects, agent_id, kv_objects.attach_file(node, tuple(path[start:]), key, {agent_id}))
+                result.attached += 1
+                result.nbytes += len(data)
+                continue
+            # the tree changed while the file was written: a request computed these pages, or took the parent away
+            resident = parent.resident if again == "present" and parent is not None else None
+            if resident is None or (resident.disk_key != key and resident.moving_to is None):
+                store.delete(key)  # not the copy of a node that holds it, or is writing it now
+            if again == "present":
+                _own_path(kv_objects, agent_id, parent)
+            result.present += again == "present"
+            result.blocked += again != "present"
+    return result
 
 
-def _own_path(kv_objects: KVObjects, agent_id: str, meta: dict) -> None:
-    node = kv_objects.find(meta["namespace"], meta["path"])
+def _own_path(kv_objects: KVObjects, agent_id: str, node) -> None:
     while node is not None and node.parent is not None:
         if node.resident is not None:
-            kv_objects.manager.index.add_owner(node.resident, agent_id)
+            kv_objects.manager.add_owner(node.resident, agent_id)
         node = node.parent
 
 
 def drop_agent_kv(kv_objects: KVObjects, agent_id: str) -> tuple[int, int]:
     """Forget the KV nodes only `agent_id` uses, in every tier; (nodes dropped, nodes kept
-    because a running request holds them)."""
+    because a running request holds them or a waiting one has them loaded)."""
     manager, dropped = kv_objects.manager, 0
     with manager.lock:
         while True:
             mine = [o for o in _kv_objects_of(kv_objects, agent_id) if o.owners == {agent_id}]
-            leaves = [o for o in mine if o.droppable()]
+            leaves = [o for o in mine if o.droppable() and not manager.loads.is_held(o.key)]
             if not leaves:
                 return dropped, len(mine)
             for obj in leaves:

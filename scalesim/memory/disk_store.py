@@ -154,10 +154,10 @@ class DiskStore:
         or the filesystem is full (nothing is left behind)."""
         return self._store(key, kind, self.encode(key, kind, tensors, meta), meta)
 
-    def write_encoded(self, data: bytes) -> tuple[str, dict]:
-        """Store a file made by another store's `encode` (an object moving between engines);
-        return its (key, meta). CorruptObjectError if it does not verify or was written under
-        another identity (another model, page size or dtype); DiskFullError as for `write`."""
+    def verify_encoded(self, data: bytes) -> tuple[str, str, dict]:
+        """(key, kind, meta) of a file made by another store's `encode` (an object moving between
+        engines). CorruptObjectError if it does not verify or was written under another identity
+        (another model, page size or dtype)."""
         body, trailer = data[:-CHECKSUM_NBYTES], data[-CHECKSUM_NBYTES:]
         try:
             header = _header(body)
@@ -169,8 +169,19 @@ class DiskStore:
             raise CorruptObjectError(f"{key}: checksum mismatch (the file is corrupted or truncated)")
         if identity != self.identity:
             raise CorruptObjectError(f"{key}: written under {identity}, this store holds {self.identity}")
-        self._store(key, kind, data, meta)
-        return key, meta
+        return key, kind, meta
+
+    @staticmethod
+    def decode(data: bytes) -> dict[str, torch.Tensor]:
+        """The tensors of a file's bytes (verified by the caller)."""
+        try:
+            return load_bytes(data[:-CHECKSUM_NBYTES])
+        except Exception as exc:  # safetensors raises its own kinds for a malformed body
+            raise CorruptObjectError(f"unreadable object file ({exc})") from exc
+
+    def store_encoded(self, key: str, kind: str, data: bytes, meta: dict) -> int:
+        """Store a verified file (see `verify_encoded`) durably; DiskFullError as for `write`."""
+        return self._store(key, kind, data, meta)
 
     def _store(self, key: str, kind: str, data: bytes, meta: dict) -> int:
         with self._lock:
@@ -180,7 +191,7 @@ class DiskStore:
                 raise DiskFullError(errno.ENOSPC, f"disk budget of {self.budget_nbytes} bytes is full")
             self.used_nbytes += growth  # claimed now, so concurrent writes cannot overrun the budget
         path = self._file(key)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{threading.get_ident()}.tmp")  # two threads may write one key
         try:
             self._write_file(tmp, data)
             os.replace(tmp, path)
@@ -208,11 +219,10 @@ class DiskStore:
 
     def read(self, key: str) -> dict[str, torch.Tensor]:
         """The stored tensors; CorruptObjectError if missing, truncated, swapped or corrupted."""
-        body = self.encoded(key)[:-CHECKSUM_NBYTES]
         try:
-            return load_bytes(body)
-        except Exception as exc:  # safetensors raises its own kinds for a malformed body
-            raise CorruptObjectError(f"{key}: unreadable ({exc})") from exc
+            return self.decode(self.encoded(key))
+        except CorruptObjectError as exc:
+            raise CorruptObjectError(f"{key}: {exc}") from exc
 
     def encoded(self, key: str) -> bytes:
         """The object's verified file (body and checksum trailer), as `encode` made it."""

@@ -135,7 +135,11 @@ class KVNodeObject(ResidentObject):
         return slots.view(-1).to(self.pool.kv_cache.device)
 
     def _gather(self) -> torch.Tensor:
-        return to_host(self.pool.kv_cache.index_select(2, self._slots(self.node.blocks)))
+        return self.pages_of(self.node.blocks)
+
+    def pages_of(self, blocks: list[int]) -> torch.Tensor:
+        """A host copy of the KV in device `blocks`."""
+        return to_host(self.pool.kv_cache.index_select(2, self._slots(blocks)))
 
     def _read_disk(self) -> torch.Tensor:
         kv = self.store.read(self.disk_key)["kv"]
@@ -153,12 +157,12 @@ class KVNodeObject(ResidentObject):
         return (disk_key(self.node.namespace, path, self.pool.block_size),
                 {"namespace": self.node.namespace, "path": path, "edge": len(self.node.tokens), "owners": owners})
 
-    def export_source(self) -> torch.Tensor | str | None:
+    def export_source(self) -> list[int] | torch.Tensor | str | None:
         """Where another engine's copy of these pages comes from, taken under the manager's
-        lock: the pages themselves if they are on the device or the host (a copy), else the key
-        of the disk copy; None if the node holds no copy."""
+        lock: the device blocks that hold them (read with `pages_of` while the node is locked in
+        the tree), the host tensor, or the key of the disk copy; None if the node holds none."""
         if self._tier == "device":
-            return self._gather()
+            return list(self.node.blocks)
         if self.host_kv is not None:
             return self.host_kv
         return self.disk_key

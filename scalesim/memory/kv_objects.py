@@ -86,13 +86,45 @@ class KVObjects:
             logger.info("disk object %s is superseded by pages in the tree; removed", key)
             self.manager.store.delete(key)
             return 0
-        node = self.cache.attach_offline(parent, edge)
+        owners = meta.get("owners")
+        node = self.attach_file(parent, edge, key, {a for a in owners if isinstance(a, str)} if isinstance(owners, list)
+                                else set())
+        return 1 + self._attach_orphans(node, may_split=False)
+
+    def attach_file(self, parent, tokens: tuple[int, ...], key: str, owners: set[str]):
+        """A disk-tier node under `parent` for `tokens`, whose pages are the stored object `key`."""
+        node = self.cache.attach_offline(parent, tokens)
         obj = self._new_object(node, tier="disk")
         obj.disk_key = key
-        owners = meta.get("owners")
-        obj.owners = {a for a in owners if isinstance(a, str)} if isinstance(owners, list) else set()
+        obj.owners = set(owners)
         self.manager.add(obj)
-        return 1 + self._attach_orphans(node, may_split=False)
+        return node
+
+    def graft_point(self, namespace: str, path: list[int], own_tokens: int) -> tuple[str, object, int]:
+        """Where a stored node for `path`, whose last `own_tokens` tokens are its own, fits into
+        the tree now (the caller holds the manager's lock):
+        - ("present", node, len(path)): the tree holds all its pages (`node` ends at or past them);
+        - ("attach", parent, start): the tree holds its pages before `start` (at least those of
+          its parent): attach `path[start:]` under `parent`. A device node that ran past the point
+          where `path` leaves it is split there;
+        - ("blocked", None, 0): pages before its own are missing, or `path` leaves a node that is
+          off the device (its pages cannot be cut)."""
+        page, node, pos = self.cache.page, self.cache.root(namespace), 0
+        while pos < len(path):
+            child = node.children.get(tuple(path[pos:pos + page]))
+            if child is None:
+                break
+            common = self.cache.common_pages(child.tokens, tuple(path[pos:])) * page
+            if common < len(child.tokens):
+                if pos + common == len(path):
+                    return "present", child, len(path)
+                if not child.on_device:
+                    return "blocked", None, 0
+                child = self.cache.split(child, common // page)
+            node, pos = child, pos + len(child.tokens)
+        if pos == len(path):
+            return "present", node, pos
+        return ("attach", node, pos) if pos >= len(path) - own_tokens else ("blocked", None, 0)
 
     def _attach_orphans(self, node, may_split: bool = True) -> int:
         """Attach the orphans whose parent path ends at the end of `node`'s edge, and with
