@@ -122,7 +122,7 @@ class EngineReplica:
     def _meant_for_me(self, route: Route | None) -> None:
         """A move's step must run on the replica it names: the router sends a call whose replica
         is gone to any other, which would move the wrong replica's state."""
-        rank = getattr(route, "rank", None)
+        rank = getattr(route, "rank", None)  # by its field: Serve may ship the ingress's Route class by value
         if rank is not None and rank != self.rank:
             raise RuntimeError(f"replica {rank} is gone; replica {self.rank} answered")
 
