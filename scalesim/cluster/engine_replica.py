@@ -3,14 +3,19 @@ behind a Serve deployment, reached only through the ingress.
 
 Each replica keeps its state under `<disk-dir>/replica-<rank>`: its disk tier and its agent
 registry. Serve gives a restarted replica its old rank, so a replica that died finds its disk-tier
-state and its registered agents again. The ingress checks the Host header and the API key; a
-replica accepts what the ingress relays.
+state and its registered agents again. The rank a replica publishes to routers is fixed when it
+starts (Serve records replica metadata once), while Serve renumbers ranks to stay contiguous after
+a scale-down; a replica that starts later with a rank a live replica still publishes (and whose
+folder it holds) takes the first folder nobody holds, and publishes that number instead. The
+ingress checks the Host header and the API key; a replica accepts what the ingress relays.
 """
 
 import argparse
 import asyncio
 import copy
 import dataclasses
+import fcntl
+import itertools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -22,6 +27,7 @@ from scalesim.cluster.asgi_relay import REPLICA_HEADER, RelayHead, RelayRequest,
 from scalesim.cluster.placement import SlotTable
 from scalesim.cluster.router import Route
 from scalesim.memory import agent_kv
+from scalesim.memory.disk_store import LOCK_FILE
 from scalesim.server.agent_routes import hint_agents
 from scalesim.server.agent_store import AgentRecord
 
@@ -32,12 +38,39 @@ def replica_dir(disk_dir: str | Path | None, rank: int) -> Path | None:
     return Path(disk_dir) / f"replica-{rank}" if disk_dir else None
 
 
+def _held(state_dir: Path) -> bool:
+    """Whether a live process holds `state_dir` (the lock its disk store takes)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
+
+
+def claim_state_dir(disk_dir: str | Path | None, serve_rank: int) -> tuple[int, Path | None]:
+    """(the rank to publish, the state folder): the Serve rank's folder, or the first folder no
+    live replica on this node holds (see the module docstring). Without a disk dir, the Serve rank."""
+    if not disk_dir:
+        return serve_rank, None
+    for rank in itertools.chain([serve_rank], (r for r in itertools.count() if r != serve_rank)):
+        if not _held(replica_dir(disk_dir, rank)):
+            return rank, replica_dir(disk_dir, rank)
+    raise AssertionError("unreachable: itertools.count() never ends")
+
+
 class EngineReplica:
     async def __init__(self, args: argparse.Namespace, engine_args: dict) -> None:
         from scalesim.server.serve import build_server
 
-        self.rank = serve.get_replica_context().rank.rank
-        self.disk_dir = replica_dir(args.disk_dir, self.rank)
+        serve_rank = serve.get_replica_context().rank.rank
+        self.rank, self.disk_dir = claim_state_dir(args.disk_dir, serve_rank)
+        if self.rank != serve_rank:
+            logger.warning("Serve rank %d is still published by a live replica (Serve renumbered ranks after a "
+                           "scale-down); this replica publishes rank %d and keeps its state in %s", serve_rank,
+                           self.rank, self.disk_dir)
         args = copy.copy(args)
         args.disk_dir, args.api_key, args.allowed_hosts = self.disk_dir, None, ["*"]
         self.app = build_server(args, {**engine_args, "disk_dir": self.disk_dir})
