@@ -5,8 +5,9 @@ import random
 import pytest
 
 from scalesim import LLM, SamplingParams
-from scalesim.memory.agent_kv import (NoDiskTierError, agents_with_kv, drop_agent_kv, export_agent_kv,
-                                      import_agent_kv)
+from scalesim.memory.agent_kv import (NoDiskTierError, adopt_state_dir, agents_with_kv, drop_agent_kv,
+                                      export_agent_kv, import_agent_kv)
+from scalesim.memory.disk_store import DiskStore, StateDirInUseError
 from tests.conftest import random_prompt
 
 GREEDY = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
@@ -74,22 +75,65 @@ def test_a_node_running_past_the_shared_prompt_is_split_and_the_pages_it_holds_a
     assert again.num_cached_tokens == 68, "dan's pages were split, not lost"
 
 
-def test_a_node_off_the_device_in_the_way_blocks_the_import_and_says_it_is_incomplete(tmp_path):
+def test_a_node_on_disk_in_the_way_is_split_into_two_files_and_both_agents_keep_their_pages(tmp_path):
     source, target = _llm(tmp_path / "a"), _llm(tmp_path / "b")
-    system, history = _prompt(7, 32), _prompt(8, 40)
+    system, history, dans = _prompt(7, 32), _prompt(8, 40), _prompt(10, 40)
     try:
-        source.generate([system + history], GREEDY, agent_ids=["ann"])
+        first = source.generate([system + history], GREEDY, agent_ids=["ann"])[0]
         source.generate([system + _prompt(9, 40)], GREEDY, agent_ids=["ben"])
-        target.generate([system + _prompt(10, 40)], GREEDY, agent_ids=["dan"])
-        target.engine.shutdown()  # dan's one node is persisted and comes back on disk, which cannot be split
+        dan = target.generate([system + dans], GREEDY, agent_ids=["dan"])[0]
+        target.engine.shutdown()  # dan's one node is persisted and comes back on disk
         target = _llm(tmp_path / "b")
-        stored = {key for key, _, _ in target.engine.memory.store.entries("kv")}
+        assert [o.tier for o in target.engine.memory.objects_of("dan")] == ["disk"]
         result = import_agent_kv(target.engine.kv_objects, "ann", export_agent_kv(source.engine.kv_objects, "ann"))
-        assert (result.present, result.attached, result.blocked) == (1, 0, 1) and not result.complete
-        assert {key for key, _, _ in target.engine.memory.store.entries("kv")} == stored, "nothing stored"
+        assert (result.present, result.attached, result.blocked) == (1, 1, 0) and result.complete
+        assert sorted(o.tier for o in target.engine.memory.objects_of("dan")) == ["disk", "disk"], "two files now"
+        moved = target.generate([system + history], GREEDY, agent_ids=["ann"])[0]
+        assert moved.num_cached_tokens == 68 and moved.outputs[0].token_ids == first.outputs[0].token_ids
+        again = target.generate([system + dans], GREEDY, agent_ids=["dan"])[0]
+        assert again.num_cached_tokens == 68 and again.outputs[0].token_ids == dan.outputs[0].token_ids
     finally:
         source.engine.shutdown()
         target.engine.shutdown()
+
+
+def test_a_node_on_the_host_in_the_way_is_split_and_the_host_budget_still_adds_up(pair):
+    source, target = pair
+    system, history, dans = _prompt(7, 32), _prompt(8, 40), _prompt(10, 40)
+    source.generate([system + history], GREEDY, agent_ids=["ann"])
+    source.generate([system + _prompt(9, 40)], GREEDY, agent_ids=["ben"])
+    target.generate([system + dans], GREEDY, agent_ids=["dan"])
+    memory = target.engine.memory
+    with memory.lock:
+        (node,) = memory.objects_of("dan")
+        memory.evictor.device_room(memory.pool.num_blocks)  # everything off the device: dan's node goes to the host
+    nbytes = node.nbytes
+    assert node.tier == "host" and memory.usage()["host"] == nbytes
+    result = import_agent_kv(target.engine.kv_objects, "ann", export_agent_kv(source.engine.kv_objects, "ann"))
+    assert result.complete and result.attached == 1
+    parts = memory.objects_of("dan")
+    assert [o.tier for o in parts] == ["host", "host"]
+    assert memory.usage()["host"] == sum(o.nbytes for o in parts) == nbytes
+    again = target.generate([system + dans], GREEDY, agent_ids=["dan"])[0]
+    assert again.num_cached_tokens == 68
+
+
+def test_the_folder_a_stopped_engine_left_is_taken_in_with_its_owners_and_emptied(pair, tmp_path):
+    source, target = pair
+    system, history = _prompt(7, 32), _prompt(8, 40)
+    first = source.generate([system + history], GREEDY, agent_ids=["ann"])[0]
+    source.generate([system + _prompt(9, 40)], GREEDY, agent_ids=["ben"])
+    with pytest.raises(StateDirInUseError):
+        adopt_state_dir(target.engine.kv_objects, tmp_path / "a")  # still running
+    source.engine.shutdown()  # a scale-down: its tiers are persisted to its folder
+    result = adopt_state_dir(target.engine.kv_objects, tmp_path / "a")
+    assert (result.files, result.attached, result.blocked) == (3, 3, 0)
+    assert set(agents_with_kv(target.engine.kv_objects)) == {"ann", "ben"}, "owned as they were"
+    moved = target.generate([system + history], GREEDY, agent_ids=["ann"])[0]
+    assert moved.num_cached_tokens == 68 and moved.outputs[0].token_ids == first.outputs[0].token_ids
+    left = DiskStore(tmp_path / "a", 2**30, target.engine.memory.store.identity)
+    assert left.entries("kv") == [], "what was taken in is gone from the folder"
+    left.close()
 
 
 def test_files_of_another_page_size_or_damaged_are_rejected_and_nothing_is_attached(tmp_path):

@@ -216,9 +216,9 @@ def test_scaling_to_three_replicas_moves_only_the_slots_the_new_rank_wins(url, s
     assert 0.25 < slots["2"] / 4096 <= 0.40, slots  # rank 2 took about a third; ranks 0 and 1 kept the rest
     moved = [a for a in AGENTS if _owner(a, (0, 1, 2)) != _owner(a)]
     assert moved and all(_owner(a, (0, 1, 2)) == 2 for a in moved)  # only to the new rank
-    # the redeploy restarted every replica (their arguments changed), which found their KV on
-    # disk with its owners; a rebalance takes the agents whose slots rank 2 won there, pages and
-    # all (the restarted ingress ran one when it found the replicas; this one waits for it)
+    # only the replica count changed, so Serve added rank 2 to the running app; the ingress saw
+    # it join and ran a rebalance, which took the agents whose slots rank 2 won there, pages and
+    # all (this one waits for it and finds nothing left)
     deadline = time.monotonic() + 30  # the ingress registers at rank 2 the agents the others know
     while (known := {r: d["agents"] for r, d in _replicas(url).items()})[2] < max(known[0], known[1]):
         assert time.monotonic() < deadline, known
@@ -282,3 +282,32 @@ def test_after_kill_9_the_next_ranked_replica_serves_and_the_restarted_one_gets_
     while float(_metric(url, "scalesim_routing_moves_total")) == moves_before:  # fallbacks computed comes home
         assert time.monotonic() < deadline, "no move after the victim came back"
         time.sleep(0.5)
+
+
+def test_scaling_down_takes_in_the_removed_replicas_state_and_its_agents_keep_their_pages(url, port, state_dir):
+    """Runs after the kill -9 test. Serve picks the replica to stop; it persists its tiers to
+    its state folder as it stops, and a live replica takes that folder in."""
+    from ray import serve
+
+    from scalesim.cluster.launch import APP_NAME, build_serve_app
+
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    args = _args(port, state_dir, replicas=2)
+    serve.run(build_serve_app(args, _engine_args(args)), name=APP_NAME, route_prefix="/")
+    deadline = time.monotonic() + 120
+    while len(_replicas(url)) != 2:
+        assert time.monotonic() < deadline, "Serve did not scale down"
+        time.sleep(1)
+    live = sorted(_replicas(url))
+    removed = ({0, 1, 2} - set(live)).pop()
+    while float(_metric(url, "scalesim_routing_adopted_bytes_total")) == 0:
+        assert time.monotonic() < deadline, "the removed replica's state folder was not taken in"
+        time.sleep(0.5)
+    rebalance = httpx.post(f"{url}/v1/rebalance", timeout=120).json()  # waits for the one the adoption started
+    assert rebalance["failed"] == 0, rebalance
+    orphaned = [a for a in AGENTS if _owner(a, (0, 1, 2)) == removed]
+    assert orphaned
+    for agent in orphaned:
+        rank, usage = _replica_of(client, agent)
+        assert rank == _owner(agent, live) and _all_but_the_last_pages_cached(usage), (agent, rank, usage)
+

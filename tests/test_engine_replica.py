@@ -15,8 +15,9 @@ def test_a_replica_whose_serve_rank_a_live_replica_still_holds_takes_the_first_f
     assert claim_state_dir(tmp_path, 2) == (2, tmp_path / "replica-2")
     held = [DiskStore(tmp_path / f"replica-{r}", 2**20) for r in (0, 2)]  # two live replicas
     try:
-        assert claim_state_dir(tmp_path, 2) == (1, tmp_path / "replica-1"), "the first folder nobody holds"
-        assert claim_state_dir(tmp_path, 3) == (3, tmp_path / "replica-3")
+        free = claim_state_dir(tmp_path, 2, wait_s=0.5)
+        assert free == (1, tmp_path / "replica-1"), "the first folder nobody holds"
+        assert claim_state_dir(tmp_path, 3, wait_s=0.5) == (3, tmp_path / "replica-3")
     finally:
         for store in held:
             store.close()

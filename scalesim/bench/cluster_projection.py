@@ -3,7 +3,8 @@ PROJECTION, not a measurement (the measured comparison is `scalesim microbench r
 
 Each replica is one GPU of the hardware profile running the real memory manager and policy
 (as in costmodel.py) over its own budgets: the N devices together hold `device_fraction` of all
-agent state, the N hosts `host_fraction` (`ideal`: each device could hold it all). Calls are routed by the code the Serve router runs:
+agent state, the N hosts `host_fraction` (`ideal`: each device could hold it all). Calls are
+routed by the code the Serve router runs:
 `affine` is cluster/placement.py's AffinePlacement (slot owner, warm agents stay, cold agents
 spill past c x the mean queue), `random` any replica, `power-of-two` the shorter queue of two
 random replicas; the queue is the calls already routed to a replica in the step. Hints go where

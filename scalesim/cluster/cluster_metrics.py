@@ -34,6 +34,9 @@ class RoutingCollector(Collector):
                                   value=view.moves)
         yield CounterMetricFamily("scalesim_routing_moved_bytes", "bytes of KV files stored by planned moves",
                                   value=view.moved_nbytes)
+        yield CounterMetricFamily("scalesim_routing_adopted_bytes",
+                                  "bytes of KV taken in from removed replicas' state folders",
+                                  value=view.adopted_nbytes)
         yield GaugeMetricFamily("scalesim_live_replicas", "engine replicas the router can reach",
                                 value=len(view.live_ranks))
 

@@ -6,8 +6,10 @@ registry. Serve gives a restarted replica its old rank, so a replica that died f
 state and its registered agents again. The rank a replica publishes to routers is fixed when it
 starts (Serve records replica metadata once), while Serve renumbers ranks to stay contiguous after
 a scale-down; a replica that starts later with a rank a live replica still publishes (and whose
-folder it holds) takes the first folder nobody holds, and publishes that number instead. The
-ingress checks the Host header and the API key; a replica accepts what the ingress relays.
+folder it holds) takes the first folder nobody holds, and publishes that number instead. A
+replica removed by a scale-down persists its tiers to its folder as it stops (`__del__`); a live
+replica takes the folder in (`adopt_orphans`, driven by the ingress: moves.py). The ingress
+checks the Host header and the API key; a replica accepts what the ingress relays.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import fcntl
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,11 +30,12 @@ from scalesim.cluster.asgi_relay import REPLICA_HEADER, RelayHead, RelayRequest,
 from scalesim.cluster.placement import SlotTable
 from scalesim.cluster.router import Route
 from scalesim.memory import agent_kv
-from scalesim.memory.disk_store import LOCK_FILE
+from scalesim.memory.disk_store import LOCK_FILE, StateDirInUseError
 from scalesim.server.agent_routes import hint_agents
 from scalesim.server.agent_store import AgentRecord
 
 logger = logging.getLogger(__name__)
+CLAIM_WAIT_S, CLAIM_POLL_S = 20.0, 0.5
 
 
 def replica_dir(disk_dir: str | Path | None, rank: int) -> Path | None:
@@ -50,11 +54,16 @@ def _held(state_dir: Path) -> bool:
         return False
 
 
-def claim_state_dir(disk_dir: str | Path | None, serve_rank: int) -> tuple[int, Path | None]:
-    """(the rank to publish, the state folder): the Serve rank's folder, or the first folder no
-    live replica on this node holds (see the module docstring). Without a disk dir, the Serve rank."""
+def claim_state_dir(disk_dir: str | Path | None, serve_rank: int,
+                    wait_s: float = CLAIM_WAIT_S) -> tuple[int, Path | None]:
+    """(the rank to publish, the state folder): the Serve rank's folder, waiting up to `wait_s`
+    for it (a live replica may be taking in what it held: moves.py), else the first folder no live
+    replica on this node holds (see the module docstring). Without a disk dir, the Serve rank."""
     if not disk_dir:
         return serve_rank, None
+    deadline_s = time.monotonic() + wait_s
+    while _held(replica_dir(disk_dir, serve_rank)) and time.monotonic() < deadline_s:
+        time.sleep(CLAIM_POLL_S)
     for rank in itertools.chain([serve_rank], (r for r in itertools.count() if r != serve_rank)):
         if not _held(replica_dir(disk_dir, rank)):
             return rank, replica_dir(disk_dir, rank)
@@ -66,7 +75,8 @@ class EngineReplica:
         from scalesim.server.serve import build_server
 
         serve_rank = serve.get_replica_context().rank.rank
-        self.rank, self.disk_dir = claim_state_dir(args.disk_dir, serve_rank)
+        self.base_disk_dir = args.disk_dir
+        self.rank, self.disk_dir = await asyncio.to_thread(claim_state_dir, args.disk_dir, serve_rank)
         if self.rank != serve_rank:
             logger.warning("Serve rank %d is still published by a live replica (Serve renumbered ranks after a "
                            "scale-down); this replica publishes rank %d and keeps its state in %s", serve_rank,
@@ -75,7 +85,8 @@ class EngineReplica:
         args.disk_dir, args.api_key, args.allowed_hosts = self.disk_dir, None, ["*"]
         self.app = build_server(args, {**engine_args, "disk_dir": self.disk_dir})
         self.state = self.app.state.scalesim
-        ranks = list(range(max(args.replicas, self.rank + 1)))  # every agent is registered everywhere:
+        # every agent is registered everywhere:
+        ranks = list(range(max(serve.get_replica_context().world_size, self.rank + 1)))
         self.state.prefills_on_restore = lambda agent: SlotTable().order(agent, ranks)[0] == self.rank  # pre-fill ours
         self.lifespan = self.app.router.lifespan_context(self.app)
         await self.lifespan.__aenter__()  # restores the registry's agents, pre-fills their personas
@@ -125,6 +136,29 @@ class EngineReplica:
         self._meant_for_me(route)
         results = [await asyncio.to_thread(agent_kv.drop_agent_kv, self.kv_objects, a) for a in agents]
         return {"dropped": sum(r[0] for r in results), "kept": sum(r[1] for r in results)}
+
+    async def adopt_orphans(self, live_ranks: list[int], route: Route | None = None) -> dict:
+        """Take in the KV that removed replicas left in their state folders on this node: every
+        `replica-<k>` folder with k not in `live_ranks` (see agent_kv.adopt_state_dir). The
+        summed ImportResult, and `held`: folders a live process still holds (tried again later)."""
+        self._meant_for_me(route)
+
+        def adopt() -> dict:
+            total, held = agent_kv.ImportResult(), 0
+            for folder in sorted(Path(self.base_disk_dir).glob("replica-*")) if self.base_disk_dir else ():
+                rank = folder.name.removeprefix("replica-")
+                if not rank.isdigit() or int(rank) in live_ranks or folder == self.disk_dir:
+                    continue
+                try:
+                    result = agent_kv.adopt_state_dir(self.kv_objects, folder)
+                except StateDirInUseError:
+                    held += 1
+                    continue
+                for name, value in dataclasses.asdict(result).items():
+                    setattr(total, name, getattr(total, name) + value)
+            return {**dataclasses.asdict(total), "held": held}
+
+        return await asyncio.to_thread(adopt)
 
     # --- the registry of a replica that joins later ---------------------------------------------
     async def registrations(self, route: Route | None = None) -> list[AgentRecord]:

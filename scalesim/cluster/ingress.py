@@ -37,6 +37,7 @@ from ray.serve.handle import DeploymentHandle
 
 from scalesim.cluster.asgi_relay import RelayHead, RelayRequest
 from scalesim.cluster.cluster_metrics import RoutingCollector, merge_replica_metrics
+from scalesim.cluster.engine_status import engine_replica_states
 from scalesim.cluster.moves import Mover
 from scalesim.cluster.placement import SlotTable, slot_of
 from scalesim.cluster.router import Route, RoutingView, shared_view
@@ -99,11 +100,10 @@ def split_by_target(view: RoutingView, ranks: list[int], distances: dict[str, fl
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, engine: DeploymentHandle, config: ServerConfig, min_replicas: int = 1) -> None:
-        """`min_replicas`: the engine replicas to wait for (briefly) before the first request
-        that needs them all (a hint split, a scrape): the router learns of them one by one."""
+    def __init__(self, engine: DeploymentHandle, config: ServerConfig) -> None:
+        """Its arguments do not depend on the replica count: scaling the engine deployment keeps
+        the ingress (and its memory of where each agent's state is)."""
         self.engine = engine
-        self.min_replicas = min_replicas
         self.warm = False
         self.config = config
         self.spans = PrivateSpans() if config.infer_agents else None
@@ -148,7 +148,7 @@ class Ingress:
     async def _warm_up(self) -> None:
         """Once, before the first request is routed: the handle builds its router on its first
         call and learns of the replicas one by one, so make a call and wait (briefly) until it
-        knows `min_replicas` of them; else the first agents would be placed over too few."""
+        knows as many as Serve runs; else the first agents would be placed over too few."""
         if self.warm:
             return
         self.slot_table.start(self.view.placement.table.num_slots)
@@ -157,8 +157,13 @@ class Ingress:
             await asyncio.wait_for(self.engine.describe.remote(route=Route()), WARM_UP_S)
         except asyncio.TimeoutError:
             raise APIError(503, "no engine replica is up") from None
+        try:
+            running = (await run_in_threadpool(engine_replica_states))[1].get("RUNNING", 1)
+        except Exception as exc:  # the controller is busy: route with the replicas known so far
+            logger.warning("serve status failed (%s); not waiting for the router to know every replica", exc)
+            running = 1
         for _ in range(int(WARM_UP_S / RANKS_POLL_S)):
-            if len(self.view.live_ranks) >= self.min_replicas:
+            if len(self.view.live_ranks) >= running:
                 break
             await asyncio.sleep(RANKS_POLL_S)
         self.warm = True

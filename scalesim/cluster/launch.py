@@ -2,12 +2,14 @@
 of N engine replicas, each agent routed to the replica that owns its slot."""
 
 import argparse
+import copy
 import json
 import logging
 import os
 import socket
 import time
 
+from scalesim.cluster.engine_status import ENGINE_DEPLOYMENT
 from scalesim.cluster.slot_table import SLOT_TABLE_ACTOR, SlotTableActor
 from scalesim.server.serve import server_config
 
@@ -71,14 +73,20 @@ def build_serve_app(args: argparse.Namespace, engine_args: dict):
                "request_router_config": RequestRouterConfig(
                    request_router_class="scalesim.cluster.router.AgentAffineRouter",
                    request_router_kwargs={"routing": args.routing, "spill_factor": args.spill_factor})}
-    engine = serve.deployment(EngineReplica, name="engine", **options)
+    engine = serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT, **options)
     slot_table = DeploymentActorConfig(name=SLOT_TABLE_ACTOR, actor_class=ray.remote(SlotTableActor),
                                        actor_options={"num_cpus": 0})
     ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
                                ray_actor_options={"num_cpus": 0}, deployment_actors=[slot_table])
-    min_replicas = given.get("autoscaling_config", {}).get("min_replicas", 1) if "autoscaling_config" in given \
-        else args.replicas
-    return ingress.bind(engine.bind(args, engine_args), server_config(args), min_replicas)
+    return ingress.bind(engine.bind(_replica_args(args), engine_args), server_config(args))
+
+
+def _replica_args(args: argparse.Namespace) -> argparse.Namespace:
+    """What an engine replica is built from, without what only sizes the deployment: changing the
+    replica count then scales the running app (Serve restarts a replica whose arguments change)."""
+    replica_args = copy.copy(args)
+    replica_args.replicas = replica_args.deployment_options = replica_args.replica_cpus = None
+    return replica_args
 
 
 def start(args: argparse.Namespace, engine_args: dict, dashboard: bool = False) -> None:

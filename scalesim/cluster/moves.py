@@ -17,7 +17,10 @@ S with its state (a slot pin routes the slot to T all the same; such agents reco
 replica it spilled to), far-future agents first: those are the least likely to be called while
 they move. When a replica joins (a scale-up, or a restarted replica whose agents were served by
 others meanwhile) the ingress registers at it the agents another replica knows, then runs a
-rebalance; `POST /v1/rebalance` runs one too.
+rebalance; `POST /v1/rebalance` runs one too. A replica removed by a scale-down persists its
+tiers to its state folder as it stops: once Serve runs as many replicas as the router sees and
+starts none (so no replica is on its way back to its folder), a live replica on the same node
+takes in every folder no live replica holds (adopt) and a rebalance takes each agent home.
 """
 
 import asyncio
@@ -26,6 +29,7 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from scalesim.cluster.engine_status import settled_at
 from scalesim.cluster.placement import AffinePlacement, SlotTable, slot_of
 from scalesim.cluster.router import Route, RoutingView
 
@@ -55,7 +59,8 @@ def _moves_of(held: dict[int, dict[str, dict]], target_of: Callable[[str], int |
             target = target_of(agent)
             if target is not None and target != rank:
                 distance = info.get("distance")
-                moves.append(Move(agent, rank, target, math.inf if distance is None else float(distance), info["nbytes"]))
+                distance_steps = math.inf if distance is None else float(distance)
+                moves.append(Move(agent, rank, target, distance_steps, info["nbytes"]))
     return sorted(moves, key=far_future_first)
 
 
@@ -103,7 +108,8 @@ class Mover:
     planned change at a time in this ingress. `call(make_call)` makes a handle call under a
     request id of its own (ingress.alone)."""
 
-    def __init__(self, engine, view: Callable[[], RoutingView], call: Callable[[Callable[[], Awaitable]], Awaitable]) -> None:
+    def __init__(self, engine, view: Callable[[], RoutingView],
+                 call: Callable[[Callable[[], Awaitable]], Awaitable]) -> None:
         self.engine = engine
         self.view = view
         self.call = call
@@ -161,8 +167,11 @@ class Mover:
             ranks = list(self.view().live_ranks)
             for batch in batches(plan_rebalance(await self.held(ranks), self.view().placement, ranks)):
                 done = await self._copy(batch, report)
-                for move in done:
-                    self.view().placement.place(move.agent_id, move.target)
+                placement = self.view().placement
+                for move in done:  # an agent that spilled stays a spilled one (a rebalance leaves it there)
+                    placed = placement.placed.get(move.agent_id)
+                    placement.place(move.agent_id, move.target,
+                                    spilled=placed is not None and placed.spilled and placed.rank == move.target)
                 await self._flipped(done, report)
             if report.moved or report.failed:
                 logger.info("rebalance over replicas %s: %s", ranks, report.as_dict())
@@ -186,27 +195,49 @@ class Mover:
 
     def watch(self, period_s: float = 1.0, settle_s: float = 2.0) -> None:
         """In the background, whenever replicas join (and for those this ingress finds when it
-        starts): share the registry with them, then rebalance. Once; from the event loop."""
+        starts): share the registry with them, then rebalance; whenever the replicas change and
+        Serve has settled: take in what removed replicas left. Once; from the event loop."""
         if self.task is None:
             self.task = asyncio.ensure_future(self._watch(period_s, settle_s))
+
     async def _watch(self, period_s: float, settle_s: float) -> None:
         seen: set[int] = set()  # the live replicas at the last look (one that died and returns joins again)
+        adopt_pending = False  # folders of removed replicas may wait to be taken in
         while True:
             await asyncio.sleep(period_s)
             ranks = set(self.view().live_ranks)
-            if not ranks - seen:
-                seen = ranks
-                continue
-            await asyncio.sleep(settle_s)  # a scale-up brings its replicas one by one
-            ranks = set(self.view().live_ranks)
-            joined, seen = sorted(ranks - seen), ranks
-            try:
-                shared = await self.share_registry(joined)
-                report = await self.rebalance()
-                logger.info("replicas %s joined: %d agents registered there, %d moved", joined, shared["added"],
-                            report.moved)
-            except Exception as exc:
-                logger.warning("replicas %s joined; sharing the registry or rebalancing failed: %s", joined, exc)
+            if ranks - seen:
+                await asyncio.sleep(settle_s)  # a scale-up brings its replicas one by one
+                ranks = set(self.view().live_ranks)
+                await self._joined(sorted(ranks - seen))
+            adopt_pending |= ranks != seen
+            seen = ranks
+            if adopt_pending and ranks and await asyncio.to_thread(settled_at, len(ranks)):
+                adopt_pending = not await self._adopt(min(ranks), sorted(ranks))
+
+    async def _joined(self, joined: list[int]) -> None:
+        try:
+            shared = await self.share_registry(joined)
+            report = await self.rebalance()
+            logger.info("replicas %s joined: %d agents registered there, %d moved", joined, shared["added"],
+                        report.moved)
+        except Exception as exc:
+            logger.warning("replicas %s joined; sharing the registry or rebalancing failed: %s", joined, exc)
+
+    async def _adopt(self, adopter: int, live_ranks: list[int]) -> bool:
+        """Replica `adopter` takes in what removed replicas left in their state folders, then a
+        rebalance takes each agent home; False to try again later (a folder is still held)."""
+        try:
+            result = await self.call(lambda: self.engine.adopt_orphans.remote(live_ranks, route=Route(rank=adopter)))
+        except Exception as exc:
+            logger.warning("taking in the state of removed replicas failed: %s", exc)
+            return False
+        self.view().adopted_nbytes += result["nbytes"]
+        if result["files"]:
+            logger.info("replica %d took in %d files (%d bytes) left by removed replicas", adopter,
+                        result["attached"] + result["present"], result["nbytes"])
+            await self.rebalance()
+        return not result["held"]
 
     async def share_registry(self, joined: list[int]) -> dict:
         """Register at each joined replica the agents any live replica knows (every replica knows
@@ -220,4 +251,5 @@ class Mover:
         answers = await asyncio.gather(*(self.call(lambda r=r: self.engine.register_missing.remote(
             records, route=Route(rank=r))) for r in joined), return_exceptions=True)
         done = [a for a in answers if isinstance(a, dict)]
-        return {"added": sum(a["added"] for a in done), "failed": sum(a["failed"] for a in done) + len(answers) - len(done)}
+        failed = sum(a["failed"] for a in done) + len(answers) - len(done)
+        return {"added": sum(a["added"] for a in done), "failed": failed}

@@ -45,6 +45,7 @@ class RoutingView:
     misrouted_hints: int = 0  # hinted agents whose owner had died (the hint went to its fallback)
     moves: int = 0  # agents whose state a planned move took to another replica
     moved_nbytes: int = 0  # bytes of the KV files those moves stored
+    adopted_nbytes: int = 0  # bytes of KV files taken in from the state folders of removed replicas
 
     def target(self, agent_id: str) -> int | None:
         """The live replica that holds `agent_id`'s state now (where its hints go)."""

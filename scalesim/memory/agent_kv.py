@@ -9,6 +9,7 @@
   split there; pages the tree holds already are cut off the file), stores it in the disk tier and
   attaches it as a disk-tier node the agent owns, so that a hint about the agent prefetches it.
   The result says whether every page arrived (`complete`): only then may the source drop them.
+- `adopt_state_dir`: the same for every file a departed engine left in its state folder.
 - `drop_agent_kv`: forgets the nodes only this agent uses, leaves first (the old owner's side of
   a move); nodes in use by a running request or loaded for a waiting one are kept.
 - `agents_with_kv`: which agents own nodes no other agent uses here, how many bytes, how far.
@@ -16,8 +17,9 @@
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
-from scalesim.memory.disk_store import CorruptObjectError, DiskStore
+from scalesim.memory.disk_store import CorruptObjectError, DiskFullError, DiskStore
 from scalesim.memory.kv_objects import KVObjects
 
 
@@ -91,24 +93,32 @@ def import_agent_kv(kv_objects: KVObjects, agent_id: str, files: list[bytes]) ->
     """Store `files` (from `export_agent_kv` of an engine of the same model and page layout, parents
     first) and attach them for `agent_id`. DiskFullError if the disk tier cannot hold them (the
     files placed before stay)."""
-    store, manager, result = _store(kv_objects), kv_objects.manager, ImportResult(files=len(files))
+    result = ImportResult(files=len(files))
     for data in files:
-        try:
-            key, kind, meta = store.verify_encoded(data)
-            namespace, path, edge = meta["namespace"], list(meta["path"]), int(meta["edge"])
-            if kind != "kv" or not isinstance(namespace, str) or not 0 < edge <= len(path):
-                raise CorruptObjectError(f"{key}: not a KV node")
-        except (CorruptObjectError, KeyError, TypeError, ValueError):
-            result.rejected += 1
-            continue
-        with manager.lock:
-            where, node, start = kv_objects.graft_point(namespace, path, edge)
-            if where == "present":
-                _own_path(kv_objects, agent_id, node)
-        if where != "attach":
-            result.present += where == "present"
-            result.blocked += where == "blocked"
-            continue
+        import_kv_file(kv_objects, data, {agent_id}, result)
+    return result
+
+
+def import_kv_file(kv_objects: KVObjects, data: bytes, owners: set[str] | None, result: ImportResult) -> str:
+    """Place one file (see the module docstring), its nodes owned by `owners` (None: the agents
+    the file names); count it in `result`; "attached", "present", "blocked" or "rejected"."""
+    store, manager = _store(kv_objects), kv_objects.manager
+    try:
+        key, kind, meta = store.verify_encoded(data)
+        namespace, path, edge = meta["namespace"], list(meta["path"]), int(meta["edge"])
+        if kind != "kv" or not isinstance(namespace, str) or not 0 < edge <= len(path):
+            raise CorruptObjectError(f"{key}: not a KV node")
+    except (CorruptObjectError, KeyError, TypeError, ValueError):
+        result.rejected += 1
+        return "rejected"
+    if owners is None:
+        named = meta.get("owners")
+        owners = {a for a in named if isinstance(a, str)} if isinstance(named, list) else set()
+    with manager.lock:
+        where, node, start = kv_objects.graft_point(namespace, path, edge)
+        if where == "present":
+            _own_path(kv_objects, owners, node)
+    if where == "attach":
         cut = start - (len(path) - edge)  # pages the tree holds already come off the file's front
         if cut:
             kv = store.decode(data)["kv"][:, :, cut:]
@@ -118,25 +128,54 @@ def import_agent_kv(kv_objects: KVObjects, agent_id: str, files: list[bytes]) ->
         with manager.lock:
             again, parent, start_now = kv_objects.graft_point(namespace, path, edge)
             if (again, parent, start_now) == ("attach", node, start):
-                _own_path(kv_objects, agent_id, kv_objects.attach_file(node, tuple(path[start:]), key, {agent_id}))
+                _own_path(kv_objects, owners, kv_objects.attach_file(node, tuple(path[start:]), key, owners))
                 result.attached += 1
                 result.nbytes += len(data)
-                continue
+                return "attached"
             # the tree changed while the file was written: a request computed these pages, or took the parent away
             resident = parent.resident if again == "present" and parent is not None else None
             if resident is None or (resident.disk_key != key and resident.moving_to is None):
                 store.delete(key)  # not the copy of a node that holds it, or is writing it now
             if again == "present":
-                _own_path(kv_objects, agent_id, parent)
-            result.present += again == "present"
-            result.blocked += again != "present"
-    return result
+                _own_path(kv_objects, owners, parent)
+            where = "present" if again == "present" else "blocked"
+    result.present += where == "present"
+    result.blocked += where == "blocked"
+    return where
 
 
-def _own_path(kv_objects: KVObjects, agent_id: str, node) -> None:
+def adopt_state_dir(kv_objects: KVObjects, folder: Path) -> ImportResult:
+    """Take in the KV a departed engine left in its state folder (a replica removed by a
+    scale-down persists its tiers there as it stops): each file, parents first, placed as an
+    import is, owned by the agents it names, and deleted from the folder once placed here (a
+    file that found no place stays). StateDirInUseError while a live engine holds the folder."""
+    store = _store(kv_objects)
+    departed = DiskStore(folder, budget_nbytes=store.budget_nbytes, identity=store.identity)
+    try:
+        entries = sorted(departed.entries("kv"), key=lambda e: len(e[2].get("path", ())))
+        result = ImportResult(files=len(entries))
+        for done, (key, _, _) in enumerate(entries):
+            try:
+                data = departed.encoded(key)
+            except CorruptObjectError:
+                result.rejected += 1
+                data = None
+            try:
+                if data is None or import_kv_file(kv_objects, data, None, result) != "blocked":
+                    departed.delete(key)
+            except DiskFullError:  # the rest stays in the folder, for the next replica that claims it
+                result.blocked += len(entries) - done
+                break
+        return result
+    finally:
+        departed.close()
+
+
+def _own_path(kv_objects: KVObjects, owners: set[str], node) -> None:
     while node is not None and node.parent is not None:
         if node.resident is not None:
-            kv_objects.manager.add_owner(node.resident, agent_id)
+            for agent_id in owners:
+                kv_objects.manager.add_owner(node.resident, agent_id)
         node = node.parent
 
 

@@ -32,6 +32,9 @@ class KVObjects:
 
     def node_split(self, upper, lower) -> None:
         with self.manager.lock:
+            if lower.resident is not None and not lower.on_device:
+                self._split_off_device(upper, lower)
+                return
             obj = self._new_object(upper)
             if lower.resident is not None:
                 obj.owners = set(lower.resident.owners)
@@ -41,6 +44,36 @@ class KVObjects:
             if lower.resident is not None:
                 self.manager.index.rekey(lower.resident)
             self._attach_orphans(upper, may_split=False)  # the caller holds `upper`: keep its edge
+
+    def splittable(self, node) -> bool:
+        """Whether a node off the device may be split (see `_split_off_device`): it is still,
+        and no request is loading it."""
+        obj = node.resident
+        return obj is not None and obj.moving_to is None and node.lock_ref == 0 and \
+            not self.manager.loads.is_held(obj.key) and (obj.host_kv is not None or obj.disk_key is not None)
+
+    def _split_off_device(self, upper, lower) -> None:
+        """Split a node whose pages are on the host or on disk (only an import does: the engine
+        splits device nodes alone): both parts keep its tier, each with its own pages, and a disk
+        copy is read and written again as two files (the import's thread, never the engine's)."""
+        old = lower.resident
+        kv = old.host_kv if old.host_kv is not None else self.manager.store.read(old.disk_key)["kv"]
+        cut = len(upper.tokens)
+        self.manager.remove(old)  # releases the host bytes of `lower`'s edge, shortened by the split already
+        if old.tier == "host":
+            self.manager.tiers.release_host(cut // self.cache.page * self.manager.pool.block_nbytes)  # and `upper`'s
+        old.discard_disk_copy()
+        lower.resident = None
+        for node, pages in ((upper, kv[:, :, :cut]), (lower, kv[:, :, cut:])):
+            obj = self._new_object(node, tier=old.tier)
+            obj.owners, obj.last_use_s = set(old.owners), old.last_use_s
+            if old.host_kv is not None:
+                obj.host_kv = pages.clone()
+            else:
+                key, meta = obj.file_name()
+                self.manager.store.write(key, "kv", {"kv": pages}, meta)
+                obj.disk_key = key
+            self.manager.add(obj)
 
     def node_revived(self, node, blocks: list[int]) -> None:
         obj = node.resident
@@ -105,10 +138,10 @@ class KVObjects:
         the tree now (the caller holds the manager's lock):
         - ("present", node, len(path)): the tree holds all its pages (`node` ends at or past them);
         - ("attach", parent, start): the tree holds its pages before `start` (at least those of
-          its parent): attach `path[start:]` under `parent`. A device node that ran past the point
-          where `path` leaves it is split there;
+          its parent): attach `path[start:]` under `parent`. A node that ran past the point where
+          `path` leaves it is split there (one off the device reads and writes its pages);
         - ("blocked", None, 0): pages before its own are missing, or `path` leaves a node that is
-          off the device (its pages cannot be cut)."""
+          moving or being loaded (its pages cannot be cut now)."""
         page, node, pos = self.cache.page, self.cache.root(namespace), 0
         while pos < len(path):
             child = node.children.get(tuple(path[pos:pos + page]))
@@ -118,7 +151,7 @@ class KVObjects:
             if common < len(child.tokens):
                 if pos + common == len(path):
                     return "present", child, len(path)
-                if not child.on_device:
+                if not child.on_device and not self.splittable(child):
                     return "blocked", None, 0
                 child = self.cache.split(child, common // page)
             node, pos = child, pos + len(child.tokens)
