@@ -75,7 +75,7 @@ def test_a_node_running_past_the_shared_prompt_is_split_and_the_pages_it_holds_a
     assert again.num_cached_tokens == 68, "dan's pages were split, not lost"
 
 
-def test_a_node_on_disk_in_the_way_is_split_into_two_files_and_both_agents_keep_their_pages(tmp_path):
+def test_a_node_on_disk_in_the_way_is_split_and_both_agents_keep_their_pages_across_a_restart(tmp_path):
     source, target = _llm(tmp_path / "a"), _llm(tmp_path / "b")
     system, history, dans = _prompt(7, 32), _prompt(8, 40), _prompt(10, 40)
     try:
@@ -87,11 +87,33 @@ def test_a_node_on_disk_in_the_way_is_split_into_two_files_and_both_agents_keep_
         assert [o.tier for o in target.engine.memory.objects_of("dan")] == ["disk"]
         result = import_agent_kv(target.engine.kv_objects, "ann", export_agent_kv(source.engine.kv_objects, "ann"))
         assert (result.present, result.attached, result.blocked) == (1, 1, 0) and result.complete
-        assert sorted(o.tier for o in target.engine.memory.objects_of("dan")) == ["disk", "disk"], "two files now"
+        assert sorted(o.tier for o in target.engine.memory.objects_of("dan")) == ["disk", "disk"], "two nodes now"
+        target.engine.shutdown()  # the index says where each part's pages are
+        target = _llm(tmp_path / "b")
         moved = target.generate([system + history], GREEDY, agent_ids=["ann"])[0]
         assert moved.num_cached_tokens == 68 and moved.outputs[0].token_ids == first.outputs[0].token_ids
         again = target.generate([system + dans], GREEDY, agent_ids=["dan"])[0]
         assert again.num_cached_tokens == 68 and again.outputs[0].token_ids == dan.outputs[0].token_ids
+    finally:
+        source.engine.shutdown()
+        target.engine.shutdown()
+
+
+def test_a_split_that_cannot_write_its_file_changes_nothing_and_the_import_says_blocked(tmp_path):
+    source, target = _llm(tmp_path / "a"), _llm(tmp_path / "b")
+    system, history, dans = _prompt(7, 32), _prompt(8, 40), _prompt(10, 40)
+    try:
+        source.generate([system + history], GREEDY, agent_ids=["ann"])
+        source.generate([system + _prompt(9, 40)], GREEDY, agent_ids=["ben"])
+        target.generate([system + dans], GREEDY, agent_ids=["dan"])
+        target.engine.shutdown()
+        target = _llm(tmp_path / "b")
+        store = target.engine.memory.store
+        store.budget_nbytes = store.used_nbytes  # the disk tier is full: the upper part's file cannot be written
+        result = import_agent_kv(target.engine.kv_objects, "ann", export_agent_kv(source.engine.kv_objects, "ann"))
+        assert (result.present, result.attached, result.blocked) == (1, 0, 1) and not result.complete
+        assert [o.tier for o in target.engine.memory.objects_of("dan")] == ["disk"], "dan's node is whole"
+        assert target.generate([system + dans], GREEDY, agent_ids=["dan"])[0].num_cached_tokens == 68
     finally:
         source.engine.shutdown()
         target.engine.shutdown()

@@ -216,9 +216,9 @@ def test_scaling_to_three_replicas_moves_only_the_slots_the_new_rank_wins(url, s
     assert 0.25 < slots["2"] / 4096 <= 0.40, slots  # rank 2 took about a third; ranks 0 and 1 kept the rest
     moved = [a for a in AGENTS if _owner(a, (0, 1, 2)) != _owner(a)]
     assert moved and all(_owner(a, (0, 1, 2)) == 2 for a in moved)  # only to the new rank
-    # only the replica count changed, so Serve added rank 2 to the running app; the ingress saw
-    # it join and ran a rebalance, which took the agents whose slots rank 2 won there, pages and
-    # all (this one waits for it and finds nothing left)
+    # serve.run deploys a new version: Serve replaced every replica (ranks 0 and 1 found their KV
+    # on disk, with its owners) and the ingress, which found the replicas and ran a rebalance; it
+    # took the agents whose slots rank 2 won there, pages and all (this one waits for it)
     deadline = time.monotonic() + 30  # the ingress registers at rank 2 the agents the others know
     while (known := {r: d["agents"] for r, d in _replicas(url).items()})[2] < max(known[0], known[1]):
         assert time.monotonic() < deadline, known
@@ -285,8 +285,9 @@ def test_after_kill_9_the_next_ranked_replica_serves_and_the_restarted_one_gets_
 
 
 def test_scaling_down_takes_in_the_removed_replicas_state_and_its_agents_keep_their_pages(url, port, state_dir):
-    """Runs after the kill -9 test. Serve picks the replica to stop; it persists its tiers to
-    its state folder as it stops, and a live replica takes that folder in."""
+    """Runs after the kill -9 test. serve.run deploys a new version with 2 replicas: Serve
+    replaces the replicas (each persists its tiers as it stops) and starts two, which find
+    folders 0 and 1 (`removed` is the rank of neither); the live replicas take folder `removed` in."""
     from ray import serve
 
     from scalesim.cluster.launch import APP_NAME, build_serve_app

@@ -35,7 +35,7 @@ from scalesim.server.agent_routes import hint_agents
 from scalesim.server.agent_store import AgentRecord
 
 logger = logging.getLogger(__name__)
-CLAIM_WAIT_S, CLAIM_POLL_S = 20.0, 0.5
+CLAIM_WAIT_S, CLAIM_POLL_S = 65.0, 0.5  # longer than launch.GRACEFUL_SHUTDOWN_S: a stopping replica persists its tiers
 
 
 def replica_dir(disk_dir: str | Path | None, rank: int) -> Path | None:

@@ -2,7 +2,6 @@
 of N engine replicas, each agent routed to the replica that owns its slot."""
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ INGRESS_MAX_ONGOING_REQUESTS = 8192
 ADDRESS_TIMEOUT_S = 5.0
 MIN_REPLICA_CPUS = 0.1
 CONSTRUCTOR_RETRIES = 2  # a replica that cannot load the model fails start-up after this many tries
+GRACEFUL_SHUTDOWN_S = 60  # a replica that stops (a scale-down) persists its tiers within this; Serve kills it after
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def build_serve_app(args: argparse.Namespace, engine_args: dict):
         max((os.cpu_count() or 1) / args.replicas, MIN_REPLICA_CPUS)
     gpus = 1 if args.device == "cuda" or (args.device == "auto" and ray.cluster_resources().get("GPU", 0)) else 0
     options = {"max_ongoing_requests": ENGINE_MAX_ONGOING_REQUESTS, "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
+               "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
                **({} if "autoscaling_config" in given else {"num_replicas": args.replicas}), **given,
                "ray_actor_options": {"num_cpus": replica_cpus, "num_gpus": gpus, **given.get("ray_actor_options", {})},
                "request_router_config": RequestRouterConfig(
@@ -78,15 +79,7 @@ def build_serve_app(args: argparse.Namespace, engine_args: dict):
                                        actor_options={"num_cpus": 0})
     ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
                                ray_actor_options={"num_cpus": 0}, deployment_actors=[slot_table])
-    return ingress.bind(engine.bind(_replica_args(args), engine_args), server_config(args))
-
-
-def _replica_args(args: argparse.Namespace) -> argparse.Namespace:
-    """What an engine replica is built from, without what only sizes the deployment: changing the
-    replica count then scales the running app (Serve restarts a replica whose arguments change)."""
-    replica_args = copy.copy(args)
-    replica_args.replicas = replica_args.deployment_options = replica_args.replica_cpus = None
-    return replica_args
+    return ingress.bind(engine.bind(args, engine_args), server_config(args))
 
 
 def start(args: argparse.Namespace, engine_args: dict, dashboard: bool = False) -> None:

@@ -19,8 +19,10 @@ they move. When a replica joins (a scale-up, or a restarted replica whose agents
 others meanwhile) the ingress registers at it the agents another replica knows, then runs a
 rebalance; `POST /v1/rebalance` runs one too. A replica removed by a scale-down persists its
 tiers to its state folder as it stops: once Serve runs as many replicas as the router sees and
-starts none (so no replica is on its way back to its folder), a live replica on the same node
-takes in every folder no live replica holds (adopt) and a rebalance takes each agent home.
+starts none (so no replica is on its way back to its folder), every live replica takes in the
+folders on its node that no live replica holds (adopt) and a rebalance takes each agent home.
+What a removed replica persists is what it writes within Serve's graceful shutdown timeout
+(launch.py sets 60 s) and its disk budget.
 """
 
 import asyncio
@@ -212,8 +214,16 @@ class Mover:
                 await self._joined(sorted(ranks - seen))
             adopt_pending |= ranks != seen
             seen = ranks
-            if adopt_pending and ranks and await asyncio.to_thread(settled_at, len(ranks)):
-                adopt_pending = not await self._adopt(min(ranks), sorted(ranks))
+            if adopt_pending and ranks and await self._settled(len(ranks)):
+                adopt_pending = not await self._adopt(sorted(ranks))
+
+    @staticmethod
+    async def _settled(live_replicas: int) -> bool:
+        try:
+            return await asyncio.to_thread(settled_at, live_replicas)
+        except Exception as exc:  # the controller is busy or restarting: ask again at the next look
+            logger.info("serve status failed: %s", exc)
+            return False
 
     async def _joined(self, joined: list[int]) -> None:
         try:
@@ -224,20 +234,21 @@ class Mover:
         except Exception as exc:
             logger.warning("replicas %s joined; sharing the registry or rebalancing failed: %s", joined, exc)
 
-    async def _adopt(self, adopter: int, live_ranks: list[int]) -> bool:
-        """Replica `adopter` takes in what removed replicas left in their state folders, then a
-        rebalance takes each agent home; False to try again later (a folder is still held)."""
-        try:
-            result = await self.call(lambda: self.engine.adopt_orphans.remote(live_ranks, route=Route(rank=adopter)))
-        except Exception as exc:
-            logger.warning("taking in the state of removed replicas failed: %s", exc)
-            return False
-        self.view().adopted_nbytes += result["nbytes"]
-        if result["files"]:
-            logger.info("replica %d took in %d files (%d bytes) left by removed replicas", adopter,
-                        result["attached"] + result["present"], result["nbytes"])
+    async def _adopt(self, live_ranks: list[int]) -> bool:
+        """Every live replica takes in what removed replicas left in the state folders on its node
+        (a folder's lock lets one replica have it), then a rebalance takes each agent home; False
+        to try again later (a folder was held by a live process)."""
+        answers = await asyncio.gather(*(self.call(lambda r=r: self.engine.adopt_orphans.remote(
+            live_ranks, route=Route(rank=r))) for r in live_ranks), return_exceptions=True)
+        results = [a for a in answers if isinstance(a, dict)]
+        for failure in (a for a in answers if not isinstance(a, dict)):
+            logger.warning("taking in the state of removed replicas failed: %s", failure)
+        self.view().adopted_nbytes += sum(r["nbytes"] for r in results)
+        if any(r["files"] for r in results):
+            logger.info("took in %d files (%d bytes) left by removed replicas",
+                        sum(r["attached"] + r["present"] for r in results), sum(r["nbytes"] for r in results))
             await self.rebalance()
-        return not result["held"]
+        return len(results) == len(answers) and not any(r["held"] for r in results)
 
     async def share_registry(self, joined: list[int]) -> dict:
         """Register at each joined replica the agents any live replica knows (every replica knows

@@ -77,15 +77,16 @@ class RadixCache:
                 return i
         return pages
 
-    def split(self, node: RadixNode, pages: int) -> RadixNode:
-        """Cut `node`'s edge after `pages` pages; return the new upper node."""
+    def split(self, node: RadixNode, pages: int, notify: bool = True) -> RadixNode:
+        """Cut `node`'s edge after `pages` pages; return the new upper node. `notify=False`: the
+        caller gives the upper node its resident object itself (a node off the device)."""
         cut = pages * self.page
         upper = RadixNode(namespace=node.namespace, tokens=node.tokens[:cut], blocks=node.blocks[:pages],
                           parent=node.parent, lock_ref=node.lock_ref)
         node.parent.children[upper.tokens[:self.page]] = upper
         node.tokens, node.blocks, node.parent = node.tokens[cut:], node.blocks[pages:], upper
         upper.children[node.tokens[:self.page]] = node
-        if self.observer is not None:
+        if self.observer is not None and notify:
             self.observer.node_split(upper, node)
         return upper
 

@@ -5,9 +5,10 @@
   copied with their nodes locked in the tree and the manager's lock released; host pages and disk
   copies are read the same way.
 - `import_agent_kv`: verifies each file against this engine's identity, finds where it fits in
-  this engine's tree (a device node that runs past the point where the agent's path leaves it is
-  split there; pages the tree holds already are cut off the file), stores it in the disk tier and
-  attaches it as a disk-tier node the agent owns, so that a hint about the agent prefetches it.
+  this engine's tree (a node that runs past the point where the agent's path leaves it is split
+  there, on the device or off it; pages the tree holds already are cut off the file), stores it
+  in the disk tier and attaches it as a disk-tier node the agent owns, so that a hint about the
+  agent prefetches it.
   The result says whether every page arrived (`complete`): only then may the source drop them.
 - `adopt_state_dir`: the same for every file a departed engine left in its state folder.
 - `drop_agent_kv`: forgets the nodes only this agent uses, leaves first (the old owner's side of
@@ -21,6 +22,9 @@ from pathlib import Path
 
 from scalesim.memory.disk_store import CorruptObjectError, DiskFullError, DiskStore
 from scalesim.memory.kv_objects import KVObjects
+
+
+MAX_SPLITS_PER_FILE = 8  # nodes off the device one file may cut on its way in (one, unless the tree changes)
 
 
 class NoDiskTierError(RuntimeError):
@@ -114,10 +118,15 @@ def import_kv_file(kv_objects: KVObjects, data: bytes, owners: set[str] | None, 
     if owners is None:
         named = meta.get("owners")
         owners = {a for a in named if isinstance(a, str)} if isinstance(named, list) else set()
-    with manager.lock:
-        where, node, start = kv_objects.graft_point(namespace, path, edge)
-        if where == "present":
-            _own_path(kv_objects, owners, node)
+    for _ in range(MAX_SPLITS_PER_FILE):
+        with manager.lock:
+            where, node, start = kv_objects.graft_point(namespace, path, edge)
+            if where == "present":
+                _own_path(kv_objects, owners, node)
+        if where != "split" or not kv_objects.split_off_device(node, start):
+            break
+    if where == "split":  # the node in the way could not be split
+        where = "blocked"
     if where == "attach":
         cut = start - (len(path) - edge)  # pages the tree holds already come off the file's front
         if cut:

@@ -242,6 +242,13 @@ class DiskStore:
             raise CorruptObjectError(f"{key}: checksum mismatch (the file is corrupted, truncated or another's)")
         return data
 
+    def set_meta(self, key: str, meta: dict) -> None:
+        """Replace the indexed meta of `key` (its file is unchanged): a restart reads the index."""
+        with self._lock:
+            self.db.execute("UPDATE objects SET meta = ? WHERE key = ?",
+                            (json.dumps({**meta, "identity": self.identity}), key))
+            self.db.commit()
+
     def delete(self, key: str) -> None:
         with self._lock:
             row = self.db.execute("SELECT file, nbytes FROM objects WHERE key = ?", (key,)).fetchone()

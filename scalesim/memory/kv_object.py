@@ -142,7 +142,11 @@ class KVNodeObject(ResidentObject):
         return to_host(self.pool.kv_cache.index_select(2, self._slots(blocks)))
 
     def _read_disk(self) -> torch.Tensor:
+        """The node's pages from its disk copy, which may hold pages in front of them (the node
+        was split off the device after the file was written: KVObjects.split_off_device)."""
         kv = self.store.read(self.disk_key)["kv"]
+        if kv.dim() == 5 and kv.shape[2] > len(self.node.tokens):
+            kv = kv[:, :, kv.shape[2] - len(self.node.tokens):]
         expected = self.pool.kv_cache.shape[:2] + (len(self.node.tokens),) + self.pool.kv_cache.shape[3:]
         if tuple(kv.shape) != tuple(expected):
             raise CorruptObjectError(f"{self.key}: stored pages have shape {tuple(kv.shape)}, expected {tuple(expected)}")

@@ -8,6 +8,7 @@ attached as soon as a request computes that parent again.
 
 import logging
 
+from scalesim.memory.disk_store import CorruptObjectError
 from scalesim.memory.kv_object import KVNodeObject, disk_key, page_keys, path_tokens
 from scalesim.memory.manager import MemoryManager
 
@@ -32,9 +33,6 @@ class KVObjects:
 
     def node_split(self, upper, lower) -> None:
         with self.manager.lock:
-            if lower.resident is not None and not lower.on_device:
-                self._split_off_device(upper, lower)
-                return
             obj = self._new_object(upper)
             if lower.resident is not None:
                 obj.owners = set(lower.resident.owners)
@@ -46,34 +44,56 @@ class KVObjects:
             self._attach_orphans(upper, may_split=False)  # the caller holds `upper`: keep its edge
 
     def splittable(self, node) -> bool:
-        """Whether a node off the device may be split (see `_split_off_device`): it is still,
-        and no request is loading it."""
+        """Whether a node off the device may be split now (`split_off_device`): nothing moves,
+        loads or stages its pages, and it holds a copy of them."""
         obj = node.resident
-        return obj is not None and obj.moving_to is None and node.lock_ref == 0 and \
-            not self.manager.loads.is_held(obj.key) and (obj.host_kv is not None or obj.disk_key is not None)
+        return obj is not None and obj.moving_to is None and node.lock_ref == 0 and not obj.write_pending \
+            and not self.manager.loads.is_held(obj.key) and (obj.host_kv is not None or obj.disk_key is not None)
 
-    def _split_off_device(self, upper, lower) -> None:
-        """Split a node whose pages are on the host or on disk (only an import does: the engine
-        splits device nodes alone): both parts keep its tier, each with its own pages, and a disk
-        copy is read and written again as two files (the import's thread, never the engine's)."""
-        old = lower.resident
-        kv = old.host_kv if old.host_kv is not None else self.manager.store.read(old.disk_key)["kv"]
-        cut = len(upper.tokens)
-        self.manager.remove(old)  # releases the host bytes of `lower`'s edge, shortened by the split already
-        if old.tier == "host":
-            self.manager.tiers.release_host(cut // self.cache.page * self.manager.pool.block_nbytes)  # and `upper`'s
-        old.discard_disk_copy()
-        lower.resident = None
-        for node, pages in ((upper, kv[:, :, :cut]), (lower, kv[:, :, cut:])):
-            obj = self._new_object(node, tier=old.tier)
-            obj.owners, obj.last_use_s = set(old.owners), old.last_use_s
-            if old.host_kv is not None:
-                obj.host_kv = pages.clone()
-            else:
-                key, meta = obj.file_name()
-                self.manager.store.write(key, "kv", {"kv": pages}, meta)
-                obj.disk_key = key
-            self.manager.add(obj)
+    def split_off_device(self, node, pages: int) -> bool:
+        """Cut a node whose pages are on the host or on disk after `pages` pages (an import's
+        thread: the engine splits device nodes only). The upper part gets pages of its own: a
+        host tensor, and a file if the node had one. The lower part keeps the node's object and its
+        disk copy, whose file still holds the upper pages in front (read past: `_read_disk`; its
+        index row gets the shorter edge). Files are read and written before the tree changes,
+        outside the manager's lock; False, with nothing changed, if the node changed meanwhile or
+        a file could not be read or written."""
+        store, cut = self.manager.store, pages * self.cache.page
+        with self.manager.lock:
+            if not self.splittable(node):
+                return False
+            obj, tokens, host_kv, file_key = node.resident, node.tokens, node.resident.host_kv, node.resident.disk_key
+            path = path_tokens(node)
+        upper_path = path[: len(path) - len(tokens) + cut]
+        upper_key = disk_key(node.namespace, upper_path, self.cache.page)
+        try:
+            kv = host_kv if host_kv is not None else store.read(file_key)["kv"]
+            upper_kv = kv[:, :, kv.shape[2] - len(tokens):][:, :, :cut].clone()
+            if file_key is not None:
+                store.write(upper_key, "kv", {"kv": upper_kv}, {"namespace": node.namespace, "path": upper_path,
+                                                                "edge": cut, "owners": sorted(obj.owners)})
+        except (CorruptObjectError, OSError) as exc:  # DiskFullError is an OSError
+            logger.info("node %s not split off the device: %s", obj.key, exc)
+            return False
+        with self.manager.lock:
+            changed = node.resident is not obj or node.tokens != tokens or obj.disk_key != file_key
+            if changed or not self.splittable(node):
+                if file_key is not None and (node.resident is None or node.resident.disk_key != upper_key):
+                    store.delete(upper_key)
+                return False
+            upper = self.cache.split(node, pages, notify=False)
+            part = self._new_object(upper, tier=obj.tier)
+            part.owners, part.last_use_s = set(obj.owners), obj.last_use_s
+            if host_kv is not None:
+                part.host_kv, obj.host_kv = upper_kv, host_kv[:, :, cut:].clone()
+            if file_key is not None:
+                part.disk_key = upper_key
+                store.set_meta(file_key, obj.file_name()[1])
+            if obj.tier == "host":  # claimed under the node's whole edge, claimed again by add()
+                self.manager.tiers.release_host(self.manager.tiers.host_charge(part))
+            self.manager.add(part)
+            self.manager.index.rekey(obj)
+            return True
 
     def node_revived(self, node, blocks: list[int]) -> None:
         obj = node.resident
@@ -139,9 +159,11 @@ class KVObjects:
         - ("present", node, len(path)): the tree holds all its pages (`node` ends at or past them);
         - ("attach", parent, start): the tree holds its pages before `start` (at least those of
           its parent): attach `path[start:]` under `parent`. A node that ran past the point where
-          `path` leaves it is split there (one off the device reads and writes its pages);
-        - ("blocked", None, 0): pages before its own are missing, or `path` leaves a node that is
-          moving or being loaded (its pages cannot be cut now)."""
+          `path` leaves it is split there if it is on the device;
+        - ("split", node, pages): `path` leaves `node`, which is off the device, after `pages`
+          pages: the caller splits it (`split_off_device`, outside the lock) and asks again;
+        - ("blocked", None, 0): pages before its own are missing, or `path` leaves a node off the
+          device that cannot be split now."""
         page, node, pos = self.cache.page, self.cache.root(namespace), 0
         while pos < len(path):
             child = node.children.get(tuple(path[pos:pos + page]))
@@ -151,8 +173,8 @@ class KVObjects:
             if common < len(child.tokens):
                 if pos + common == len(path):
                     return "present", child, len(path)
-                if not child.on_device and not self.splittable(child):
-                    return "blocked", None, 0
+                if not child.on_device:
+                    return ("split", child, common // page) if self.splittable(child) else ("blocked", None, 0)
                 child = self.cache.split(child, common // page)
             node, pos = child, pos + len(child.tokens)
         if pos == len(path):
