@@ -22,3 +22,13 @@ def test_a_replica_whose_serve_rank_a_live_replica_still_holds_takes_the_first_f
         for store in held:
             store.close()
     assert claim_state_dir(tmp_path, 2) == (2, tmp_path / "replica-2"), "released when its process ends"
+
+
+def test_a_replica_waits_for_its_own_folder_while_another_process_still_holds_it(tmp_path):
+    """A stopping replica persists its tiers, or a live one takes the folder in: a replica
+    restarted under that rank waits for the folder instead of taking another one."""
+    import threading
+
+    held = DiskStore(tmp_path / "replica-1", 2**20)
+    threading.Timer(0.5, held.close).start()
+    assert claim_state_dir(tmp_path, 1, wait_s=10) == (1, tmp_path / "replica-1")
