@@ -96,6 +96,9 @@ def test_hint_noise_sweep_runs_scalesim_per_level_with_references(tmp_path):
     (["bench", "feed", "--quick", "--device-fraction", "0"], "--device-fraction"),
     (["bench", "feed", "--quick", "--host-fraction", "1.5"], "--host-fraction"),
     (["bench", "feed", "--quick", "--regime", "cloud"], "--regime"),
+    (["project", "feed", "--replicas", "0"], "--replicas must be at least 1"),
+    (["project", "feed", "--replicas", "2", "--routing", "affine,hash"], "unknown routing"),
+    (["project", "feed", "--replicas", "2", "--policy", "fifo"], "unknown policy"),
 ])
 def test_bad_bench_input_is_a_one_line_error_with_exit_code_2(capsys, args, message):
     assert main(args) == 2
