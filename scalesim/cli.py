@@ -399,7 +399,8 @@ def _project(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from scalesim.bench.cluster_projection import ROUTINGS, project_cluster
+    from scalesim.bench.cluster_projection import project_cluster
+    from scalesim.cluster.placement import ROUTING_NAMES
     from scalesim.bench.costmodel import project_workload
     from scalesim.sim.workloads import WORKLOADS
 
@@ -412,8 +413,8 @@ def _project(args: argparse.Namespace) -> None:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
     if args.replicas > 1:
         routings = tuple(args.routing.split(","))
-        if any(r not in ROUTINGS for r in routings):
-            raise ValueError(f"unknown routing in {args.routing!r}; choose from {', '.join(ROUTINGS)}")
+        if any(r not in ROUTING_NAMES for r in routings):
+            raise ValueError(f"unknown routing in {args.routing!r}; choose from {', '.join(ROUTING_NAMES)}")
         result = project_cluster(args.workload, args.agents, args.steps, args.replicas, routings, args.state,
                                  args.policy, args.device_fraction, args.host_fraction)
     else:

@@ -146,7 +146,7 @@ def test_the_projection_recomputes_a_context_that_never_fit_once_per_call():
     trace = Trace("two", [AgentSpec("a", words), AgentSpec("b", words)],
                   [Step(0, [Call("a", words, 8), Call("b", words, 8)]), Step(1, [Call("a", words, 8)])])
     run = costmodel.project(trace, "lru", device_fraction=1e-6, host_fraction=0.0)  # no context ever fits
-    assert run["recomputed_tokens"] == costmodel._context_tokens(trace)["a"]  # a's second call, once
+    assert run["recomputed_tokens"] == costmodel.context_tokens(trace)["a"]  # a's second call, once
     assert run["failed_loads"] == 0  # a context that is gone is recomputed, not a load that failed
 
 

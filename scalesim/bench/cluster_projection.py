@@ -23,9 +23,9 @@ KV read once per generated token); the step takes as long as the slowest replica
 import random
 from dataclasses import asdict, dataclass, field
 
-from scalesim.bench.costmodel import (ALLOCATION_UNIT_BYTES, PROJECTION_LABEL, WORDS_TO_TOKENS, HardwareProfile,
-                                      ModelProfile, CountingPool, StandIn)
-from scalesim.cluster.placement import AffinePlacement
+from scalesim.bench.costmodel import (ALLOCATION_UNIT_BYTES, PROJECTION_LABEL, CountingPool, HardwareProfile,
+                                      ModelProfile, StandIn, adapter_clusters, context_tokens, text_tokens)
+from scalesim.cluster.placement import ROUTING_NAMES, AffinePlacement
 from scalesim.distance.hints import estimate_distances
 from scalesim.distance.tracker import DistanceTracker
 from scalesim.memory.manager import MemoryManager, PrefetchSettings
@@ -33,11 +33,6 @@ from scalesim.memory.policies import POLICIES
 from scalesim.memory.resident import TierBandwidth
 from scalesim.sim.workloads import WORKLOADS, Trace, WorkloadConfig
 
-ROUTINGS = ("affine", "random", "power-of-two")
-
-
-def _tokens(text: str) -> int:
-    return int(len(text.split()) * WORDS_TO_TOKENS)
 
 
 @dataclass
@@ -121,20 +116,13 @@ def project_replicas(trace: Trace, routing: str, replicas: int, policy: str = "s
                      device_fraction: float = 0.25, host_fraction: float = 0.5, seed: int = 0,
                      hardware: HardwareProfile | None = None, model: ModelProfile | None = None) -> dict:
     """Projected makespan, prefix hit rate and load of `trace` on `replicas` GPUs behind `routing`."""
-    if routing not in ROUTINGS:
-        raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+    if routing not in ROUTING_NAMES:
+        raise ValueError(f"routing must be one of {', '.join(ROUTING_NAMES)}, got {routing!r}")
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, got {replicas}")
     hw, mp, rng = hardware or HardwareProfile(), model or ModelProfile(), random.Random(seed)
-    history = {a.agent_id: _History(_tokens(a.system), a.history_turns) for a in trace.agents}
-    final_tokens = {a: h.system_tokens for a, h in history.items()}
-    for step in trace.steps:
-        for call in step.calls:
-            final_tokens[call.agent_id] += _tokens(call.user) + call.max_tokens
-    clusters: dict[int, set[str]] = {}
-    for agent in trace.agents:
-        if agent.adapter_cluster is not None:
-            clusters.setdefault(agent.adapter_cluster, set()).add(agent.agent_id)
+    history = {a.agent_id: _History(text_tokens(a.system), a.history_turns) for a in trace.agents}
+    final_tokens, clusters = context_tokens(trace), adapter_clusters(trace)
     cluster_of = {a.agent_id: a.adapter_cluster for a in trace.agents}
     total = sum(final_tokens.values()) * mp.kv_bytes_per_token + len(clusters) * mp.lora_bytes
     clock_s = [0.0]
@@ -188,13 +176,13 @@ def project_replicas(trace: Trace, routing: str, replicas: int, policy: str = "s
                     held.obj.pins -= 1
                     cost.pinned.remove(held.obj)
                 node.manager.remove(held.obj)  # replaced below by the KV of the longer context
-            prompt, window_start = past.context_tokens + _tokens(call.user), past.window_start
+            prompt, window_start = past.context_tokens + text_tokens(call.user), past.window_start
             prompt_tokens, cached_tokens = prompt_tokens + prompt, cached_tokens + cached
             cost.prefill_tokens += prompt - cached
             cost.kv_bytes += prompt * mp.kv_bytes_per_token
             cost.outputs.append(call.max_tokens)
             cost.calls_per_agent[agent] = cost.calls_per_agent.get(agent, 0) + 1
-            past.turns.append(_tokens(call.user) + call.max_tokens)
+            past.turns.append(text_tokens(call.user) + call.max_tokens)
             grown = StandIn(f"kv:{agent}", "kv", (prompt + call.max_tokens) * mp.kv_bytes_per_token, {agent}, None)
             node.manager.add(grown)
             node.kv[agent] = _HeldKV(grown, window_start, prompt + call.max_tokens)
@@ -223,7 +211,7 @@ def project_replicas(trace: Trace, routing: str, replicas: int, policy: str = "s
             "spills": spills, "total_state_bytes": total}
 
 
-def project_cluster(workload: str, agents: int, steps: int, replicas: int, routings: tuple[str, ...] = ROUTINGS,
+def project_cluster(workload: str, agents: int, steps: int, replicas: int, routings: tuple[str, ...] = ROUTING_NAMES,
                     state: str = "none", policy: str = "scalesim", device_fraction: float = 0.25,
                     host_fraction: float = 0.5) -> dict:
     trace = WORKLOADS[workload](WorkloadConfig(agents=agents, steps=steps, state=state, output_tokens=64))

@@ -95,24 +95,36 @@ class StandIn(ResidentObject):
         self._tier = None
 
 
-def _context_tokens(trace: Trace) -> dict[str, int]:
-    tokens = {a.agent_id: int(len(a.system.split()) * WORDS_TO_TOKENS) for a in trace.agents}
+def text_tokens(text: str) -> int:
+    """Tokens of a trace's text, estimated from its words."""
+    return int(len(text.split()) * WORDS_TO_TOKENS)
+
+
+def context_tokens(trace: Trace) -> dict[str, int]:
+    """Each agent's final context: its persona, and every call's message and reply."""
+    tokens = {a.agent_id: text_tokens(a.system) for a in trace.agents}
     for step in trace.steps:
         for call in step.calls:
-            tokens[call.agent_id] += int(len(call.user.split()) * WORDS_TO_TOKENS) + call.max_tokens
+            tokens[call.agent_id] += text_tokens(call.user) + call.max_tokens
     return tokens
+
+
+def adapter_clusters(trace: Trace) -> dict[int, set[str]]:
+    """The agents of each adapter cluster (agents of one cluster share a LoRA)."""
+    clusters: dict[int, set[str]] = {}
+    for agent in trace.agents:
+        if agent.adapter_cluster is not None:
+            clusters.setdefault(agent.adapter_cluster, set()).add(agent.agent_id)
+    return clusters
 
 
 def project(trace: Trace, policy: str, device_fraction: float, host_fraction: float,
             hardware: HardwareProfile | None = None, model: ModelProfile | None = None) -> dict:
     """Projected makespan and its parts for `trace` under `policy` (see the module docstring)."""
     hw, mp = hardware or HardwareProfile(), model or ModelProfile()
-    context = _context_tokens(trace)
+    context = context_tokens(trace)
     kv_nbytes = {a: t * mp.kv_bytes_per_token for a, t in context.items()}
-    clusters: dict[int, set[str]] = {}
-    for agent in trace.agents:
-        if agent.adapter_cluster is not None:
-            clusters.setdefault(agent.adapter_cluster, set()).add(agent.agent_id)
+    clusters = adapter_clusters(trace)
     total = sum(kv_nbytes.values()) + len(clusters) * mp.lora_bytes
     unbounded = POLICIES[policy].unbounded_device
     pool = CountingPool(int(2 * total if unbounded else device_fraction * total) + ALLOCATION_UNIT_BYTES)
@@ -162,7 +174,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
                     loaded += obj.nbytes
                 obj.pins += 1
                 active.append(obj)
-            new_tokens = int(len(call.user.split()) * WORDS_TO_TOKENS) + call.max_tokens
+            new_tokens = text_tokens(call.user) + call.max_tokens
             if agent not in kv or kv[agent].tier is None:
                 recomputed_tokens += context[agent] if agent in kv else 0
                 new_tokens += context[agent] // 2  # on average half of the final context exists by now

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import copy
 import dataclasses
-import fcntl
 import itertools
 import logging
 import os
@@ -30,7 +29,7 @@ from scalesim.cluster.asgi_relay import REPLICA_HEADER, RelayHead, RelayRequest,
 from scalesim.cluster.placement import SlotTable
 from scalesim.cluster.router import Route
 from scalesim.memory import agent_kv
-from scalesim.memory.disk_store import LOCK_FILE, StateDirInUseError
+from scalesim.memory.disk_store import StateDirInUseError, state_dir_held
 from scalesim.server.agent_routes import hint_agents
 from scalesim.server.agent_store import AgentRecord
 
@@ -42,18 +41,6 @@ def replica_dir(disk_dir: str | Path | None, rank: int) -> Path | None:
     return Path(disk_dir) / f"replica-{rank}" if disk_dir else None
 
 
-def _held(state_dir: Path) -> bool:
-    """Whether a live process holds `state_dir` (the lock its disk store takes)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        return False
-
-
 def claim_state_dir(disk_dir: str | Path | None, serve_rank: int,
                     wait_s: float = CLAIM_WAIT_S) -> tuple[int, Path | None]:
     """(the rank to publish, the state folder): the Serve rank's folder, waiting up to `wait_s`
@@ -62,10 +49,10 @@ def claim_state_dir(disk_dir: str | Path | None, serve_rank: int,
     if not disk_dir:
         return serve_rank, None
     deadline_s = time.monotonic() + wait_s
-    while _held(replica_dir(disk_dir, serve_rank)) and time.monotonic() < deadline_s:
+    while state_dir_held(replica_dir(disk_dir, serve_rank)) and time.monotonic() < deadline_s:
         time.sleep(CLAIM_POLL_S)
     for rank in itertools.chain([serve_rank], (r for r in itertools.count() if r != serve_rank)):
-        if not _held(replica_dir(disk_dir, rank)):
+        if not state_dir_held(replica_dir(disk_dir, rank)):
             return rank, replica_dir(disk_dir, rank)
     raise AssertionError("unreachable: itertools.count() never ends")
 
@@ -154,8 +141,7 @@ class EngineReplica:
                 except StateDirInUseError:
                     held += 1
                     continue
-                for name, value in dataclasses.asdict(result).items():
-                    setattr(total, name, getattr(total, name) + value)
+                total.add(result)
             return {**dataclasses.asdict(total), "held": held}
 
         return await asyncio.to_thread(adopt)

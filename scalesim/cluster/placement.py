@@ -16,11 +16,13 @@ back when that replica returns with its disk tier.
 Pure Python, shared by the Serve router (`router.py`) and the ingress (`ingress.py`).
 """
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+ROUTING_NAMES = ("affine", "random", "power-of-two")  # the router's policies (router.ROUTINGS), by name
 DEFAULT_NUM_SLOTS = 4096
 DEFAULT_SPILL_FACTOR = 1.25
 MIN_SPILL_QUEUE = 4  # requests: a queue this short never spills (the engine batches them together)
@@ -39,7 +41,12 @@ def slot_of(agent_id: str, num_slots: int = DEFAULT_NUM_SLOTS) -> int:
 def rendezvous_order(slot: int, ranks: list[int]) -> list[int]:
     """`ranks` ordered by their rendezvous weight for `slot`, the owner first. Removing a rank
     promotes the next one for its slots only; adding one takes only the slots it wins."""
-    return sorted(ranks, key=lambda rank: _hash64(f"{slot}/{rank}"), reverse=True)
+    return list(_rendezvous_order(slot, tuple(ranks)))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # slots x rank sets seen: every routing decision and hint asks
+def _rendezvous_order(slot: int, ranks: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(ranks, key=lambda rank: _hash64(f"{slot}/{rank}"), reverse=True))
 
 
 @dataclass

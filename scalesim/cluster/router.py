@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from scalesim.cluster.placement import DEFAULT_SPILL_FACTOR, AffinePlacement, SlotTable
+from scalesim.cluster.placement import DEFAULT_SPILL_FACTOR, ROUTING_NAMES, AffinePlacement, SlotTable
 
 
 @dataclass
@@ -98,7 +98,7 @@ def _power_of_two(router: "AgentAffineRouter", agent_id: str, by_rank: dict, que
     return [random.sample(list(by_rank.values()), min(2, len(by_rank)))]
 
 
-ROUTINGS: dict[str, Policy] = {"affine": _affine, "random": _random, "power-of-two": _power_of_two}
+ROUTINGS: dict[str, Policy] = dict(zip(ROUTING_NAMES, (_affine, _random, _power_of_two)))
 
 
 class AgentAffineRouter(RequestRouter):

@@ -51,13 +51,15 @@ class SlotTableReader:
         self.install = install
         self.seen: tuple[str, int] | None = None
         self.task: asyncio.Task | None = None
+        self.handle = None  # the actor's handle, looked up once (again after a failed read: Serve may recreate it)
 
-    @staticmethod
-    async def _actor():
-        from ray import serve
-        from starlette.concurrency import run_in_threadpool
+    async def _actor(self):
+        if self.handle is None:
+            from ray import serve
+            from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(serve.get_deployment_actor, SLOT_TABLE_ACTOR)  # a blocking lookup
+            self.handle = await run_in_threadpool(serve.get_deployment_actor, SLOT_TABLE_ACTOR)  # a blocking lookup
+        return self.handle
 
     async def read(self, num_slots: int) -> SlotTable:
         """Read the actor now and install its table if it changed; the table read."""
@@ -79,6 +81,7 @@ class SlotTableReader:
                 await self.read(num_slots)
             except Exception as exc:  # recreated by Serve, or not up yet: keep routing with the last table
                 logger.debug("slot table not read: %s", exc)
+                self.handle = None
             await asyncio.sleep(REFRESH_S)
 
     async def pin(self, slot: int, rank: int, num_slots: int) -> SlotTable:

@@ -16,11 +16,13 @@
 - `agents_with_kv`: which agents own nodes no other agent uses here, how many bytes, how far.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from scalesim.memory.disk_store import CorruptObjectError, DiskFullError, DiskStore
+from scalesim.memory.kv_object import owners_named
 from scalesim.memory.kv_objects import KVObjects
 
 
@@ -44,6 +46,10 @@ class ImportResult:
     def complete(self) -> bool:
         """Every page the source sent is in this engine's tree now."""
         return self.attached + self.present == self.files
+
+    def add(self, other: "ImportResult") -> None:
+        for name, value in dataclasses.asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
 
 
 def _store(kv_objects: KVObjects) -> DiskStore:
@@ -116,8 +122,7 @@ def import_kv_file(kv_objects: KVObjects, data: bytes, owners: set[str] | None, 
         result.rejected += 1
         return "rejected"
     if owners is None:
-        named = meta.get("owners")
-        owners = {a for a in named if isinstance(a, str)} if isinstance(named, list) else set()
+        owners = owners_named(meta)
     for _ in range(MAX_SPLITS_PER_FILE):
         with manager.lock:
             where, node, start = kv_objects.graft_point(namespace, path, edge)

@@ -67,6 +67,33 @@ def _header(body: bytes) -> dict:
     return json.loads(body[8:8 + length]).get("__metadata__", {})
 
 
+def state_dir_held(root: Path) -> bool:
+    """Whether a live process holds the state directory `root` (the lock a DiskStore takes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
+
+
+def _parse_file(data: bytes) -> tuple[str, str, dict, dict]:
+    """(key, kind, meta, identity) of a file's bytes whose checksum matches the key its header
+    names; ValueError if they are not such a file."""
+    body, trailer = data[:-CHECKSUM_NBYTES], data[-CHECKSUM_NBYTES:]
+    try:
+        header = _header(body)
+        key, kind = header["key"], header["kind"]
+        meta, identity = json.loads(header["meta"]), json.loads(header["identity"])
+    except (ValueError, KeyError, struct.error) as exc:
+        raise ValueError(f"not an object file: {exc}") from exc
+    if len(data) <= CHECKSUM_NBYTES or trailer != _checksum(key, body):
+        raise ValueError(f"{key}: checksum mismatch (the file is corrupted or truncated)")
+    return key, kind, meta, identity
+
+
 class DiskStore:
     def __init__(self, root: Path, budget_nbytes: int, identity: dict | None = None,
                  page_cache: bool = False) -> None:
@@ -123,12 +150,11 @@ class DiskStore:
         for path in sorted(self.objects_dir.glob("*.safetensors")):
             try:
                 data = path.read_bytes()
-                meta = _header(data[:-CHECKSUM_NBYTES])
-                key, kind = meta["key"], meta["kind"]
-                if path.name != self._file(key).name or data[-CHECKSUM_NBYTES:] != _checksum(key, data[:-CHECKSUM_NBYTES]):
-                    raise ValueError("checksum or name does not match its key")
-                row_meta = {**json.loads(meta["meta"]), "identity": json.loads(meta["identity"])}
-            except (OSError, ValueError, KeyError, struct.error) as exc:
+                key, kind, meta, identity = _parse_file(data)
+                if path.name != self._file(key).name:
+                    raise ValueError("its name does not match its key")
+                row_meta = {**meta, "identity": identity}
+            except (OSError, ValueError) as exc:
                 logger.warning("disk file %s is not usable (%s); removed", path.name, exc)
                 path.unlink(missing_ok=True)
                 continue
@@ -152,21 +178,16 @@ class DiskStore:
     def write(self, key: str, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> int:
         """Store the tensors durably; return the bytes written. DiskFullError if over the budget
         or the filesystem is full (nothing is left behind)."""
-        return self._store(key, kind, self.encode(key, kind, tensors, meta), meta)
+        return self.store_encoded(key, kind, self.encode(key, kind, tensors, meta), meta)
 
     def verify_encoded(self, data: bytes) -> tuple[str, str, dict]:
         """(key, kind, meta) of a file made by another store's `encode` (an object moving between
         engines). CorruptObjectError if it does not verify or was written under another identity
         (another model, page size or dtype)."""
-        body, trailer = data[:-CHECKSUM_NBYTES], data[-CHECKSUM_NBYTES:]
         try:
-            header = _header(body)
-            key, kind, meta = header["key"], header["kind"], json.loads(header["meta"])
-            identity = json.loads(header["identity"])
-        except (ValueError, KeyError, struct.error) as exc:
-            raise CorruptObjectError(f"not an object file: {exc}") from exc
-        if len(data) <= CHECKSUM_NBYTES or trailer != _checksum(key, body):
-            raise CorruptObjectError(f"{key}: checksum mismatch (the file is corrupted or truncated)")
+            key, kind, meta, identity = _parse_file(data)
+        except ValueError as exc:
+            raise CorruptObjectError(str(exc)) from exc
         if identity != self.identity:
             raise CorruptObjectError(f"{key}: written under {identity}, this store holds {self.identity}")
         return key, kind, meta
@@ -180,10 +201,8 @@ class DiskStore:
             raise CorruptObjectError(f"unreadable object file ({exc})") from exc
 
     def store_encoded(self, key: str, kind: str, data: bytes, meta: dict) -> int:
-        """Store a verified file (see `verify_encoded`) durably; DiskFullError as for `write`."""
-        return self._store(key, kind, data, meta)
-
-    def _store(self, key: str, kind: str, data: bytes, meta: dict) -> int:
+        """Store an encoded file (`encode`, or one `verify_encoded` accepted) durably; return the
+        bytes written; DiskFullError as for `write`."""
         with self._lock:
             old = self.db.execute("SELECT nbytes FROM objects WHERE key = ?", (key,)).fetchone()
             growth = len(data) - (old[0] if old else 0)

@@ -66,6 +66,18 @@ def page_keys(namespace: str, path: list[int], page: int) -> list[str]:
     return keys
 
 
+def file_meta(namespace: str, path: list[int], edge: int, owners) -> dict:
+    """The meta a node's file carries: namespace, every token up to the node's end, how many of
+    them are its own, and the agents that used it."""
+    return {"namespace": namespace, "path": path, "edge": edge, "owners": sorted(owners)}
+
+
+def owners_named(meta: dict) -> set[str]:
+    """The agents a file's meta names as its owners (none if unreadable)."""
+    owners = meta.get("owners")
+    return {a for a in owners if isinstance(a, str)} if isinstance(owners, list) else set()
+
+
 def disk_key(namespace: str, path: list[int], page: int) -> str:
     """The stable name of a node's pages on disk: its namespace and every token up to it."""
     keys = page_keys(namespace, path, page)
@@ -157,9 +169,9 @@ class KVNodeObject(ResidentObject):
         agents that used it so far (up to MAX_OWNERS_ON_DISK; a restart restores them, so that
         hints prefetch restored pages and moves find them)."""
         path = path_tokens(self.node)
-        owners = sorted(self.owners) if len(self.owners) <= MAX_OWNERS_ON_DISK else []
+        owners = self.owners if len(self.owners) <= MAX_OWNERS_ON_DISK else ()
         return (disk_key(self.node.namespace, path, self.pool.block_size),
-                {"namespace": self.node.namespace, "path": path, "edge": len(self.node.tokens), "owners": owners})
+                file_meta(self.node.namespace, path, len(self.node.tokens), owners))
 
     def export_source(self) -> list[int] | torch.Tensor | str | None:
         """Where another engine's copy of these pages comes from, taken under the manager's

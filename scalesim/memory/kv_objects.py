@@ -9,7 +9,7 @@ attached as soon as a request computes that parent again.
 import logging
 
 from scalesim.memory.disk_store import CorruptObjectError
-from scalesim.memory.kv_object import KVNodeObject, disk_key, page_keys, path_tokens
+from scalesim.memory.kv_object import KVNodeObject, disk_key, file_meta, owners_named, page_keys, path_tokens
 from scalesim.memory.manager import MemoryManager
 
 logger = logging.getLogger(__name__)
@@ -35,13 +35,18 @@ class KVObjects:
         with self.manager.lock:
             obj = self._new_object(upper)
             if lower.resident is not None:
-                obj.owners = set(lower.resident.owners)
-                obj.last_use_s = lower.resident.last_use_s
                 lower.resident.discard_disk_copy()  # its edge is shorter now: the file no longer matches it
-            self.manager.add(obj)
-            if lower.resident is not None:
-                self.manager.index.rekey(lower.resident)
+            self._add_upper(obj, lower.resident)
             self._attach_orphans(upper, may_split=False)  # the caller holds `upper`: keep its edge
+
+    def _add_upper(self, upper: KVNodeObject, lower: KVNodeObject | None) -> None:
+        """Manage the upper part of a split node, used by the same agents as the lower part,
+        which is ranked again for its shorter edge."""
+        if lower is not None:
+            upper.owners, upper.last_use_s = set(lower.owners), lower.last_use_s
+        self.manager.add(upper)
+        if lower is not None:
+            self.manager.index.rekey(lower)
 
     def splittable(self, node) -> bool:
         """Whether a node off the device may be split now (`split_off_device`): nothing moves,
@@ -70,8 +75,7 @@ class KVObjects:
             kv = host_kv if host_kv is not None else store.read(file_key)["kv"]
             upper_kv = kv[:, :, kv.shape[2] - len(tokens):][:, :, :cut].clone()
             if file_key is not None:
-                store.write(upper_key, "kv", {"kv": upper_kv}, {"namespace": node.namespace, "path": upper_path,
-                                                                "edge": cut, "owners": sorted(obj.owners)})
+                store.write(upper_key, "kv", {"kv": upper_kv}, file_meta(node.namespace, upper_path, cut, obj.owners))
         except (CorruptObjectError, OSError) as exc:  # DiskFullError is an OSError
             logger.info("node %s not split off the device: %s", obj.key, exc)
             return False
@@ -83,7 +87,6 @@ class KVObjects:
                 return False
             upper = self.cache.split(node, pages, notify=False)
             part = self._new_object(upper, tier=obj.tier)
-            part.owners, part.last_use_s = set(obj.owners), obj.last_use_s
             if host_kv is not None:
                 part.host_kv, obj.host_kv = upper_kv, host_kv[:, :, cut:].clone()
             if file_key is not None:
@@ -91,8 +94,7 @@ class KVObjects:
                 store.set_meta(file_key, obj.file_name()[1])
             if obj.tier == "host":  # claimed under the node's whole edge, claimed again by add()
                 self.manager.tiers.release_host(self.manager.tiers.host_charge(part))
-            self.manager.add(part)
-            self.manager.index.rekey(obj)
+            self._add_upper(part, obj)
             return True
 
     def node_revived(self, node, blocks: list[int]) -> None:
@@ -108,17 +110,8 @@ class KVObjects:
         """Re-create the tree's disk-tier nodes from the index; return how many were attached."""
         if self.manager.store is None:
             return 0
-        attached = self.attach_stored([(key, meta) for key, _, meta in self.manager.store.entries("kv")])
-        logger.info("found %d KV objects on disk (%d waiting for their parent pages)", attached,
-                    sum(len(v) for v in self.orphans.values()))
-        return attached
-
-    def attach_stored(self, entries: list[tuple[str, dict]]) -> int:
-        """Put disk-tier nodes for stored objects (key, meta) into the tree, parents first; an
-        object whose parent pages are not in the tree waits as an orphan. Returns how many were
-        attached. The caller holds the manager's lock (or runs before the engine does)."""
         store, attached = self.manager.store, 0
-        for key, meta in sorted(entries, key=lambda e: len(e[1].get("path", ()))):
+        for key, _, meta in sorted(store.entries("kv"), key=lambda e: len(e[2].get("path", ()))):
             try:
                 namespace, path, edge = meta["namespace"], list(meta["path"]), int(meta["edge"])
             except (KeyError, TypeError, ValueError):
@@ -131,6 +124,8 @@ class KVObjects:
                                         []).append((key, meta))
                 continue
             attached += self._attach(parent, key, meta)
+        logger.info("found %d KV objects on disk (%d waiting for their parent pages)", attached,
+                    sum(len(v) for v in self.orphans.values()))
         return attached
 
     def _attach(self, parent, key: str, meta: dict) -> int:
@@ -139,9 +134,7 @@ class KVObjects:
             logger.info("disk object %s is superseded by pages in the tree; removed", key)
             self.manager.store.delete(key)
             return 0
-        owners = meta.get("owners")
-        node = self.attach_file(parent, edge, key, {a for a in owners if isinstance(a, str)} if isinstance(owners, list)
-                                else set())
+        node = self.attach_file(parent, edge, key, owners_named(meta))
         return 1 + self._attach_orphans(node, may_split=False)
 
     def attach_file(self, parent, tokens: tuple[int, ...], key: str, owners: set[str]):

@@ -3,6 +3,7 @@
 import argparse
 import logging
 
+from scalesim.cluster.placement import ROUTING_NAMES
 from scalesim.models.registry import DEFAULT_EMBEDDER
 from scalesim.server.config import (DEFAULT_KEEP_ALIVE_TIMEOUT_S, DEFAULT_MAX_BODY_NBYTES, DEFAULT_MAX_CONNECTIONS,
                                     DEFAULT_MAX_SEQUENCES_PER_REQUEST, DEFAULT_MAX_TOKENS, DEFAULT_PORT,
@@ -69,7 +70,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                               "routes each agent to its replica (default: 1, no Ray)")
     cluster.add_argument("--ray-address", default=None, metavar="ADDR",
                          help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one")
-    cluster.add_argument("--routing", default="affine", choices=["affine", "random", "power-of-two"],
+    cluster.add_argument("--routing", default="affine", choices=ROUTING_NAMES,
                          help="affine: an agent's calls go to the replica that owns its slot; random; "
                               "power-of-two: the shorter queue of two random replicas, as Serve's default router "
                               "(default: affine)")
