@@ -100,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("workloads", help="comma-separated: town, feed, survey, city, rounds, or all")
     sim.add_argument("--model", default="smollm2-135m", help="model to serve (default: smollm2-135m)")
     sim.add_argument("--policies", default="ideal,scalesim,lru",
-                     help="comma-separated policies: ideal, scalesim, lru, lfu, oracle, sglang, sglang-hicache "
-                          "(default: ideal,scalesim,lru)")
+                     help="comma-separated policies: " + ", ".join(POLICIES) + " (default: ideal,scalesim,lru)")
     sim.add_argument("--regime", default=DEFAULT_REGIME,
                      help="memory regime: " + "; ".join(f"{r.name}: device {r.device_fraction * 100:.0f}%%, host "
                                                          f"{r.host_fraction * 100:.0f}%%{', disk' if r.disk else ''}"

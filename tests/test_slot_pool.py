@@ -127,17 +127,56 @@ def test_the_slots_are_the_stacked_buffers():
     assert manager.pool.num_free == free_before
 
 
+def test_vllm_holds_at_most_max_cpu_loras_adapters_and_reads_the_others_from_their_files():
+    clock = Clock()
+    manager = make_manager(blocks=64, host_nbytes=0, policy="vllm", clock=clock)
+    cap = manager.tiers.slots.held_cap
+    adapters = _placed(manager, SLOTS + 3, clock)
+    assert sum(a.tier == "device" for a in adapters) == SLOTS
+    # the device slots and the host cache hold `cap` adapters together: the rest went back to their files
+    assert sum(a.tier in ("device", "host") for a in adapters) == cap
+    assert sum(a.tier == "disk" for a in adapters) == len(adapters) - cap
+    # a request for one on disk reads it again; the least recently used slot makes way, and past the
+    # cap the least recently used host copy is dropped
+    clock.now_s += 1
+    oldest_on_disk = min((a for a in adapters if a.tier == "disk"), key=lambda a: a.last_use_s)
+    assert manager.promote(oldest_on_disk)
+    assert oldest_on_disk.tier == "device"
+    assert sum(a.tier in ("device", "host") for a in adapters) == cap
+    # every drop past the cap is counted: the first three placements, then one for this load
+    assert manager.stats.snapshot()["evicted.adapter.host"] == len(adapters) - cap + 1
+
+
+def test_under_vllm_an_adapter_no_slot_can_take_waits_in_its_files_and_loads_when_a_slot_frees():
+    clock = Clock()
+    manager = make_manager(blocks=64, host_nbytes=0, policy="vllm", clock=clock)
+    adapters = _placed(manager, SLOTS, clock)
+    for adapter in adapters:
+        adapter.pins = 1  # every slot runs a request
+    clock.now_s += 1
+    extra = FakeAdapter("extra", manager.pool.block_nbytes, owners=["agent-x"])
+    manager.place(extra)
+    assert extra.tier == "disk"  # the cap holds while every slot is busy
+    manager.request_group(1, [extra])
+    manager.serve_on_demand()
+    assert extra.tier == "disk"
+    adapters[3].pins = 0
+    manager.serve_on_demand()
+    assert extra.tier == "device" and adapters[3].tier != "device"
+    assert sum(a.tier in ("device", "host") for a in [*adapters, extra]) <= manager.tiers.slots.held_cap
+
+
 @pytest.fixture(scope="module")
 def adapter_folders(tmp_path_factory):
     return make_random_adapters("tiny-random", tmp_path_factory.mktemp("slots"), count=SLOTS + 2, rank=4, seed=3)
 
 
-def test_an_engine_under_sglang_runs_at_most_eight_adapters_per_batch_and_the_same_tokens(adapter_folders):
+def test_an_engine_under_sglang_and_vllm_runs_at_most_eight_adapters_per_batch_and_the_same_tokens(adapter_folders):
     names = [f"lora-{i}" for i in range(len(adapter_folders))]
     prompts = [f"agent {i} walks to the market and" for i in range(len(names))]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     outputs = {}
-    for policy in ("sglang", "lru"):
+    for policy in ("sglang", "vllm", "lru"):
         llm = LLM("tiny-random", kv_cache_memory="8MiB", block_size_tokens=4, policy=policy, dtype="fp32")
         try:
             for name, folder in zip(names, adapter_folders):
@@ -150,13 +189,13 @@ def test_an_engine_under_sglang_runs_at_most_eight_adapters_per_batch_and_the_sa
 
             llm.engine.runner.run = recording_run
             outputs[policy] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, adapters=names)]
-            if policy == "sglang":
+            if policy in ("sglang", "vllm"):
                 assert max(distinct) == SLOTS  # ten adapters asked for at once: eight run, two wait
             else:
                 assert max(distinct) == len(names)
         finally:
             llm.close()
-    assert outputs["sglang"] == outputs["lru"]
+    assert outputs["sglang"] == outputs["vllm"] == outputs["lru"]
 
 
 def test_a_request_that_no_longer_fits_after_the_slot_area_grew_fails_instead_of_waiting(adapter_folders):

@@ -10,7 +10,9 @@ When a tier needs room, its unpinned objects with the largest policy key go firs
   and forgotten if that buffer is full);
 - the disk makes room by forgetting its farthest objects;
 - weights kept in a slot pool (memory/slot_pool.py) make room only among themselves: the least
-  recently used slot nothing holds goes back to the host, where such weights always fit.
+  recently used slot nothing holds goes back to the host, where such weights always fit, unless
+  the pool caps how many it holds: then the least recently used host copies are dropped (read
+  from their files again when needed).
 With `unlock` (worker threads) each copy runs with the manager lock released; without it (the
 engine thread, which needs the room before it can go on) copies run inline.
 """
@@ -75,14 +77,31 @@ class Evictor:
     def slot_room(self, obj: ResidentObject, unlock: bool = False) -> bool:
         """Free a slot for `obj`: least recently used member first, skipping those in use."""
         slots = self.tiers.slots
-        for victim in slots.replaceable():
-            if slots.free_slots or obj.key in slots.members:
-                return True
-            if self.evictable(victim, "device") and self.mover.fits(victim, "host") and self.mover.move(victim, "host", unlock):
-                self.stats.add("evicted", victim.kind, tier="device")
-                if victim.prefetched_nbytes:
-                    self.on_evicted_unused(victim)
-        return slots.free_slots > 0 or obj.key in slots.members
+        try:
+            for victim in slots.replaceable():
+                if slots.free_slots or obj.key in slots.members:
+                    return True
+                if self.evictable(victim, "device") and self.mover.fits(victim, "host") and self.mover.move(victim, "host", unlock):
+                    self.stats.add("evicted", victim.kind, tier="device")
+                    if victim.prefetched_nbytes:
+                        self.on_evicted_unused(victim)
+            return slots.free_slots > 0 or obj.key in slots.members
+        finally:
+            self.trim_held(unlock, incoming=0 if obj.tier in ("device", "host") else 1)
+
+    def trim_held(self, unlock: bool = False, incoming: int = 0) -> None:
+        """Drop host copies past the slot pool's held cap (with `incoming` more to come), least
+        recently used first, skipping those in use."""
+        slots = self.tiers.slots
+        if slots is None:
+            return
+        excess = slots.held_excess(incoming)
+        for victim in slots.host_lru() if excess else ():
+            if excess <= 0:
+                return
+            if self.evictable(victim, "host") and self.mover.move(victim, "disk", unlock):
+                self.stats.add("evicted", victim.kind, tier="host")
+                excess -= 1
 
     def device_room(self, blocks: int, above: tuple | None = None, unlock: bool = False) -> bool:
         """Free device blocks until `blocks` are free; False if impossible. With `above`, only

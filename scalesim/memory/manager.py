@@ -55,7 +55,8 @@ class MemoryManager:
         self.stats = MemoryStats()
         self.ctx = PolicyContext(tracker, bandwidth or TierBandwidth())
         self.index = ObjectIndex(policy, self.ctx)
-        slots = SlotPool("adapter", policy.adapter_slots) if policy.adapter_slots else None
+        slots = (SlotPool("adapter", policy.adapter_slots, held_cap=policy.adapter_held_cap)
+                 if policy.adapter_slots else None)
         self.tiers = Tiers(pool, host_nbytes, store, write_buffer_nbytes, slots)
         self.mover = Mover(self.lock, self.index, self.tiers, self.stats, self.forget_tree)
         self.loads = LoadGroups(self.stats)
@@ -92,6 +93,8 @@ class MemoryManager:
             if obj.tier == "host" and not self.tiers.claim_host(self.tiers.host_charge(obj)):
                 raise MoveRefused(f"make room before adding {obj.key} to the host")
             self.index.add(obj)
+            if self.tiers.in_slots(obj):
+                self.tiers.slots.known[obj.key] = obj
 
     def remove(self, obj: ResidentObject) -> None:
         """Stop managing `obj` (it keeps whatever copy it has; the caller owns it now)."""
@@ -104,7 +107,12 @@ class MemoryManager:
                 self.tiers.release_host(self.tiers.host_charge(obj))
             if obj.prefetched_nbytes:
                 self.prefetcher.unmark(obj)
-            self.index.remove(obj)
+            self._unmanage(obj)
+
+    def _unmanage(self, obj: ResidentObject) -> None:
+        self.index.remove(obj)
+        if self.tiers.slots is not None:
+            self.tiers.slots.known.pop(obj.key, None)
 
     def place(self, obj: ResidentObject) -> None:
         """Manage a new object held in host memory: on the device if room can be made, else on
@@ -117,6 +125,7 @@ class MemoryManager:
                 obj.move_to("disk")
             self.add(obj)
             self.promote(obj)
+            self.evictor.trim_held()
 
     def touch(self, obj: ResidentObject, agent_id: str | None) -> None:
         """A request uses `obj` now."""
@@ -231,7 +240,7 @@ class MemoryManager:
             elif tier == "device":
                 self.tiers.release_device(obj)
             self.stats.add("dropped", obj.kind, tier=tier)
-            self.index.remove(obj)
+            self._unmanage(obj)
             obj.forget()
             self.tiers.settle(obj)
 

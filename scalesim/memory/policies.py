@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from scalesim.distance.tracker import DistanceTracker
 from scalesim.memory.resident import ResidentObject, TierBandwidth
-from scalesim.memory.slot_pool import SGLANG_MAX_LORAS_PER_BATCH
+from scalesim.memory.slot_pool import SGLANG_MAX_LORAS_PER_BATCH, VLLM_MAX_CPU_LORAS, VLLM_MAX_LORAS
 
 INF = math.inf
 
@@ -79,6 +79,10 @@ class Policy:
     # Adapters in a fixed pool of this many device slots, outside KV's budget (memory/slot_pool.py);
     # None: adapters share the device budget with KV pages under the policy's key.
     adapter_slots: int | None = None
+    # Most adapters held at once in the slots and on the host together (vLLM's --max-cpu-loras);
+    # past it the least recently used host copies are dropped and read from their files again.
+    # None: every adapter stays in host memory (SGLang).
+    adapter_held_cap: int | None = None
 
     def key(self, obj: ResidentObject, ctx: PolicyContext) -> tuple:
         """The object's whole key (largest is evicted first)."""
@@ -110,4 +114,16 @@ POLICIES = {
     # back) rather than when inserted (write through). Adapters as for `sglang`.
     "sglang-hicache": Policy("sglang-hicache", least_recent, None, prefetch=False, host_per_device=2.0, disk=False,
                              adapter_slots=SGLANG_MAX_LORAS_PER_BATCH),
+    # vLLM's default deployment (docs "Automatic Prefix Caching", v1/core/kv_cache_manager.py and
+    # block_pool.py): blocks of a finished request go to an LRU free queue, tail blocks first, and
+    # are evicted from its front when new blocks are needed, device only; what is evicted is
+    # recomputed. On this engine that is the same leaf-first LRU as `sglang` (vLLM caches whole
+    # blocks only, as the radix tree's pages here; its CPU block is 128 tokens, this engine's
+    # page 16). Adapters as vLLM serves LoRA (docs "LoRA Adapters", lora/worker_manager.py):
+    # --max-loras device slots, LRU, and a CPU cache of --max-cpu-loras adapters, LRU, with every
+    # other adapter read from its files when a request needs it (slot_pool.py says which values).
+    "vllm": Policy("vllm", least_recent, None, prefetch=False, host_per_device=0, disk=False,
+                   adapter_slots=VLLM_MAX_LORAS, adapter_held_cap=VLLM_MAX_CPU_LORAS),
+    # ablation: ScaleSim's eviction order by invocation distance, without its prefetch
+    "scalesim-evict-only": Policy("scalesim-evict-only", cheapest_then_least_recent, expected_step, prefetch=False),
 }

@@ -16,7 +16,11 @@ Contract (the memory layer's view, see tiers.py):
   (at least one), as an operator would lower `--max-loras-per-batch`: a pool that left the KV
   cache no room for a prompt would serve nothing;
 - an object of `kind` on the device holds one slot; `free_slots` is how many are left;
-- host copies of `kind` are outside the host budget and are never demoted below the host.
+- host copies of `kind` are outside the host budget. Without `held_cap` (SGLang) they are never
+  demoted below the host. With it (vLLM's `--max-cpu-loras`, memory/policies.py) at most that
+  many objects of `kind` are held at once, in slots and on the host together: past it, the least
+  recently used host copies are dropped, and such an object is read from its files again when a
+  request needs it.
 """
 
 from dataclasses import dataclass, field
@@ -24,6 +28,12 @@ from dataclasses import dataclass, field
 from scalesim.memory.resident import ResidentObject
 
 SGLANG_MAX_LORAS_PER_BATCH = 8
+# vLLM's defaults are --max-loras 1 and --max-cpu-loras equal to it; one adapter per batch would
+# serialise a population of per-agent adapters, so the `vllm` baseline is deployed as its users
+# serving many adapters deploy it: as many device slots as SGLang's default, and the host cache
+# no larger (max-cpu-loras left at its default, max-loras).
+VLLM_MAX_LORAS = SGLANG_MAX_LORAS_PER_BATCH
+VLLM_MAX_CPU_LORAS = VLLM_MAX_LORAS
 MAX_AREA_FRACTION = 0.5
 
 
@@ -33,10 +43,14 @@ class SlotPool:
     slots: int
     slot_blocks: int = 0                         # device blocks per slot (the largest member's size)
     members: dict[str, ResidentObject] = field(default_factory=dict)  # key -> object holding a slot
+    held_cap: int | None = None                  # most objects held in slots and on the host together
+    known: dict[str, ResidentObject] = field(default_factory=dict)    # key -> every managed object of `kind`
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError(f"a slot pool needs at least one slot, got {self.slots}")
+        if self.held_cap is not None and self.held_cap < self.slots:
+            raise ValueError(f"the held cap ({self.held_cap}) must be at least the slot count ({self.slots})")
 
     def holds_kind(self, obj: ResidentObject) -> bool:
         return obj.kind == self.kind
@@ -67,6 +81,17 @@ class SlotPool:
     def give_back(self, obj: ResidentObject) -> bool:
         """Free the slot `obj` held; False if it held none."""
         return self.members.pop(obj.key, None) is not None
+
+    def held_excess(self, incoming: int = 0) -> int:
+        """How many host copies must go for the cap to hold once `incoming` more are held."""
+        if self.held_cap is None:
+            return 0
+        on_host = sum(1 for o in self.known.values() if o.tier == "host")
+        return max(on_host + len(self.members) + incoming - self.held_cap, 0)
+
+    def host_lru(self) -> list[ResidentObject]:
+        """Objects of `kind` held on the host, least recently used first."""
+        return sorted((o for o in self.known.values() if o.tier == "host"), key=lambda o: o.last_use_s)
 
     def replaceable(self) -> list[ResidentObject]:
         """Members, least recently used first (the caller skips those in use)."""
