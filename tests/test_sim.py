@@ -244,3 +244,19 @@ def test_the_n_replica_projection_routes_with_the_placement_code_and_charges_spl
     assert four["random"]["prefill_tokens"] > four["affine"]["prefill_tokens"]
     assert four["affine"]["prompt_tokens"] == four["random"]["prompt_tokens"], "the same calls, charged per call"
     assert four["affine"]["max_over_mean_calls"] <= 1.25 + 0.05
+
+
+def test_the_projection_runs_a_step_that_does_not_fit_the_device_in_waves_that_reread_the_weights():
+    from scalesim.bench import costmodel
+    from scalesim.sim.workloads.trace import AgentSpec, Call, Step, Trace
+
+    words = " ".join(["word"] * 200)
+    trace = Trace("two", [AgentSpec("a", words), AgentSpec("b", words)],
+                  [Step(0, [Call("a", words, 8), Call("b", words, 8)]), Step(1, [Call("a", words, 8)])])
+    half = costmodel.project(trace, "lru", device_fraction=0.65, host_fraction=1.0)  # a (796 tokens), not a and b (1,324)
+    roomy = costmodel.project(trace, "lru", device_fraction=1.0, host_fraction=1.0)
+    assert (half["batch_waves"], roomy["batch_waves"]) == (3, 2)  # step 0 in two waves, then one
+    model, hardware = costmodel.ModelProfile(), costmodel.HardwareProfile()
+    weights_per_token_s = model.params * model.bytes_per_param / hardware.hbm_bytes_per_s
+    # one more read of the weights per decode token of step 0 (the result keeps 4 decimals)
+    assert half["decode_s"] - roomy["decode_s"] == pytest.approx(8 * weights_per_token_s, abs=2e-4)

@@ -11,10 +11,14 @@ context and adapter, and charges time from a hardware profile:
   charged as prefill and counted), an adapter is read over its link for the call (a stall);
 - prefetch: loads issued by the policy while the previous step computed, free up to the bytes
   PCIe moves in that time.
+- a step whose calls' KV contexts do not fit the device together runs in waves, each as large
+  as the device holds: every wave reads the weights once per decode token (a smaller batch costs
+  more weight traffic per token), so waves count in the decode time and are reported.
 The distance tracker runs on the simulated clock (seconds of projected makespan), so the gaps it
 learns between an agent's calls are the projected ones.
-Not modelled: a batch that cannot fit shrinks (here every call of a step runs in its batch).
 """
+
+import math
 
 from dataclasses import asdict, dataclass
 
@@ -128,6 +132,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
     total = sum(kv_nbytes.values()) + len(clusters) * mp.lora_bytes
     unbounded = POLICIES[policy].unbounded_device
     pool = CountingPool(int(2 * total if unbounded else device_fraction * total) + ALLOCATION_UNIT_BYTES)
+    device_nbytes = pool.num_blocks * pool.block_nbytes
     clock_s = [0.0]  # the simulated clock: projected seconds so far
     tracker = DistanceTracker(clock=lambda: clock_s[0])
     manager = MemoryManager(pool, tracker, POLICIES[policy], 0 if unbounded else int(host_fraction * total), None,
@@ -141,7 +146,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
             manager.promote(obj)  # the limit of unbounded memory: everything is resident from the start
     agent_adapter = {a.agent_id: adapters.get(a.adapter_cluster) for a in trace.agents}
     makespan = stall = prefill = decode = 0.0
-    recomputed_tokens = loaded = failed_loads = 0
+    recomputed_tokens = loaded = failed_loads = waves = 0
     previous_step_s = 0.0
     for step in trace.steps:
         clock_s[0] = makespan
@@ -193,7 +198,10 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
         max_output = max((c.max_tokens for c in step.calls), default=0)
         chain = max((sum(1 for c in step.calls if c.agent_id == a) for a in {c.agent_id for c in step.calls}),
                     default=0)
-        step_decode = max_output * chain * (mp.params * mp.bytes_per_param + batch_kv_bytes) / hw.hbm_bytes_per_s
+        step_waves = max(1, math.ceil(batch_kv_bytes / device_nbytes))
+        step_decode = (max_output * chain * (step_waves * mp.params * mp.bytes_per_param + batch_kv_bytes)
+                       / hw.hbm_bytes_per_s)
+        waves += step_waves
         step_prefill = step_prefill_tokens * 2 * mp.params / hw.flops_per_s
         previous_step_s = step_prefill + step_decode
         makespan += previous_step_s + step_stall
@@ -201,7 +209,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
     return {"label": PROJECTION_LABEL, "policy": policy, "makespan_s": round(makespan, 4),
             "stall_s": round(stall, 4), "prefill_s": round(prefill, 4), "decode_s": round(decode, 4),
             "loaded_bytes": loaded, "recomputed_tokens": recomputed_tokens, "failed_loads": failed_loads,
-            "total_state_bytes": total}
+            "batch_waves": waves, "total_state_bytes": total}
 
 
 def project_workload(workload: str, agents: int, steps: int, state: str = "lora-agent",
