@@ -78,3 +78,21 @@ def plot_noise_sweep(results: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown_table(result: dict) -> str:
+    """The README's table of one sweep: each hint level's median makespan with every round,
+    against ideal, oracle and lru; then the references' rounds and the noise floor."""
+    rows = ["| hints | scalesim makespan s (rounds) | vs ideal | vs oracle | lru / scalesim |", "|---|---|---|---|---|"]
+    for point in result["sweep"]:
+        hints = "none (learned fallback)" if point["hint_noise_steps"] is None else (
+            "exact" if point["hint_noise_steps"] == 0 else f"±{point['hint_noise_steps']:g} steps")
+        rounds = ", ".join(f"{x:.1f}" for x in point["makespans_s"])
+        rows.append(f"| {hints} | **{point['makespan_s']:.1f}** ({rounds}) | {point['vs_ideal']:.2f}x | "
+                    f"{point['vs_oracle']:.2f}x | {point['lru_vs_scalesim']:.2f}x |")
+    for policy in REFERENCES:
+        rounds = ", ".join(f"{x:.1f}" for x in result["reference_makespans_s"][policy])
+        rows.append(f"| reference: {policy} | **{result['reference_makespan_s'][policy]:.1f}** ({rounds}) | | | |")
+    floor = result["noise_floor"]
+    rows.append(f"| noise floor (spread of ideal's rounds) | {'-' if floor is None else f'{floor:.0%}'} | | | |")
+    return "\n".join(rows)

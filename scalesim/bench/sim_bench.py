@@ -363,18 +363,19 @@ def print_table(results: list[dict], console: Console | None = None) -> None:
                          "unknown with one run each: no verdicts; use --repeats 3"))
 
 
-BASELINES = ("sglang-hicache", "sglang")
-
-
 def markdown_tables(results: list[dict]) -> str:
-    """The README's two tables of a baseline comparison (ideal, scalesim and the SGLang
-    baselines per workload): makespans with every round and the verdicts, then the breakdown."""
-    policies = ("ideal", "scalesim", *BASELINES)
+    """The README's two tables of a baseline comparison, with the policies each result ran (ideal
+    and scalesim first, then every baseline in the order run): makespans with every round and the
+    verdicts, then the breakdown (recomputed tokens and adapter slots of every policy but ideal)."""
+    policies = [r["policy"] for r in results[0]["runs"]]
+    baselines = [p for p in policies if p not in ("ideal", "scalesim")]
+    policies = ["ideal", "scalesim", *baselines]
+    others = policies[1:]
     head = ["| workload | " + " | ".join(f"{p} s" for p in policies) + " | scalesim / ideal | "
-            + " | ".join(f"{p} / scalesim" for p in BASELINES) + " | noise floor |",
-            "|" + "---|" * (len(policies) + len(BASELINES) + 3)]
+            + " | ".join(f"{p} / scalesim" for p in baselines) + " | noise floor |",
+            "|" + "---|" * (len(policies) + len(baselines) + 3)]
     parts = ["| workload | batch " + " / ".join(policies) + " | forward s (same order) | device hit "
-             + " / ".join(policies[1:]) + " | stall s (same) | sglang recomputed tokens | adapter slots |",
+             + " / ".join(others) + " | stall s (same) | recomputed tokens (same) | adapter slots (same) |",
              "|---|---|---|---|---|---|---|"]
     for result in results:
         runs = {r["policy"]: r for r in result["runs"]}
@@ -382,14 +383,15 @@ def markdown_tables(results: list[dict]) -> str:
         cells = [f"**{runs[p]['makespan_s']:.1f}** ({', '.join(f'{x:.1f}' for x in runs[p]['makespans_s'])})"
                  for p in policies]
         ratios = [f"{runs[p]['makespan_s'] / scalesim:.2f}x ({result['verdicts'].get(p.replace('-', '_') + '_vs_scalesim', '')})"
-                  for p in BASELINES]
+                  for p in baselines]
         head.append(f"| {result['workload']} | " + " | ".join(cells) + f" | {scalesim / runs['ideal']['makespan_s']:.2f}x | "
                     + " | ".join(ratios) + f" | {result['noise_floor']:.0%} |")
         parts.append(f"| {result['workload']} | " + " / ".join(f"{runs[p]['mean_batch_seqs']:.1f}" for p in policies)
                      + " | " + " / ".join(f"{runs[p]['forward_s']:.1f}" for p in policies)
-                     + " | " + " / ".join(f"{runs[p]['device_hit_rate']:.2f}" for p in policies[1:])
-                     + " | " + " / ".join(f"{runs[p]['stall_s']:.1f}" for p in policies[1:])
-                     + f" | {runs['sglang']['recomputed_tokens']:,} | {runs['sglang']['memory'].get('adapter_slots')} |")
+                     + " | " + " / ".join(f"{runs[p]['device_hit_rate']:.2f}" for p in others)
+                     + " | " + " / ".join(f"{runs[p]['stall_s']:.1f}" for p in others)
+                     + " | " + " / ".join(f"{runs[p]['recomputed_tokens']:,}" for p in others)
+                     + " | " + " / ".join(str(runs[p]["memory"].get("adapter_slots", "-")) for p in others) + " |")
     return "\n".join(head) + "\n\n" + "\n".join(parts)
 
 
