@@ -56,6 +56,10 @@ $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --hint
 $S bench all --state lora-agent --repeats 3 --out $R/sim-lora-agent.json --plot $R/sim-lora-agent.png
 # The demo's town (LoRA per agent, tiered regime) against SGLang's policies, three rotated rounds (about 7 minutes):
 $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-town-lora-tiered.json
+# The same town against every baseline and ablation: SGLang's two deployments, vLLM's, LRU and ScaleSim without its
+# prefetch, three rotated rounds (about 25 minutes):
+$S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 \
+    --policies ideal,scalesim,sglang-hicache,sglang,vllm,lru,scalesim-evict-only --repeats 3 --out $R/sim-town-baselines.json
 # Feed, survey and city with a LoRA adapter per agent in the tiered regime against SGLang's policies (about 11 minutes):
 $S bench feed,survey,city --state lora-agent --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-lora-tiered.json --plot $R/sim-lora-tiered.png
 # Rounds (Werewolf-like: everyone speaks every round) the same way (about 12 minutes):
