@@ -143,8 +143,11 @@ def test_vllm_holds_at_most_max_cpu_loras_adapters_and_reads_the_others_from_the
     assert manager.promote(oldest_on_disk)
     assert oldest_on_disk.tier == "device"
     assert sum(a.tier in ("device", "host") for a in adapters) == cap
-    # every drop past the cap is counted: the first three placements, then one for this load
-    assert manager.stats.snapshot()["evicted.adapter.host"] == len(adapters) - cap + 1
+    # a slot's adapter makes way by dropping its copy (no device-to-host copy): once for each of the
+    # three placements past the cap, then once for this load
+    stats = manager.stats.snapshot()
+    assert stats["evicted.adapter.device"] == len(adapters) - cap + 1
+    assert stats.get("bytes_out.adapter.device_to_host", 0) == 0
 
 
 def test_under_vllm_an_adapter_no_slot_can_take_waits_in_its_files_and_loads_when_a_slot_frees():
@@ -162,8 +165,26 @@ def test_under_vllm_an_adapter_no_slot_can_take_waits_in_its_files_and_loads_whe
     assert extra.tier == "disk"
     adapters[3].pins = 0
     manager.serve_on_demand()
-    assert extra.tier == "device" and adapters[3].tier != "device"
-    assert sum(a.tier in ("device", "host") for a in [*adapters, extra]) <= manager.tiers.slots.held_cap
+    assert extra.tier == "device" and adapters[3].tier == "disk"  # dropped, not copied to the host first
+    assert sum(a.tier in ("device", "host") for a in [*adapters, extra]) == manager.tiers.slots.held_cap
+    assert manager.stats.snapshot().get("bytes_out.adapter.device_to_host", 0) == 0
+
+
+def test_under_vllm_a_failed_load_drops_no_host_copy_and_a_removed_adapter_leaves_the_count():
+    clock = Clock()
+    manager = make_manager(blocks=64, host_nbytes=0, policy="vllm", clock=clock)
+    manager.tiers.slots.held_cap = SLOTS + 1  # room for one host copy beside the slots
+    adapters = _placed(manager, SLOTS + 2, clock)
+    on_host = [a for a in adapters if a.tier == "host"]
+    on_disk = [a for a in adapters if a.tier == "disk"]
+    assert len(on_host) == 1 and len(on_disk) == 1
+    for adapter in adapters:
+        if adapter.tier == "device":
+            adapter.pins = 1
+    assert not manager.promote(on_disk[0])  # every slot is busy: it fails ...
+    assert on_host[0].tier == "host"        # ... and costs the host copy nothing
+    manager.remove(on_host[0])
+    assert on_host[0].key not in manager.tiers.slots.known and manager.tiers.slots.held_excess() == 0
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ context and adapter, and charges time from a hardware profile:
   PCIe moves in that time.
 - a step whose calls' KV contexts do not fit the device together runs in waves, each as large
   as the device holds: every wave reads the weights once per decode token (a smaller batch costs
-  more weight traffic per token), so waves count in the decode time and are reported.
+  more weight traffic per token), so waves count in the decode time and are reported. As
+  everywhere in this model, a context is the agent's final one, so early steps are charged a
+  little more than they hold, and the device's room counts the adapters' share too.
 The distance tracker runs on the simulated clock (seconds of projected makespan), so the gaps it
 learns between an agent's calls are the projected ones.
 """
@@ -198,7 +200,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
         max_output = max((c.max_tokens for c in step.calls), default=0)
         chain = max((sum(1 for c in step.calls if c.agent_id == a) for a in {c.agent_id for c in step.calls}),
                     default=0)
-        step_waves = max(1, math.ceil(batch_kv_bytes / device_nbytes))
+        step_waves = math.ceil(batch_kv_bytes / device_nbytes) if step.calls else 0
         step_decode = (max_output * chain * (step_waves * mp.params * mp.bytes_per_param + batch_kv_bytes)
                        / hw.hbm_bytes_per_s)
         waves += step_waves

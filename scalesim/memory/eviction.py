@@ -75,33 +75,31 @@ class Evictor:
         return self.device_room(obj.device_blocks_needed(self.tiers.block_nbytes), above, unlock)
 
     def slot_room(self, obj: ResidentObject, unlock: bool = False) -> bool:
-        """Free a slot for `obj`: least recently used member first, skipping those in use."""
+        """Free a slot for `obj`: least recently used member first, skipping those in use. Under a
+        held cap that has no room for one more, the victim's copy is dropped instead of kept on
+        the host (it is read from its files again when needed)."""
         slots = self.tiers.slots
-        try:
-            for victim in slots.replaceable():
-                if slots.free_slots or obj.key in slots.members:
-                    return True
-                if self.evictable(victim, "device") and self.mover.fits(victim, "host") and self.mover.move(victim, "host", unlock):
-                    self.stats.add("evicted", victim.kind, tier="device")
-                    if victim.prefetched_nbytes:
-                        self.on_evicted_unused(victim)
-            return slots.free_slots > 0 or obj.key in slots.members
-        finally:
-            self.trim_held(unlock, incoming=0 if obj.tier in ("device", "host") else 1)
+        for victim in slots.replaceable():
+            if slots.free_slots or obj.key in slots.members:
+                return True
+            target = "disk" if slots.held_excess(incoming=0 if obj.tier in ("device", "host") else 1) else "host"
+            if self.evictable(victim, "device") and self.mover.fits(victim, target) and self.mover.move(victim, target, unlock):
+                self.stats.add("evicted", victim.kind, tier="device")
+                if victim.prefetched_nbytes:
+                    self.on_evicted_unused(victim)
+        return slots.free_slots > 0 or obj.key in slots.members
 
-    def trim_held(self, unlock: bool = False, incoming: int = 0) -> None:
-        """Drop host copies past the slot pool's held cap (with `incoming` more to come), least
-        recently used first, skipping those in use."""
+    def trim_held(self) -> None:
+        """Drop host copies past the slot pool's held cap, least recently used first, skipping
+        those in use. A drop copies nothing, so it runs with the lock held throughout."""
         slots = self.tiers.slots
-        if slots is None:
+        if slots is None or not slots.held_excess():
             return
-        excess = slots.held_excess(incoming)
-        for victim in slots.host_lru() if excess else ():
-            if excess <= 0:
+        for victim in slots.host_lru():
+            if not slots.held_excess():
                 return
-            if self.evictable(victim, "host") and self.mover.move(victim, "disk", unlock):
+            if victim in self.index and self.evictable(victim, "host") and self.mover.move(victim, "disk"):
                 self.stats.add("evicted", victim.kind, tier="host")
-                excess -= 1
 
     def device_room(self, blocks: int, above: tuple | None = None, unlock: bool = False) -> bool:
         """Free device blocks until `blocks` are free; False if impossible. With `above`, only

@@ -86,12 +86,15 @@ class SlotPool:
         """How many host copies must go for the cap to hold once `incoming` more are held."""
         if self.held_cap is None:
             return 0
-        on_host = sum(1 for o in self.known.values() if o.tier == "host")
-        return max(on_host + len(self.members) + incoming - self.held_cap, 0)
+        return max(len(self._on_host()) + len(self.members) + incoming - self.held_cap, 0)
 
     def host_lru(self) -> list[ResidentObject]:
-        """Objects of `kind` held on the host, least recently used first."""
-        return sorted((o for o in self.known.values() if o.tier == "host"), key=lambda o: o.last_use_s)
+        """Objects of `kind` held on the host only, least recently used first."""
+        return sorted(self._on_host(), key=lambda o: o.last_use_s)
+
+    def _on_host(self) -> list[ResidentObject]:
+        # one moving up to the device holds its slot already: it is counted there, not twice
+        return [o for o in self.known.values() if o.tier == "host" and o.key not in self.members]
 
     def replaceable(self) -> list[ResidentObject]:
         """Members, least recently used first (the caller skips those in use)."""
