@@ -11,6 +11,7 @@ the noise floor.
 import math
 import statistics
 
+from scalesim.bench.provenance import provenance
 from scalesim.bench.regimes import REGIMES, Regime
 from scalesim.bench.sim_bench import _run_policy, policy_budgets, prepare, rotated_order
 from scalesim.sim.workloads import WorkloadConfig
@@ -56,7 +57,8 @@ def run_noise_sweep(workload: str, model: str, cfg: WorkloadConfig, noise_levels
             "order": rotated_order(tuple(runs), repeats), "noise_floor": noise_floor,
             "reference_makespan_s": references, "reference_makespans_s": {p: makespans[p] for p in REFERENCES},
             "sweep": sweep,
-            "spread_vs_exact": round(statistics.fmean(p["makespan_s"] for p in sweep) / sweep[0]["makespan_s"], 4)}
+            "spread_vs_exact": round(statistics.fmean(p["makespan_s"] for p in sweep) / sweep[0]["makespan_s"], 4),
+            "measured_on": provenance()}
 
 
 def plot_noise_sweep(results: list[dict], path: str) -> None:

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from scalesim.async_llm import AsyncLLM
+from scalesim.bench.provenance import provenance
 from scalesim.bench.regimes import REGIMES, Regime
 from scalesim.memory.policies import POLICIES
 from scalesim.sim.runner import InProcessTarget, RunResult, run_trace
@@ -306,7 +307,8 @@ def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tupl
             "device_fraction": regime.device_fraction, "host_fraction": regime.host_fraction,
             "hint_noise_steps": hint_noise_steps, "repeats": repeats, "order": rotated_order(policies, repeats),
             "noise_floor": None if noise_floor is None else round(noise_floor, 4),
-            "runs": [asdict(r) for r in runs], "ratios": ratios, "verdicts": verdicts}
+            "runs": [asdict(r) for r in runs], "ratios": ratios, "verdicts": verdicts,
+            "measured_on": provenance()}
 
 
 def run_remote(workload: str, cfg: WorkloadConfig, url: str, model: str, hint_noise_steps: float = 0.0) -> dict:
