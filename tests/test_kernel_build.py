@@ -25,3 +25,12 @@ def test_a_lock_left_by_a_killed_build_does_not_stop_the_next_one(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
     assert not (stale / "lock").exists()
+
+
+def test_the_build_compiles_its_own_copy_so_another_checkout_of_the_same_text_reuses_it():
+    built = kernel_build.build_dir(fused.SOURCE)
+    ninja = (built / "build.ninja").read_text()
+    # torch's build file names the source by path: the checkout's own path made every other
+    # checkout (a worktree, a fresh clone) rebuild it
+    assert str(built / fused.SOURCE) in ninja and str(kernel_build.KERNELS) not in ninja
+    assert (built / fused.SOURCE).read_bytes() == (kernel_build.KERNELS / fused.SOURCE).read_bytes()

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -80,7 +81,13 @@ def _build(source: str) -> bool:
         with open(directory / "build.flock", "w") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # another process building this source: wait for it
             (directory / "lock").unlink(missing_ok=True)  # torch's baton, left by a build that was killed
-            cpp_load(name=f"scalesim_{Path(source).stem}", sources=[str(KERNELS / source)], build_directory=str(directory),
+            # Build from copies inside the (content-addressed) directory: torch's build file names the
+            # source by its path, so compiling the checkout's own file made every other checkout of the
+            # same text (a worktree, a fresh clone) rebuild, a minute each time.
+            for path in [KERNELS / source, *KERNELS.glob("*.h")]:
+                if not (directory / path.name).is_file() or (directory / path.name).read_bytes() != path.read_bytes():
+                    shutil.copyfile(path, directory / path.name)
+            cpp_load(name=f"scalesim_{Path(source).stem}", sources=[str(directory / source)], build_directory=str(directory),
                      extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                      is_python_module=False, verbose=False)
         return True
