@@ -49,7 +49,7 @@ $S project feed --agents 1000 --steps 16 --state none --replicas 4 --policy idea
 # Structured output: batch-16 decode held to a JSON schema vs unconstrained, five interleaved rounds (about 5 minutes):
 $S microbench grammar --rounds 5 --gen-len 64 --out $R/grammar.json
 # ScaleSim's makespan against hint error, exact hints to none, with ideal, oracle and lru as references: the demo's
-# town (LoRA per agent, tiered), three rotated rounds (about 10 minutes):
+# town (LoRA per agent, tiered), three rotated rounds (about 25 minutes):
 $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --hint-noise-sweep 0,1,2,4,inf --repeats 3 \
     --out $R/hint-noise-town.json --plot $R/hint-noise-town.png
 # The workloads with a LoRA adapter per agent, interleaved three times (about 40 minutes):
@@ -60,6 +60,10 @@ $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --poli
 # prefetch, three rotated rounds (about 25 minutes):
 $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 \
     --policies ideal,scalesim,sglang-hicache,sglang,vllm,lru,scalesim-evict-only --repeats 3 --out $R/sim-town-baselines.json
+# The same town in the hicache regime (ScaleSim and lru with SGLang's default host tier, no disk; the device-only
+# baselines' tiers do not depend on the regime), three rotated rounds (about 15 minutes):
+$S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --regime hicache \
+    --policies ideal,scalesim,sglang-hicache,lru --repeats 3 --out $R/sim-town-hicache.json
 # Feed, survey and city with a LoRA adapter per agent in the tiered regime against SGLang's policies (about 11 minutes):
 $S bench feed,survey,city --state lora-agent --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-lora-tiered.json --plot $R/sim-lora-tiered.png
 # Rounds (Werewolf-like: everyone speaks every round) the same way (about 12 minutes):

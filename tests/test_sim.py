@@ -90,6 +90,9 @@ def test_hint_noise_sweep_runs_scalesim_per_level_with_references(tmp_path):
     assert all(len(p["makespans_s"]) == 2 for p in result["sweep"]) and result["noise_floor"] is not None
     assert result["order"][:8] != result["order"][8:]  # the second round starts one run later
     assert [p["hint_noise_steps"] for p in result["sweep"]] == [0, 2, None]
+    breakdowns = [b for p in result["sweep"] for b in p["breakdowns"]] + \
+        [b for runs in result["reference_breakdowns"].values() for b in runs]
+    assert len(breakdowns) == 12 and all(b["forward_s"] > 0 for b in breakdowns)
     assert [p["hints"].split()[0] for p in result["sweep"]] == ["exact", "noisy", "withheld"]
     assert all(p["makespan_s"] > 0 for p in result["sweep"]) and plot.stat().st_size > 10_000
 

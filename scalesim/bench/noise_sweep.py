@@ -30,23 +30,34 @@ def _label(noise: float) -> str:
     return f"scalesim@{noise:g}"
 
 
+def _breakdown(stats: dict) -> dict:
+    """Where a run's time and bytes went, in the order of its rounds: forward passes, bytes loaded
+    onto the device, prefetches used and wasted, tokens recomputed."""
+    return {"forward_s": stats["engine"]["forward_s"], "bytes_loaded": int(stats.get("bytes_in", 0)),
+            "prefetch_used": int(stats.get("prefetch_used", 0)), "prefetch_wasted": int(stats.get("prefetch_wasted", 0)),
+            "recomputed_tokens": int(stats.get("recomputed_tokens", 0))}
+
+
 def run_noise_sweep(workload: str, model: str, cfg: WorkloadConfig, noise_levels: list[float],
                     regime: Regime = REGIMES["tiered"], repeats: int = 1) -> dict:
     """Every reference policy and every noise level `repeats` times in rotated rounds."""
     setup = prepare(workload, model, cfg, regime, {})
     runs = {**{p: (p, 0.0) for p in REFERENCES}, **{_label(n): ("scalesim", n) for n in noise_levels}}
     makespans: dict[str, list[float]] = {name: [] for name in runs}
+    breakdowns: dict[str, list[dict]] = {name: [] for name in runs}
     for name in rotated_order(tuple(runs), repeats):
         policy, noise = runs[name]
-        result, _ = _run_policy(model, policy, setup.trace, setup.folders, policy_budgets(setup, policy), noise, {})
+        result, stats = _run_policy(model, policy, setup.trace, setup.folders, policy_budgets(setup, policy), noise, {})
         makespans[name].append(round(result.makespan_s, 4))
+        breakdowns[name].append(_breakdown(stats))
     median = {name: statistics.median(values) for name, values in makespans.items()}
     references = {p: median[p] for p in REFERENCES}
     ideal = makespans["ideal"]
     noise_floor = round((max(ideal) - min(ideal)) / median["ideal"], 4) if repeats > 1 else None
     sweep = [{"hint_noise_steps": noise if math.isfinite(noise) else None,  # None: hints withheld
               "hints": "exact" if noise == 0 else "noisy" if math.isfinite(noise) else "withheld (learned fallback)",
-              "makespan_s": median[_label(noise)], "makespans_s": makespans[_label(noise)]} for noise in noise_levels]
+              "makespan_s": median[_label(noise)], "makespans_s": makespans[_label(noise)],
+              "breakdowns": breakdowns[_label(noise)]} for noise in noise_levels]
     for point in sweep:
         point["vs_ideal"] = round(point["makespan_s"] / references["ideal"], 4)
         point["vs_oracle"] = round(point["makespan_s"] / references["oracle"], 4)
@@ -56,6 +67,7 @@ def run_noise_sweep(workload: str, model: str, cfg: WorkloadConfig, noise_levels
             "host_fraction": regime.host_fraction, "calls": setup.trace.num_calls, "repeats": repeats,
             "order": rotated_order(tuple(runs), repeats), "noise_floor": noise_floor,
             "reference_makespan_s": references, "reference_makespans_s": {p: makespans[p] for p in REFERENCES},
+            "reference_breakdowns": {p: breakdowns[p] for p in REFERENCES},
             "sweep": sweep,
             "spread_vs_exact": round(statistics.fmean(p["makespan_s"] for p in sweep) / sweep[0]["makespan_s"], 4),
             "measured_on": provenance()}
