@@ -48,13 +48,13 @@ $S project feed --agents 1000 --steps 16 --state none --replicas 4 --out $R/proj
 $S project feed --agents 1000 --steps 16 --state none --replicas 4 --policy ideal --out $R/projection-4-replicas-ideal.json
 # Structured output: batch-16 decode held to a JSON schema vs unconstrained, five interleaved rounds (about 5 minutes):
 $S microbench grammar --rounds 5 --gen-len 64 --out $R/grammar.json
-# ScaleSim's makespan against hint error, exact hints to none, with ideal, oracle and lru as references: the demo's
-# town (LoRA per agent, tiered), three rotated rounds (about 25 minutes):
+# ScaleSim's makespan against hint error, exact hints to none, with ideal, oracle and lru as references: the town of
+# the demo with 12-token replies (LoRA per agent, tiered), three rotated rounds (about 25 minutes):
 $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --hint-noise-sweep 0,1,2,4,inf --repeats 3 \
     --out $R/hint-noise-town.json --plot $R/hint-noise-town.png
 # The workloads with a LoRA adapter per agent, interleaved three times (about 40 minutes):
 $S bench all --state lora-agent --repeats 3 --out $R/sim-lora-agent.json --plot $R/sim-lora-agent.png
-# The demo's town (LoRA per agent, tiered regime) against SGLang's policies, three rotated rounds (about 7 minutes):
+# The town of the demo with 12-token replies (LoRA per agent, tiered regime) against SGLang's policies, three rotated rounds (about 7 minutes):
 $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-town-lora-tiered.json
 # The same town against every baseline and ablation: SGLang's two deployments, vLLM's, LRU and ScaleSim without its
 # prefetch, three rotated rounds (about 25 minutes):
