@@ -66,6 +66,9 @@ $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --regi
     --policies ideal,scalesim,sglang-hicache,lru --repeats 3 --out $R/sim-town-hicache.json
 # Feed, survey and city with a LoRA adapter per agent in the tiered regime against SGLang's policies (about 11 minutes):
 $S bench feed,survey,city --state lora-agent --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-lora-tiered.json --plot $R/sim-lora-tiered.png
+# Feed, survey and city against every baseline and ablation, three rotated rounds (about 36 minutes):
+$S bench feed,survey,city --state lora-agent --policies ideal,scalesim,sglang-hicache,sglang,vllm,lru,scalesim-evict-only \
+    --repeats 3 --out $R/sim-lora-baselines.json
 # Rounds (Werewolf-like: everyone speaks every round) the same way (about 12 minutes):
 $S bench rounds --state lora-agent --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-rounds-lora-tiered.json
 # `make demo` (one run of each policy, about 3 minutes); it writes demo.json/demo.png in the root:
