@@ -10,6 +10,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from scalesim.layers.kernel_build import cpuinfo_lines
+
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
@@ -27,13 +29,10 @@ def _commit() -> str | None:
 
 
 def _cpu() -> dict:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return {"model": None, "vector_flags": [], "cores": os.cpu_count()}
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-    return {"model": model, "vector_flags": [f for f in VECTOR_FLAGS if f in flags], "cores": os.cpu_count()}
+    model, flags = cpuinfo_lines()
+    present = set(flags.split(":", 1)[1].split()) if ":" in flags else set()
+    return {"model": model.split(":", 1)[1].strip() if ":" in model else model or None,
+            "vector_flags": [f for f in VECTOR_FLAGS if f in present], "cores": os.cpu_count()}
 
 
 def provenance() -> dict:

@@ -34,14 +34,21 @@ _lock = threading.Lock()
 _loaded: dict[str, bool] = {}
 
 
+def cpuinfo_lines() -> tuple[str, str]:
+    """The first CPU's `model name` and `flags` lines of /proc/cpuinfo, whole; without that file,
+    the platform's processor name and no flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor(), ""
+    model = next((line for line in info if line.startswith("model name")), "")
+    flags = next((line for line in info if line.startswith("flags")), "")
+    return model, flags
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU model and its flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next((line for line in info.splitlines() if line.startswith("model name")), "")
-        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    except OSError:
-        model, flags = platform.processor(), ""
+    model, flags = cpuinfo_lines()
     return hashlib.sha256((model + flags + torch.__version__).encode()).hexdigest()[:12]
 
 

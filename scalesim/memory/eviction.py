@@ -98,7 +98,7 @@ class Evictor:
         for victim in slots.host_lru():
             if not slots.held_excess():
                 return
-            if victim in self.index and self.evictable(victim, "host") and self.mover.move(victim, "disk"):
+            if self.evictable(victim, "host") and self.mover.move(victim, "disk"):  # `known` holds managed ones only
                 self.stats.add("evicted", victim.kind, tier="host")
 
     def device_room(self, blocks: int, above: tuple | None = None, unlock: bool = False) -> bool:

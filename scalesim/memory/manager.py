@@ -310,7 +310,8 @@ class MemoryManager:
                 obj.last_use_s = self.tracker.clock()  # a load for a request is a use (what LRU sees)
             if not self.mover.move(obj, "device", unlock):
                 return False
-            self.evictor.trim_held()
+            if self.tiers.in_slots(obj):  # only a slot's load can take the pool past its held cap
+                self.evictor.trim_held()
             if prefetch:
                 self.prefetcher.mark(obj, self.index.nearest(obj))
             self.stats.add("prefetches" if prefetch else "on_demand_loads", obj.kind, tier=source)
