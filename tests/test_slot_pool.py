@@ -237,3 +237,10 @@ def test_a_request_that_no_longer_fits_after_the_slot_area_grew_fails_instead_of
         assert [d.finish_reason for d in deltas] == ["error"] and "device pages" in deltas[0].error
     finally:
         llm.close()
+
+
+def test_a_held_cap_below_the_slot_count_is_refused_with_a_clear_error():
+    from scalesim.memory.slot_pool import SlotPool
+
+    with pytest.raises(ValueError, match="held cap"):
+        SlotPool("adapter", SLOTS, held_cap=SLOTS - 1)
