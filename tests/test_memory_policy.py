@@ -94,6 +94,29 @@ def test_prefetch_displaces_only_objects_of_farther_agents():
     assert wanted.tier == "device" and resident.tier == "host"
 
 
+def test_the_prefetch_only_ablation_brings_the_nearest_call_in_and_puts_the_least_recent_out():
+    """`scalesim-prefetch-only`: what comes up is chosen by distance (alice, due next, not dave);
+    room is made by recency, whatever the distance (carol's old state goes although she is due as
+    soon as alice; ScaleSim's hysteresis would refuse that swap); and the prefetched object counts
+    as just used, so a later eviction takes bob's state before it."""
+    clock = Clock()
+    manager = make_manager(blocks=8, policy="scalesim-prefetch-only", clock=clock)
+    manager.prefetch_settings.max_prefetched_device_fraction = 1.0
+    block = manager.pool.block_nbytes
+    manager.prefetch_settings.max_bytes_in_flight = 4 * block  # one prefetch per run
+    carol = add(manager, FakeWeights("carol", 4 * block, ["carol"]), device=True)
+    clock.now_s = 1.0
+    bob = add(manager, FakeWeights("bob", 4 * block, ["bob"]), device=True)
+    alice = add(manager, FakeWeights("alice", 4 * block, ["alice"]))
+    dave = add(manager, FakeWeights("dave", 4 * block, ["dave"]))
+    manager.hint({"alice": 1, "carol": 1, "bob": 40, "dave": 30})
+    clock.now_s = 2.0
+    assert manager.prefetch_once() == alice.nbytes
+    assert (alice.tier, carol.tier, bob.tier, dave.tier) == ("device", "host", "device", "host")
+    assert manager.make_device_room(manager.pool.num_free + 4)
+    assert (alice.tier, bob.tier) == ("device", "host")
+
+
 def test_waiting_requests_load_in_order_and_never_evict_each_others_state():
     manager = make_manager(blocks=8)
     block = manager.pool.block_nbytes
@@ -224,8 +247,21 @@ def test_the_ranking_always_agrees_with_a_full_sort(operations):
     """Whatever the mix of changes, the top of each tier is an object with the largest key (and
     of `wanted`, the smallest key off the device): the grouped, lazily corrected heaps never
     disagree with sorting every object by its key."""
+    _check_the_ranking_against_a_full_sort(operations, "scalesim")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPERATIONS)
+def test_two_orders_each_agree_with_a_full_sort(operations):
+    """The same for an index with two orders (`scalesim-prefetch-only`): victims by recency,
+    `wanted` by the prefetch order's key."""
+    _check_the_ranking_against_a_full_sort(operations, "scalesim-prefetch-only")
+
+
+def _check_the_ranking_against_a_full_sort(operations, policy: str) -> None:
     clock = Clock()
-    manager = make_manager(blocks=10, host_nbytes=6 * make_manager().pool.block_nbytes, clock=clock)
+    manager = make_manager(blocks=10, host_nbytes=6 * make_manager().pool.block_nbytes, clock=clock, policy=policy)
+    wanted_key = manager.index.wanted.key if POLICIES[policy].prefetch_order else manager.index.key
     block = manager.pool.block_nbytes
     objects: dict[int, FakeWeights] = {}
     agents = [f"agent-{i}" for i in range(5)]
@@ -257,7 +293,7 @@ def test_the_ranking_always_agrees_with_a_full_sort(operations):
             assert (top[1] if top else None) == (max(keys) if keys else None), tier
             if top:
                 assert index_.key(top[0]) == top[1]
-        off = [index_.key(o) for o in objects.values() if o.tier != "device"]
+        off = [wanted_key(o) for o in objects.values() if o.tier != "device"]
         wanted = index_.top_wanted()
         assert (wanted[1] if wanted else None) == (min(off) if off else None)
 

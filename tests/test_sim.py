@@ -36,14 +36,15 @@ def test_quick_bench_completes_every_request_under_every_policy(tmp_path):
     which the bench checks moved nothing, ran without raising)."""
     out, plot = tmp_path / "results.json", tmp_path / "plot.png"
     assert main(["bench", "feed,rounds", "--quick", "--model", "tiny-random", "--regime", "tiered", "--policies",
-                 "ideal,scalesim,lru,oracle,sglang,sglang-hicache,vllm,scalesim-evict-only", "--out", str(out),
+                 "ideal,scalesim,lru,oracle,sglang,sglang-hicache,vllm,scalesim-evict-only,scalesim-prefetch-only",
+                 "--out", str(out),
                  "--plot", str(plot)]) == 0
     results = json.loads(out.read_text())
     assert [r["workload"] for r in results] == ["feed", "rounds"]
     for result in results:
         assert set(result["ratios"]) == {"scalesim_vs_ideal", "lru_vs_scalesim", "oracle_vs_scalesim",
                                          "sglang_vs_scalesim", "sglang_hicache_vs_scalesim", "vllm_vs_scalesim",
-                                         "scalesim_evict_only_vs_scalesim"}
+                                         "scalesim_evict_only_vs_scalesim", "scalesim_prefetch_only_vs_scalesim"}
         assert result["measured_on"]["cpu"]["cores"] >= 1 and result["measured_on"]["date_utc"]
         assert result["regime"]["name"] == "tiered" and result["verdicts"] == {}  # one run each: no verdicts
         tiers = {r["policy"]: (r["device_nbytes"], r["host_nbytes"], r["disk"]) for r in result["runs"]}
@@ -52,7 +53,7 @@ def test_quick_bench_completes_every_request_under_every_policy(tmp_path):
         assert tiers["scalesim"] == tiers["lru"] == tiers["oracle"] == (device, host, True)
         assert tiers["sglang"] == tiers["vllm"] == (device, 0, False)
         assert tiers["sglang-hicache"] == (device, 2 * device, False)
-        assert tiers["scalesim-evict-only"] == tiers["scalesim"]
+        assert tiers["scalesim-evict-only"] == tiers["scalesim-prefetch-only"] == tiers["scalesim"]
         assert tiers["ideal"][0] > result["total_state_nbytes"] and tiers["ideal"][1:] == (0, False)
         ideal = next(r for r in result["runs"] if r["policy"] == "ideal")
         assert ideal["bytes_loaded"] == 0 and ideal["recomputed_tokens"] == 0

@@ -95,6 +95,10 @@ class ObjectIndex:
         if agent_id in obj.owners:
             return
         obj.owners.add(agent_id)
+        self.owner_added(obj, agent_id)
+
+    def owner_added(self, obj: ResidentObject, agent_id: str) -> None:
+        """`agent_id` was just added to `obj.owners`: rank the object for it."""
         self.tracker.track(agent_id)
         if obj in self:
             self.by_agent.setdefault(agent_id, set()).add(obj)
@@ -284,3 +288,8 @@ class ObjectIndex:
     def top_wanted(self) -> tuple[ResidentObject, tuple] | None:
         """The object off the device with the smallest key (its owners call soonest), and that key."""
         return self._top(WANTED)
+
+    def room_above(self, expected_step: float) -> tuple | None:
+        """The key prefix a prefetch for `expected_step` may displace objects above (hysteresis:
+        only those whose owners call in a strictly later step); None: any victim."""
+        return (expected_step,)

@@ -25,7 +25,6 @@ from scalesim.distance.tracker import DistanceTracker
 from scalesim.errors import InvalidRequestError
 from scalesim.memory.disk_store import DiskStore
 from scalesim.memory.eviction import Evictor
-from scalesim.memory.index import ObjectIndex
 from scalesim.memory.loads import LoadGroups
 from scalesim.memory.mover import MoveRefused, Mover
 from scalesim.memory.policies import Policy, PolicyContext
@@ -34,6 +33,7 @@ from scalesim.memory.resident import ResidentObject, TierBandwidth
 from scalesim.memory.slot_pool import SlotPool
 from scalesim.memory.stats import MemoryStats
 from scalesim.memory.tiers import Tiers
+from scalesim.memory.two_order_index import index_for
 from scalesim.memory.writeback import DiskWriter
 
 HINT_CHUNK_AGENTS = 20_000
@@ -54,7 +54,7 @@ class MemoryManager:
         self.lock = threading.RLock()
         self.stats = MemoryStats()
         self.ctx = PolicyContext(tracker, bandwidth or TierBandwidth())
-        self.index = ObjectIndex(policy, self.ctx)
+        self.index = index_for(policy, self.ctx)
         slots = (SlotPool("adapter", policy.adapter_slots, held_cap=policy.adapter_held_cap)
                  if policy.adapter_slots else None)
         self.tiers = Tiers(pool, host_nbytes, store, write_buffer_nbytes, slots)
@@ -306,8 +306,10 @@ class MemoryManager:
             if obj.moving_to is not None or obj not in self.index or not self.mover.fits(obj, "device"):
                 return False  # another thread moved it, or took the room, while the lock was released
             source = obj.tier
-            if not prefetch:
-                obj.last_use_s = self.tracker.clock()  # a load for a request is a use (what LRU sees)
+            if not prefetch or self.policy.agent_key is None:
+                # A load for a request is a use (what LRU sees). So is a prefetch where eviction is
+                # blind to distance: a recency order would otherwise push the prefetched object out first.
+                obj.last_use_s = self.tracker.clock()
             if not self.mover.move(obj, "device", unlock):
                 return False
             if self.tiers.in_slots(obj):  # only a slot's load can take the pool past its held cap

@@ -83,6 +83,9 @@ class Policy:
     # past it the least recently used host copies are dropped and read from their files again.
     # None: every adapter stays in host memory (SGLang).
     adapter_held_cap: int | None = None
+    # The policy whose key ranks off-device objects for prefetch, when it is not this one (an
+    # eviction order blind to agents with a prefetch by distance: memory/two_order_index.py).
+    prefetch_order: "Policy | None" = None
 
     def key(self, obj: ResidentObject, ctx: PolicyContext) -> tuple:
         """The object's whole key (largest is evicted first)."""
@@ -90,9 +93,11 @@ class Policy:
         return member if self.agent_key is None else (ctx.nearest(obj), *member)
 
 
+# the invocation-distance policy: farthest next call first, then the tie-breakers
+SCALESIM = Policy("scalesim", cheapest_then_least_recent, expected_step, prefetch=True)
+
 POLICIES = {
-    # the invocation-distance policy: farthest next call first, then the tie-breakers
-    "scalesim": Policy("scalesim", cheapest_then_least_recent, expected_step, prefetch=True),
+    "scalesim": SCALESIM,
     # the recency ablation of this machinery (no prefetch, blind to hints)
     "lru": Policy("lru", least_recent, None, prefetch=False),
     "lfu": Policy("lfu", least_frequent, None, prefetch=False),
@@ -126,4 +131,7 @@ POLICIES = {
                    adapter_slots=VLLM_MAX_LORAS, adapter_held_cap=VLLM_MAX_CPU_LORAS),
     # ablation: ScaleSim's eviction order by invocation distance, without its prefetch
     "scalesim-evict-only": Policy("scalesim-evict-only", cheapest_then_least_recent, expected_step, prefetch=False),
+    # ablation: ScaleSim's prefetch (what is off the device, nearest call first) on LRU eviction
+    "scalesim-prefetch-only": Policy("scalesim-prefetch-only", least_recent, None, prefetch=True,
+                                     prefetch_order=SCALESIM),
 }

@@ -105,7 +105,7 @@ class Prefetcher:
                     self.index.take(obj)
                     passed_over.append(obj)
                     continue
-                return obj, (expected,)
+                return obj, self.index.room_above(expected)
             return None
         finally:
             for obj in passed_over:
