@@ -7,11 +7,15 @@ context and adapter, and charges time from a hardware profile:
 - prefill: new (uncached or recomputed) tokens x 2 x params FLOPs at the profile's FLOP rate;
 - decode: per generated token of the step's batch, the weights plus the batch's KV read from HBM;
 - on-demand loads: bytes over PCIe (host) or from disk, on the critical path (stall);
-- a load that finds no room on the device is not free: a KV context is recomputed (its tokens
-  charged as prefill and counted), an adapter is read over its link for the call (a stall);
+- a call whose state finds no room on the device while other calls hold theirs waits for the
+  next wave (as a request waits for its loads in the engine); alone on the device, a load that
+  still finds no room is not free: a KV context is recomputed (its tokens charged as prefill and
+  counted), an adapter is read over its link for the call (a stall);
+- the tiers are the regime's, and a baseline that copies a deployment keeps its own (as in
+  `scalesim bench`): without a disk tier an evicted context below the host is recomputed;
 - prefetch: loads issued by the policy while the previous step computed, free up to the bytes
   PCIe moves in that time.
-- a step whose calls' KV contexts do not fit the device together runs in waves, each as large
+- so a step whose calls' state does not fit the device together runs in waves, each as large
   as the device holds: every wave reads the weights once per decode token (a smaller batch costs
   more weight traffic per token), so waves count in the decode time and are reported. As
   everywhere in this model, a context is the agent's final one, so early steps are charged a
@@ -43,6 +47,14 @@ class HardwareProfile:
     hbm_bytes_per_s: float = 3.35e12 * 0.8
     pcie_bytes_per_s: float = 25e9        # PCIe 5.0 x16, effective
     disk_bytes_per_s: float = 5e9         # NVMe
+
+
+# The 2-core machine the measured benches run on (README, "The machine"): prefill of SmolLM2-135M
+# at about 410 tokens/s, memory copies (its host-to-device "link") at about 10 GB/s, disk reads at
+# about 0.4 GB/s. For ranking policies against a measured run (`project_measured`), not for GPUs.
+CPU_2CORE = HardwareProfile(name="2-core CPU (this project's measuring machine)",
+                            flops_per_s=410 * 2 * 135e6, hbm_bytes_per_s=10e9, pcie_bytes_per_s=10e9,
+                            disk_bytes_per_s=0.4e9)
 
 
 @dataclass
@@ -79,12 +91,17 @@ class CountingPool:
 
 
 class StandIn(ResidentObject):
-    """A byte-sized stand-in for a piece of agent state (KV context or adapter) in the projection."""
+    """A byte-sized stand-in for a piece of agent state (KV context or adapter) in the projection.
+    With `disk`, a KV context goes to disk for free when evicted below the host; without, it needs
+    a file write that has no store to go to, so it is forgotten (and recomputed), as in a run
+    without a disk tier."""
 
-    def __init__(self, key: str, kind: str, nbytes: int, owners: set[str], tier: str | None) -> None:
+    def __init__(self, key: str, kind: str, nbytes: int, owners: set[str], tier: str | None,
+                 disk: bool = True) -> None:
         super().__init__()
         self._key, self.kind, self._nbytes, self._tier, self.owners = key, kind, nbytes, tier, owners
         self.pins = 0
+        self.writes_to_disk = kind == "kv" and not disk
 
     key = property(lambda self: self._key)
     nbytes = property(lambda self: self._nbytes)
@@ -124,20 +141,90 @@ def adapter_clusters(trace: Trace) -> dict[int, set[str]]:
     return clusters
 
 
+@dataclass
+class _Tally:
+    stall_s: float = 0.0
+    loaded_bytes: int = 0
+    recomputed_tokens: int = 0
+    failed_loads: int = 0
+    waves: int = 0
+
+
+def _admit(call, manager: MemoryManager, kv: dict, adapter: "StandIn | None", context: dict[str, int],
+           kv_nbytes: dict[str, int], disk: bool, hw: HardwareProfile, tally: _Tally,
+           alone: bool) -> tuple[list["StandIn"], int] | None:
+    """Bring a call's adapter and KV context to the device and pin them; return them and the
+    tokens its prefill computes, or None when they find no room while other calls run (it waits
+    for the next wave, as a request waits for its loads in the engine). Alone on the device, a
+    load that still finds no room is not free: a KV context is computed again for the call, an
+    adapter's weights are read over their link for it."""
+    agent = call.agent_id
+    pinned: list[StandIn] = []
+    charges: list[tuple[float, int]] = []  # (stall seconds, bytes) of each load, counted once admitted
+
+    def give_back() -> None:
+        for obj in pinned:
+            obj.pins -= 1
+
+    new_tokens = text_tokens(call.user) + call.max_tokens
+    # a KV context that was dropped is not loaded: it is computed again below
+    for obj in (o for o in (adapter, kv.get(agent)) if o is not None and o.tier is not None):
+        source = obj.tier
+        if source != "device":
+            link_bytes_per_s = hw.pcie_bytes_per_s if source == "host" else hw.disk_bytes_per_s
+            if not manager.promote(obj):  # no room on the device
+                if not alone:
+                    give_back()
+                    return None
+                tally.failed_loads += 1
+                if obj.kind == "kv":      # the context is computed again for this call
+                    tally.recomputed_tokens += context[agent]
+                    new_tokens += context[agent] // 2  # half of it exists by now
+                else:                     # the adapter's weights are read for this call
+                    charges.append((obj.nbytes / link_bytes_per_s, obj.nbytes))
+                continue
+            charges.append((obj.nbytes / link_bytes_per_s, obj.nbytes))
+        obj.pins += 1
+        pinned.append(obj)
+    if agent not in kv or kv[agent].tier is None:
+        fresh = StandIn(f"kv:{agent}", "kv", kv_nbytes[agent], {agent}, None, disk)  # computed now
+        manager.add(fresh)
+        if manager.promote(fresh):
+            fresh.pins += 1
+            pinned.append(fresh)
+        elif not alone:
+            manager.remove(fresh)
+            give_back()
+            return None
+        tally.recomputed_tokens += context[agent] if agent in kv else 0
+        new_tokens += context[agent] // 2  # on average half of the final context exists by now
+        kv[agent] = fresh
+    for stall_s, nbytes in charges:
+        tally.stall_s += stall_s
+        tally.loaded_bytes += nbytes
+    return pinned, new_tokens
+
+
 def project(trace: Trace, policy: str, device_fraction: float, host_fraction: float,
-            hardware: HardwareProfile | None = None, model: ModelProfile | None = None) -> dict:
-    """Projected makespan and its parts for `trace` under `policy` (see the module docstring)."""
+            hardware: HardwareProfile | None = None, model: ModelProfile | None = None, disk: bool = True) -> dict:
+    """Projected makespan and its parts for `trace` under `policy` (see the module docstring).
+    The tiers are the regime's (`device_fraction`, `host_fraction`, `disk`) except where the
+    policy copies a deployment with tiers of its own, as in `scalesim bench`."""
     hw, mp = hardware or HardwareProfile(), model or ModelProfile()
     context = context_tokens(trace)
     kv_nbytes = {a: t * mp.kv_bytes_per_token for a, t in context.items()}
     clusters = adapter_clusters(trace)
     total = sum(kv_nbytes.values()) + len(clusters) * mp.lora_bytes
-    unbounded = POLICIES[policy].unbounded_device
+    p = POLICIES[policy]
+    unbounded = p.unbounded_device
     pool = CountingPool(int(2 * total if unbounded else device_fraction * total) + ALLOCATION_UNIT_BYTES)
     device_nbytes = pool.num_blocks * pool.block_nbytes
+    host_nbytes = (0 if unbounded else int(host_fraction * total) if p.host_per_device is None
+                   else int(p.host_per_device * device_fraction * total))
+    disk = disk if p.disk is None else p.disk
     clock_s = [0.0]  # the simulated clock: projected seconds so far
     tracker = DistanceTracker(clock=lambda: clock_s[0])
-    manager = MemoryManager(pool, tracker, POLICIES[policy], 0 if unbounded else int(host_fraction * total), None,
+    manager = MemoryManager(pool, tracker, p, host_nbytes, None,
                             TierBandwidth(host=hw.pcie_bytes_per_s, disk=hw.disk_bytes_per_s))
     manager.set_future(trace.future())
     kv: dict[str, StandIn] = {}
@@ -147,8 +234,8 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
         if unbounded:
             manager.promote(obj)  # the limit of unbounded memory: everything is resident from the start
     agent_adapter = {a.agent_id: adapters.get(a.adapter_cluster) for a in trace.agents}
-    makespan = stall = prefill = decode = 0.0
-    recomputed_tokens = loaded = failed_loads = waves = 0
+    tally = _Tally()
+    makespan = prefill = decode = 0.0
     previous_step_s = 0.0
     for step in trace.steps:
         clock_s[0] = makespan
@@ -156,58 +243,43 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
         manager.hint(estimate_distances(step.index, **step.hints))
         manager.prefetcher.settings = PrefetchSettings(max_bytes_in_flight=int(previous_step_s * hw.pcie_bytes_per_s))
         manager.prefetch_once()  # overlapped with the previous step's compute
-        step_stall = step_prefill_tokens = 0.0
-        active = []
+        step_stall_before, step_prefill_tokens = tally.stall_s, 0
         for call in step.calls:
-            agent = call.agent_id
-            clock_s[0] = makespan + step_stall
-            manager.on_request(agent)
-            # a KV context that was dropped is not loaded: it is computed again below
-            objects = [o for o in (agent_adapter[agent], kv.get(agent)) if o is not None and o.tier is not None]
-            for obj in objects:
-                source = obj.tier
-                if source != "device":
-                    link_bytes_per_s = hw.pcie_bytes_per_s if source == "host" else hw.disk_bytes_per_s
-                    if not manager.promote(obj):  # no room on the device
-                        failed_loads += 1
-                        if obj.kind == "kv":      # the context is computed again for this call
-                            recomputed_tokens += context[agent]
-                            step_prefill_tokens += context[agent] // 2  # half of it exists by now
-                        else:                     # the adapter's weights are read for this call
-                            step_stall += obj.nbytes / link_bytes_per_s
-                            loaded += obj.nbytes
-                        continue
-                    step_stall += obj.nbytes / link_bytes_per_s
-                    loaded += obj.nbytes
-                obj.pins += 1
-                active.append(obj)
-            new_tokens = text_tokens(call.user) + call.max_tokens
-            if agent not in kv or kv[agent].tier is None:
-                recomputed_tokens += context[agent] if agent in kv else 0
-                new_tokens += context[agent] // 2  # on average half of the final context exists by now
-                kv[agent] = StandIn(f"kv:{agent}", "kv", kv_nbytes[agent], {agent}, None)  # computed now
-                manager.add(kv[agent])
-                if manager.promote(kv[agent]):
-                    kv[agent].pins += 1
-                    active.append(kv[agent])
-            step_prefill_tokens += new_tokens
-        for obj in active:
-            obj.pins -= 1
+            manager.on_request(call.agent_id)
+        pending, step_waves = list(step.calls), 0
+        while pending:  # waves: a call whose state finds no room waits for the calls running now
+            step_waves += 1
+            running, waiting = [], []
+            for call in pending:
+                clock_s[0] = makespan + tally.stall_s - step_stall_before
+                admitted = _admit(call, manager, kv, agent_adapter[call.agent_id], context, kv_nbytes, disk, hw,
+                                  tally, alone=not running)
+                if admitted is None:
+                    waiting.append(call)
+                    continue
+                pinned, new_tokens = admitted
+                running.append((call, pinned))
+                step_prefill_tokens += new_tokens
+            for call, pinned in running:
+                for obj in pinned:
+                    obj.pins -= 1
+                manager.on_finish(call.agent_id)
+            pending = waiting
+        step_stall = tally.stall_s - step_stall_before
         clock_s[0] = makespan + step_stall + step_prefill_tokens * 2 * mp.params / hw.flops_per_s
-        for call in step.calls:
-            manager.on_finish(call.agent_id)
         batch_kv_bytes = sum(kv_nbytes[c.agent_id] for c in step.calls)
         max_output = max((c.max_tokens for c in step.calls), default=0)
         chain = max((sum(1 for c in step.calls if c.agent_id == a) for a in {c.agent_id for c in step.calls}),
                     default=0)
-        step_waves = math.ceil(batch_kv_bytes / device_nbytes) if step.calls else 0
         step_decode = (max_output * chain * (step_waves * mp.params * mp.bytes_per_param + batch_kv_bytes)
                        / hw.hbm_bytes_per_s)
-        waves += step_waves
+        tally.waves += step_waves
         step_prefill = step_prefill_tokens * 2 * mp.params / hw.flops_per_s
         previous_step_s = step_prefill + step_decode
         makespan += previous_step_s + step_stall
-        stall, prefill, decode = stall + step_stall, prefill + step_prefill, decode + step_decode
+        prefill, decode = prefill + step_prefill, decode + step_decode
+    stall, loaded, recomputed_tokens, failed_loads, waves = (tally.stall_s, tally.loaded_bytes, tally.recomputed_tokens,
+                                                             tally.failed_loads, tally.waves)
     return {"label": PROJECTION_LABEL, "policy": policy, "makespan_s": round(makespan, 4),
             "stall_s": round(stall, 4), "prefill_s": round(prefill, 4), "decode_s": round(decode, 4),
             "loaded_bytes": loaded, "recomputed_tokens": recomputed_tokens, "failed_loads": failed_loads,
@@ -230,4 +302,18 @@ def project_workload(workload: str, agents: int, steps: int, state: str = "lora-
             "is_measurement": False, "note": "a model projection; see bench/costmodel.py for what it charges"}
 
 
-__all__ = ["project", "project_workload", "HardwareProfile", "ModelProfile", "PROJECTION_LABEL"]
+def project_measured(result: dict, hardware: HardwareProfile = CPU_2CORE) -> dict:
+    """Project what a `scalesim bench` result measured: the same trace (regenerated from its
+    seeded config), regime, policies and state sizes (its `state_sizes`), on `hardware`. For
+    checking that the model ranks the policies as the measurement did."""
+    sizes, regime = result["state_sizes"], result["regime"]
+    model = ModelProfile(name=result["model"], params=sizes["model_params"], bytes_per_param=sizes["bytes_per_param"],
+                         kv_bytes_per_token=sizes["kv_bytes_per_token"], lora_bytes=sizes["adapter_nbytes"])
+    trace = WORKLOADS[result["workload"]](WorkloadConfig(**result["config"]))
+    runs = [project(trace, run["policy"], regime["device_fraction"], regime["host_fraction"], hardware, model,
+                    regime["disk"]) for run in result["runs"]]
+    return {"label": PROJECTION_LABEL, "workload": result["workload"], "hardware": asdict(hardware),
+            "model": asdict(model), "runs": runs, "is_measurement": False}
+
+
+__all__ = ["project", "project_measured", "project_workload", "CPU_2CORE", "HardwareProfile", "ModelProfile", "PROJECTION_LABEL"]

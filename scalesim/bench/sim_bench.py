@@ -191,6 +191,7 @@ class BenchSetup:
     host_nbytes: int
     ideal_nbytes: int
     kv_bytes_per_token: int
+    state_sizes: dict  # what the projection needs to model this run (bench/costmodel.py, project_measured)
 
 
 def prepare(workload: str, model: str, cfg: WorkloadConfig, regime: Regime, engine_args: dict) -> BenchSetup:
@@ -207,12 +208,17 @@ def prepare(workload: str, model: str, cfg: WorkloadConfig, regime: Regime, engi
         handle = probe.engine.weights.adapters.get(name) or probe.engine.weights.models.get(name)
         weight_nbytes[name] = handle.nbytes
     _warm_up(probe, next((n for n in folders if n.startswith("cluster-")), None))
+    parameters = list(probe.engine.model.parameters())
+    adapters = [n for name, n in weight_nbytes.items() if name.startswith("cluster-")]
+    state_sizes = {"kv_bytes_per_token": kv_bytes_per_token, "adapter_nbytes": int(statistics.fmean(adapters or [0])),
+                   "model_params": sum(p.numel() for p in parameters),
+                   "bytes_per_param": parameters[0].element_size() if parameters else 0}
     probe.engine.shutdown()
     contexts = _contexts(trace, probe.tokenizer)
     total = estimate_state_nbytes(contexts, kv_bytes_per_token, weight_nbytes)
     ideal = ideal_device_nbytes(contexts, kv_bytes_per_token, block_size, weight_nbytes)
     return BenchSetup(trace, folders, total, regime, int(total * regime.device_fraction),
-                      int(total * regime.host_fraction), ideal, kv_bytes_per_token)
+                      int(total * regime.host_fraction), ideal, kv_bytes_per_token, state_sizes)
 
 
 def policy_budgets(setup: BenchSetup, policy: str) -> Budgets:
@@ -302,7 +308,8 @@ def run_sim_bench(workload: str, model: str, cfg: WorkloadConfig, policies: tupl
             if noise_floor is not None:
                 verdicts[name] = verdict(ratios[name], noise_floor)
     return {"workload": workload, "model": model, "config": asdict(cfg), "calls": trace.num_calls,
-            "agents": len(trace.agents), "total_state_nbytes": total, "regime": asdict(regime),
+            "agents": len(trace.agents), "total_state_nbytes": total, "state_sizes": setup.state_sizes,
+            "regime": asdict(regime),
             "device_nbytes": setup.device_nbytes, "host_nbytes": setup.host_nbytes,
             "device_fraction": regime.device_fraction, "host_fraction": regime.host_fraction,
             "hint_noise_steps": hint_noise_steps, "repeats": repeats, "order": rotated_order(policies, repeats),
