@@ -53,3 +53,11 @@ def test_greedy_generation_matches_transformers(pair):
     with torch.no_grad():
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, len(ids):]
     assert ours == ref.tolist()
+
+
+def test_matmul_params_count_every_weight_matrix_a_token_goes_through(pair):
+    """What the projection charges per token (ModelConfig.matmul_params) is every weight matrix of
+    the Hugging Face model's layers plus its LM head (not the embedding lookup)."""
+    llm, hf = pair
+    layers = sum(p.numel() for name, p in hf.named_parameters() if p.dim() == 2 and ".layers." in name)
+    assert llm.engine.model_config.matmul_params == layers + hf.get_output_embeddings().weight.numel()

@@ -274,3 +274,32 @@ def test_the_projection_runs_a_step_that_does_not_fit_the_device_in_waves_that_r
     weights_per_token_s = model.params * model.bytes_per_param / hardware.hbm_bytes_per_s
     # one more read of the weights per decode token of step 0 (the result keeps 4 decimals)
     assert half["decode_s"] - roomy["decode_s"] == pytest.approx(8 * weights_per_token_s, abs=2e-4)
+
+
+RANKING_MARGIN = 0.25  # the projection's gaps smaller than this are not read as a ranking (noise is about 20%)
+
+
+@pytest.mark.slow
+def test_the_projection_ranks_the_policies_as_a_measured_run_does(tmp_path):
+    """The cost model (bench/costmodel.py), given what a measured quick run on SmolLM2-135M ran
+    (the survey, where every agent calls in a phase: the model separates the policies there; on
+    the quick town it puts them within 2% of each other), orders every pair of policies it
+    separates by more than RANKING_MARGIN as the measurement does, at least one pair is separated
+    (so the check can fail), and the policies it has recompute are the ones that did."""
+    from scalesim.bench.costmodel import CPU_2CORE, project_measured
+
+    out = tmp_path / "measured.json"
+    assert main(["bench", "survey", "--quick", "--model", "smollm2-135m", "--state", "lora-agent", "--regime",
+                 "tiered", "--policies", "ideal,scalesim,sglang", "--out", str(out)]) == 0
+    measured = json.loads(out.read_text())[0]
+    projected = project_measured(measured, CPU_2CORE)
+    assert projected["is_measurement"] is False
+    measured_runs = {r["policy"]: r for r in measured["runs"]}
+    projected_runs = {r["policy"]: r for r in projected["runs"]}
+    projected_s = {p: r["makespan_s"] for p, r in projected_runs.items()}
+    separated = [(a, b) for a in projected_s for b in projected_s if projected_s[b] > (1 + RANKING_MARGIN) * projected_s[a]]
+    assert separated, projected_s
+    for faster, slower in separated:
+        assert measured_runs[faster]["makespan_s"] < measured_runs[slower]["makespan_s"], (faster, slower, projected_s)
+    for policy, run in projected_runs.items():
+        assert (run["recomputed_tokens"] > 0) == (measured_runs[policy]["recomputed_tokens"] > 0), policy

@@ -208,11 +208,10 @@ def prepare(workload: str, model: str, cfg: WorkloadConfig, regime: Regime, engi
         handle = probe.engine.weights.adapters.get(name) or probe.engine.weights.models.get(name)
         weight_nbytes[name] = handle.nbytes
     _warm_up(probe, next((n for n in folders if n.startswith("cluster-")), None))
-    parameters = list(probe.engine.model.parameters())
     adapters = [n for name, n in weight_nbytes.items() if name.startswith("cluster-")]
     state_sizes = {"kv_bytes_per_token": kv_bytes_per_token, "adapter_nbytes": int(statistics.fmean(adapters or [0])),
-                   "model_params": sum(p.numel() for p in parameters),
-                   "bytes_per_param": parameters[0].element_size() if parameters else 0}
+                   "model_params": probe.engine.model_config.matmul_params,
+                   "bytes_per_param": probe.engine.pool.kv_cache.element_size()}
     probe.engine.shutdown()
     contexts = _contexts(trace, probe.tokenizer)
     total = estimate_state_nbytes(contexts, kv_bytes_per_token, weight_nbytes)

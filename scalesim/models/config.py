@@ -39,6 +39,15 @@ class ModelConfig:
         """Bytes of K and V per token over all layers, per byte of the element type."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
+    @property
+    def matmul_params(self) -> int:
+        """Weights a token is multiplied through: every layer's projections and the LM head (norms
+        left out). About 2x this many FLOPs per token; the weights a decode step reads."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        q = self.num_attention_heads * self.head_dim
+        layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
+        return self.num_hidden_layers * layer + self.vocab_size * h
+
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
         """The config of a parsed config.json; ModelLoadError naming the first field that is missing,
