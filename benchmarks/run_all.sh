@@ -71,6 +71,12 @@ $S bench feed,survey,city --state lora-agent --policies ideal,scalesim,sglang-hi
     --repeats 3 --out $R/sim-lora-baselines.json
 # Rounds (Werewolf-like: everyone speaks every round) the same way (about 12 minutes):
 $S bench rounds --state lora-agent --policies ideal,scalesim,sglang-hicache,sglang --repeats 3 --out $R/sim-rounds-lora-tiered.json
+# ScaleSim's two halves apart: eviction by distance without prefetch, prefetch by distance on LRU eviction, on the
+# demo's town and on city, three rotated rounds (about 30 minutes):
+$S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 \
+    --policies ideal,scalesim,lru,scalesim-evict-only,scalesim-prefetch-only --repeats 3 --out $R/sim-town-ablations.json
+$S bench city --state lora-agent --policies ideal,scalesim,lru,scalesim-evict-only,scalesim-prefetch-only --repeats 3 \
+    --out $R/sim-city-ablations.json
 # `make demo` (one run of each policy, about 3 minutes); it writes demo.json/demo.png in the root:
 .venv/bin/python -m scalesim.demo && mv demo.json $R/demo.json && mv demo.png $R/demo.png
 # An overloaded OASIS-like burst (40 concurrent tool chats, client timeout 20 s, 2 retries) against the

@@ -142,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Project makespan per policy on an H100 with an 8B model, using the "
                                            "same memory-policy code as the engine. A model projection, never a "
                                            "measurement.")
-    proj.add_argument("workload", help="town, feed, survey, city or rounds")
+    proj.add_argument("workload", nargs="?", help="town, feed, survey, city or rounds")
+    proj.add_argument("--measured", default=None, metavar="FILE",
+                      help="instead: project what this `scalesim bench` JSON measured (its trace, regime, policies "
+                           "and state sizes) on the measuring CPU's rates, to hold the model's ranking to it")
     proj.add_argument("--agents", type=int, default=1000, help="agents (default: 1000)")
     proj.add_argument("--steps", type=int, default=8, help="simulation steps (default: 8)")
     proj.add_argument("--state", default="lora-agent", choices=["none", "lora-agent", "lora-cluster"],
@@ -400,9 +403,15 @@ def _project(args: argparse.Namespace) -> None:
 
     from scalesim.bench.cluster_projection import project_cluster
     from scalesim.cluster.placement import ROUTING_NAMES
-    from scalesim.bench.costmodel import project_workload
+    from scalesim.bench.costmodel import project_measured, project_workload
     from scalesim.sim.workloads import WORKLOADS
 
+    if args.measured is not None:
+        if args.workload is not None:
+            raise ValueError("give a workload or --measured, not both")
+        result = [project_measured(measured) for measured in json.loads(Path(args.measured).read_text())]
+        _print_and_write(result, args.out)
+        return
     if args.workload not in WORKLOADS:
         raise ValueError(f"unknown workload {args.workload!r}; choose from {', '.join(WORKLOADS)}")
     policies = tuple(args.policies.split(","))
@@ -419,10 +428,17 @@ def _project(args: argparse.Namespace) -> None:
     else:
         result = project_workload(args.workload, args.agents, args.steps, args.state, policies, args.device_fraction,
                                   args.host_fraction)
+    _print_and_write(result, args.out)
+
+
+def _print_and_write(result, out: str | None) -> None:
+    import json
+    from pathlib import Path
+
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).write_text(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

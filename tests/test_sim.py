@@ -283,9 +283,9 @@ RANKING_MARGIN = 0.25  # the projection's gaps smaller than this are not read as
 def test_the_projection_ranks_the_policies_as_a_measured_run_does(tmp_path):
     """The cost model (bench/costmodel.py), given what a measured quick run on SmolLM2-135M ran
     (the survey, where every agent calls in a phase: the model separates the policies there; on
-    the quick town it puts them within 2% of each other), orders every pair of policies it
-    separates by more than RANKING_MARGIN as the measurement does, at least one pair is separated
-    (so the check can fail), and the policies it has recompute are the ones that did."""
+    the quick town it puts all three within 18% of each other), orders every pair of policies it
+    separates by more than RANKING_MARGIN as the measurement does; at least one pair apart from
+    the unbounded limit is separated, so the check is about the memory policies and can fail."""
     from scalesim.bench.costmodel import CPU_2CORE, project_measured
 
     out = tmp_path / "measured.json"
@@ -298,8 +298,6 @@ def test_the_projection_ranks_the_policies_as_a_measured_run_does(tmp_path):
     projected_runs = {r["policy"]: r for r in projected["runs"]}
     projected_s = {p: r["makespan_s"] for p, r in projected_runs.items()}
     separated = [(a, b) for a in projected_s for b in projected_s if projected_s[b] > (1 + RANKING_MARGIN) * projected_s[a]]
-    assert separated, projected_s
+    assert any("ideal" not in pair for pair in separated), projected_s
     for faster, slower in separated:
         assert measured_runs[faster]["makespan_s"] < measured_runs[slower]["makespan_s"], (faster, slower, projected_s)
-    for policy, run in projected_runs.items():
-        assert (run["recomputed_tokens"] > 0) == (measured_runs[policy]["recomputed_tokens"] > 0), policy

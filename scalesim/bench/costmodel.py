@@ -24,9 +24,7 @@ The distance tracker runs on the simulated clock (seconds of projected makespan)
 learns between an agent's calls are the projected ones.
 """
 
-import math
-
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from scalesim.distance.tracker import DistanceTracker
 from scalesim.distance.hints import estimate_distances
@@ -49,12 +47,14 @@ class HardwareProfile:
     disk_bytes_per_s: float = 5e9         # NVMe
 
 
-# The 2-core machine the measured benches run on (README, "The machine"): prefill of SmolLM2-135M
-# at about 410 tokens/s, memory copies (its host-to-device "link") at about 10 GB/s, disk reads at
-# about 0.4 GB/s. For ranking policies against a measured run (`project_measured`), not for GPUs.
+# The 2-core machine the measured benches run on: prefill of SmolLM2-135M (fp32) at about 410
+# tokens/s (../shared/PEERS.md, measured there), memory copies (its host-to-device "link") and a
+# decode step's weight reads at about 10 GB/s (the machine's facts), disk reads with the page
+# cache dropped at 0.27 GB/s (benchmarks/results/disk.json). For ranking policies against a
+# measured run (`project_measured`), not for GPUs.
 CPU_2CORE = HardwareProfile(name="2-core CPU (this project's measuring machine)",
-                            flops_per_s=410 * 2 * 135e6, hbm_bytes_per_s=10e9, pcie_bytes_per_s=10e9,
-                            disk_bytes_per_s=0.4e9)
+                            flops_per_s=410 * 2 * 134.5e6, hbm_bytes_per_s=10e9, pcie_bytes_per_s=10e9,
+                            disk_bytes_per_s=0.27e9)
 
 
 @dataclass
@@ -150,59 +150,70 @@ class _Tally:
     waves: int = 0
 
 
-def _admit(call, manager: MemoryManager, kv: dict, adapter: "StandIn | None", context: dict[str, int],
-           kv_nbytes: dict[str, int], disk: bool, hw: HardwareProfile, tally: _Tally,
-           alone: bool) -> tuple[list["StandIn"], int] | None:
-    """Bring a call's adapter and KV context to the device and pin them; return them and the
-    tokens its prefill computes, or None when they find no room while other calls run (it waits
-    for the next wave, as a request waits for its loads in the engine). Alone on the device, a
-    load that still finds no room is not free: a KV context is computed again for the call, an
-    adapter's weights are read over their link for it."""
-    agent = call.agent_id
-    pinned: list[StandIn] = []
-    charges: list[tuple[float, int]] = []  # (stall seconds, bytes) of each load, counted once admitted
+@dataclass
+class _Calls:
+    """What admitting a call needs: the manager, each agent's state, the sizes, the tally."""
 
-    def give_back() -> None:
+    manager: MemoryManager
+    hw: HardwareProfile
+    context: dict[str, int]                   # each agent's final context, tokens
+    kv_nbytes: dict[str, int]
+    agent_adapter: dict[str, "StandIn | None"]
+    disk: bool
+    tally: _Tally = field(default_factory=_Tally)
+    kv: dict[str, "StandIn"] = field(default_factory=dict)
+
+    def admit(self, call, alone: bool) -> tuple[list["StandIn"], int] | None:
+        """Bring the call's adapter and KV context to the device and pin them; return them and
+        the tokens its prefill computes, or None when they find no room while other calls run
+        (it waits for the next wave, as a request waits for its loads in the engine). Alone on
+        the device, a load that still finds no room is not free: a KV context is computed again
+        for the call, an adapter's weights are read over their link for it. A load is paid when
+        it is made (a call that then waits keeps it on the device, unpinned)."""
+        agent, manager, tally, kv = call.agent_id, self.manager, self.tally, self.kv
+        pinned: list[StandIn] = []
+        new_tokens = text_tokens(call.user) + call.max_tokens
+        # a KV context that was dropped is not loaded: it is computed again below
+        for obj in (o for o in (self.agent_adapter[agent], kv.get(agent)) if o is not None and o.tier is not None):
+            source = obj.tier
+            if source != "device":
+                if not manager.promote(obj):  # no room on the device
+                    if not alone:
+                        return self._wait(pinned)
+                    tally.failed_loads += 1
+                    if obj.kind == "kv":      # the context is computed again for this call
+                        tally.recomputed_tokens += self.context[agent]
+                        new_tokens += self.context[agent] // 2  # half of it exists by now
+                    else:                     # the adapter's weights are read for this call
+                        self._charge(obj, source)
+                    continue
+                self._charge(obj, source)
+            obj.pins += 1
+            pinned.append(obj)
+        if agent not in kv or kv[agent].tier is None:
+            fresh = StandIn(f"kv:{agent}", "kv", self.kv_nbytes[agent], {agent}, None, self.disk)  # computed now
+            manager.add(fresh)
+            if manager.promote(fresh):
+                fresh.pins += 1
+                pinned.append(fresh)
+            elif not alone:
+                manager.remove(fresh)
+                return self._wait(pinned)
+            tally.recomputed_tokens += self.context[agent] if agent in kv else 0
+            new_tokens += self.context[agent] // 2  # on average half of the final context exists by now
+            kv[agent] = fresh
+        return pinned, new_tokens
+
+    def _charge(self, obj: "StandIn", source: str) -> None:
+        link_bytes_per_s = self.hw.pcie_bytes_per_s if source == "host" else self.hw.disk_bytes_per_s
+        self.tally.stall_s += obj.nbytes / link_bytes_per_s
+        self.tally.loaded_bytes += obj.nbytes
+
+    @staticmethod
+    def _wait(pinned: list["StandIn"]) -> None:
         for obj in pinned:
             obj.pins -= 1
-
-    new_tokens = text_tokens(call.user) + call.max_tokens
-    # a KV context that was dropped is not loaded: it is computed again below
-    for obj in (o for o in (adapter, kv.get(agent)) if o is not None and o.tier is not None):
-        source = obj.tier
-        if source != "device":
-            link_bytes_per_s = hw.pcie_bytes_per_s if source == "host" else hw.disk_bytes_per_s
-            if not manager.promote(obj):  # no room on the device
-                if not alone:
-                    give_back()
-                    return None
-                tally.failed_loads += 1
-                if obj.kind == "kv":      # the context is computed again for this call
-                    tally.recomputed_tokens += context[agent]
-                    new_tokens += context[agent] // 2  # half of it exists by now
-                else:                     # the adapter's weights are read for this call
-                    charges.append((obj.nbytes / link_bytes_per_s, obj.nbytes))
-                continue
-            charges.append((obj.nbytes / link_bytes_per_s, obj.nbytes))
-        obj.pins += 1
-        pinned.append(obj)
-    if agent not in kv or kv[agent].tier is None:
-        fresh = StandIn(f"kv:{agent}", "kv", kv_nbytes[agent], {agent}, None, disk)  # computed now
-        manager.add(fresh)
-        if manager.promote(fresh):
-            fresh.pins += 1
-            pinned.append(fresh)
-        elif not alone:
-            manager.remove(fresh)
-            give_back()
-            return None
-        tally.recomputed_tokens += context[agent] if agent in kv else 0
-        new_tokens += context[agent] // 2  # on average half of the final context exists by now
-        kv[agent] = fresh
-    for stall_s, nbytes in charges:
-        tally.stall_s += stall_s
-        tally.loaded_bytes += nbytes
-    return pinned, new_tokens
+        return None
 
 
 def project(trace: Trace, policy: str, device_fraction: float, host_fraction: float,
@@ -227,14 +238,14 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
     manager = MemoryManager(pool, tracker, p, host_nbytes, None,
                             TierBandwidth(host=hw.pcie_bytes_per_s, disk=hw.disk_bytes_per_s))
     manager.set_future(trace.future())
-    kv: dict[str, StandIn] = {}
     adapters = {c: StandIn(f"lora:{c}", "adapter", mp.lora_bytes, owners, "disk") for c, owners in clusters.items()}
     for obj in adapters.values():
         manager.add(obj)
         if unbounded:
             manager.promote(obj)  # the limit of unbounded memory: everything is resident from the start
-    agent_adapter = {a.agent_id: adapters.get(a.adapter_cluster) for a in trace.agents}
-    tally = _Tally()
+    calls = _Calls(manager, hw, context, kv_nbytes, {a.agent_id: adapters.get(a.adapter_cluster) for a in trace.agents},
+                   disk)
+    tally = calls.tally
     makespan = prefill = decode = 0.0
     previous_step_s = 0.0
     for step in trace.steps:
@@ -252,21 +263,20 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
             running, waiting = [], []
             for call in pending:
                 clock_s[0] = makespan + tally.stall_s - step_stall_before
-                admitted = _admit(call, manager, kv, agent_adapter[call.agent_id], context, kv_nbytes, disk, hw,
-                                  tally, alone=not running)
+                admitted = calls.admit(call, alone=not running)
                 if admitted is None:
                     waiting.append(call)
                     continue
                 pinned, new_tokens = admitted
                 running.append((call, pinned))
                 step_prefill_tokens += new_tokens
+            clock_s[0] = makespan + tally.stall_s - step_stall_before + step_prefill_tokens * 2 * mp.params / hw.flops_per_s
             for call, pinned in running:
                 for obj in pinned:
                     obj.pins -= 1
                 manager.on_finish(call.agent_id)
             pending = waiting
         step_stall = tally.stall_s - step_stall_before
-        clock_s[0] = makespan + step_stall + step_prefill_tokens * 2 * mp.params / hw.flops_per_s
         batch_kv_bytes = sum(kv_nbytes[c.agent_id] for c in step.calls)
         max_output = max((c.max_tokens for c in step.calls), default=0)
         chain = max((sum(1 for c in step.calls if c.agent_id == a) for a in {c.agent_id for c in step.calls}),
@@ -278,12 +288,10 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
         previous_step_s = step_prefill + step_decode
         makespan += previous_step_s + step_stall
         prefill, decode = prefill + step_prefill, decode + step_decode
-    stall, loaded, recomputed_tokens, failed_loads, waves = (tally.stall_s, tally.loaded_bytes, tally.recomputed_tokens,
-                                                             tally.failed_loads, tally.waves)
     return {"label": PROJECTION_LABEL, "policy": policy, "makespan_s": round(makespan, 4),
-            "stall_s": round(stall, 4), "prefill_s": round(prefill, 4), "decode_s": round(decode, 4),
-            "loaded_bytes": loaded, "recomputed_tokens": recomputed_tokens, "failed_loads": failed_loads,
-            "batch_waves": waves, "total_state_bytes": total}
+            "stall_s": round(tally.stall_s, 4), "prefill_s": round(prefill, 4), "decode_s": round(decode, 4),
+            "loaded_bytes": tally.loaded_bytes, "recomputed_tokens": tally.recomputed_tokens,
+            "failed_loads": tally.failed_loads, "batch_waves": tally.waves, "total_state_bytes": total}
 
 
 def project_workload(workload: str, agents: int, steps: int, state: str = "lora-agent",

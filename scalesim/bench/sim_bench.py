@@ -211,7 +211,7 @@ def prepare(workload: str, model: str, cfg: WorkloadConfig, regime: Regime, engi
     adapters = [n for name, n in weight_nbytes.items() if name.startswith("cluster-")]
     state_sizes = {"kv_bytes_per_token": kv_bytes_per_token, "adapter_nbytes": int(statistics.fmean(adapters or [0])),
                    "model_params": probe.engine.model_config.matmul_params,
-                   "bytes_per_param": probe.engine.pool.kv_cache.element_size()}
+                   "bytes_per_param": probe.engine.model.embed_tokens.weight.element_size()}
     probe.engine.shutdown()
     contexts = _contexts(trace, probe.tokenizer)
     total = estimate_state_nbytes(contexts, kv_bytes_per_token, weight_nbytes)

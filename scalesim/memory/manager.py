@@ -297,7 +297,7 @@ class MemoryManager:
                 return False  # moving, gone, its copy known bad, or another thread is making room for it
             self._loading.add(obj.key)
             try:
-                if not self.evictor.room_for(obj, only_above, unlock):
+                if not self.evictor.room_for(obj, only_above, unlock, may_forget=not prefetch):
                     return False
             finally:
                 self._loading.discard(obj.key)
@@ -306,9 +306,7 @@ class MemoryManager:
             if obj.moving_to is not None or obj not in self.index or not self.mover.fits(obj, "device"):
                 return False  # another thread moved it, or took the room, while the lock was released
             source = obj.tier
-            if not prefetch or self.policy.agent_key is None:
-                # A load for a request is a use (what LRU sees). So is a prefetch where eviction is
-                # blind to distance: a recency order would otherwise push the prefetched object out first.
+            if not prefetch or self.policy.prefetch_is_use:  # a load for a request is a use (what LRU sees)
                 obj.last_use_s = self.tracker.clock()
             if not self.mover.move(obj, "device", unlock):
                 return False

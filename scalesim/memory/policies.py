@@ -87,6 +87,12 @@ class Policy:
     # eviction order blind to agents with a prefetch by distance: memory/two_order_index.py).
     prefetch_order: "Policy | None" = None
 
+    @property
+    def prefetch_is_use(self) -> bool:
+        """A prefetch sets the object's recency where eviction is blind to distance: a recency
+        order would otherwise push the prefetched object out first."""
+        return self.agent_key is None
+
     def key(self, obj: ResidentObject, ctx: PolicyContext) -> tuple:
         """The object's whole key (largest is evicted first)."""
         member = self.member_key(obj, ctx)
