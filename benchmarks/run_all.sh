@@ -77,6 +77,21 @@ $S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 \
     --policies ideal,scalesim,lru,scalesim-evict-only,scalesim-prefetch-only --repeats 3 --out $R/sim-town-ablations.json
 $S bench city --state lora-agent --policies ideal,scalesim,lru,scalesim-evict-only,scalesim-prefetch-only --repeats 3 \
     --out $R/sim-city-ablations.json
+# The demo's town in the hbm-only regime (no host, no disk: what is evicted is recomputed under every policy), three
+# rotated rounds (about 15 minutes):
+$S bench town --state lora-agent --agents 40 --steps 3 --output-tokens 12 --regime hbm-only \
+    --policies ideal,scalesim,lru,sglang --repeats 3 --out $R/sim-town-hbm-only.json
+# The same on 68e4443, which kept a prefetch from making room by forgetting state (reverted: it did not help here;
+# about 18 minutes):
+git worktree add --detach /tmp/scalesim-68e4443 68e4443 2>/dev/null || true
+(root=$PWD && cd /tmp/scalesim-68e4443 && "$root/.venv/bin/python" -m scalesim.cli bench town --state lora-agent \
+    --agents 40 --steps 3 --output-tokens 12 --regime hbm-only --policies ideal,scalesim,lru,sglang --repeats 3 \
+    --out "$root/$R/sim-town-hbm-only-68e4443.json")
+# The projection held to a measurement: the quick survey on SmolLM2-135M, then the model's projection of that run
+# (bench/costmodel.py, project_measured; about 2 minutes):
+$S bench survey --quick --model smollm2-135m --state lora-agent --regime tiered --policies ideal,scalesim,sglang \
+    --out $R/projection-check-survey.json
+$S project --measured $R/projection-check-survey.json --out $R/projection-check-survey-projected.json
 # `make demo` (one run of each policy, about 3 minutes); it writes demo.json/demo.png in the root:
 .venv/bin/python -m scalesim.demo && mv demo.json $R/demo.json && mv demo.png $R/demo.png
 # An overloaded OASIS-like burst (40 concurrent tool chats, client timeout 20 s, 2 retries) against the

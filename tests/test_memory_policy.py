@@ -336,29 +336,3 @@ def test_a_victim_taken_by_a_request_while_room_was_made_below_it_stays_put():
     assert manager.tiers.host_used_nbytes == 0, "the host room made for it is not leaked"
     assert manager.tiers.device_free_blocks == free_before
 
-
-class DroppableWeights(FakeWeights):
-    """A resident object that is recomputed rather than kept when nothing below the device has room
-    (as KV pages are)."""
-
-    kind = "kv"
-    writes_to_disk = True  # demoting it to disk needs a file (and there is no store here)
-
-    def droppable(self) -> bool:
-        return self.pins == 0 and self.moving_to is None
-
-    def forget(self) -> None:
-        self._tier = None
-
-
-def test_a_prefetch_never_costs_another_agent_a_recompute():
-    """With no host and no disk (the hbm-only regime), making room means forgetting state that
-    must be recomputed: a request's load may do that, a prefetch (a guess) may not."""
-    manager = make_manager(blocks=4, host_nbytes=0)
-    manager.prefetch_settings.max_prefetched_device_fraction = 1.0
-    block = manager.pool.block_nbytes
-    far = add(manager, DroppableWeights("far", 4 * block, ["bob"], tier="disk"), device=True)
-    wanted = add(manager, FakeWeights("wanted", 4 * block, ["alice"], tier="disk"))
-    manager.hint({"alice": 1, "bob": 50})
-    assert manager.prefetch_once() == 0 and far.tier == "device"
-    assert manager.promote(wanted) and far.tier is None  # a request's own load may

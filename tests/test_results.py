@@ -47,7 +47,8 @@ def test_the_readme_baseline_tables_are_the_committed_json():
     for name, workloads in (("sim-lora-tiered.json", 3), ("sim-rounds-lora-tiered.json", 1),
                             ("sim-town-baselines.json", 1), ("sim-town-hicache.json", 1),
                             ("sim-lora-baselines.json", 3), ("sim-town-ablations.json", 1),
-                            ("sim-city-ablations.json", 1)):
+                            ("sim-city-ablations.json", 1), ("sim-town-hbm-only.json", 1),
+                            ("sim-town-hbm-only-68e4443.json", 1)):
         rows = [row for row in sim_bench.markdown_tables(json.loads((RESULTS / name).read_text())).splitlines()
                 if row.startswith("| ") and not row.startswith("| workload")]
         assert len(rows) == 2 * workloads  # every workload, in both tables

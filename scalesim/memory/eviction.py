@@ -68,12 +68,11 @@ class Evictor:
             for obj in skipped:
                 self.index.rekey(obj)
 
-    def room_for(self, obj: ResidentObject, above: tuple | None = None, unlock: bool = False,
-                 may_forget: bool = True) -> bool:
+    def room_for(self, obj: ResidentObject, above: tuple | None = None, unlock: bool = False) -> bool:
         """Make the device room `obj` needs: a slot of the slot pool, or free blocks."""
         if self.tiers.in_slots(obj):
             return self.slot_room(obj, unlock)
-        return self.device_room(obj.device_blocks_needed(self.tiers.block_nbytes), above, unlock, may_forget)
+        return self.device_room(obj.device_blocks_needed(self.tiers.block_nbytes), above, unlock)
 
     def slot_room(self, obj: ResidentObject, unlock: bool = False) -> bool:
         """Free a slot for `obj`: least recently used member first, skipping those in use. Under a
@@ -102,15 +101,12 @@ class Evictor:
             if self.evictable(victim, "host") and self.mover.move(victim, "disk"):  # `known` holds managed ones only
                 self.stats.add("evicted", victim.kind, tier="host")
 
-    def device_room(self, blocks: int, above: tuple | None = None, unlock: bool = False,
-                    may_forget: bool = True) -> bool:
+    def device_room(self, blocks: int, above: tuple | None = None, unlock: bool = False) -> bool:
         """Free device blocks until `blocks` are free; False if impossible. With `above`, only
         objects whose key starts with something strictly larger may be evicted (hysteresis: a
         prefetch passes the expected step, so it never displaces state needed in the same step).
-        Without `may_forget`, victims only move down a tier and nothing is forgotten (a prefetch
-        is a guess: it never costs another agent a recompute). With `unlock`, blocks freed along
-        the way are held back until all are free, so that the engine does not take them while a
-        copy runs with the lock released."""
+        With `unlock`, blocks freed along the way are held back until all are free, so that the
+        engine does not take them while a copy runs with the lock released."""
         if self.tiers.device_free_blocks >= blocks:
             return True
         pool, claimed = self.tiers.pool, 0
@@ -121,7 +117,7 @@ class Evictor:
                         take = min(pool.num_free, blocks - claimed)
                         pool.reserve(take)
                         claimed += take
-                    if self._demote(obj, key, unlock, may_forget):
+                    if self._demote(obj, key, unlock):
                         self.stats.add("evicted", obj.kind, tier="device")
                         if obj.prefetched_nbytes:  # (a forgotten object was counted by `forget`)
                             self.on_evicted_unused(obj)
@@ -131,15 +127,15 @@ class Evictor:
         finally:
             pool.unreserve(claimed)
 
-    def _demote(self, obj: ResidentObject, key: tuple, unlock: bool, may_forget: bool = True) -> bool:
-        if self.host_room(obj.nbytes, key, unlock, may_forget):
+    def _demote(self, obj: ResidentObject, key: tuple, unlock: bool) -> bool:
+        if self.host_room(obj.nbytes, key, unlock):
             if not self._still_evictable(obj, "device"):
                 return False
             if self.mover.fits(obj, "host"):
                 return self.mover.move(obj, "host", unlock)
         elif not self._still_evictable(obj, "device"):
             return False
-        return self._below_host(obj, key, unlock, may_forget)
+        return self._below_host(obj, key, unlock)
 
     def _still_evictable(self, obj: ResidentObject, tier: str) -> bool:
         """Making room below released the lock for a copy: a request may have taken `obj` since."""
@@ -149,8 +145,7 @@ class Evictor:
         """Put a device or host object on disk, or forget it; False if it must stay."""
         if free_to_disk(obj):
             return self.mover.move(obj, "disk", unlock)
-        if unlock and self.tiers.store is not None and self._disk_fits(obj.nbytes, key, may_forget) \
-                and self.mover.move(obj, "disk", unlock):
+        if unlock and self.tiers.store is not None and self.disk_room(obj.nbytes, key) and self.mover.move(obj, "disk", unlock):
             return True
         if not unlock and self.mover.can_stage(obj) and self.mover.move(obj, "disk", defer_write=True):
             return True
@@ -158,10 +153,6 @@ class Evictor:
             self.forget(obj)
             return True
         return False
-
-    def _disk_fits(self, nbytes: int, key: tuple, may_forget: bool) -> bool:
-        """Room on disk, made by forgetting farther disk objects only when `may_forget`."""
-        return self.disk_room(nbytes, key) if may_forget else self.tiers.disk_free_nbytes >= nbytes
 
     def host_room(self, nbytes: int, above: tuple | None = None, unlock: bool = False,
                   may_forget: bool = True) -> bool:

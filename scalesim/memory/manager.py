@@ -297,7 +297,7 @@ class MemoryManager:
                 return False  # moving, gone, its copy known bad, or another thread is making room for it
             self._loading.add(obj.key)
             try:
-                if not self.evictor.room_for(obj, only_above, unlock, may_forget=not prefetch):
+                if not self.evictor.room_for(obj, only_above, unlock):
                     return False
             finally:
                 self._loading.discard(obj.key)
