@@ -1,9 +1,11 @@
 """The `scalesim` command: help for every flag, generation, one-line errors with exit code 2."""
 
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from scalesim.cli import build_parser, main
 
@@ -59,3 +61,12 @@ def test_memory_microbench_writes_the_decision_percentiles(tmp_path, capsys):
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["objects"] == 2000 and result["decision_ms_p99"] >= result["decision_ms_p50"] > 0
+
+
+def test_engine_microbench_runs_transformers_on_the_engines_device(tmp_path, capsys):
+    out = tmp_path / "engine.json"
+    assert main(["microbench", "engine", "--model", "tiny-random", "--batch", "2", "--prompt-len", "8",
+                 "--gen-len", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")  # the device `auto` picks
+    assert result["scalesim_tokens_per_s"] > 0 and result["hf_tokens_per_s"] > 0

@@ -1,7 +1,9 @@
 """Decode throughput of ScaleSim's engine against transformers' `generate`, same batch, same machine.
 
 Both run the same random prompts (distinct per run, so no prefix is reused), fp32 by default,
-greedy, with end-of-sequence ignored so every sequence generates exactly gen_len tokens. Decode
+greedy, with end-of-sequence ignored so every sequence generates exactly gen_len tokens, on the
+engine's device (transformers' model and inputs are moved there, and a GPU is synchronized before
+a timing ends). Decode
 throughput is (batch * (gen_len - 1)) / (time for gen_len tokens - time for 1 token), which
 takes the prefill out of both sides.
 """
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 class EngineBenchResult:
     model: str
     dtype: str
+    device: str
     batch: int
     prompt_len: int
     gen_len: int
@@ -57,11 +60,13 @@ def time_generate(llm: LLM, prompts: list[list[int]], gen_len: int, adapters: li
 
 
 def _time_hf(model, prompts: list[list[int]], gen_len: int) -> float:
-    input_ids = torch.tensor(prompts)
+    input_ids = torch.tensor(prompts, device=model.device)
     started = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=gen_len,
                              min_new_tokens=gen_len, do_sample=False, pad_token_id=0)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
     elapsed = time.perf_counter() - started
     assert out.shape[1] == input_ids.shape[1] + gen_len
     return elapsed
@@ -77,7 +82,8 @@ def run_engine_bench(model: str, batch: int, prompt_len: int, gen_len: int, dtyp
     llm = LLM(model, dtype=dtype, max_num_seqs=max(batch, 1),
               max_num_batched_tokens=max(batch * prompt_len, 512), seed=seed)
     vocab = llm.engine.model_config.vocab_size
-    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model(model)), dtype=DTYPES[dtype]).eval()
+    device = llm.engine.config.device
+    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model(model)), dtype=DTYPES[dtype]).to(device).eval()
     warm = random_prompts(rng, batch, prompt_len, vocab)
     time_generate(llm, warm, 4)
     _time_hf(hf, warm, 4)
@@ -92,8 +98,8 @@ def run_engine_bench(model: str, batch: int, prompt_len: int, gen_len: int, dtyp
     decoded = batch * (gen_len - 1)
     ours_tps = decoded / max(ours_total - ours_prefill, 1e-9)
     hf_tps = decoded / max(hf_total - hf_prefill, 1e-9)
-    return EngineBenchResult(model=model, dtype=dtype, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
-                             threads=torch.get_num_threads(), scalesim_tokens_per_s=round(ours_tps, 2),
+    return EngineBenchResult(model=model, dtype=dtype, device=str(device), batch=batch, prompt_len=prompt_len,
+                             gen_len=gen_len, threads=torch.get_num_threads(), scalesim_tokens_per_s=round(ours_tps, 2),
                              hf_tokens_per_s=round(hf_tps, 2), ratio=round(ours_tps / hf_tps, 3), rounds=rounds,
                              scalesim_prefill_s=round(ours_prefill, 3), hf_prefill_s=round(hf_prefill, 3),
                              scalesim_total_s=round(ours_total, 3), hf_total_s=round(hf_total, 3))
