@@ -404,13 +404,14 @@ def _project(args: argparse.Namespace) -> None:
     from scalesim.bench.cluster_projection import project_cluster
     from scalesim.cluster.placement import ROUTING_NAMES
     from scalesim.bench.costmodel import project_measured, project_workload
+    from scalesim.bench.engine_bench import write_result
     from scalesim.sim.workloads import WORKLOADS
 
     if args.measured is not None:
         if args.workload is not None:
             raise ValueError("give a workload or --measured, not both")
         result = [project_measured(measured) for measured in json.loads(Path(args.measured).read_text())]
-        _print_and_write(result, args.out)
+        write_result(result, args.out)
         return
     if args.workload not in WORKLOADS:
         raise ValueError(f"unknown workload {args.workload!r}; choose from {', '.join(WORKLOADS)}")
@@ -428,17 +429,7 @@ def _project(args: argparse.Namespace) -> None:
     else:
         result = project_workload(args.workload, args.agents, args.steps, args.state, policies, args.device_fraction,
                                   args.host_fraction)
-    _print_and_write(result, args.out)
-
-
-def _print_and_write(result, out: str | None) -> None:
-    import json
-    from pathlib import Path
-
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        Path(out).write_text(text + "\n")
+    write_result(result, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ learns between an agent's calls are the projected ones.
 
 from dataclasses import asdict, dataclass, field
 
+from scalesim.bench.regimes import below_device
 from scalesim.distance.tracker import DistanceTracker
 from scalesim.distance.hints import estimate_distances
 from scalesim.memory.manager import MemoryManager, PrefetchSettings
@@ -230,9 +231,7 @@ def project(trace: Trace, policy: str, device_fraction: float, host_fraction: fl
     unbounded = p.unbounded_device
     pool = CountingPool(int(2 * total if unbounded else device_fraction * total) + ALLOCATION_UNIT_BYTES)
     device_nbytes = pool.num_blocks * pool.block_nbytes
-    host_nbytes = (0 if unbounded else int(host_fraction * total) if p.host_per_device is None
-                   else int(p.host_per_device * device_fraction * total))
-    disk = disk if p.disk is None else p.disk
+    host_nbytes, disk = below_device(p, int(device_fraction * total), int(host_fraction * total), disk)
     clock_s = [0.0]  # the simulated clock: projected seconds so far
     tracker = DistanceTracker(clock=lambda: clock_s[0])
     manager = MemoryManager(pool, tracker, p, host_nbytes, None,

@@ -9,6 +9,8 @@ disk tier, `sglang-hicache` has its own 2x-device host tier.
 
 from dataclasses import dataclass
 
+from scalesim.memory.policies import Policy
+
 
 @dataclass(frozen=True)
 class Regime:
@@ -47,3 +49,13 @@ def resolve_regime(name: str, device_fraction: float | None = None, host_fractio
     if (device, host, disk) == (base.device_fraction, base.host_fraction, base.disk):
         return base
     return Regime(base.name + "*", device, host, disk, base.about + " (overridden)")
+
+
+def below_device(policy: Policy, device_nbytes: int, regime_host_nbytes: int, regime_disk: bool) -> tuple[int, bool]:
+    """The host budget and disk tier `policy` runs with under a device of `device_nbytes`: the
+    regime's, except where the policy copies a deployment with tiers of its own (a baseline's
+    host as a multiple of the device, no disk), and none for the unbounded limit."""
+    if policy.unbounded_device:
+        return 0, False
+    host = regime_host_nbytes if policy.host_per_device is None else int(policy.host_per_device * device_nbytes)
+    return host, regime_disk if policy.disk is None else policy.disk

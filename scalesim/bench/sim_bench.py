@@ -25,7 +25,7 @@ from rich.table import Table
 
 from scalesim.async_llm import AsyncLLM
 from scalesim.bench.provenance import provenance
-from scalesim.bench.regimes import REGIMES, Regime
+from scalesim.bench.regimes import REGIMES, Regime, below_device
 from scalesim.memory.policies import POLICIES
 from scalesim.sim.runner import InProcessTarget, RunResult, run_trace
 from scalesim.sim.workloads import WORKLOADS, Trace, WorkloadConfig
@@ -225,10 +225,8 @@ def policy_budgets(setup: BenchSetup, policy: str) -> Budgets:
     with tiers of its own (a baseline's host as a multiple of the device, no disk), and for the
     unbounded limit a device that holds everything the trace caches, with no host or disk."""
     p = POLICIES[policy]
-    if p.unbounded_device:
-        return Budgets(setup.ideal_nbytes, 0, False)
-    host = setup.host_nbytes if p.host_per_device is None else int(p.host_per_device * setup.device_nbytes)
-    return Budgets(setup.device_nbytes, host, setup.regime.disk if p.disk is None else p.disk)
+    host, disk = below_device(p, setup.device_nbytes, setup.host_nbytes, setup.regime.disk)
+    return Budgets(setup.ideal_nbytes if p.unbounded_device else setup.device_nbytes, host, disk)
 
 
 def rotated_order(policies: tuple[str, ...], repeats: int) -> list[str]:
