@@ -410,7 +410,11 @@ def _project(args: argparse.Namespace) -> None:
     if args.measured is not None:
         if args.workload is not None:
             raise ValueError("give a workload or --measured, not both")
-        result = [project_measured(measured) for measured in json.loads(Path(args.measured).read_text())]
+        try:
+            measured = json.loads(Path(args.measured).read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read --measured {args.measured}: {exc.strerror or exc}") from exc
+        result = [project_measured(m) for m in (measured if isinstance(measured, list) else [measured])]
         write_result(result, args.out)
         return
     if args.workload not in WORKLOADS:

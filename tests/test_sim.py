@@ -301,3 +301,18 @@ def test_the_projection_ranks_the_policies_as_a_measured_run_does(tmp_path):
     assert any("ideal" not in pair for pair in separated), projected_s
     for faster, slower in separated:
         assert measured_runs[faster]["makespan_s"] < measured_runs[slower]["makespan_s"], (faster, slower, projected_s)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read --measured"),
+    ("{not json", "Expecting property name"),
+    ('{"a": 1}', "not a `scalesim bench` result"),
+    ('[{"workload": "town", "runs": []}]', "lacks state_sizes"),
+])
+def test_projecting_a_file_that_is_not_a_bench_result_is_a_one_line_error(tmp_path, capsys, content, message):
+    path = tmp_path / "result.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["project", "--measured", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err

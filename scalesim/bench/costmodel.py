@@ -312,7 +312,13 @@ def project_workload(workload: str, agents: int, steps: int, state: str = "lora-
 def project_measured(result: dict, hardware: HardwareProfile = CPU_2CORE) -> dict:
     """Project what a `scalesim bench` result measured: the same trace (regenerated from its
     seeded config), regime, policies and state sizes (its `state_sizes`), on `hardware`. For
-    checking that the model ranks the policies as the measurement did."""
+    checking that the model ranks the policies as the measurement did. ValueError for a result
+    that does not say what it ran (not a bench result, or one written before `state_sizes`)."""
+    missing = [k for k in ("state_sizes", "regime", "workload", "config", "runs", "model")
+               if not isinstance(result, dict) or k not in result]
+    if missing:
+        raise ValueError(f"not a `scalesim bench` result this can project (it lacks {', '.join(missing)}; "
+                         "results written before state_sizes was recorded must be run again)")
     sizes, regime = result["state_sizes"], result["regime"]
     model = ModelProfile(name=result["model"], params=sizes["model_params"], bytes_per_param=sizes["bytes_per_param"],
                          kv_bytes_per_token=sizes["kv_bytes_per_token"], lora_bytes=sizes["adapter_nbytes"])
