@@ -43,8 +43,10 @@ def load_model(folder: Path, dtype: torch.dtype, device: str) -> LlamaForCausalL
         raise ModelLoadError(f"weight {exc} is missing from {folder}") from exc
     except ValueError as exc:
         raise ModelLoadError(f"weights in {folder} do not match config.json: {exc}") from exc
+    tables = dict(model.rotary.named_buffers())  # float32, and kept so: rounding them through bf16 costs accuracy
     model = model.to(device=device, dtype=dtype)
-    model.rotary.to(dtype=torch.float32)
+    for name, table in tables.items():
+        setattr(model.rotary, name, table.to(device))
     return model.eval().requires_grad_(False)
 
 
