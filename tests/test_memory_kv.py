@@ -348,3 +348,16 @@ def test_a_registered_agent_runs_with_its_adapter_and_prefilled_persona(tmp_path
 
 
 __all__ = ["measured_device_nbytes", "DiskFullError"]
+
+
+def test_a_move_copies_inline_on_a_cpu_and_a_host_copy_is_the_pages_themselves():
+    """On a CPU the device is host memory: a move's copies run on the thread making it, and a
+    host copy of pool pages is not copied twice (tests/test_cuda.py holds the CUDA side)."""
+    import torch
+    from scalesim.memory.copy_stream import CopyStreams, host_copy
+    copies = CopyStreams("cpu")
+    assert not copies.async_copies
+    pages = torch.randn(3, 5)
+    with copies.moving():
+        copy = host_copy(pages)
+    assert copy.data_ptr() == pages.data_ptr()

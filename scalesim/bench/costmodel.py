@@ -70,6 +70,8 @@ class ModelProfile:
 class CountingPool:
     """Only the bookkeeping of a KV pool: units of ALLOCATION_UNIT_BYTES, no tensor."""
 
+    device = "cpu"  # nothing is copied: moves are free
+
     def __init__(self, nbytes: int) -> None:
         self.block_nbytes = ALLOCATION_UNIT_BYTES
         self.block_size = 1

@@ -37,6 +37,10 @@ class BlockPool:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
     @property
+    def device(self) -> torch.device:
+        return self.kv_cache.device
+
+    @property
     def num_free(self) -> int:
         """Blocks that a KV allocation may take now (free and not reserved)."""
         return len(self.free_blocks) - self.reserved_blocks

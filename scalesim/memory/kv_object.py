@@ -17,7 +17,8 @@ from typing import Protocol
 import torch
 
 from scalesim.memory.disk_store import CorruptObjectError, DiskStore
-from scalesim.memory.resident import ResidentObject, to_host
+from scalesim.memory.copy_stream import host_copy
+from scalesim.memory.resident import ResidentObject
 
 _ids = itertools.count()
 MAX_OWNERS_ON_DISK = 16  # a node more agents share is stored without owners (they are found again on use)
@@ -151,7 +152,7 @@ class KVNodeObject(ResidentObject):
 
     def pages_of(self, blocks: list[int]) -> torch.Tensor:
         """A host copy of the KV in device `blocks`."""
-        return to_host(self.pool.kv_cache.index_select(2, self._slots(blocks)))
+        return host_copy(self.pool.kv_cache.index_select(2, self._slots(blocks)))
 
     def _read_disk(self) -> torch.Tensor:
         """The node's pages from its disk copy, which may hold pages in front of them (the node
@@ -201,7 +202,7 @@ class KVNodeObject(ResidentObject):
         if target == "device":
             kv = self.host_kv if self.host_kv is not None else self._read_disk()
             self.pool.kv_cache.index_copy_(2, self._slots(self._new_blocks),
-                                           kv.to(self.pool.kv_cache.device, self.pool.kv_cache.dtype))
+                                           kv.to(self.pool.kv_cache.device, self.pool.kv_cache.dtype, non_blocking=True))
         elif target == "host":
             self._staged = self._gather() if source == "device" else self._read_disk()
         elif target == "disk" and self.disk_key is None:

@@ -2,7 +2,7 @@
 
 `begin` (lock held) claims the target tier's room and marks the object moving; `transfer` copies
 or reads or writes the bytes — on a worker thread with the manager lock released, so the engine
-keeps scheduling meanwhile — and `finish` (lock held) commits the move and releases the source
+keeps scheduling meanwhile, and on CUDA on that thread's side stream (memory/copy_stream.py) — and `finish` (lock held) commits the move and releases the source
 tier's room, or on failure gives the claimed room back. A copy that fails its checksum, or a
 source that cannot be read, is handed to `on_bad_copy` (KV is forgotten and recomputed; a
 weight records its load error), so nothing is ever served from a bad copy.
@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from scalesim.memory.copy_stream import CopyStreams
 from scalesim.memory.disk_store import CorruptObjectError, DiskFullError
 from scalesim.memory.index import ObjectIndex
 from scalesim.memory.resident import ResidentObject
@@ -40,6 +41,7 @@ class Mover:
     def __init__(self, lock: threading.RLock, index: ObjectIndex, tiers: Tiers, stats: MemoryStats,
                  on_bad_copy: Callable[[ResidentObject], None]) -> None:
         self.lock = lock
+        self.copies = CopyStreams(tiers.pool.device)
         self.index = index
         self.tiers = tiers
         self.stats = stats
@@ -88,7 +90,8 @@ class Mover:
         error = None
         saved = self.lock._release_save() if unlock else None  # every level of the RLock, as Condition does
         try:
-            move.obj.transfer()
+            with self.copies.moving():
+                move.obj.transfer()
         except Exception as exc:  # reported to finish(), which undoes the move
             error = exc
         finally:

@@ -35,16 +35,9 @@ Contract:
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-import torch
 
 TIERS = ("device", "host", "disk")
 DEFAULT_BANDWIDTH_BYTES_PER_S = {"device": float("inf"), "host": 10e9, "disk": 0.4e9}
-
-
-def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A host-memory copy, page-locked when CUDA is present so copies back run asynchronously."""
-    host = tensor.to("cpu")
-    return host.pin_memory() if torch.cuda.is_available() else host
 
 
 @dataclass

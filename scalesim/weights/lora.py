@@ -158,7 +158,8 @@ class LoRAAdapter(WeightHandle):
         self.weights = weights
 
     def _move_tensors(self, device: torch.device) -> None:
-        self.weights = {k: (a.to(device), b.to(device)) for k, (a, b) in self.weights.items()}
+        self.weights = {k: (a.to(device, non_blocking=True), b.to(device, non_blocking=True))
+                        for k, (a, b) in self.weights.items()}  # complete when the move's copies are: copy_stream.py
 
     def _drop_tensors(self) -> None:
         self.weights = {}
