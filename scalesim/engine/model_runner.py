@@ -159,13 +159,13 @@ class ModelRunner:
         seqs = [s.seq for s, _ in sampling]
         if any(needs_processing(q) for q in seqs):
             logits = process_logits(logits, seqs)
-        tokens, failed_rows = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
-        failed = set(failed_rows)
+        tokens, failed = sample(logits, [q.params for q in seqs], [q.generator for q in seqs])
         want = max((q.params.logprobs for q in seqs if q.params.logprobs is not None), default=None)
         infos = top_logprobs(logits, tokens, want) if want is not None else [None] * len(seqs)
+        token_ids, failed_rows = torch.stack([tokens, failed.to(tokens.dtype)]).tolist()  # the step's one wait
         results = []
-        for i, (q, t, info) in enumerate(zip(seqs, tokens.tolist(), infos)):
-            if i in failed:
+        for q, t, info, row_failed in zip(seqs, token_ids, infos, failed_rows):
+            if row_failed:
                 logger.warning("failing %s: %s", q.request_id, NON_FINITE_LOGITS)
                 results.append(SampledToken(q, int(t), None, NON_FINITE_LOGITS))
                 continue

@@ -35,9 +35,10 @@ def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> tuple[torch.Tensor, list[int]]:
-    """One token id per row of `logits` [B, vocab] (float32), and the rows that could not be
-    sampled (their token is meaningless): one broken row never stops the others."""
+           generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token id per row of `logits` [B, vocab] (float32), and which rows could not be sampled
+    [B] (their token is meaningless): one broken row never stops the others. Both stay on the
+    logits' device, read by the caller in one transfer: nothing here waits for the device."""
     failed = unusable_rows(logits)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -50,11 +51,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device, dtype=sub.dtype)
         min_p = torch.tensor([params[i].min_p for i in rows], device=logits.device, dtype=sub.dtype)
         probs = _filter(sub / temperature, top_k, top_p, min_p).softmax(dim=-1)
-        failed[index] |= ~probs.amax(dim=-1).isfinite()
-        for j, row in enumerate(rows):
-            if not failed[row]:
-                tokens[row] = torch.multinomial(probs[j], 1, generator=generators[row]).squeeze(0)
-    return tokens, failed.nonzero().flatten().tolist()
+        broken = ~probs.amax(dim=-1).isfinite()
+        failed.index_copy_(0, index, failed.index_select(0, index) | broken)
+        probs = torch.where(broken.unsqueeze(1), torch.ones_like(probs), probs)  # a failed row draws harmlessly
+        drawn = torch.empty(len(rows), dtype=tokens.dtype, device=logits.device)
+        for j, row in enumerate(rows):  # each row from its own generator: the same tokens in any batch
+            drawn[j:j + 1] = torch.multinomial(probs[j], 1, generator=generators[row])
+        tokens.index_copy_(0, index, drawn)
+    return tokens, failed
 
 
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[dict]:
