@@ -195,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     dsk.add_argument("--nbytes", default="512MiB", help="bytes written and read back per round (default: 512MiB)")
     dsk.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both settings (default: 3)")
     dsk.add_argument("--out", default=None, help="write the JSON result here too")
+    trn = kinds.add_parser("transfer", help="host<->device copy bandwidth (pageable and pinned) and how far the "
+                           "memory layer's copies overlap compute")
+    trn.add_argument("--nbytes", default="256MiB", help="bytes per copy (default: 256MiB)")
+    trn.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
+    trn.add_argument("--out", default=None, help="write the JSON result here too")
     pre = kinds.add_parser("prefix", help="time to first token with and without a cached shared prefix")
     pre.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
     pre.add_argument("--prefix-len", type=int, default=1000, help="shared prefix tokens (default: 1000)")
@@ -307,6 +312,10 @@ def _microbench(args: argparse.Namespace) -> None:
         from scalesim.bench.disk_bench import run_disk_bench
         from scalesim.units import parse_nbytes
         write_result(run_disk_bench(parse_nbytes(args.nbytes), rounds=args.rounds), args.out)
+    elif args.kind == "transfer":
+        from scalesim.bench.transfer_bench import run_transfer_bench
+        from scalesim.units import parse_nbytes
+        write_result(run_transfer_bench(parse_nbytes(args.nbytes), rounds=args.rounds), args.out)
     elif args.kind == "prefix":
         write_result(run_prefix_bench(args.model, args.prefix_len, args.suffix_len), args.out)
     elif args.kind == "routing":

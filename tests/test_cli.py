@@ -70,3 +70,16 @@ def test_engine_microbench_runs_transformers_on_the_engines_device(tmp_path, cap
     result = json.loads(out.read_text())
     assert result["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")  # the device `auto` picks
     assert result["scalesim_tokens_per_s"] > 0 and result["hf_tokens_per_s"] > 0
+
+
+def test_transfer_microbench_measures_both_directions_and_the_overlap(tmp_path, capsys):
+    """Page-locked host memory exists only beside CUDA: on a CPU the copies are pageable alone."""
+    out = tmp_path / "transfer.json"
+    assert main(["microbench", "transfer", "--nbytes", "4MiB", "--rounds", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    memories = ["pageable", "pinned"] if torch.cuda.is_available() else ["pageable"]
+    assert sorted(result["gb_per_s"]) == sorted(f"{d}.{m}" for d in ("host_to_device", "device_to_host")
+                                                  for m in memories)
+    assert all(rate > 0 for rate in result["gb_per_s"].values())
+    assert all(len(seconds) == 2 for seconds in result["seconds"].values())
+    assert result["both_s"] > 0 and result["overlap_ratio"] > 0 and result["compute_slowdown"] > 0
