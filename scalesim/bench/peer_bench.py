@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from scalesim.bench.engine_bench import random_prompts
+from scalesim.bench.provenance import provenance
 from scalesim.models.registry import resolve_model
 from scalesim.server.background import free_port
 from scalesim.sim.workloads import WorkloadConfig
@@ -229,7 +230,7 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
     vocab = ModelConfig.from_folder(resolve_model(model)).vocab_size
     result = {"model": model, "rounds": rounds, "contended_rounds": contended_rounds, "kv_nbytes": kv_nbytes,
               "max_num_batched_tokens": max_num_batched_tokens, "feed": asdict(FEED), "cpus": os.cpu_count(),
-              "dtypes": {}}
+              "measured_on": provenance(), "dtypes": {}}
     for dtype in dtypes:
         ours = (scalesim_dtypes or {}).get(dtype, dtype)
         def start_ours() -> Server:
