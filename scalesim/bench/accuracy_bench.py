@@ -6,8 +6,9 @@ do), and, over every prompt position, the largest absolute logit error, the larg
 relative to the fp32 logits' spread, and how often the top token agrees.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from scalesim.bench.provenance import provenance
 from scalesim.llm import LLM
 from scalesim.sampling_params import SamplingParams
 
@@ -33,6 +34,7 @@ class AccuracyBenchResult:
     gen_len: int
     prompts: list[PromptAccuracy]
     greedy_equal: int              # prompts whose whole greedy text is equal
+    measured_on: dict = field(default_factory=provenance)
 
 
 def _greedy(llm: LLM, prompts: tuple[str, ...], gen_len: int) -> list[list[int]]:
