@@ -19,7 +19,10 @@ POOL_MIB = 128
 def _rss_mib() -> float:
     """Resident memory after glibc hands back what it holds free (its per-thread arenas keep freed
     chunks; in one CI run that retention alone read as two pools of growth)."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 

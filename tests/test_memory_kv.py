@@ -5,6 +5,7 @@ import shutil
 import threading
 
 import pytest
+import torch
 
 from scalesim import LLM, SamplingParams
 from scalesim.memory.disk_store import DiskFullError
@@ -350,10 +351,10 @@ def test_a_registered_agent_runs_with_its_adapter_and_prefilled_persona(tmp_path
 __all__ = ["measured_device_nbytes", "DiskFullError"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="beside CUDA host copies are page-locked: tests/test_cuda.py")
 def test_a_move_copies_inline_on_a_cpu_and_a_host_copy_is_the_pages_themselves():
     """On a CPU the device is host memory: a move's copies run on the thread making it, and a
     host copy of pool pages is not copied twice (tests/test_cuda.py holds the CUDA side)."""
-    import torch
     from scalesim.memory.copy_stream import CopyStreams, host_copy
     copies = CopyStreams("cpu")
     assert not copies.async_copies

@@ -4,9 +4,10 @@ Bandwidth: one buffer copied host -> device and device -> host, from pageable an
 page-locked host memory, interleaved over rounds; medians in GB/s. On a CPU the "device" is the
 same memory, so this is a memory copy, and page-locked memory does not exist.
 
-Overlap: the model's kind of work (a chain of matmuls on the compute stream) timed alone, the
-memory layer's copies (through `CopyStreams.moving`, as a transfer thread makes them) timed alone,
-and both at once from two threads. `overlap_ratio` = (compute alone + copies alone) / both:
+Overlap: the model's kind of work (steps of matmuls on the compute stream, each ended by a wait
+for that stream, as the engine waits for each step's tokens) timed alone, the memory layer's
+copies (through `CopyStreams.moving`, as a transfer thread makes them) timed alone, and both at
+once from two threads. `overlap_ratio` = (compute alone + copies alone) / both:
 2.0 means the copies hid completely, 1.0 that they ran one after the other. `compute_slowdown`
 is how much longer the compute took with copies beside it.
 """
@@ -64,17 +65,23 @@ def _copy_cases(nbytes: int, device: torch.device) -> dict:
 
 
 def _overlap(device: torch.device, nbytes: int, matmul_dim: int, matmuls: int) -> tuple[float, float, float, float]:
+    """Compute in steps as the engine runs them (a chain of matmuls, then a wait for the compute
+    stream alone), copies through `CopyStreams.moving` from another thread, as a transfer thread
+    makes them: alone, alone, and both at once."""
     a = torch.randn(matmul_dim, matmul_dim, device=device)
     copies = CopyStreams(device)
     numel = nbytes // 4
     host = torch.empty(numel, pin_memory=device.type == "cuda")
     target = torch.empty(numel, device=device)
+    steps = 10
 
     def compute() -> None:
-        x = a
-        for _ in range(matmuls):
-            x = torch.tanh(x @ a)
-        _sync(device)
+        for _ in range(steps):
+            x = a
+            for _ in range(max(1, matmuls // steps)):
+                x = torch.tanh(x @ a)
+            if device.type == "cuda":
+                torch.cuda.default_stream(device).synchronize()  # the step's tokens: compute alone
 
     def move() -> None:
         for _ in range(4):

@@ -16,10 +16,15 @@ intends (a load crosses PCIe while the model computes):
   and at full PCIe bandwidth; a pageable source or target makes CUDA stage through a bounce
   buffer.
 
+A copy starts after the compute queued before it was issued and overlaps the compute queued
+after: in the engine, which waits for each step's tokens, a load issued during step N crosses
+PCIe while step N+1 computes.
+
 Contract: `with copies.moving():` around a move's transfer; what it copies is complete when the
-block exits, also when it raises. Inside it, `tensor.to(device, non_blocking=True)` is the way
-to copy (to the CPU from CUDA it lands in page-locked memory). `host_copy(tensor)` is a host copy
-of a device tensor, complete on return.
+block exits, also when it raises. Inside it, `moved(tensor, device)` is the way to copy a tensor
+that is dropped after the copy (to the CPU from CUDA it lands in page-locked memory), or
+`keep_until_copied` before a module's `.to(device, non_blocking=True)`.
+`host_copy(tensor)` is a host copy of a device tensor, complete on return.
 """
 
 import threading
@@ -53,6 +58,20 @@ class CopyStreams:
                 yield
         finally:
             stream.synchronize()  # this transfer thread waits for its own copies; compute does not
+
+
+def keep_until_copied(tensors) -> None:
+    """Mark CUDA tensors in use by the current stream: a move drops its source right after queuing
+    the copy, and without the mark their memory could go to another stream while it is read."""
+    for tensor in tensors:
+        if tensor.is_cuda:
+            tensor.record_stream(torch.cuda.current_stream(tensor.device))
+
+
+def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` copied to `device` on the current stream; the source may be dropped at once."""
+    keep_until_copied([tensor])
+    return tensor.to(device, non_blocking=True)
 
 
 def host_buffer(like: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from scalesim.config import DEFAULT_MAX_LORA_RANK
 from scalesim.errors import InvalidRequestError
+from scalesim.memory.copy_stream import moved
 from scalesim.models.config import ModelConfig
 from scalesim.weights.handle import WeightHandle
 
@@ -158,8 +159,7 @@ class LoRAAdapter(WeightHandle):
         self.weights = weights
 
     def _move_tensors(self, device: torch.device) -> None:
-        self.weights = {k: (a.to(device, non_blocking=True), b.to(device, non_blocking=True))
-                        for k, (a, b) in self.weights.items()}  # complete when the move's copies are: copy_stream.py
+        self.weights = {k: (moved(a, device), moved(b, device)) for k, (a, b) in self.weights.items()}
 
     def _drop_tensors(self) -> None:
         self.weights = {}

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from scalesim.errors import InvalidRequestError, ModelLoadError
+from scalesim.memory.copy_stream import keep_until_copied
 from scalesim.models.config import ModelConfig
 from scalesim.models.llama import LlamaForCausalLM
 from scalesim.models.loader import load_model
@@ -50,7 +51,8 @@ class PrivateModel(WeightHandle):
             raise InvalidRequestError(f"private model {self.name!r}: {exc}") from exc
 
     def _move_tensors(self, device: torch.device) -> None:
-        self.model = self.model.to(device, non_blocking=True)  # complete when the move's copies are: copy_stream.py
+        keep_until_copied([*self.model.parameters(), *self.model.buffers()])
+        self.model = self.model.to(device, non_blocking=True)
 
     def _drop_tensors(self) -> None:
         self.model = None
