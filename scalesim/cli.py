@@ -4,8 +4,8 @@ import argparse
 import logging
 import sys
 
-from scalesim.config import DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, DEFAULT_HOST_MEMORY, \
-    DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, \
+from scalesim.config import ATTENTION_CHOICES, DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, \
+    DEFAULT_HOST_MEMORY, DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, \
     DEFAULT_TRANSFER_THREADS, DTYPE_CHOICES, DTYPES
 from scalesim.bench.regimes import DEFAULT_REGIME, REGIMES, resolve_regime
 from scalesim.memory.policies import POLICIES
@@ -35,6 +35,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                             f"(default: {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="context length cap in tokens (default: the model's)")
+    group.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                       help="flex: one flex_attention call per layer over the page table (compiled on CUDA, pages "
+                            "of 16 tokens or a multiple; on a CPU a slow reference for tests); auto/gather: the CPU "
+                            "kernels, or on CUDA each decode context gathered (default: auto)")
     memory = parser.add_argument_group("memory tiers")
     memory.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                         help=f"what to evict and prefetch: scalesim (invocation distance), lru (recency, no prefetch), lfu, "
@@ -62,7 +66,7 @@ def _engine_args(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 policy=args.policy, device_memory=args.device_memory, host_memory=args.host_memory,
                 disk_dir=args.disk_dir, disk_memory=args.disk_memory, disk_page_cache=args.disk_page_cache,
-                persist_on_exit=args.persist_on_exit, transfer_threads=args.transfer_threads)
+                persist_on_exit=args.persist_on_exit, transfer_threads=args.transfer_threads, attention=args.attention)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default: 128)")
     eng.add_argument("--gen-len", type=int, default=64, help="tokens generated per sequence (default: 64)")
     eng.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of both engines (default: fp32)")
+    eng.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                     help="the engine's attention path (see `scalesim serve --help`; default: auto)")
     eng.add_argument("--out", default=None, help="write the JSON result here too")
     ada = kinds.add_parser("adapters", help="multi-LoRA decode: 16 adapters in one batch vs no adapters vs one at a time")
     ada.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
@@ -298,7 +304,8 @@ def _microbench(args: argparse.Namespace) -> None:
     from scalesim.bench.prefix_bench import run_prefix_bench
 
     if args.kind == "engine":
-        write_result(run_engine_bench(args.model, args.batch, args.prompt_len, args.gen_len, args.dtype), args.out)
+        write_result(run_engine_bench(args.model, args.batch, args.prompt_len, args.gen_len, args.dtype,
+                                      attention=args.attention), args.out)
     elif args.kind == "adapters":
         write_result(run_adapters_bench(args.model, args.adapters, args.rank, args.prompt_len, args.gen_len,
                                         args.dtype), args.out)

@@ -19,6 +19,7 @@ DEFAULT_DTYPE = "auto"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 DTYPE_CHOICES = sorted(DTYPES) + ["auto"]
+ATTENTION_CHOICES = ("auto", "gather", "flex")
 
 
 def auto_dtype(device: str) -> str:
@@ -44,7 +45,10 @@ class EngineConfig:
     `disk_memory`); its reads bypass the page cache unless `disk_page_cache`, and with
     `persist_on_exit` (default: on when there is a disk tier) a clean shutdown writes the device
     and host KV there for the next start. `transfer_threads` move state between tiers.
-    `policy` is one of memory.policies.POLICIES.
+    `policy` is one of memory.policies.POLICIES. `attention`: "flex" runs a step's attention as
+    one flex_attention call per layer over the page table (compiled on CUDA; on a CPU an eager
+    reference, for tests only); "auto"/"gather": the CPU kernels, or on CUDA a gather of each
+    decode context (engine/model_runner.py).
     """
 
     model: str
@@ -66,6 +70,7 @@ class EngineConfig:
     disk_page_cache: bool = False
     persist_on_exit: bool | None = None
     transfer_threads: int = DEFAULT_TRANSFER_THREADS
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -83,6 +88,8 @@ class EngineConfig:
         self.disk_nbytes = parse_nbytes(self.disk_memory)
         if self.persist_on_exit is None:
             self.persist_on_exit = self.disk_dir is not None
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         if self.transfer_threads < 1:
             raise ValueError("transfer_threads must be at least 1")
         if self.block_size_tokens <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

@@ -43,6 +43,7 @@ class EngineBenchResult:
     hf_prefill_s: float
     scalesim_total_s: float
     hf_total_s: float
+    attention: str = "auto"
 
 
 def random_prompts(rng: random.Random, batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
@@ -73,14 +74,14 @@ def _time_hf(model, prompts: list[list[int]], gen_len: int) -> float:
 
 
 def run_engine_bench(model: str, batch: int, prompt_len: int, gen_len: int, dtype: str = "fp32",
-                     rounds: int = 3, seed: int = 0) -> EngineBenchResult:
+                     rounds: int = 3, seed: int = 0, attention: str = "auto") -> EngineBenchResult:
     """Both engines run interleaved for `rounds` rounds and the medians are compared, as this
     machine is shared and its speed drifts between runs."""
     from transformers import AutoModelForCausalLM
 
     rng = random.Random(seed)
     llm = LLM(model, dtype=dtype, max_num_seqs=max(batch, 1),
-              max_num_batched_tokens=max(batch * prompt_len, 512), seed=seed)
+              max_num_batched_tokens=max(batch * prompt_len, 512), seed=seed, attention=attention)
     vocab = llm.engine.model_config.vocab_size
     device = llm.engine.config.device
     hf = AutoModelForCausalLM.from_pretrained(str(resolve_model(model)), dtype=DTYPES[dtype]).to(device).eval()
@@ -102,7 +103,7 @@ def run_engine_bench(model: str, batch: int, prompt_len: int, gen_len: int, dtyp
                              gen_len=gen_len, threads=torch.get_num_threads(), scalesim_tokens_per_s=round(ours_tps, 2),
                              hf_tokens_per_s=round(hf_tps, 2), ratio=round(ours_tps / hf_tps, 3), rounds=rounds,
                              scalesim_prefill_s=round(ours_prefill, 3), hf_prefill_s=round(hf_prefill, 3),
-                             scalesim_total_s=round(ours_total, 3), hf_total_s=round(hf_total, 3))
+                             scalesim_total_s=round(ours_total, 3), hf_total_s=round(hf_total, 3), attention=attention)
 
 
 def write_result(result, out: str | None) -> None:

@@ -85,7 +85,7 @@ class LLMEngine:
         self.memory_hooks = ManagedMemory(self.memory, self.cache, self.pool)
         self.scheduler = Scheduler(self.pool, self.cache, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.memory_hooks)
-        self.runner = ModelRunner(self.model, self.pool, config.device)
+        self.runner = ModelRunner(self.model, self.pool, config.device, config.attention)
         self.weights = WeightRegistry(config.model, self.model_config, config.device, config.torch_dtype,
                                       config.max_lora_rank, self.memory)
         self.agents: dict[str, Agent] = {}

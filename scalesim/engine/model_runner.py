@@ -7,11 +7,13 @@ import torch
 
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.cpu_threads import ThreadGovernor
+from scalesim.device_tensors import device_tensor, to_device
 from scalesim.engine.grammar import consume
 from scalesim.engine.logits_processors import needs_processing, process_logits
 from scalesim.engine.sampler import sample, top_logprobs
 from scalesim.engine.scheduler import ScheduledSequence
 from scalesim.engine.sequence import Sequence
+from scalesim.layers import flex_paged
 from scalesim.layers.attention import AttentionMetadata, PrefillChunk
 from scalesim.layers.lora import LoRABatch, LoRAStackCache
 from scalesim.layers.paged_decode import available as paged_decode_available
@@ -35,10 +37,17 @@ class SampledToken:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: BlockPool, device: str) -> None:
+    def __init__(self, model: LlamaForCausalLM, pool: BlockPool, device: str, attention: str = "auto") -> None:
+        """`attention`: "flex" runs every step's attention as one flex_attention call per layer
+        (layers/flex_paged.py); "auto" and "gather" keep the paths below (on CUDA a gather of each
+        decode context, until a GPU run measures flex against it)."""
         self.model = model
         self.pool = pool
         self.device = torch.device(device)
+        self.flex = attention == "flex"
+        if self.flex and self.device.type != "cpu" and not flex_paged.available(self.device, pool.block_size):
+            raise ValueError(f"flex attention on {self.device.type} needs pages of a multiple of 16 tokens, "
+                             f"got {pool.block_size}")
         self.lora_stacks = LoRAStackCache()
         self.threads = ThreadGovernor() if self.device.type == "cpu" else None
         # decode attention reads the paged cache in place where the CPU kernel serves this cache
@@ -47,7 +56,25 @@ class ModelRunner:
         # and so does prefill attention, where the kernel serves this head size
         self.prefill_in_place = self.decode_in_place and paged_prefill_available(model.config.head_dim)
 
+    def _flex_metadata(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        block_size = self.pool.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sequences: list[flex_paged.SequenceRows] = []
+        for s in batch:
+            start, count, table = s.seq.num_computed_tokens, s.num_new_tokens, s.seq.block_table
+            sequences.append(flex_paged.SequenceRows(len(input_ids), count, start, table))
+            input_ids.extend(s.seq.token_ids[start:start + count])
+            positions.extend(range(start, start + count))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + count))
+        plan = flex_paged.plan(sequences, len(input_ids), block_size, self.pool.kv_cache.shape[2], self.device)
+        meta = AttentionMetadata(slot_mapping=self._to(torch.tensor(slots)), num_tokens=len(input_ids), flex=plan)
+        return self._to(torch.tensor(input_ids)), self._to(torch.tensor(positions)), meta
+
     def _metadata(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        if self.flex:
+            return self._flex_metadata(batch)
         block_size = self.pool.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -100,7 +127,7 @@ class ModelRunner:
         return self._to(torch.tensor(input_ids)), self._to(torch.tensor(positions)), meta
 
     def _to(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.device, non_blocking=True)
+        return to_device(tensor, self.device)
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> list[SampledToken]:
@@ -154,7 +181,7 @@ class ModelRunner:
         sampling = [(s, end - 1) for s, end in zip(batch, ends.tolist()) if s.samples]
         if not sampling:
             return []
-        rows = torch.tensor([row for _, row in sampling], device=self.device)
+        rows = device_tensor([row for _, row in sampling], self.device)
         logits = model.compute_logits(hidden.index_select(0, rows))
         seqs = [s.seq for s, _ in sampling]
         if any(needs_processing(q) for q in seqs):

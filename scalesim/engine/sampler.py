@@ -6,6 +6,7 @@ request draws from its own generator and gets the same tokens whatever it is bat
 
 import torch
 
+from scalesim.device_tensors import device_tensor
 from scalesim.sampling_params import SamplingParams
 
 MIN_LOGPROB = -9999.0
@@ -44,12 +45,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         vocab = logits.shape[-1]
-        index = torch.tensor(rows, device=logits.device)
+        device = logits.device
+        index = device_tensor(rows, device)
         sub = logits.index_select(0, index)
-        temperature = torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(1)
-        top_k = torch.tensor([min(params[i].top_k, vocab) for i in rows], device=logits.device)
-        top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device, dtype=sub.dtype)
-        min_p = torch.tensor([params[i].min_p for i in rows], device=logits.device, dtype=sub.dtype)
+        temperature = device_tensor([params[i].temperature for i in rows], device).unsqueeze(1)
+        top_k = device_tensor([min(params[i].top_k, vocab) for i in rows], device)
+        top_p = device_tensor([params[i].top_p for i in rows], device, sub.dtype)
+        min_p = device_tensor([params[i].min_p for i in rows], device, sub.dtype)
         probs = _filter(sub / temperature, top_k, top_p, min_p).softmax(dim=-1)
         broken = ~probs.amax(dim=-1).isfinite()
         failed.index_copy_(0, index, failed.index_select(0, index) | broken)
@@ -66,8 +68,10 @@ def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[dic
     logprobs = logits.log_softmax(dim=-1).clamp(min=MIN_LOGPROB)  # masked tokens (-inf) as OpenAI's floor
     chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     top_values, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (None, None)
+    token_ids, chosen = tokens.tolist(), chosen.tolist()  # read once, not per row
+    top_ids, top_values = (top_ids.tolist(), top_values.tolist()) if k > 0 else (None, None)
     out = []
     for i in range(logits.shape[0]):
-        top = {} if k == 0 else dict(zip(top_ids[i].tolist(), top_values[i].tolist()))
-        out.append({"token_id": int(tokens[i]), "logprob": float(chosen[i]), "top": top})
+        top = {} if k == 0 else dict(zip(top_ids[i], top_values[i]))
+        out.append({"token_id": token_ids[i], "logprob": chosen[i], "top": top})
     return out

@@ -2,6 +2,8 @@
 
 Each step's tokens arrive flattened ([T, heads, head_dim]) from many sequences. New keys and values
 are written to their slots in the cache, then:
+- with `--attention flex`, every row attends in one flex_attention call over the page table
+  (layers/flex_paged.py); otherwise
 - each sequence with one new token (decode) attends, in one batched call, to its context: on the
   CPU by a kernel that reads the paged cache in place (layers/paged_decode.py), elsewhere (or
   where the kernel cannot be built) gathered from the cache, padded to the longest and masked;
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from scalesim.layers.flex_paged import FlexPlan, flex_paged_attention
 from scalesim.layers.paged_decode import paged_decode
 from scalesim.layers.paged_prefill import paged_prefill
 
@@ -48,6 +51,7 @@ class AttentionMetadata:
     prefill_block_tables [P, blocks] (int64, padded with block 0), prefill_lengths [P] (context
     length with the chunk), prefill_starts [P] and prefill_counts [P] (the chunk's rows); then
     the chunks carry no context slots or masks.
+    flex: every row attends in one flex_attention call (layers/flex_paged.py) instead.
     """
 
     slot_mapping: torch.Tensor
@@ -63,6 +67,7 @@ class AttentionMetadata:
     prefill_lengths: torch.Tensor | None = None
     prefill_starts: torch.Tensor | None = None
     prefill_counts: torch.Tensor | None = None
+    flex: FlexPlan | None = None  # with `--attention flex`: the step's block mask; nothing above but slot_mapping is set
 
     @property
     def num_decode(self) -> int:
@@ -88,6 +93,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
     num_heads, head_dim = q.shape[1], q.shape[2]
     gqa = num_heads != k.shape[1]
+    if meta.flex is not None:
+        return flex_paged_attention(q, k_cache.to(compute_dtype), v_cache.to(compute_dtype), meta.flex, scale,
+                                    gqa).to(out_dtype)
     if meta.num_decode == meta.num_tokens:
         return _decode(q, k_cache, v_cache, meta, scale, gqa).to(out_dtype)
     out = q.new_empty(meta.num_tokens, num_heads * head_dim)
