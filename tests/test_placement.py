@@ -149,3 +149,47 @@ def test_moves_go_far_future_first_in_batches_of_one_source_and_target():
     assert agents[1] not in {m.agent_id for m in plan_rebalance({1: held[0]}, placement, [0, 1, 2])}
     slot_moves = plan_slot_move(held, slot_of(agents[3]), 1, placement.table.num_slots)
     assert [(m.agent_id, m.source, m.target) for m in slot_moves] == [(agents[3], 0, 1)]
+
+
+def test_a_delete_is_not_undone_by_the_registry_copy_to_a_joined_replica():
+    """The ingress copies every agent registered anywhere to a replica that joins (registrations,
+    then register_missing there). A delete of an agent between the two steps used to be undone:
+    the copy registered it again from its snapshot. Deletes hold the same lock (ingress.agent)."""
+    import asyncio
+
+    from scalesim.cluster.moves import Mover
+    from scalesim.cluster.router import RoutingView
+    from scalesim.server.agent_store import AgentRecord
+
+    registered = {0: {"ada": AgentRecord("ada", None, None, None)}, 1: {}}
+    snapshot_taken = asyncio.Event()
+
+    class Remote:
+        def __init__(self, fn):
+            self.remote = fn
+
+    async def registrations(route):
+        records = list(registered[route.rank].values())
+        snapshot_taken.set()
+        await asyncio.sleep(0.05)  # the delete arrives now
+        return records
+
+    async def register_missing(records, route):
+        for record in records:
+            registered[route.rank].setdefault(record.agent_id, record)
+        return {"added": len(records), "failed": 0}
+
+    engine = type("Engine", (), {"registrations": Remote(registrations), "register_missing": Remote(register_missing)})
+    view = RoutingView(live_ranks=[0, 1])
+    mover = Mover(engine, lambda: view, lambda make_call: make_call())
+
+    async def delete_ada():
+        await snapshot_taken.wait()
+        async with mover.registry_lock:
+            for agents in registered.values():
+                agents.pop("ada", None)
+
+    async def main():
+        await asyncio.gather(mover.share_registry([1]), delete_ada())
+    asyncio.run(main())
+    assert registered == {0: {}, 1: {}}

@@ -268,9 +268,14 @@ class Ingress:
 
     async def agent(self, agent_id: str, request: Request) -> Response:
         await self._live_ranks()  # asked where the agent's state is, not routed as a call (no spill)
-        status, data, rank = await self._json_from(request, Route(rank=self.view.target(agent_id)))
         if request.method == "GET":
+            status, data, rank = await self._json_from(request, Route(rank=self.view.target(agent_id)))
             return JSONResponse({**data, "replica": rank} if status == 200 else data, status_code=status)
+        async with self.mover.registry_lock:  # not while the registry is copied to a joined replica
+            return await self._delete_agent(agent_id, request)
+
+    async def _delete_agent(self, agent_id: str, request: Request) -> Response:
+        status, data, rank = await self._json_from(request, Route(rank=self.view.target(agent_id)))
         others = [r for r in await self._live_ranks() if r != rank]
         answers = await asyncio.gather(*(alone(lambda r=r: self._json_from(request, Route(rank=r))) for r in others),
                                        return_exceptions=True)

@@ -116,6 +116,9 @@ class Mover:
         self.view = view
         self.call = call
         self.lock = asyncio.Lock()
+        # held while the registry is copied to joined replicas and while an agent is deleted: a
+        # delete between the copy's snapshot and its registrations would bring the agent back
+        self.registry_lock = asyncio.Lock()
         self.task: asyncio.Task | None = None
 
     async def held(self, ranks: list[int]) -> dict[int, dict[str, dict]]:
@@ -253,14 +256,15 @@ class Mover:
     async def share_registry(self, joined: list[int]) -> dict:
         """Register at each joined replica the agents any live replica knows (every replica knows
         every registered agent; one that joins later knew none of them)."""
-        ranks = list(self.view().live_ranks)
-        answers = await asyncio.gather(*(self.call(lambda r=r: self.engine.registrations.remote(route=Route(rank=r)))
-                                         for r in ranks), return_exceptions=True)
-        records = list({rec.agent_id: rec for a in answers if isinstance(a, list) for rec in a}.values())
-        if not records:
-            return {"added": 0, "failed": 0}
-        answers = await asyncio.gather(*(self.call(lambda r=r: self.engine.register_missing.remote(
-            records, route=Route(rank=r))) for r in joined), return_exceptions=True)
+        async with self.registry_lock:
+            ranks = list(self.view().live_ranks)
+            answers = await asyncio.gather(*(self.call(lambda r=r: self.engine.registrations.remote(
+                route=Route(rank=r))) for r in ranks), return_exceptions=True)
+            records = list({rec.agent_id: rec for a in answers if isinstance(a, list) for rec in a}.values())
+            if not records:
+                return {"added": 0, "failed": 0}
+            answers = await asyncio.gather(*(self.call(lambda r=r: self.engine.register_missing.remote(
+                records, route=Route(rank=r))) for r in joined), return_exceptions=True)
         done = [a for a in answers if isinstance(a, dict)]
         failed = sum(a["failed"] for a in done) + len(answers) - len(done)
         return {"added": sum(a["added"] for a in done), "failed": failed}
