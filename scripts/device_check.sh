@@ -46,13 +46,13 @@ if [ "$SMOKE" = 1 ]; then
   MODEL=tiny-random; DTYPE=fp32; BATCHES="1 4"; GEN=8; BYTES=16MiB; WORKLOADS=town
   MEMORY="--agents 1000 --objects 10000 --steps 100"
   POLICIES=ideal,scalesim,lru  # 8 SGLang slots take half of tiny-random's quick device: it refuses a request
-  TESTS="tests/test_cuda.py tests/test_flex_paged.py"  # the CUDA tests skip here; the CPU side of flex runs
+  TESTS="tests/test_flex_paged.py"  # the CPU side of flex
 else
   MODEL=smollm2-135m; DTYPE=bf16; BATCHES="1 16 64"; GEN=64; BYTES=256MiB; WORKLOADS=town,feed
   MEMORY="--steps 200"  # 10,000 agents and 100,000 objects: 28 s on the 2-core CPU
   POLICIES=ideal,scalesim,lru,sglang-hicache
-  TESTS="tests/test_cuda.py tests/test_model_matches_transformers.py tests/test_flex_paged.py tests/test_engine.py
-         tests/test_memory_kv.py tests/test_lora.py tests/test_slot_pool.py tests/test_sampling.py tests/test_smollm2.py"
+  TESTS="tests/test_model_matches_transformers.py tests/test_flex_paged.py tests/test_engine.py tests/test_memory_kv.py
+         tests/test_lora.py tests/test_slot_pool.py tests/test_sampling.py tests/test_smollm2.py"
 fi
 S="$PY -m scalesim.cli"
 TOTAL_S=${DEVICE_CHECK_SECONDS:-480}
@@ -105,7 +105,8 @@ step() {
 
 step env 30 $PY -c "import torch, transformers; print(torch.__version__, transformers.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
-step tests 120 $PY -m pytest -q -p no:cacheprovider -rs $TESTS
+step cuda-tests 60 env TORCH_LOGS=recompiles $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
+step tests 100 $PY -m pytest -q -p no:cacheprovider -rs $TESTS
 step transfer 25 $S microbench transfer --nbytes $BYTES --out "$WORK/results/transfer.json"
 for batch in $BATCHES; do
   step engine-batch-$batch 40 $S microbench engine --model $MODEL --dtype $DTYPE --batch $batch --gen-len $GEN \
@@ -113,8 +114,8 @@ for batch in $BATCHES; do
 done
 if [ "$SMOKE" != 1 ]; then  # on a CPU flex is an eager reference that scores the whole cache: not here
   for batch in 16 64; do  # the candidate paged attention against the gather above (layers/flex_paged.py)
-    step engine-batch-$batch-flex 60 $S microbench engine --model $MODEL --dtype $DTYPE --batch $batch --gen-len $GEN \
-         --attention flex --out "$WORK/results/engine-batch-$batch-flex.json"
+    step engine-batch-$batch-flex 60 env TORCH_LOGS=recompiles $S microbench engine --model $MODEL --dtype $DTYPE --batch $batch --gen-len $GEN \
+         --attention flex --out "$WORK/results/engine-batch-$batch-flex.json"  # its log lists recompiles
   done
 fi
 step adapters 40 $S microbench adapters --model $MODEL --dtype $DTYPE --out "$WORK/results/adapters.json"

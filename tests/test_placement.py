@@ -154,7 +154,8 @@ def test_moves_go_far_future_first_in_batches_of_one_source_and_target():
 def test_a_delete_is_not_undone_by_the_registry_copy_to_a_joined_replica():
     """The ingress copies every agent registered anywhere to a replica that joins (registrations,
     then register_missing there). A delete of an agent between the two steps used to be undone:
-    the copy registered it again from its snapshot. Deletes hold the same lock (ingress.agent)."""
+    the copy registered it again from its snapshot. A delete runs in `Mover.deleting()`, as
+    `Ingress.agent` deletes (that route needs Ray Serve: tests/test_cluster.py)."""
     import asyncio
 
     from scalesim.cluster.moves import Mover
@@ -185,7 +186,7 @@ def test_a_delete_is_not_undone_by_the_registry_copy_to_a_joined_replica():
 
     async def delete_ada():
         await snapshot_taken.wait()
-        async with mover.registry_lock:
+        async with mover.deleting():
             for agents in registered.values():
                 agents.pop("ada", None)
 

@@ -271,7 +271,7 @@ class Ingress:
         if request.method == "GET":
             status, data, rank = await self._json_from(request, Route(rank=self.view.target(agent_id)))
             return JSONResponse({**data, "replica": rank} if status == 200 else data, status_code=status)
-        async with self.mover.registry_lock:  # not while the registry is copied to a joined replica
+        async with self.mover.deleting():  # not while the registry is copied to a joined replica
             return await self._delete_agent(agent_id, request)
 
     async def _delete_agent(self, agent_id: str, request: Request) -> Response:

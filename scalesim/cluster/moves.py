@@ -116,8 +116,9 @@ class Mover:
         self.view = view
         self.call = call
         self.lock = asyncio.Lock()
-        # held while the registry is copied to joined replicas and while an agent is deleted: a
-        # delete between the copy's snapshot and its registrations would bring the agent back
+        # held while the registry is copied to joined replicas and while an agent is deleted
+        # (`deleting`): a delete between the copy's snapshot and its registrations would bring
+        # the agent back
         self.registry_lock = asyncio.Lock()
         self.task: asyncio.Task | None = None
 
@@ -252,6 +253,10 @@ class Mover:
                         sum(r["attached"] + r["present"] for r in results), sum(r["nbytes"] for r in results))
             await self.rebalance()
         return len(results) == len(answers) and not any(r["held"] for r in results)
+
+    def deleting(self) -> asyncio.Lock:
+        """`async with mover.deleting():` around deleting an agent from the replicas."""
+        return self.registry_lock
 
     async def share_registry(self, joined: list[int]) -> dict:
         """Register at each joined replica the agents any live replica knows (every replica knows

@@ -7,7 +7,11 @@ rows only to the pages of its rows' sequences, so no context is gathered into a 
 mask function keeps, for each row, the slots its own sequence holds at positions up to its own
 (causal; a page the prefix cache shares between sequences is seen by each of them).
 
-On CUDA flex_attention is compiled (Triton) and visits only the listed pages. Elsewhere it runs
+On CUDA flex_attention is compiled (Triton, with 16 x 16 tiles, which divide the mask's) and
+visits only the listed pages; the per-step sizes are marked dynamic so that one kernel serves
+every step. The mask's tensors span the whole pool ([sequences, pool pages] and [row tiles, pool
+pages], int32), refilled each step: small for the default pool, hundreds of MB on an 80 GB one
+(not yet compacted). Elsewhere it runs
 PyTorch's eager reference, which scores every row against every slot of the cache: correct and
 used by the tests on small caches, never fast. Whether it beats gathering each context (the
 default on CUDA) is for a GPU run to measure (scripts/device_check.sh).
@@ -80,6 +84,9 @@ def plan(sequences: list[SequenceRows], num_tokens: int, block_size: int, num_sl
         device_tensor(pages_listed, device, torch.int32)
     kv_num_blocks = device_tensor([[[len(t) for t in tiles]]], device, torch.int32)
     row_seq, row_pos = to_device(row_seq, device), to_device(row_pos, device)
+    if device.type == "cuda":  # sizes that change every step: one compiled kernel for all of them
+        for tensor in (row_seq, row_pos, page_of):
+            torch._dynamo.mark_dynamic(tensor, 0)
 
     def mask_mod(b, h, q_idx, kv_idx):
         page = page_of[row_seq[q_idx], kv_idx // block_size]
@@ -100,7 +107,12 @@ def flex_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          scale: float, gqa: bool) -> torch.Tensor:
     """q [T, heads, head_dim] against the cache [slots, kv_heads, head_dim] under the step's plan:
     [T, heads * head_dim]."""
-    attend = _compiled() if q.device.type == "cuda" else flex_attention
+    compiled = q.device.type == "cuda"
+    attend = _compiled() if compiled else flex_attention
+    # the kernel's tiles must divide the mask's (16 rows by one page): its defaults (128 x 128 or
+    # 128 x 32) would make compiling fail
+    options = {"BLOCK_M": Q_TILE, "BLOCK_N": 16} if compiled else None
     out = attend(q.transpose(0, 1).unsqueeze(0), k_cache.permute(1, 0, 2).unsqueeze(0),
-                 v_cache.permute(1, 0, 2).unsqueeze(0), block_mask=flex.block_mask, scale=scale, enable_gqa=gqa)
+                 v_cache.permute(1, 0, 2).unsqueeze(0), block_mask=flex.block_mask, scale=scale, enable_gqa=gqa,
+                 kernel_options=options)
     return out[0].transpose(0, 1).reshape(q.shape[0], -1)
