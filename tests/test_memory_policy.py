@@ -336,3 +336,36 @@ def test_a_victim_taken_by_a_request_while_room_was_made_below_it_stays_put():
     assert manager.tiers.host_used_nbytes == 0, "the host room made for it is not leaked"
     assert manager.tiers.device_free_blocks == free_before
 
+
+
+def test_removing_an_object_mid_move_waits_for_the_move_and_gives_all_its_room_back():
+    import threading
+
+    manager = make_manager(blocks=8)
+    block = manager.pool.block_nbytes
+    copying, release = threading.Event(), threading.Event()
+
+    class SlowWeights(FakeWeights):
+        def transfer(self) -> None:  # the copy runs with the manager's lock released
+            copying.set()
+            release.wait(5)
+
+    obj = add(manager, SlowWeights("w", 2 * block))
+    host_before = manager.tiers.host_used_nbytes
+
+    def load() -> None:
+        with manager.lock:
+            manager.mover.move(obj, "device", unlock=True)
+    loader = threading.Thread(target=load)
+    loader.start()
+    assert copying.wait(5)
+    remover = threading.Thread(target=manager.remove, args=(obj,))
+    remover.start()
+    remover.join(0.2)
+    assert remover.is_alive(), "the removal waits for the move in flight"
+    release.set()
+    loader.join(5)
+    remover.join(5)
+    assert not remover.is_alive() and obj not in manager.index
+    assert manager.tiers.device_used_nbytes == 0 and manager.pool.num_free == manager.pool.num_blocks
+    assert manager.tiers.host_used_nbytes == host_before - 2 * block

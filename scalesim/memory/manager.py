@@ -97,8 +97,12 @@ class MemoryManager:
                 self.tiers.slots.known[obj.key] = obj
 
     def remove(self, obj: ResidentObject) -> None:
-        """Stop managing `obj` (it keeps whatever copy it has; the caller owns it now)."""
+        """Stop managing `obj` (it keeps whatever copy it has; the caller owns it now). A move in
+        flight holds room in two tiers: it settles first (else the room it claimed was never
+        given back: an adapter removed mid-load kept its device room, or its slot, for good)."""
         with self.lock:
+            while obj.moving_to is not None:
+                self.mover.finished.wait()
             if obj not in self.index:
                 return
             if obj.tier == "device":

@@ -42,6 +42,7 @@ class Mover:
                  on_bad_copy: Callable[[ResidentObject], None]) -> None:
         self.lock = lock
         self.copies = CopyStreams(tiers.pool.device)
+        self.finished = threading.Condition(lock)  # notified when a move commits or is undone
         self.index = index
         self.tiers = tiers
         self.stats = stats
@@ -105,6 +106,7 @@ class Mover:
         """Commit the move, or undo it after `error` (lock held); True if it committed."""
         obj, tiers = move.obj, self.tiers
         self.in_flight_nbytes -= obj.nbytes
+        self.finished.notify_all()  # heard once the caller releases the lock, after the move settled
         if error is None:
             obj.commit_move()
             tiers.settle(obj)
