@@ -56,29 +56,12 @@ class ModelRunner:
         # and so does prefill attention, where the kernel serves this head size
         self.prefill_in_place = self.decode_in_place and paged_prefill_available(model.config.head_dim)
 
-    def _flex_metadata(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        block_size = self.pool.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sequences: list[flex_paged.SequenceRows] = []
-        for s in batch:
-            start, count, table = s.seq.num_computed_tokens, s.num_new_tokens, s.seq.block_table
-            sequences.append(flex_paged.SequenceRows(len(input_ids), count, start, table))
-            input_ids.extend(s.seq.token_ids[start:start + count])
-            positions.extend(range(start, start + count))
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + count))
-        plan = flex_paged.plan(sequences, len(input_ids), block_size, self.pool.kv_cache.shape[2], self.device)
-        meta = AttentionMetadata(slot_mapping=self._to(torch.tensor(slots)), num_tokens=len(input_ids), flex=plan)
-        return self._to(torch.tensor(input_ids)), self._to(torch.tensor(positions)), meta
-
     def _metadata(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        if self.flex:
-            return self._flex_metadata(batch)
         block_size = self.pool.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        flex_rows: list[flex_paged.SequenceRows] = []  # with flex attention, all it needs
         decode_rows: list[int] = []
         decode_contexts: list[list[int]] = []  # block tables
         decode_lengths: list[int] = []
@@ -91,7 +74,9 @@ class ModelRunner:
             input_ids.extend(s.seq.token_ids[start:start + count])
             positions.extend(range(start, start + count))
             slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + count))
-            if count == 1:
+            if self.flex:
+                flex_rows.append(flex_paged.SequenceRows(row, count, start, table))
+            elif count == 1:
                 decode_rows.append(row)
                 decode_contexts.append(table[:-(-(start + 1) // block_size)])
                 decode_lengths.append(start + 1)
@@ -107,6 +92,8 @@ class ModelRunner:
                 prefills.append(PrefillChunk(row, row + count, self._to(context), self._to(mask)))
         meta = AttentionMetadata(slot_mapping=self._to(torch.tensor(slots)), num_tokens=len(input_ids),
                                  prefills=prefills)
+        if self.flex:
+            meta.flex = flex_paged.plan(flex_rows, len(input_ids), block_size, self.pool.kv_cache.shape[2], self.device)
         if prefill_tables:
             blocks = max(len(t) for t in prefill_tables)
             meta.prefill_block_tables = torch.tensor([t + [0] * (blocks - len(t)) for t in prefill_tables])

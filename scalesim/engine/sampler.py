@@ -54,7 +54,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         min_p = device_tensor([params[i].min_p for i in rows], device, sub.dtype)
         probs = _filter(sub / temperature, top_k, top_p, min_p).softmax(dim=-1)
         broken = ~probs.amax(dim=-1).isfinite()
-        failed.index_copy_(0, index, failed.index_select(0, index) | broken)
+        failed[index] |= broken
         probs = torch.where(broken.unsqueeze(1), torch.ones_like(probs), probs)  # a failed row draws harmlessly
         drawn = torch.empty(len(rows), dtype=tokens.dtype, device=logits.device)
         for j, row in enumerate(rows):  # each row from its own generator: the same tokens in any batch
