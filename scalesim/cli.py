@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from scalesim.config import ATTENTION_CHOICES, DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, \
+from scalesim.config import ATTENTION_CHOICES, QUANTIZATION_CHOICES, DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, \
     DEFAULT_HOST_MEMORY, DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, \
     DEFAULT_TRANSFER_THREADS, DTYPE_CHOICES, DTYPES
 from scalesim.bench.regimes import DEFAULT_REGIME, REGIMES, resolve_regime
@@ -39,6 +39,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="flex: one flex_attention call per layer over the page table (compiled on CUDA, pages "
                             "of 16 tokens or a multiple; on a CPU a slow reference for tests); auto/gather: the CPU "
                             "kernels, or on CUDA each decode context gathered (default: auto)")
+    group.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
+                       help="int8: the model's linears read int8 weights (one scale per output channel, a quarter "
+                            "of fp32's bytes) and compute in float32; speed and error measured in the README; CPU with "
+                            "AVX2 only (default: none)")
     memory = parser.add_argument_group("memory tiers")
     memory.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                         help=f"what to evict and prefetch: scalesim (invocation distance), lru (recency, no prefetch), lfu, "
@@ -66,7 +70,8 @@ def _engine_args(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 policy=args.policy, device_memory=args.device_memory, host_memory=args.host_memory,
                 disk_dir=args.disk_dir, disk_memory=args.disk_memory, disk_page_cache=args.disk_page_cache,
-                persist_on_exit=args.persist_on_exit, transfer_threads=args.transfer_threads, attention=args.attention)
+                persist_on_exit=args.persist_on_exit, transfer_threads=args.transfer_threads, attention=args.attention,
+                quantization=args.quantization)
 
 
 def build_parser() -> argparse.ArgumentParser:

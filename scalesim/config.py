@@ -20,6 +20,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 DTYPE_CHOICES = sorted(DTYPES) + ["auto"]
 ATTENTION_CHOICES = ("auto", "gather", "flex")
+QUANTIZATION_CHOICES = ("none", "int8")
 
 
 def auto_dtype(device: str) -> str:
@@ -45,7 +46,9 @@ class EngineConfig:
     `disk_memory`); its reads bypass the page cache unless `disk_page_cache`, and with
     `persist_on_exit` (default: on when there is a disk tier) a clean shutdown writes the device
     and host KV there for the next start. `transfer_threads` move state between tiers.
-    `policy` is one of memory.policies.POLICIES. `attention`: "flex" runs a step's attention as
+    `policy` is one of memory.policies.POLICIES. `quantization`: "int8" gives the base model's
+    linears int8 weights, one scale per output channel, computed in float32 (layers/int8_linear.py;
+    CPU only; `dtype` auto then means fp32). `attention`: "flex" runs a step's attention as
     one flex_attention call per layer over the page table (compiled on CUDA; on a CPU an eager
     reference, for tests only); "auto"/"gather": the CPU kernels, or on CUDA a gather of each
     decode context (engine/model_runner.py).
@@ -71,6 +74,7 @@ class EngineConfig:
     persist_on_exit: bool | None = None
     transfer_threads: int = DEFAULT_TRANSFER_THREADS
     attention: str = "auto"
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -96,6 +100,14 @@ class EngineConfig:
             raise ValueError("block_size_tokens, max_num_seqs and max_num_batched_tokens must be positive")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
+        if self.quantization == "int8":
+            if self.device != "cpu":
+                raise ValueError(f"quantization int8 runs on the CPU only, not on {self.device!r}")
+            if self.dtype not in ("auto", "fp32", "float32"):
+                raise ValueError(f"quantization int8 computes in float32: use dtype fp32 or auto, not {self.dtype!r}")
+            self.dtype = "fp32"
         if self.dtype == "auto":
             self.dtype = auto_dtype(self.device)
         if self.kv_cache_dtype == "auto":

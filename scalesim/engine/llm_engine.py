@@ -17,6 +17,7 @@ import torch
 from scalesim.config import EngineConfig
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.cpu_runtime import configure_cpu_allocator
+from scalesim.layers.int8_linear import quantize_int8
 from scalesim.layers.linear import pack_for_cpu
 from scalesim.layers.lora import stack_nbytes
 from scalesim.engine.detokenizer import IncrementalDetokenizer
@@ -62,8 +63,11 @@ class LLMEngine:
             configure_cpu_allocator()
         self.model_path = resolve_model(config.model)
         self.model = load_model(self.model_path, config.torch_dtype, config.device)
-        if config.device == "cpu":
-            pack_for_cpu(self.model, shared={id(self.model.embed_tokens.weight)})
+        shared = {id(self.model.embed_tokens.weight)}  # a tied output head
+        if config.quantization == "int8":
+            quantize_int8(self.model, shared)
+        elif config.device == "cpu":
+            pack_for_cpu(self.model, shared)
         self.tokenizer = load_tokenizer(self.model_path)
         self.model_config = self.model.config
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,

@@ -17,6 +17,8 @@ parity at 1 row, 1.2-1.4x faster at 4-16 rows (decode batches), 1.1-1.2x at 64-5
 A tied output head packs a copy of the embedding (the embedding itself stays plain).
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,30 +38,49 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 PACK_ROWS_HINT = 16  # the batch oneDNN's blocked layout is chosen for (decode batches; measured above)
 
 
+class OneDNNPacked:
+    """A weight reordered once into oneDNN's blocked layout (float32 or bfloat16, CPU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.packed.dtype or x.device.type != "cpu":
+            raise RuntimeError(f"packed {self.packed.dtype} linear got {x.dtype} on {x.device}")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
 class Linear(nn.Module):
+    """y = x W^T + b. `kernel`, once set (`pack_for_cpu`, or layers/int8_linear.py's
+    `quantize_int8`), computes it from its own copy of the weight, and the plain one is freed
+    unless another module shares it."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed: torch.Tensor | None = None  # oneDNN's blocked copy, once `pack_for_cpu` ran
+        self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            if x.dtype != self.packed.dtype or x.device.type != "cpu":
-                raise RuntimeError(f"packed {self.packed.dtype} linear got {x.dtype} on {x.device}")
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.kernel is not None:
+            return self.kernel(x)
         return linear(x, self.weight, self.bias)
+
+    def adopt_kernel(self, kernel: Callable[[torch.Tensor], torch.Tensor], shared: bool = False) -> None:
+        """Compute with `kernel` from now on; free the plain weight unless `shared`."""
+        self.kernel = kernel
+        if not shared:
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
     def pack_for_cpu(self, shared: bool = False) -> bool:
         """Reorder the weight into oneDNN's blocked layout and free the plain one (keep it when
         `shared`: another module uses it). False, changing nothing, where oneDNN cannot run it."""
         weight = self.weight
-        if not (_HAS_ONEDNN and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES and self.packed is None):
+        if not (_HAS_ONEDNN and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES and self.kernel is None):
             return False
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
-        if not shared:
-            self.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+        self.adopt_kernel(OneDNNPacked(weight, self.bias), shared)
         return True
 
 

@@ -1,0 +1,81 @@
+"""Weight-only int8 linears on the CPU (`--quantization int8`).
+
+Each weight is rounded to int8 with one symmetric scale per output channel (its largest |w| maps
+to 127) and stored packed for kernels/int8_linear.cpp; activations, sums and outputs stay
+float32. The weights take a quarter of float32's bytes, which is what bounds a decode step.
+Measured on this project's AVX2 EPYC (2 threads), a chain of all of SmolLM2-135M's linears with
+distinct weights, against oneDNN's packed float32: about 3x faster at 1-4 rows, 1.9x at 16,
+1.3x at 64, parity at 512 (`microbench int8`).
+
+What it costs in output is measured by `microbench accuracy --quantization int8`. Neither
+PyTorch CPU operator measured here fits: `_weight_int8pack_mm` took 3x float32's time at 1 row
+and 40x at 512 on this CPU, and fbgemm's dynamic int8 linear quantizes the activations too, with
+one scale per tensor, which made SmolLM2's greedy text part from float32's at the first tokens.
+"""
+
+import torch
+from torch import nn
+
+from scalesim.layers import kernel_build
+from scalesim.layers.linear import Linear
+
+SOURCE = "int8_linear.cpp"
+PANEL = 16  # output channels per packed panel (the kernel's)
+
+
+def available() -> bool:
+    """The kernel builds and loads here (it needs an x86 CPU with AVX2 and FMA, and a compiler)."""
+    return kernel_build.load(SOURCE)
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight [N, K] and float32 scale [N] with weight ~= int8 * scale[:, None] (rounded to
+    nearest; an all-zero row gets scale 1)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale.contiguous()
+
+
+class Int8Weight:
+    """A weight as the kernel reads it: panels of 16 output channels, k-major, [N/16, K, 16]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"int8 weights are CPU matrices, got {tuple(weight.shape)} on {weight.device}")
+        q, self.scale = quantize_rows(weight)
+        self.out_features, in_features = q.shape
+        padded = torch.cat([q, q.new_zeros((-self.out_features) % PANEL, in_features)])
+        self.packed = padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
+        self.bias = None if bias is None else bias.detach().float()
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [N, K] this one computes with."""
+        return self.packed.transpose(1, 2).reshape(-1, self.packed.shape[1])[:self.out_features].float() * \
+            self.scale[:, None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise RuntimeError(f"int8 linear computes in float32 on the CPU, got {x.dtype} on {x.device}")
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        out = torch.ops.scalesim.int8_linear(rows, self.packed, self.scale, self.out_features)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def quantize_int8(model: nn.Module, shared: set[int] = frozenset(), skip: set[str] = frozenset()) -> int:
+    """Give every Linear of `model` (but those named in `skip`) an int8 weight and free its
+    float32 one unless its id is in `shared`. Return how many were quantized. ValueError (a setting
+    this machine cannot run), with the model untouched, where the kernel is unavailable."""
+    if not available():
+        raise ValueError("--quantization int8 needs the int8 kernel (kernels/int8_linear.cpp: an x86 CPU with "
+                           "AVX2 and FMA, and a C++ compiler); it is unavailable here, see the warning above")
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and name not in skip:
+            module.adopt_kernel(Int8Weight(module.weight, module.bias), id(module.weight) in shared)
+            count += 1
+    return count

@@ -1,0 +1,119 @@
+// Weight-only int8 linear: out[m, n] = scale[n] * sum_k x[m, k] * w[n, k], with w int8 (one
+// symmetric scale per output channel) and x, out float32. A decode step of a few rows is bound by
+// the bytes of weights it reads, and int8 reads a quarter of float32's; a prefill step is bound by
+// its multiply-adds, which this kernel issues at about the rate of oneDNN's float32 kernel.
+//
+// The weight comes packed (layers/int8_linear.py): output channels in panels of 16, each panel
+// stored k-major, [N/16, K, 16], so one k step of a panel is 16 contiguous bytes. A thread takes a
+// panel and a slice of K_SLICE k steps (a few KiB, kept in cache), and passes every block of up to
+// 6 rows of x over it: for each k the slice's 16 weights are widened to float32 in two 8-wide
+// registers, and each row adds x[m, k] times them into its own two accumulators (12 accumulators,
+// no horizontal sums). Widening again for every block of rows measured faster than widening a
+// slice once into float32 scratch and reading that back. Each weight byte is read from memory
+// once per call. Sums run in float32 over k in order, so results differ from a float32 matmul
+// over the dequantized weight by float32 rounding only.
+//
+// Written for AVX2 with FMA; on a CPU without them the source does not build and int8 is refused
+// (layers/int8_linear.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "int8_linear needs AVX2 and FMA"
+#endif
+
+namespace {
+
+constexpr int64_t PANEL = 16;     // output channels per packed panel
+constexpr int64_t ROW_BLOCK = 6;  // rows of x per pass over a slice: 12 accumulators + 2 weights + 1 broadcast registers
+constexpr int64_t K_SLICE = 256;  // k steps per slice of a panel (4 KiB of int8)
+
+inline __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Rows of x [ROWS, k_count] times a panel slice [k_count, 16], added into `tile`'s 16 columns
+// (`accumulate`) or written there.
+template <int64_t ROWS>
+void slice_rows(const float* x, int64_t x_stride, const int8_t* slice, int64_t k_count, float* tile, bool accumulate) {
+  __m256 lo[ROWS], hi[ROWS];
+  for (int64_t m = 0; m < ROWS; ++m) {
+    lo[m] = accumulate ? _mm256_loadu_ps(tile + m * PANEL) : _mm256_setzero_ps();
+    hi[m] = accumulate ? _mm256_loadu_ps(tile + m * PANEL + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < k_count; ++k) {
+    const __m256 w_lo = widen8(slice + k * PANEL), w_hi = widen8(slice + k * PANEL + 8);
+    for (int64_t m = 0; m < ROWS; ++m) {
+      const __m256 v = _mm256_broadcast_ss(x + m * x_stride + k);
+      lo[m] = _mm256_fmadd_ps(v, w_lo, lo[m]);
+      hi[m] = _mm256_fmadd_ps(v, w_hi, hi[m]);
+    }
+  }
+  for (int64_t m = 0; m < ROWS; ++m) {
+    _mm256_storeu_ps(tile + m * PANEL, lo[m]);
+    _mm256_storeu_ps(tile + m * PANEL + 8, hi[m]);
+  }
+}
+
+void all_rows(const float* x, int64_t x_stride, int64_t m_rows, const int8_t* slice, int64_t k_count, float* tile,
+              bool accumulate) {
+  int64_t m = 0;
+  for (; m + ROW_BLOCK <= m_rows; m += ROW_BLOCK)
+    slice_rows<ROW_BLOCK>(x + m * x_stride, x_stride, slice, k_count, tile + m * PANEL, accumulate);
+  const float* xr = x + m * x_stride;
+  float* rest = tile + m * PANEL;
+  switch (m_rows - m) {
+    case 5: slice_rows<5>(xr, x_stride, slice, k_count, rest, accumulate); break;
+    case 4: slice_rows<4>(xr, x_stride, slice, k_count, rest, accumulate); break;
+    case 3: slice_rows<3>(xr, x_stride, slice, k_count, rest, accumulate); break;
+    case 2: slice_rows<2>(xr, x_stride, slice, k_count, rest, accumulate); break;
+    case 1: slice_rows<1>(xr, x_stride, slice, k_count, rest, accumulate); break;
+    default: break;
+  }
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t out_features) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "int8_linear: x must be CPU float32 [M, K], rows contiguous");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kChar && packed.dim() == 3 &&
+                  packed.size(2) == PANEL && packed.is_contiguous(),
+              "int8_linear: the weight must be packed CPU int8 [N/16, K, 16], contiguous");
+  TORCH_CHECK(packed.size(1) == x.size(1), "int8_linear: x has ", x.size(1), " features, the weight ", packed.size(1));
+  TORCH_CHECK(out_features > (packed.size(0) - 1) * PANEL && out_features <= packed.size(0) * PANEL,
+              "int8_linear: ", out_features, " output features do not fill ", packed.size(0), " panels");
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == out_features,
+              "int8_linear: scale must be CPU float32 [N], contiguous");
+  const int64_t m_rows = x.size(0), k_dim = x.size(1), panels = packed.size(0);
+  at::Tensor out = at::empty({m_rows, out_features}, x.options());
+  if (m_rows == 0 || out_features == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t x_stride = x.stride(0), out_stride = out.stride(0);
+  at::parallel_for(0, panels, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(m_rows * PANEL);  // this panel's 16 columns of out, before scaling
+    for (int64_t p = begin; p < end; ++p) {
+      const int8_t* panel = wp + p * k_dim * PANEL;
+      for (int64_t k0 = 0; k0 < k_dim; k0 += K_SLICE)
+        all_rows(xp + k0, x_stride, m_rows, panel + k0 * PANEL, std::min(K_SLICE, k_dim - k0), tile.data(), k0 > 0);
+      const int64_t n0 = p * PANEL, channels = std::min(PANEL, out_features - n0);
+      for (int64_t m = 0; m < m_rows; ++m)
+        for (int64_t j = 0; j < channels; ++j) op[m * out_stride + n0 + j] = tile[m * PANEL + j] * sp[n0 + j];
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(scalesim, m) {
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor scale, int out_features) -> Tensor");
+  m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
+}

@@ -1,0 +1,133 @@
+"""Weight-only int8 linears (`--quantization int8`): the kernel computes exactly the float32
+product with the dequantized weight, whatever the batch, and an int8 engine is an fp32 engine
+over dequantized weights, adapters included."""
+
+import pytest
+import torch
+from torch import nn
+
+from scalesim import LLM, SamplingParams
+from scalesim.config import EngineConfig
+from scalesim.layers import int8_linear
+from scalesim.layers.int8_linear import Int8Weight, quantize_int8, quantize_rows
+from scalesim.layers.linear import Linear
+from scalesim.models.loader import load_model
+from scalesim.models.registry import resolve_model
+from scalesim.weights.fixtures import make_random_adapters
+
+pytestmark = pytest.mark.skipif(not int8_linear.available(), reason="the int8 kernel needs an x86 CPU with AVX2 and FMA")
+
+
+def test_rounding_is_within_half_a_step_per_channel():
+    weight = torch.randn(37, 50) * torch.logspace(-3, 1, 37)[:, None]
+    weight[5] = 0.0
+    q, scale = quantize_rows(weight)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert (q.float() * scale[:, None] - weight).abs().le(scale[:, None] / 2 + 1e-7).all()
+    assert scale[5] == 1.0 and (q[5] == 0).all()
+
+
+@pytest.mark.parametrize("out_features", [1, 15, 16, 33, 960])
+@pytest.mark.parametrize("in_features", [3, 17, 300, 576])
+def test_kernel_equals_float32_matmul_over_the_dequantized_weight(out_features, in_features):
+    torch.manual_seed(out_features * 1000 + in_features)
+    weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
+    layer = Int8Weight(weight, bias)
+    reference = layer.dequantized()
+    for rows in (1, 2, 5, 6, 7, 13, 64):
+        x = torch.randn(rows, in_features)
+        expected = x.double() @ reference.double().T + bias.double()
+        got = layer(x)
+        assert got.shape == (rows, out_features) and got.dtype == torch.float32
+        tolerance = 1e-5 * (x.abs().double() @ reference.abs().double().T + bias.abs().double()).max()
+        assert (got.double() - expected).abs().max() <= tolerance
+
+
+def test_each_row_is_the_same_in_any_batch():
+    """Rows never mix: a row computed alone equals it computed among 12 others, bit for bit (the
+    kernel takes rows in blocks of 6 and the remainder separately)."""
+    layer = Int8Weight(torch.randn(48, 300), None)
+    x = torch.randn(13, 300)
+    together = layer(x)
+    for i in range(13):
+        assert torch.equal(layer(x[i:i + 1]), together[i:i + 1])
+
+
+def test_strided_and_batched_inputs():
+    layer = Int8Weight(torch.randn(20, 8), None)
+    wide = torch.randn(4, 3, 16)
+    x = wide[..., ::2]  # a view whose last dimension is not contiguous
+    assert torch.allclose(layer(x), x @ layer.dequantized().T, atol=1e-5)
+    with pytest.raises(RuntimeError, match="float32"):
+        layer(torch.randn(2, 8, dtype=torch.bfloat16))
+
+
+def test_the_kernel_checks_its_arguments():
+    layer = Int8Weight(torch.randn(20, 8), None)
+    with pytest.raises(RuntimeError, match="features"):
+        torch.ops.scalesim.int8_linear(torch.randn(2, 9), layer.packed, layer.scale, 20)
+    with pytest.raises(RuntimeError, match="panels"):
+        torch.ops.scalesim.int8_linear(torch.randn(2, 8), layer.packed, layer.scale, 40)
+
+
+def _dequantized_reference(base: str, **engine_args) -> LLM:
+    """An fp32 engine whose every linear computes with the int8 engine's dequantized weight."""
+    reference = LLM(base, dtype="fp32", **engine_args)
+    original = load_model(resolve_model(base), torch.float32, "cpu")
+    for name, module in original.named_modules():
+        if isinstance(module, Linear):
+            target = reference.engine.model.get_submodule(name)
+            target.kernel = None
+            target.weight = nn.Parameter(Int8Weight(module.weight, module.bias).dequantized(), requires_grad=False)
+    return reference
+
+
+@pytest.mark.parametrize("base", ["tiny-random", "tiny-random-qwen2"])
+def test_an_int8_engine_is_an_fp32_engine_over_dequantized_weights(base, tmp_path):
+    """Prompt logits and greedy text, with and without a LoRA adapter (whose delta stays float32):
+    every projection (fused q/k/v with Qwen2's bias, o, gate/up, down, the tied head) goes
+    through the kernel."""
+    make_random_adapters(base, tmp_path, count=1, rank=8, seed=3)
+    engine_args = dict(kv_cache_memory="4MiB", block_size_tokens=4)
+    ours = LLM(base, quantization="int8", **engine_args)
+    reference = _dequantized_reference(base, **engine_args)
+    for llm in (ours, reference):
+        llm.add_adapter("a", str(tmp_path / "adapter-0"))
+    plain = LLM(base, dtype="fp32", **engine_args)
+    ids = ours.tokenizer.encode("Alice meets Bob at the cafe and they talk about the village news")
+    for adapter in (None, "a"):
+        got, want = ours.prompt_logits(ids, adapter=adapter), reference.prompt_logits(ids, adapter=adapter)
+        assert (got - want).abs().max().item() <= 1e-4
+    assert (ours.prompt_logits(ids) - plain.prompt_logits(ids)).abs().max().item() > 1e-3, "int8 must change the weights"
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [ids, ids[:5], ids[3:9]]
+    assert [o.outputs[0].token_ids for o in ours.generate(prompts, params, adapters=["a", None, "a"])] == \
+        [o.outputs[0].token_ids for o in reference.generate(prompts, params, adapters=["a", None, "a"])]
+
+
+def test_int8_frees_the_float32_weights_and_keeps_the_embedding():
+    llm = LLM("tiny-random", quantization="int8", kv_cache_memory="4MiB")
+    model = llm.engine.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(isinstance(m.kernel, Int8Weight) for m in linears)
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    assert all(m.weight.numel() == 0 for m in linears if not (tied and m is model.lm_head))
+    assert model.embed_tokens.weight.numel() > 0 and model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_settings_int8_cannot_run_are_refused():
+    assert EngineConfig(model="tiny-random", quantization="int8").dtype == "fp32"
+    with pytest.raises(ValueError, match="float32"):
+        EngineConfig(model="tiny-random", quantization="int8", dtype="bf16")
+    with pytest.raises(ValueError, match="CPU"):
+        EngineConfig(model="tiny-random", quantization="int8", device="cuda")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineConfig(model="tiny-random", quantization="int4")
+
+
+def test_without_the_kernel_int8_is_refused_and_the_model_untouched(monkeypatch):
+    monkeypatch.setattr(int8_linear, "available", lambda: False)
+    model = load_model(resolve_model("tiny-random"), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="AVX2"):
+        quantize_int8(model)
+    assert all(m.kernel is None and m.weight.numel() > 0 for m in model.modules() if isinstance(m, Linear))
