@@ -239,9 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     htp.add_argument("--out", default=None, help="write the JSON result here too")
     acc = kinds.add_parser("accuracy", help="greedy text and logit error of a dtype against fp32 on three prompts")
     acc.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
-    acc.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES, help="dtype to check (default: bf16)")
+    acc.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                     help="dtype to check (default: bf16, or fp32 with --quantization int8)")
+    acc.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
+                     help="int8: check int8 weights, which compute in fp32 (default: none)")
     acc.add_argument("--gen-len", type=int, default=32, help="greedy tokens per prompt (default: 32)")
     acc.add_argument("--out", default=None, help="write the JSON result here too")
+    i8 = kinds.add_parser("int8", help="int8 weights against float32: every linear at 1-512 rows, and the engine's "
+                          "prefill and decode, interleaved")
+    i8.add_argument("--model", default="smollm2-135m", help="model whose shapes and engine to run (default: smollm2-135m)")
+    i8.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    i8.add_argument("--out", default=None, help="write the JSON result here too")
     prf = kinds.add_parser("profile", help="torch.profiler summary of a prefill-heavy step and a batch-16 decode")
     prf.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
     prf.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="engine dtype (default: auto)")
@@ -252,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes, each run by both (default: fp32,bf16)")
     peer.add_argument("--scalesim-dtype", default=None, choices=DTYPE_CHOICES,
                       help="run ScaleSim in this dtype against every vLLM dtype (default: the same dtype)")
+    peer.add_argument("--scalesim-quantization", default="none", choices=QUANTIZATION_CHOICES,
+                      help="int8: ScaleSim runs int8 weights against vLLM's dtype (default: none)")
     peer.add_argument("--peer-python", default=".venv-peer/bin/python", help="python of the vLLM venv (default: .venv-peer/bin/python)")
     peer.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     peer.add_argument("--contended-rounds", type=int, default=0,
@@ -346,7 +356,11 @@ def _microbench(args: argparse.Namespace) -> None:
         write_result(run_http_bench(args.workload, args.model, cfg, args.policy, args.rounds), args.out)
     elif args.kind == "accuracy":
         from scalesim.bench.accuracy_bench import run_accuracy_bench
-        write_result(run_accuracy_bench(args.model, args.dtype, args.gen_len), args.out)
+        dtype = args.dtype or ("fp32" if args.quantization == "int8" else "bf16")
+        write_result(run_accuracy_bench(args.model, dtype, args.gen_len, quantization=args.quantization), args.out)
+    elif args.kind == "int8":
+        from scalesim.bench.int8_bench import run_int8_bench
+        write_result(run_int8_bench(args.model, args.rounds), args.out)
     elif args.kind == "profile":
         from scalesim.bench.profile_bench import run_profile_bench
         write_result(run_profile_bench(args.model, args.dtype), args.out)
@@ -357,7 +371,7 @@ def _microbench(args: argparse.Namespace) -> None:
         ours = {d: args.scalesim_dtype for d in dtypes} if args.scalesim_dtype else None
         write_result(run_peer_bench(args.model, dtypes, args.peer_python, args.rounds, args.contended_rounds,
                                     parse_nbytes(args.kv_cache_memory), args.max_num_batched_tokens,
-                                    scalesim_dtypes=ours), args.out)
+                                    scalesim_dtypes=ours, scalesim_quantization=args.scalesim_quantization), args.out)
     elif args.kind == "overload":
         from scalesim.bench.overload_bench import run_overload_bench
         write_result(run_overload_bench(args.before_src, args.model, args.agents, args.timeout, args.retries,

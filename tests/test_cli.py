@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
+from scalesim.bench.int8_bench import CASE_LABELS, markdown_table
 from scalesim.cli import build_parser, main
+from scalesim.layers.int8_linear import available as int8_available
 
 
 def test_generate_help_explains_every_flag():
@@ -83,3 +85,15 @@ def test_transfer_microbench_measures_both_directions_and_the_overlap(tmp_path, 
     assert all(rate > 0 for rate in result["gb_per_s"].values())
     assert all(len(seconds) == 2 for seconds in result["seconds"].values())
     assert result["both_s"] > 0 and result["overlap_ratio"] > 0 and result["compute_slowdown"] > 0
+
+
+@pytest.mark.skipif(not int8_available(), reason="the int8 kernel needs an x86 CPU with AVX2 and FMA")
+def test_int8_microbench_times_both_kinds_in_every_case(tmp_path, capsys):
+    out = tmp_path / "int8.json"
+    assert main(["microbench", "int8", "--model", "tiny-random", "--rounds", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["cases"]) == set(CASE_LABELS)
+    for case in result["cases"].values():
+        assert all(len(case["values"][kind]) == 2 and min(case["values"][kind]) > 0 for kind in ("fp32", "int8"))
+        assert case["int8_speedup"] > 0
+    assert markdown_table(result).count("\n") == len(CASE_LABELS) + 1

@@ -1,4 +1,5 @@
-"""`scalesim microbench accuracy`: what a lower-precision dtype costs in output, against fp32.
+"""`scalesim microbench accuracy`: what a lower-precision dtype, or int8 weights
+(`--quantization int8`), costs in output, against fp32.
 
 For each prompt (the three the built-in model's tests use), both engines generate `gen_len`
 greedy tokens; the report gives the first position where the texts part (None when they never
@@ -34,6 +35,7 @@ class AccuracyBenchResult:
     gen_len: int
     prompts: list[PromptAccuracy]
     greedy_equal: int              # prompts whose whole greedy text is equal
+    quantization: str = "none"
     measured_on: dict = field(default_factory=provenance)
 
 
@@ -43,8 +45,8 @@ def _greedy(llm: LLM, prompts: tuple[str, ...], gen_len: int) -> list[list[int]]
 
 
 def run_accuracy_bench(model: str, dtype: str, gen_len: int = 32, reference_dtype: str = "fp32",
-                       prompts: tuple[str, ...] = PROMPTS) -> AccuracyBenchResult:
-    reference, candidate = LLM(model, dtype=reference_dtype), LLM(model, dtype=dtype)
+                       prompts: tuple[str, ...] = PROMPTS, quantization: str = "none") -> AccuracyBenchResult:
+    reference, candidate = LLM(model, dtype=reference_dtype), LLM(model, dtype=dtype, quantization=quantization)
     expected, got = _greedy(reference, prompts, gen_len), _greedy(candidate, prompts, gen_len)
     rows = []
     for prompt, want, have in zip(prompts, expected, got):
@@ -61,5 +63,6 @@ def run_accuracy_bench(model: str, dtype: str, gen_len: int = 32, reference_dtyp
             top1_agreement=round((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(), 4)))
     return AccuracyBenchResult(model=model, dtype=candidate.engine.config.dtype, reference_dtype=reference_dtype,
                                gen_len=gen_len, prompts=rows,
-                               greedy_equal=sum(r.first_divergence is None for r in rows))
+                               greedy_equal=sum(r.first_divergence is None for r in rows),
+                               quantization=candidate.engine.config.quantization)
 

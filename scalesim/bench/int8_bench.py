@@ -1,0 +1,126 @@
+"""`scalesim microbench int8`: what int8 weights buy in speed on this CPU, against float32.
+
+Two levels, each float32 against int8 in the same rounds, interleaved, medians compared with each
+side's spread (max / min - 1 over the rounds) as the noise floor:
+- `linears`: a chain of all of the model's linears (every layer's q/k/v, o, gate/up and down,
+  then the output head) with distinct weights, so they stream from memory as in a real step, at
+  1 to 512 rows: oneDNN's packed float32 (the engine's default) against kernels/int8_linear.cpp.
+  Random weights of the model's shapes; the value is the median of 5 chain runs.
+- `engine`: the whole engine, `LLM(dtype="fp32")` against `LLM(quantization="int8")`: prefill of
+  8 x 512-token prompts (tokens/s), and decode at batch 1 and 16 (tokens/s: 64 tokens minus 1,
+  the prefill taken out as in engine_bench). Fresh random prompts every time, so no prefix is
+  reused.
+What int8 costs in output is `microbench accuracy --quantization int8`.
+"""
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from scalesim.bench.engine_bench import random_prompts, time_generate
+from scalesim.bench.provenance import provenance
+from scalesim.layers.int8_linear import Int8Weight
+from scalesim.layers.linear import OneDNNPacked
+from scalesim.llm import LLM
+from scalesim.models.config import ModelConfig
+from scalesim.models.registry import resolve_model
+
+KINDS = ("fp32", "int8")
+CHAIN_ROWS = (1, 4, 16, 64, 512)
+CHAIN_REPEATS = 5
+DECODE_TOKENS = 64
+
+
+@dataclass
+class Case:
+    unit: str
+    values: dict = field(default_factory=lambda: {k: [] for k in KINDS})
+
+    def summary(self) -> dict:
+        median = {k: statistics.median(v) for k, v in self.values.items()}
+        spread = {k: round(max(v) / min(v) - 1, 4) for k, v in self.values.items()}
+        faster = median["int8"] / median["fp32"] if self.unit.endswith("/s") else median["fp32"] / median["int8"]
+        return {"unit": self.unit, "values": self.values, "median": median, "spread": spread,
+                "int8_speedup": round(faster, 3)}
+
+
+def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of every linear of one forward pass, in order."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    layer = [(qkv, hidden), (hidden, config.num_attention_heads * config.head_dim), (2 * inter, hidden), (hidden, inter)]
+    return layer * config.num_hidden_layers + [(config.vocab_size, hidden)]
+
+
+def _chain_seconds(kernels: list, inputs: dict[int, torch.Tensor]) -> float:
+    """Median seconds of CHAIN_REPEATS runs of the whole chain."""
+    runs = []
+    for _ in range(CHAIN_REPEATS):
+        started = time.perf_counter()
+        for kernel, in_features in kernels:
+            kernel(inputs[in_features])
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs)
+
+
+def _engine_cases(llm: LLM, rng: random.Random, vocab: int) -> dict[str, float]:
+    out = {"prefill_8x512": 8 * 512 / time_generate(llm, random_prompts(rng, 8, 512, vocab), 1)}
+    for batch in (1, 16):
+        first = time_generate(llm, random_prompts(rng, batch, 128, vocab), 1)
+        total = time_generate(llm, random_prompts(rng, batch, 128, vocab), DECODE_TOKENS)
+        out[f"decode_b{batch}"] = batch * (DECODE_TOKENS - 1) / max(total - first, 1e-9)
+    return out
+
+
+def run_int8_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    config = ModelConfig.from_folder(resolve_model(model))
+    weights = [(torch.randn(n, k) * 0.02, k) for n, k in linear_shapes(config)]
+    chains = {"fp32": [(OneDNNPacked(w, None), k) for w, k in weights],
+              "int8": [(Int8Weight(w, None), k) for w, k in weights]}
+    del weights
+    cases = {f"linears_{rows}_rows": Case("s") for rows in CHAIN_ROWS}
+    engines = {"fp32": LLM(model, dtype="fp32", max_num_seqs=16, max_num_batched_tokens=4096, seed=seed),
+               "int8": LLM(model, quantization="int8", max_num_seqs=16, max_num_batched_tokens=4096, seed=seed)}
+    for name in ("prefill_8x512", "decode_b1", "decode_b16"):
+        cases[name] = Case("tokens/s")
+    for llm in engines.values():  # first calls pay one-off costs (kernel loads, allocations)
+        time_generate(llm, random_prompts(rng, 2, 64, config.vocab_size), 4)
+    for r in range(rounds):
+        order = KINDS if r % 2 == 0 else KINDS[::-1]
+        for rows in CHAIN_ROWS:
+            inputs = {k: torch.randn(rows, k) for k in (config.hidden_size, config.intermediate_size)}
+            for kind in order:
+                cases[f"linears_{rows}_rows"].values[kind].append(round(_chain_seconds(chains[kind], inputs), 5))
+        for kind in order:
+            for name, value in _engine_cases(engines[kind], rng, config.vocab_size).items():
+                cases[name].values[kind].append(round(value, 2))
+        print(f"[round {r + 1}/{rounds}]", {n: c.summary()["int8_speedup"] for n, c in cases.items()}, flush=True)
+    for llm in engines.values():
+        llm.close()
+    return {"model": model, "rounds": rounds, "threads": torch.get_num_threads(), "measured_on": provenance(),
+            "cases": {name: case.summary() for name, case in cases.items()}}
+
+
+CASE_LABELS = {**{f"linears_{rows}_rows": f"all linears, {rows} row{'s' * (rows > 1)} (ms)" for rows in CHAIN_ROWS},
+               "prefill_8x512": "engine prefill, 8 x 512 tokens (tokens/s)",
+               "decode_b1": "engine decode, batch 1 (tokens/s)",
+               "decode_b16": "engine decode, batch 16 (tokens/s)"}
+
+
+def markdown_table(result: dict) -> str:
+    """The README's table of a `run_int8_bench` result."""
+    def cell(case: dict, kind: str) -> str:
+        scale = 1000.0 if case["unit"] == "s" else 1.0
+        return f"{case['median'][kind] * scale:.1f}"
+
+    rows = ["| case | fp32 | int8 | int8 speedup | spread fp32 / int8 |", "|---|---|---|---|---|"]
+    for name, label in CASE_LABELS.items():
+        case = result["cases"][name]
+        spread = " / ".join(f"{case['spread'][k]:.0%}" for k in KINDS)
+        rows.append(f"| {label} | {cell(case, 'fp32')} | {cell(case, 'int8')} | **{case['int8_speedup']:.2f}x** | {spread} |")
+    return "\n".join(rows)
