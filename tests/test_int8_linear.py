@@ -44,13 +44,15 @@ def test_kernel_equals_float32_matmul_over_the_dequantized_weight(out_features, 
 
 
 def test_each_row_is_the_same_in_any_batch():
-    """Rows never mix: a row computed alone equals it computed among 12 others, bit for bit (the
-    kernel takes rows in blocks of 6 and the remainder separately)."""
+    """Rows never mix: a row computed alone equals it computed among others, bit for bit (the
+    kernel takes rows in chunks of 512, those in blocks of 6 and the remainder separately)."""
     layer = Int8Weight(torch.randn(48, 300), None)
-    x = torch.randn(13, 300)
+    x = torch.randn(1030, 300)
     together = layer(x)
-    for i in range(13):
+    assert (together - x @ layer.dequantized().T).abs().max() <= 1e-4
+    for i in [*range(13), 511, 512, 1023, 1024, 1029]:
         assert torch.equal(layer(x[i:i + 1]), together[i:i + 1])
+    assert torch.equal(layer(x[:13]), together[:13])
 
 
 def test_strided_and_batched_inputs():
