@@ -48,7 +48,8 @@ class EngineConfig:
     and host KV there for the next start. `transfer_threads` move state between tiers.
     `policy` is one of memory.policies.POLICIES. `quantization`: "int8" gives the base model's
     linears int8 weights, one scale per output channel, computed in float32 (layers/int8_linear.py;
-    CPU only; `dtype` auto then means fp32). `attention`: "flex" runs a step's attention as
+    CPU only: `device` auto then means the CPU, `dtype` auto fp32); private models keep their
+    float32 weights. `attention`: "flex" runs a step's attention as
     one flex_attention call per layer over the page table (compiled on CUDA; on a CPU an eager
     reference, for tests only); "auto"/"gather": the CPU kernels, or on CUDA a gather of each
     decode context (engine/model_runner.py).
@@ -99,7 +100,7 @@ class EngineConfig:
         if self.block_size_tokens <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("block_size_tokens, max_num_seqs and max_num_batched_tokens must be positive")
         if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = "cuda" if torch.cuda.is_available() and self.quantization != "int8" else "cpu"
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
         if self.quantization == "int8":

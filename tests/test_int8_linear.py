@@ -55,11 +55,28 @@ def test_each_row_is_the_same_in_any_batch():
     assert torch.equal(layer(x[:13]), together[:13])
 
 
-def test_strided_and_batched_inputs():
+def test_many_panels_over_both_threads_are_bit_for_bit_per_row():
+    """320 outputs are 20 panels, split between threads: a row's result still does not depend on
+    the rows beside it."""
+    layer = Int8Weight(torch.randn(320, 200), None)
+    x = torch.randn(9, 200)
+    together = layer(x)
+    assert (together - x @ layer.dequantized().T).abs().max() <= 1e-4
+    assert all(torch.equal(layer(x[i:i + 1]), together[i:i + 1]) for i in range(9))
+
+
+def test_strided_batched_and_empty_inputs():
     layer = Int8Weight(torch.randn(20, 8), None)
     wide = torch.randn(4, 3, 16)
     x = wide[..., ::2]  # a view whose last dimension is not contiguous
     assert torch.allclose(layer(x), x @ layer.dequantized().T, atol=1e-5)
+    rows = torch.randn(7, 20)[:, 3:11]  # rows 20 apart: the kernel reads them in place
+    assert rows.stride() == (20, 1)
+    assert torch.allclose(layer(rows), rows @ layer.dequantized().T, atol=1e-5)
+    assert layer(torch.randn(0, 8)).shape == (0, 20)
+    one = Int8Weight(torch.randn(5, 1), None)
+    column = torch.randn(3, 2)[:, 1:]  # one feature, stride 2
+    assert torch.allclose(one(column), column @ one.dequantized().T, atol=1e-6)
     with pytest.raises(RuntimeError, match="float32"):
         layer(torch.randn(2, 8, dtype=torch.bfloat16))
 
@@ -97,10 +114,15 @@ def test_an_int8_engine_is_an_fp32_engine_over_dequantized_weights(base, tmp_pat
         llm.add_adapter("a", str(tmp_path / "adapter-0"))
     plain = LLM(base, dtype="fp32", **engine_args)
     ids = ours.tokenizer.encode("Alice meets Bob at the cafe and they talk about the village news")
-    for adapter in (None, "a"):
+    logits = {}
+    for adapter in (None, "a"):  # each engine's first look at the prompt: every position computed
         got, want = ours.prompt_logits(ids, adapter=adapter), reference.prompt_logits(ids, adapter=adapter)
+        assert got.shape == want.shape == (len(ids), ours.engine.model_config.vocab_size)
         assert (got - want).abs().max().item() <= 1e-4
-    assert (ours.prompt_logits(ids) - plain.prompt_logits(ids)).abs().max().item() > 1e-3, "int8 must change the weights"
+        logits[adapter] = got
+    unquantized = plain.prompt_logits(ids)
+    assert unquantized.shape == logits[None].shape
+    assert (logits[None] - unquantized).abs().max().item() > 1e-3, "int8 must change the weights"
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     prompts = [ids, ids[:5], ids[3:9]]
     assert [o.outputs[0].token_ids for o in ours.generate(prompts, params, adapters=["a", None, "a"])] == \
@@ -117,8 +139,28 @@ def test_int8_frees_the_float32_weights_and_keeps_the_embedding():
     assert model.embed_tokens.weight.numel() > 0 and model.embed_tokens.weight.dtype == torch.float32
 
 
+def test_kv_saved_under_other_weights_is_not_restored(tmp_path):
+    """KV that fp32 weights computed, found again by an fp32 engine on the same state directory,
+    is not served to an int8 engine there (its values are not what int8 weights compute)."""
+    prompts = [[(7 * i + j) % 400 + 10 for j in range(40)] for i in range(4)]
+    params = SamplingParams(max_tokens=2, temperature=0)
+    settings = dict(kv_cache_memory="4MiB", block_size_tokens=4, disk_dir=str(tmp_path / "state"))
+    first = LLM("tiny-random", dtype="fp32", **settings)
+    first.generate(prompts, params)
+    first.engine.shutdown()
+    again = LLM("tiny-random", dtype="fp32", **settings)
+    assert again.engine.memory.store.entries("kv") != []
+    assert again.generate([prompts[0]], params)[0].num_cached_tokens > 0
+    again.engine.shutdown()
+    quantized = LLM("tiny-random", quantization="int8", **settings)
+    assert quantized.engine.memory.store.entries("kv") == []
+    assert quantized.generate([prompts[0]], params)[0].num_cached_tokens == 0
+    quantized.engine.shutdown()
+
+
 def test_settings_int8_cannot_run_are_refused():
-    assert EngineConfig(model="tiny-random", quantization="int8").dtype == "fp32"
+    config = EngineConfig(model="tiny-random", quantization="int8")
+    assert (config.dtype, config.device) == ("fp32", "cpu")
     with pytest.raises(ValueError, match="float32"):
         EngineConfig(model="tiny-random", quantization="int8", dtype="bf16")
     with pytest.raises(ValueError, match="CPU"):

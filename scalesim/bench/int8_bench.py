@@ -31,20 +31,25 @@ from scalesim.models.registry import resolve_model
 KINDS = ("fp32", "int8")
 CHAIN_ROWS = (1, 4, 16, 64, 512)
 CHAIN_REPEATS = 5
-DECODE_TOKENS = 64
+PREFILL_PROMPTS, PREFILL_TOKENS = 8, 512
+DECODE_BATCHES = (1, 16)
+DECODE_PROMPT_TOKENS, DECODE_TOKENS = 128, 64
 
 
 @dataclass
 class Case:
     unit: str
+    higher_is_better: bool  # a rate (tokens/s) rather than a time
     values: dict = field(default_factory=lambda: {k: [] for k in KINDS})
+
+    def speedup(self, fp32: float, int8: float) -> float:
+        return int8 / fp32 if self.higher_is_better else fp32 / int8
 
     def summary(self) -> dict:
         median = {k: statistics.median(v) for k, v in self.values.items()}
         spread = {k: round(max(v) / min(v) - 1, 4) for k, v in self.values.items()}
-        faster = median["int8"] / median["fp32"] if self.unit.endswith("/s") else median["fp32"] / median["int8"]
         return {"unit": self.unit, "values": self.values, "median": median, "spread": spread,
-                "int8_speedup": round(faster, 3)}
+                "int8_speedup": round(self.speedup(median["fp32"], median["int8"]), 3)}
 
 
 def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -67,11 +72,12 @@ def _chain_seconds(kernels: list, inputs: dict[int, torch.Tensor]) -> float:
 
 
 def _engine_cases(llm: LLM, rng: random.Random, vocab: int) -> dict[str, float]:
-    out = {"prefill_8x512": 8 * 512 / time_generate(llm, random_prompts(rng, 8, 512, vocab), 1)}
-    for batch in (1, 16):
-        first = time_generate(llm, random_prompts(rng, batch, 128, vocab), 1)
-        total = time_generate(llm, random_prompts(rng, batch, 128, vocab), DECODE_TOKENS)
-        out[f"decode_b{batch}"] = batch * (DECODE_TOKENS - 1) / max(total - first, 1e-9)
+    prefill_s = time_generate(llm, random_prompts(rng, PREFILL_PROMPTS, PREFILL_TOKENS, vocab), 1)
+    out = {f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}": PREFILL_PROMPTS * PREFILL_TOKENS / prefill_s}
+    for batch in DECODE_BATCHES:
+        first_token_s = time_generate(llm, random_prompts(rng, batch, DECODE_PROMPT_TOKENS, vocab), 1)
+        all_tokens_s = time_generate(llm, random_prompts(rng, batch, DECODE_PROMPT_TOKENS, vocab), DECODE_TOKENS)
+        out[f"decode_b{batch}"] = batch * (DECODE_TOKENS - 1) / max(all_tokens_s - first_token_s, 1e-9)
     return out
 
 
@@ -83,11 +89,11 @@ def run_int8_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int = 0) 
     chains = {"fp32": [(OneDNNPacked(w, None), k) for w, k in weights],
               "int8": [(Int8Weight(w, None), k) for w, k in weights]}
     del weights
-    cases = {f"linears_{rows}_rows": Case("s") for rows in CHAIN_ROWS}
+    cases = {f"linears_{rows}_rows": Case("s", higher_is_better=False) for rows in CHAIN_ROWS}
     engines = {"fp32": LLM(model, dtype="fp32", max_num_seqs=16, max_num_batched_tokens=4096, seed=seed),
                "int8": LLM(model, quantization="int8", max_num_seqs=16, max_num_batched_tokens=4096, seed=seed)}
-    for name in ("prefill_8x512", "decode_b1", "decode_b16"):
-        cases[name] = Case("tokens/s")
+    for name in (f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}", *(f"decode_b{b}" for b in DECODE_BATCHES)):
+        cases[name] = Case("tokens/s", higher_is_better=True)
     for llm in engines.values():  # first calls pay one-off costs (kernel loads, allocations)
         time_generate(llm, random_prompts(rng, 2, 64, config.vocab_size), 4)
     for r in range(rounds):
@@ -95,7 +101,7 @@ def run_int8_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int = 0) 
         for rows in CHAIN_ROWS:
             inputs = {k: torch.randn(rows, k) for k in (config.hidden_size, config.intermediate_size)}
             for kind in order:
-                cases[f"linears_{rows}_rows"].values[kind].append(round(_chain_seconds(chains[kind], inputs), 5))
+                cases[f"linears_{rows}_rows"].values[kind].append(round(_chain_seconds(chains[kind], inputs), 7))
         for kind in order:
             for name, value in _engine_cases(engines[kind], rng, config.vocab_size).items():
                 cases[name].values[kind].append(round(value, 2))
@@ -113,10 +119,11 @@ CASE_LABELS = {**{f"linears_{rows}_rows": f"all linears, {rows} row{'s' * (rows 
 
 
 def round_speedups(case: dict) -> list[float]:
-    """int8's speedup within each round (the two kinds ran back to back there, so the machine's
-    drift between rounds cancels)."""
-    pairs = zip(case["values"]["fp32"], case["values"]["int8"])
-    return [int8 / fp32 if case["unit"].endswith("/s") else fp32 / int8 for fp32, int8 in pairs]
+    """int8's speedup within each round of a summarized case (the two kinds ran back to back
+    there, so the machine's drift between rounds cancels)."""
+    values = case["values"]
+    return [Case(case["unit"], higher_is_better=case["unit"] != "s").speedup(fp32, int8)
+            for fp32, int8 in zip(values["fp32"], values["int8"])]
 
 
 def markdown_table(result: dict) -> str:

@@ -45,6 +45,9 @@ from scalesim.memory.worker import TransferWorker
 from scalesim.weights.registry import WeightRegistry, kv_namespace
 
 logger = logging.getLogger(__name__)
+# How the base model's linears get their kernels, per `EngineConfig.quantization`: oneDNN's packed
+# layout (on a CPU; elsewhere nothing changes), or int8 weights.
+PREPARE_LINEARS = {"none": pack_for_cpu, "int8": quantize_int8}
 
 
 @dataclass
@@ -63,11 +66,8 @@ class LLMEngine:
             configure_cpu_allocator()
         self.model_path = resolve_model(config.model)
         self.model = load_model(self.model_path, config.torch_dtype, config.device)
-        shared = {id(self.model.embed_tokens.weight)}  # a tied output head
-        if config.quantization == "int8":
-            quantize_int8(self.model, shared)
-        elif config.device == "cpu":
-            pack_for_cpu(self.model, shared)
+        # A tied output head shares the embedding's weight, which the lookup still reads.
+        PREPARE_LINEARS[config.quantization](self.model, shared={id(self.model.embed_tokens.weight)})
         self.tokenizer = load_tokenizer(self.model_path)
         self.model_config = self.model.config
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
@@ -80,6 +80,8 @@ class LLMEngine:
         self.tracker = DistanceTracker()
         identity = {"model": str(self.model_path), "block_size_tokens": config.block_size_tokens,
                     "kv_cache_dtype": config.kv_cache_dtype, "kv_shape": list(self.pool.kv_cache.shape[3:]),
+                    # the weights that computed the KV: another dtype or int8 computes other values
+                    "dtype": config.dtype, "quantization": config.quantization,
                     "layers": self.model_config.num_hidden_layers}
         store = (DiskStore(config.disk_dir, config.disk_nbytes, identity, page_cache=config.disk_page_cache)
                  if config.disk_dir else None)

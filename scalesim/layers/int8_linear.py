@@ -4,8 +4,9 @@ Each weight is rounded to int8 with one symmetric scale per output channel (its 
 to 127) and stored packed for kernels/int8_linear.cpp; activations, sums and outputs stay
 float32. The weights take a quarter of float32's bytes, which is what bounds a decode step.
 On this project's AVX2 EPYC (2 threads), a chain of all of SmolLM2-135M's linears with distinct
-weights, against oneDNN's packed float32 (`microbench int8`, benchmarks/results/int8.json): about
-3x faster at 1-4 rows, 2x at 16, 1.35x at 64, parity at 512.
+weights, against oneDNN's packed float32 (`microbench int8`, benchmarks/results/int8.json, the
+speedup in each of three rounds): 2.5-3.5x at 1-4 rows, 1.8-2.0x at 16, 1.2-1.4x at 64, parity
+at 512. There is no plain-PyTorch fallback: where the kernel is unavailable, int8 is refused.
 
 What it costs in output is measured by `microbench accuracy --quantization int8`. Neither
 PyTorch CPU operator fits, measured during development on the AVX2 EPYC (not committed): over the
@@ -39,11 +40,19 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale.contiguous()
 
 
+def _require_kernel() -> None:
+    if not available():
+        raise ValueError("--quantization int8 needs the int8 kernel (kernels/int8_linear.cpp: an x86 CPU with "
+                         "AVX2 and FMA, a C++ compiler, and SCALESIM_NO_KERNELS unset); it is unavailable here")
+
+
 class Int8Weight:
-    """A weight as the kernel reads it: panels of 16 output channels, k-major, [N/16, K, 16]."""
+    """A weight as the kernel reads it: panels of 16 output channels, k-major, [N/16, K, 16].
+    Called on x [..., K] (float32, CPU) it returns x W^T + b [..., N] in float32."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        if weight.device.type != "cpu" or weight.dim() != 2:
+        _require_kernel()
+        if weight.device.type != "cpu" or weight.dim() != 2 or 0 in weight.shape:
             raise ValueError(f"int8 weights are CPU matrices, got {tuple(weight.shape)} on {weight.device}")
         q, self.scale = quantize_rows(weight)
         self.out_features, in_features = q.shape
@@ -68,16 +77,12 @@ class Int8Weight:
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def quantize_int8(model: nn.Module, shared: set[int] = frozenset(), skip: set[str] = frozenset()) -> int:
-    """Give every Linear of `model` (but those named in `skip`) an int8 weight and free its
-    float32 one unless its id is in `shared`. Return how many were quantized. ValueError (a setting
-    this machine cannot run), with the model untouched, where the kernel is unavailable."""
-    if not available():
-        raise ValueError("--quantization int8 needs the int8 kernel (kernels/int8_linear.cpp: an x86 CPU with "
-                           "AVX2 and FMA, and a C++ compiler); it is unavailable here, see the warning above")
-    count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, Linear) and name not in skip:
-            module.adopt_kernel(Int8Weight(module.weight, module.bias), id(module.weight) in shared)
-            count += 1
-    return count
+def quantize_int8(model: nn.Module, shared: set[int] = frozenset()) -> int:
+    """Give every Linear of `model` an int8 weight and free its float32 one unless its id is in
+    `shared` (another module reads it). Return how many were quantized. ValueError (a setting this
+    machine cannot run), with the model untouched, where the kernel is unavailable."""
+    _require_kernel()
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    for module in linears:
+        module.adopt_kernel(Int8Weight(module.weight, module.bias), id(module.weight) in shared)
+    return len(linears)

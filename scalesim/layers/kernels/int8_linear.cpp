@@ -21,6 +21,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -80,7 +81,7 @@ void all_rows(const float* x, int64_t x_stride, int64_t m_rows, const int8_t* sl
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t out_features) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && (x.stride(1) == 1 || x.size(1) == 1),
               "int8_linear: x must be CPU float32 [M, K], rows contiguous");
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kChar && packed.dim() == 3 &&
                   packed.size(2) == PANEL && packed.is_contiguous(),
