@@ -31,6 +31,9 @@ $S microbench peer --dtypes fp32 --rounds 2 --contended-rounds 1 --out $R/peer-a
 $S microbench int8 --rounds 3 --out $R/int8.json
 $S microbench accuracy --quantization int8 --out $R/accuracy-int8.json
 $S microbench peer --dtypes fp32 --scalesim-quantization int8 --rounds 2 --out $R/peer-int8-avx2.json
+# Where a step's time goes on the AVX2 machine, fp32 and int8 (about 3 minutes):
+$S microbench profile --dtype fp32 --out $R/profile-fp32-avx2.json
+$S microbench profile --quantization int8 --out $R/profile-int8-avx2.json
 # Where a step's time goes, and what bf16 costs in output (about 3 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32.json
 $S microbench profile --dtype bf16 --out $R/profile-bf16.json
