@@ -23,7 +23,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="weight dtype; auto: bf16 on hardware that computes it natively (AVX512-BF16, AMX, "
                             "CUDA), else fp32 (default: auto)")
     group.add_argument("--device", default="auto",
-                       help="'cuda', 'cpu', or 'auto' = cuda when available (default: auto)")
+                       help="'cuda', 'cpu', or 'auto' = cuda when available (the CPU under --quantization int8) (default: auto)")
     group.add_argument("--kv-cache-memory", default=DEFAULT_KV_CACHE_MEMORY,
                        help=f"exact byte budget of the paged KV pool, e.g. 512MiB or 2GiB (default: {DEFAULT_KV_CACHE_MEMORY})")
     group.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE_TOKENS,

@@ -51,3 +51,12 @@ def test_a_replica_that_cannot_load_its_model_fails_start_up_with_its_error(caps
     ray.shutdown()
     assert line.startswith("scalesim: error: the engine replicas did not start: engine: ")
     assert "unknown model '/no/such/model'" in line
+
+
+def test_replicas_reserve_a_gpu_only_where_they_will_use_it():
+    from scalesim.cluster.launch import replica_gpus
+    assert replica_gpus("cuda", "none", lambda: 0) == 1
+    assert replica_gpus("auto", "none", lambda: 2) == 1
+    assert replica_gpus("auto", "none", lambda: 0) == 0
+    assert replica_gpus("auto", "int8", lambda: 2) == 0  # int8 runs on the CPU: `auto` means the CPU there
+    assert replica_gpus("cpu", "none", lambda: 2) == 0

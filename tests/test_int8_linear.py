@@ -55,9 +55,9 @@ def test_each_row_is_the_same_in_any_batch():
     assert torch.equal(layer(x[:13]), together[:13])
 
 
-def test_many_panels_over_both_threads_are_bit_for_bit_per_row():
-    """320 outputs are 20 panels, split between threads: a row's result still does not depend on
-    the rows beside it."""
+def test_many_panels_are_bit_for_bit_per_row():
+    """320 outputs are 20 panels (split between threads where there are several): a row's result
+    still does not depend on the rows beside it."""
     layer = Int8Weight(torch.randn(320, 200), None)
     x = torch.randn(9, 200)
     together = layer(x)
@@ -75,7 +75,8 @@ def test_strided_batched_and_empty_inputs():
     assert torch.allclose(layer(rows), rows @ layer.dequantized().T, atol=1e-5)
     assert layer(torch.randn(0, 8)).shape == (0, 20)
     one = Int8Weight(torch.randn(5, 1), None)
-    column = torch.randn(3, 2)[:, 1:]  # one feature, stride 2
+    column = torch.randn(1, 3).t()  # 3 rows of one feature, whose stride is 3 (PyTorch calls it contiguous)
+    assert column.stride(1) != 1 and column.is_contiguous()
     assert torch.allclose(one(column), column @ one.dequantized().T, atol=1e-6)
     with pytest.raises(RuntimeError, match="float32"):
         layer(torch.randn(2, 8, dtype=torch.bfloat16))
@@ -158,9 +159,11 @@ def test_kv_saved_under_other_weights_is_not_restored(tmp_path):
     quantized.engine.shutdown()
 
 
-def test_settings_int8_cannot_run_are_refused():
+def test_settings_int8_cannot_run_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # `auto` means the CPU under int8 even beside a GPU
     config = EngineConfig(model="tiny-random", quantization="int8")
     assert (config.dtype, config.device) == ("fp32", "cpu")
+    assert EngineConfig(model="tiny-random", dtype="fp32").device == "cuda"  # (the fake holds for this)
     with pytest.raises(ValueError, match="float32"):
         EngineConfig(model="tiny-random", quantization="int8", dtype="bf16")
     with pytest.raises(ValueError, match="CPU"):

@@ -53,6 +53,8 @@ def run_accuracy_bench(model: str, dtype: str, gen_len: int = 32, reference_dtyp
         ids = reference.tokenizer.encode(prompt)
         ref_logits = reference.prompt_logits(ids).float()
         logits = candidate.prompt_logits(ids).float()
+        # every position computed (a prompt longer than a page would be cached by the greedy run)
+        assert ref_logits.shape == logits.shape == (len(ids), ref_logits.shape[-1]), "prompt logits were cached"
         error = (logits - ref_logits).abs()
         spread = (ref_logits.max(-1).values - ref_logits.min(-1).values).unsqueeze(-1)
         parted = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)

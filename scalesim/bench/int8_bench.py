@@ -113,9 +113,9 @@ def run_int8_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int = 0) 
 
 
 CASE_LABELS = {**{f"linears_{rows}_rows": f"all linears, {rows} row{'s' * (rows > 1)} (ms)" for rows in CHAIN_ROWS},
-               "prefill_8x512": "engine prefill, 8 x 512 tokens (tokens/s)",
-               "decode_b1": "engine decode, batch 1 (tokens/s)",
-               "decode_b16": "engine decode, batch 16 (tokens/s)"}
+               f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}":
+                   f"engine prefill, {PREFILL_PROMPTS} x {PREFILL_TOKENS} tokens (tokens/s)",
+               **{f"decode_b{b}": f"engine decode, batch {b} (tokens/s)" for b in DECODE_BATCHES}}
 
 
 def round_speedups(case: dict) -> list[float]:

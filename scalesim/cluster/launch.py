@@ -46,6 +46,14 @@ def _check_reachable(address: str) -> None:
         raise ValueError(f"cannot start or reach Ray at {address}: {exc.strerror or exc}") from None
 
 
+def replica_gpus(device: str, quantization: str, cluster_gpus) -> int:
+    """GPUs one engine replica reserves: one on `cuda`, and on `auto` where the cluster has any
+    (`cluster_gpus()`), except under int8, which runs on the CPU (EngineConfig)."""
+    if device == "cuda":
+        return 1
+    return int(device == "auto" and quantization == "none" and bool(cluster_gpus()))
+
+
 def build_serve_app(args: argparse.Namespace, engine_args: dict):
     """The Serve application: Ingress(engine deployment) with the router `--routing` names."""
     import ray
@@ -66,7 +74,7 @@ def build_serve_app(args: argparse.Namespace, engine_args: dict):
         raise ValueError(f"--deployment-options cannot set {', '.join(sorted(reserved))}: scalesim sets it")
     replica_cpus = args.replica_cpus if args.replica_cpus is not None else \
         max((os.cpu_count() or 1) / args.replicas, MIN_REPLICA_CPUS)
-    gpus = 1 if args.device == "cuda" or (args.device == "auto" and ray.cluster_resources().get("GPU", 0)) else 0
+    gpus = replica_gpus(args.device, args.quantization, lambda: ray.cluster_resources().get("GPU", 0))
     options = {"max_ongoing_requests": ENGINE_MAX_ONGOING_REQUESTS, "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
                "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
                **({} if "autoscaling_config" in given else {"num_replicas": args.replicas}), **given,

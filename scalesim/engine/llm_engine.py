@@ -80,8 +80,12 @@ class LLMEngine:
         self.tracker = DistanceTracker()
         identity = {"model": str(self.model_path), "block_size_tokens": config.block_size_tokens,
                     "kv_cache_dtype": config.kv_cache_dtype, "kv_shape": list(self.pool.kv_cache.shape[3:]),
-                    # the weights that computed the KV: another dtype or int8 computes other values
-                    "dtype": config.dtype, "quantization": config.quantization,
+                    # What computed the KV, where it is not the default (weights in the KV's dtype, no
+                    # quantization): other weights compute other values. Keys absent when default, so
+                    # state written before they existed still matches.
+                    **({"weights_dtype": str(config.torch_dtype)} if config.torch_dtype != config.torch_kv_cache_dtype
+                       else {}),
+                    **({"quantization": config.quantization} if config.quantization != "none" else {}),
                     "layers": self.model_config.num_hidden_layers}
         store = (DiskStore(config.disk_dir, config.disk_nbytes, identity, page_cache=config.disk_page_cache)
                  if config.disk_dir else None)

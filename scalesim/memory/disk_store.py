@@ -280,22 +280,31 @@ class DiskStore:
 
     def entries(self, kind: str) -> list[tuple[str, int, dict]]:
         """(key, nbytes, meta) of every stored object of `kind` written under this identity.
-        Objects of another identity (another model, page size or dtype), rows whose meta cannot
-        be read and rows whose file is gone are deleted."""
+        Objects of another identity (another model, page size, dtype or quantization: their KV
+        would be wrong here), with a warning, rows whose meta cannot be read and rows whose file is
+        gone are deleted."""
         with self._lock:
             rows = self.db.execute("SELECT key, nbytes, meta, file FROM objects WHERE kind = ?", (kind,)).fetchall()
-        out = []
+        out, foreign = [], 0
         for key, nbytes, raw, file in rows:
             try:
                 meta = json.loads(raw)
-                usable = isinstance(meta, dict) and meta.get("identity") == self.identity
             except (TypeError, ValueError):
+                meta = None
+            if not isinstance(meta, dict):
                 logger.warning("disk index row %s has unreadable meta; removed", key)
-                usable = False
-            if usable and (self.objects_dir / file).is_file():
-                out.append((key, nbytes, meta))
-            else:
                 self.delete(key)
+                continue
+            if meta.get("identity") != self.identity:
+                foreign += 1
+                self.delete(key)
+            elif not (self.objects_dir / file).is_file():
+                self.delete(key)
+            else:
+                out.append((key, nbytes, meta))
+        if foreign:
+            logger.warning("removed %d %s objects written under another identity (model, page size, dtype or "
+                           "quantization) than this engine's %s", foreign, kind, self.identity)
         return out
 
     def contains(self, key: str) -> bool:
