@@ -23,6 +23,12 @@ ATTENTION_CHOICES = ("auto", "gather", "flex")
 QUANTIZATION_CHOICES = ("none", "int8")
 
 
+def auto_device(quantization: str, gpu_available: bool) -> str:
+    """The device `auto` picks: CUDA where there is a GPU, except under int8, which runs on the
+    CPU only (layers/int8_linear.py)."""
+    return "cuda" if gpu_available and quantization != "int8" else "cpu"
+
+
 def auto_dtype(device: str) -> str:
     """The dtype `auto` picks: bfloat16 where the hardware computes it natively (a CPU with
     AVX512-BF16 or AMX, a CUDA device with bf16), else float32. Weights are bf16 and every matmul
@@ -100,7 +106,7 @@ class EngineConfig:
         if self.block_size_tokens <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("block_size_tokens, max_num_seqs and max_num_batched_tokens must be positive")
         if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() and self.quantization != "int8" else "cpu"
+            self.device = auto_device(self.quantization, torch.cuda.is_available())
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
         if self.quantization == "int8":

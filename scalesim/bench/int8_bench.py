@@ -36,20 +36,21 @@ DECODE_BATCHES = (1, 16)
 DECODE_PROMPT_TOKENS, DECODE_TOKENS = 128, 64
 
 
+def speedup(unit: str, fp32: float, int8: float) -> float:
+    """int8's speedup from two values in `unit`: a time ("s", lower is better) or a rate."""
+    return fp32 / int8 if unit == "s" else int8 / fp32
+
+
 @dataclass
 class Case:
-    unit: str
-    higher_is_better: bool  # a rate (tokens/s) rather than a time
+    unit: str  # "s" or "tokens/s"
     values: dict = field(default_factory=lambda: {k: [] for k in KINDS})
-
-    def speedup(self, fp32: float, int8: float) -> float:
-        return int8 / fp32 if self.higher_is_better else fp32 / int8
 
     def summary(self) -> dict:
         median = {k: statistics.median(v) for k, v in self.values.items()}
         spread = {k: round(max(v) / min(v) - 1, 4) for k, v in self.values.items()}
         return {"unit": self.unit, "values": self.values, "median": median, "spread": spread,
-                "int8_speedup": round(self.speedup(median["fp32"], median["int8"]), 3)}
+                "int8_speedup": round(speedup(self.unit, median["fp32"], median["int8"]), 3)}
 
 
 def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -89,11 +90,11 @@ def run_int8_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int = 0) 
     chains = {"fp32": [(OneDNNPacked(w, None), k) for w, k in weights],
               "int8": [(Int8Weight(w, None), k) for w, k in weights]}
     del weights
-    cases = {f"linears_{rows}_rows": Case("s", higher_is_better=False) for rows in CHAIN_ROWS}
+    cases = {f"linears_{rows}_rows": Case("s") for rows in CHAIN_ROWS}
     engines = {"fp32": LLM(model, dtype="fp32", max_num_seqs=16, max_num_batched_tokens=4096, seed=seed),
                "int8": LLM(model, quantization="int8", max_num_seqs=16, max_num_batched_tokens=4096, seed=seed)}
     for name in (f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}", *(f"decode_b{b}" for b in DECODE_BATCHES)):
-        cases[name] = Case("tokens/s", higher_is_better=True)
+        cases[name] = Case("tokens/s")
     for llm in engines.values():  # first calls pay one-off costs (kernel loads, allocations)
         time_generate(llm, random_prompts(rng, 2, 64, config.vocab_size), 4)
     for r in range(rounds):
@@ -122,8 +123,7 @@ def round_speedups(case: dict) -> list[float]:
     """int8's speedup within each round of a summarized case (the two kinds ran back to back
     there, so the machine's drift between rounds cancels)."""
     values = case["values"]
-    return [Case(case["unit"], higher_is_better=case["unit"] != "s").speedup(fp32, int8)
-            for fp32, int8 in zip(values["fp32"], values["int8"])]
+    return [speedup(case["unit"], fp32, int8) for fp32, int8 in zip(values["fp32"], values["int8"])]
 
 
 def markdown_table(result: dict) -> str:

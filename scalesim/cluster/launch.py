@@ -9,6 +9,7 @@ import socket
 import time
 
 from scalesim.cluster.engine_status import ENGINE_DEPLOYMENT
+from scalesim.config import auto_device
 from scalesim.cluster.slot_table import SLOT_TABLE_ACTOR, SlotTableActor
 from scalesim.server.serve import server_config
 
@@ -47,11 +48,11 @@ def _check_reachable(address: str) -> None:
 
 
 def replica_gpus(device: str, quantization: str, cluster_gpus) -> int:
-    """GPUs one engine replica reserves: one on `cuda`, and on `auto` where the cluster has any
-    (`cluster_gpus()`), except under int8, which runs on the CPU (EngineConfig)."""
-    if device == "cuda":
-        return 1
-    return int(device == "auto" and quantization == "none" and bool(cluster_gpus()))
+    """GPUs one engine replica reserves: one where it will run on CUDA (`auto` as EngineConfig
+    resolves it, with `cluster_gpus()` saying whether the cluster has any)."""
+    if device == "auto":
+        device = auto_device(quantization, bool(cluster_gpus()))
+    return int(device == "cuda")
 
 
 def build_serve_app(args: argparse.Namespace, engine_args: dict):

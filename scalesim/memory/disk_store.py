@@ -291,17 +291,15 @@ class DiskStore:
                 meta = json.loads(raw)
             except (TypeError, ValueError):
                 meta = None
-            if not isinstance(meta, dict):
-                logger.warning("disk index row %s has unreadable meta; removed", key)
-                self.delete(key)
-                continue
-            if meta.get("identity") != self.identity:
-                foreign += 1
-                self.delete(key)
-            elif not (self.objects_dir / file).is_file():
-                self.delete(key)
-            else:
+            readable = isinstance(meta, dict)
+            ours = readable and meta.get("identity") == self.identity
+            if ours and (self.objects_dir / file).is_file():
                 out.append((key, nbytes, meta))
+                continue
+            if not readable:
+                logger.warning("disk index row %s has unreadable meta; removed", key)
+            foreign += readable and not ours
+            self.delete(key)
         if foreign:
             logger.warning("removed %d %s objects written under another identity (model, page size, dtype or "
                            "quantization) than this engine's %s", foreign, kind, self.identity)
