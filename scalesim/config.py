@@ -20,13 +20,15 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 DTYPE_CHOICES = sorted(DTYPES) + ["auto"]
 ATTENTION_CHOICES = ("auto", "gather", "flex")
-QUANTIZATION_CHOICES = ("none", "int8")
+QUANTIZATION_CHOICES = ("none", "fp16", "int8")
+# Formats that store the weights smaller and compute in float32 on the CPU (layers/weight_only.py).
+WEIGHT_ONLY = ("fp16", "int8")
 
 
 def auto_device(quantization: str, gpu_available: bool) -> str:
-    """The device `auto` picks: CUDA where there is a GPU, except under int8, which runs on the
-    CPU only (layers/int8_linear.py)."""
-    return "cuda" if gpu_available and quantization != "int8" else "cpu"
+    """The device `auto` picks: CUDA where there is a GPU, except under a weight-only format,
+    which runs on the CPU only (layers/weight_only.py)."""
+    return "cuda" if gpu_available and quantization not in WEIGHT_ONLY else "cpu"
 
 
 def auto_dtype(device: str) -> str:
@@ -52,10 +54,10 @@ class EngineConfig:
     `disk_memory`); its reads bypass the page cache unless `disk_page_cache`, and with
     `persist_on_exit` (default: on when there is a disk tier) a clean shutdown writes the device
     and host KV there for the next start. `transfer_threads` move state between tiers.
-    `policy` is one of memory.policies.POLICIES. `quantization`: "int8" gives the base model's
-    linears int8 weights, one scale per output channel, computed in float32 (layers/int8_linear.py;
-    CPU only: `device` auto then means the CPU, `dtype` auto fp32); private models keep their
-    float32 weights. `attention`: "flex" runs a step's attention as
+    `policy` is one of memory.policies.POLICIES. `quantization`: "fp16" stores the base model's
+    linear weights in float16, "int8" in int8 with one scale per output channel; both compute in
+    float32 (layers/weight_only.py; CPU only: `device` auto then means the CPU, `dtype` auto fp32);
+    private models keep their float32 weights. `attention`: "flex" runs a step's attention as
     one flex_attention call per layer over the page table (compiled on CUDA; on a CPU an eager
     reference, for tests only); "auto"/"gather": the CPU kernels, or on CUDA a gather of each
     decode context (engine/model_runner.py).
@@ -109,11 +111,12 @@ class EngineConfig:
             self.device = auto_device(self.quantization, torch.cuda.is_available())
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
-        if self.quantization == "int8":
+        if self.quantization in WEIGHT_ONLY:
+            q = self.quantization
             if self.device != "cpu":
-                raise ValueError(f"quantization int8 runs on the CPU only, not on {self.device!r}")
+                raise ValueError(f"quantization {q} runs on the CPU only, not on {self.device!r}")
             if self.dtype not in ("auto", "fp32", "float32"):
-                raise ValueError(f"quantization int8 computes in float32: use dtype fp32 or auto, not {self.dtype!r}")
+                raise ValueError(f"quantization {q} computes in float32: use dtype fp32 or auto, not {self.dtype!r}")
             self.dtype = "fp32"
         if self.dtype == "auto":
             self.dtype = auto_dtype(self.device)

@@ -9,7 +9,7 @@ import torch
 
 from scalesim.bench.int8_bench import CASE_LABELS, markdown_table
 from scalesim.cli import build_parser, main
-from scalesim.layers.int8_linear import available as int8_available
+from scalesim.layers.weight_only import available as int8_available
 
 
 def test_generate_help_explains_every_flag():

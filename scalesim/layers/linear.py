@@ -52,8 +52,8 @@ class OneDNNPacked:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b. `kernel`, once set (`pack_for_cpu`, or layers/int8_linear.py's
-    `quantize_int8`), computes it from its own copy of the weight, and the plain one is freed
+    """y = x W^T + b. `kernel`, once set (`pack_for_cpu`, or layers/weight_only.py's
+    `compress_weights`), computes it from its own copy of the weight, and the plain one is freed
     unless another module shares it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
