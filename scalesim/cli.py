@@ -40,10 +40,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="flex: one flex_attention call per layer over the page table (compiled on CUDA, pages "
                             "of 16 tokens or a multiple; on a CPU a slow reference for tests); auto/gather: the CPU "
                             "kernels, or on CUDA each decode context gathered (default: auto)")
-    group.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
-                       help="weights stored smaller, computed in float32: fp16 (half of fp32's bytes) or int8 "
-                            "(one scale per output channel, a quarter); speed and error measured in the README; CPU "
-                            "with AVX2 only (default: none)")
+    group.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
+                       help="weights stored smaller, computed in float32 on a CPU with AVX2: fp16 (half of fp32's "
+                            "bytes) or int8 (one scale per output channel, a quarter); none: the dtype's weights; "
+                            "auto: fp16 where --dtype auto computes fp32 on a CPU, else none. Speed and error "
+                            "measured in the README (default: auto)")
     memory = parser.add_argument_group("memory tiers")
     memory.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                         help=f"what to evict and prefetch: scalesim (invocation distance), lru (recency, no prefetch), lfu, "

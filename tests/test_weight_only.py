@@ -206,3 +206,34 @@ def test_without_the_kernel_weight_only_is_refused_and_the_model_untouched(fmt, 
     with pytest.raises(ValueError, match="AVX2"):
         compress_weights(model, fmt)
     assert all(m.kernel is None and m.weight.numel() > 0 for m in model.modules() if isinstance(m, Linear))
+
+
+def test_auto_picks_fp16_weights_only_where_fp32_was_left_to_choose(monkeypatch):
+    """The product default: fp16 weights where the engine was left to choose its dtype and chose
+    float32 on a CPU; a named dtype, bf16, a GPU or a missing kernel keep the dtype's weights."""
+    from scalesim import config as config_module
+
+    monkeypatch.setattr(config_module, "auto_dtype", lambda device: "fp32")
+    assert EngineConfig(model="tiny-random").quantization == "fp16"
+    assert (EngineConfig(model="tiny-random", dtype="auto", device="cpu").quantization,
+            EngineConfig(model="tiny-random").dtype) == ("fp16", "fp32")
+    assert EngineConfig(model="tiny-random", dtype="fp32").quantization == "none"
+    assert EngineConfig(model="tiny-random", quantization="none").quantization == "none"
+    assert EngineConfig(model="tiny-random", quantization="int8").quantization == "int8"
+    monkeypatch.setattr(weight_only, "available", lambda: False)
+    assert EngineConfig(model="tiny-random").quantization == "none"
+    monkeypatch.undo()
+    monkeypatch.setattr(config_module, "auto_dtype", lambda device: "bf16")
+    assert EngineConfig(model="tiny-random").quantization == "none"
+    monkeypatch.setattr(config_module, "auto_dtype", lambda device: "fp32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = EngineConfig(model="tiny-random")
+    assert (gpu.device, gpu.quantization) == ("cuda", "none")
+
+
+def test_the_default_engine_runs_fp16_weights_where_auto_picks_them():
+    llm = LLM("tiny-random", kv_cache_memory="4MiB")
+    if llm.engine.config.quantization != "fp16":
+        pytest.skip(f"auto picks {llm.engine.config.quantization} weights here")
+    linears = [m for m in llm.engine.model.modules() if isinstance(m, Linear)]
+    assert all(isinstance(m.kernel, PackedWeight) and m.kernel.packed.dtype == torch.float16 for m in linears)
