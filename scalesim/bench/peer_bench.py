@@ -349,7 +349,10 @@ def markdown_table(result: dict) -> str:
     for peer_dtype, entry in result["dtypes"].items():
         cases = entry["cases"]
         for arm, quantization in _arms(entry).items():
-            dtype = f"ScaleSim {quantization} weights, vLLM {peer_dtype}" if quantization != "none" else peer_dtype
+            ours = entry["scalesim_dtype"] + (f" + {quantization} weights" if quantization != "none" else "")
+            dtype = peer_dtype if ours == peer_dtype else f"ScaleSim {ours}, vLLM {peer_dtype}"
+            if "scalesim_arms" not in entry and quantization != "none":  # the form of files before arms
+                dtype = f"ScaleSim {quantization} weights, vLLM {peer_dtype}"
             for name, label in CASE_LABELS.items():
                 if name not in cases:
                     continue
