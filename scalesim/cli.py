@@ -242,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     acc = kinds.add_parser("accuracy", help="greedy text and logit error of a dtype against fp32 on three prompts")
     acc.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
     acc.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                     help="dtype to check (default: bf16, or fp32 with --quantization fp16 or int8)")
+                     help="dtype to check (default: bf16; fp32 with --quantization fp16 or int8; auto with auto)")
     acc.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
-                     help="fp16 or int8: check those weights, which compute in fp32 (default: none)")
+                     help="fp16 or int8: check those weights, which compute in fp32; auto: the default's "
+                          "(default: none)")
     acc.add_argument("--gen-len", type=int, default=32, help="greedy tokens per prompt (default: 32)")
     acc.add_argument("--out", default=None, help="write the JSON result here too")
     i8 = kinds.add_parser("int8", help="int8 weights against float32: every linear at 1-512 rows, and the engine's "
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run ScaleSim in this dtype against every vLLM dtype (default: the same dtype)")
     peer.add_argument("--scalesim-quantization", default="none",
                       help="comma-separated weight formats, one ScaleSim arm each, all run beside vLLM's dtype in "
-                           f"every round, from {', '.join(QUANTIZATION_CHOICES)} (default: none)")
+                           f"every round, from none, {', '.join(WEIGHT_ONLY)} (default: none)")
     peer.add_argument("--peer-python", default=".venv-peer/bin/python", help="python of the vLLM venv (default: .venv-peer/bin/python)")
     peer.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     peer.add_argument("--contended-rounds", type=int, default=0,
@@ -361,7 +362,8 @@ def _microbench(args: argparse.Namespace) -> None:
         write_result(run_http_bench(args.workload, args.model, cfg, args.policy, args.rounds), args.out)
     elif args.kind == "accuracy":
         from scalesim.bench.accuracy_bench import run_accuracy_bench
-        dtype = args.dtype or ("fp32" if args.quantization in WEIGHT_ONLY else "bf16")
+        # fp16/int8 compute in fp32; auto checks the product default (dtype auto too); none checks bf16
+        dtype = args.dtype or {"none": "bf16", "auto": "auto"}.get(args.quantization, "fp32")
         write_result(run_accuracy_bench(args.model, dtype, args.gen_len, quantization=args.quantization), args.out)
     elif args.kind == "int8":
         from scalesim.bench.int8_bench import run_int8_bench
@@ -375,9 +377,10 @@ def _microbench(args: argparse.Namespace) -> None:
         dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
         ours = {d: args.scalesim_dtype for d in dtypes} if args.scalesim_dtype else None
         quantizations = tuple(q.strip() for q in args.scalesim_quantization.split(",") if q.strip())
-        unknown = [q for q in quantizations if q not in QUANTIZATION_CHOICES]
+        formats = ("none", *WEIGHT_ONLY)  # named ones: the bench names ScaleSim's dtype, so auto would be none
+        unknown = [q for q in quantizations if q not in formats]
         if not quantizations or unknown or len(set(quantizations)) != len(quantizations):
-            raise ValueError(f"--scalesim-quantization takes distinct formats from {', '.join(QUANTIZATION_CHOICES)}, "
+            raise ValueError(f"--scalesim-quantization takes distinct formats from {', '.join(formats)}, "
                              f"got {args.scalesim_quantization!r}")
         write_result(run_peer_bench(args.model, dtypes, args.peer_python, args.rounds, args.contended_rounds,
                                     parse_nbytes(args.kv_cache_memory), args.max_num_batched_tokens,

@@ -9,7 +9,7 @@ import torch
 
 from scalesim.bench.int8_bench import CASE_LABELS, markdown_table
 from scalesim.cli import build_parser, main
-from scalesim.layers.weight_only import available as int8_available
+from scalesim.layers.weight_only import available as weight_only_available
 
 
 def test_generate_help_explains_every_flag():
@@ -87,7 +87,7 @@ def test_transfer_microbench_measures_both_directions_and_the_overlap(tmp_path, 
     assert result["both_s"] > 0 and result["overlap_ratio"] > 0 and result["compute_slowdown"] > 0
 
 
-@pytest.mark.skipif(not int8_available(), reason="the int8 kernel needs an x86 CPU with AVX2 and FMA")
+@pytest.mark.skipif(not weight_only_available(), reason="the weight-only kernel needs an x86 CPU with AVX2, FMA and F16C")
 def test_int8_microbench_times_both_kinds_in_every_case(tmp_path, capsys):
     out = tmp_path / "int8.json"
     assert main(["microbench", "int8", "--model", "tiny-random", "--rounds", "2", "--out", str(out)]) == 0
@@ -96,3 +96,10 @@ def test_int8_microbench_times_both_kinds_in_every_case(tmp_path, capsys):
     for case in result["cases"].values():  # (tiny-random's speeds mean nothing: its steps are all overhead)
         assert all(len(case["values"][kind]) == 2 and min(case["values"][kind]) > 0 for kind in ("fp32", "int8"))
     assert markdown_table(result).count("\n") == len(CASE_LABELS) + 1
+
+
+@pytest.mark.parametrize("formats", ["auto", "fp16,fp16", "int4", ","])
+def test_peer_bench_refuses_arms_it_cannot_name_before_starting_anything(formats, capsys):
+    """The bench names ScaleSim's dtype, so an `auto` arm would only repeat `none`."""
+    assert main(["microbench", "peer", "--scalesim-quantization", formats, "--peer-python", "/no/such/python"]) == 2
+    assert "--scalesim-quantization takes distinct formats" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from scalesim.bench.peer_bench import PeerCase
+from scalesim.bench.peer_bench import markdown_table as peer_table
 from scalesim.engine.cpu_runtime import configure_cpu_allocator
 from scalesim.engine.cpu_threads import ThreadGovernor
 from scalesim.layers.attention import AttentionMetadata, PrefillChunk, paged_attention
@@ -249,3 +250,20 @@ def test_peer_ratios_point_the_same_way_for_rates_and_times():
     assert rate.summary()["scalesim_speedup"] == pytest.approx(2.0)
     assert time_case.summary()["scalesim_speedup"] == pytest.approx(2.0)
     assert rate.summary()["spread"]["scalesim"] == pytest.approx(1100 / 900 - 1)
+
+
+def test_peer_arms_each_get_their_ratio_and_their_own_table_rows():
+    arms = ("scalesim", "scalesim-fp16", "vllm")
+    feed = PeerCase("feed", "s", arms)
+    feed.values = {"scalesim": [30.0, 32.0], "scalesim-fp16": [20.0, 22.0], "vllm": [40.0, 44.0]}
+    summary = feed.summary()
+    assert summary["speedups"] == pytest.approx({"scalesim": 42 / 31, "scalesim-fp16": 2.0})
+    assert summary["scalesim_speedup"] == pytest.approx(42 / 31)  # the first arm's, as files before arms had
+    assert PeerCase("prefill", "tokens/s", arms).values == {a: [] for a in arms}
+    result = {"dtypes": {"fp32": {"scalesim_dtype": "fp32", "scalesim_arms": {"scalesim": "none", "scalesim-fp16": "fp16"},
+                                  "cases": {"feed": summary}}}}
+    rows = peer_table(result).splitlines()[2:]
+    assert len(rows) == 2
+    assert rows[0].startswith("| feed trace, ample KV (makespan s) | fp32 | 31 (30, 32) | 42 (40, 44) | **1.35x**")
+    assert rows[1].startswith("| feed trace, ample KV (makespan s) | ScaleSim fp32 + fp16 weights, vLLM fp32 | 21 (20, 22) "
+                              "| 42 (40, 44) | **2.00x**")

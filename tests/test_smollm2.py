@@ -58,7 +58,7 @@ def test_conversion_happens_once_and_is_reused():
 
 
 @pytest.mark.skipif(auto_dtype("cpu") != "bf16", reason="this CPU computes bf16 by emulation (no AVX512-BF16 or "
-                    "AMX), so `auto` runs fp32 here and the claim is not about it")
+                    "AMX), so `auto` computes fp32 here (over fp16 weights) and the claim is not about it")
 def test_bf16_logits_stay_close_to_fp32_on_three_prompts():
     """bf16 weights with fp32 accumulation (the `auto` dtype on CPUs with AVX512-BF16 or AMX):
     every prompt position keeps fp32's top token and its logits stay within 10% of their spread.

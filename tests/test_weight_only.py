@@ -33,6 +33,9 @@ def test_fp16_rounds_to_nearest_without_a_scale():
     weight = torch.randn(7, 9) * 0.02
     stored, scale = half_rows(weight)
     assert stored.dtype == torch.float16 and scale is None and torch.equal(stored, weight.half())
+    weight[3, 4] = 70000.0  # past float16's largest, 65504: it would become infinite
+    with pytest.raises(ValueError, match="range"):
+        half_rows(weight)
 
 
 @pytest.mark.parametrize("fmt", WEIGHT_ONLY)
@@ -213,8 +216,10 @@ def test_auto_picks_fp16_weights_only_where_fp32_was_left_to_choose(monkeypatch)
     float32 on a CPU; a named dtype, bf16, a GPU or a missing kernel keep the dtype's weights."""
     from scalesim import config as config_module
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU host, wherever this runs
     monkeypatch.setattr(config_module, "auto_dtype", lambda device: "fp32")
     assert EngineConfig(model="tiny-random").quantization == "fp16"
+    assert EngineConfig(model="tiny-random", dtype="float32").quantization == "none"  # named, by any spelling
     assert (EngineConfig(model="tiny-random", dtype="auto", device="cpu").quantization,
             EngineConfig(model="tiny-random").dtype) == ("fp16", "fp32")
     assert EngineConfig(model="tiny-random", dtype="fp32").quantization == "none"
@@ -223,6 +228,7 @@ def test_auto_picks_fp16_weights_only_where_fp32_was_left_to_choose(monkeypatch)
     monkeypatch.setattr(weight_only, "available", lambda: False)
     assert EngineConfig(model="tiny-random").quantization == "none"
     monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(config_module, "auto_dtype", lambda device: "bf16")
     assert EngineConfig(model="tiny-random").quantization == "none"
     monkeypatch.setattr(config_module, "auto_dtype", lambda device: "fp32")

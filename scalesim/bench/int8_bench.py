@@ -4,7 +4,7 @@ Two levels, each float32 against int8 in the same rounds, interleaved, medians c
 side's spread (max / min - 1 over the rounds) as the noise floor:
 - `linears`: a chain of all of the model's linears (every layer's q/k/v, o, gate/up and down,
   then the output head) with distinct weights, so they stream from memory as in a real step, at
-  1 to 512 rows: oneDNN's packed float32 (the engine's default) against kernels/weight_only_linear.cpp.
+  1 to 512 rows: oneDNN's packed float32 (the engine's fp32 weights) against kernels/weight_only_linear.cpp.
   Random weights of the model's shapes; the value is the median of 5 chain runs.
 - `engine`: the whole engine, `LLM(dtype="fp32")` against `LLM(quantization="int8")`: prefill of
   8 x 512-token prompts (tokens/s), and decode at batch 1 and 16 (tokens/s: 64 tokens minus 1,

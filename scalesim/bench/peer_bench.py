@@ -3,8 +3,8 @@
 ScaleSim (one server per weight format asked for: its "arms") and vLLM run as OpenAI servers on
 this machine, with the same model file, dtype, token budget per step and KV room (vLLM from its
 own venv: `make peer-venv`), all driven by the same client code over HTTP (token-id prompts,
-greedy, `ignore_eos`). Cases, in every round, the arms' order rotated per round, so that the
-machine's drift hits all of them:
+greedy, `ignore_eos`). Cases, in every round, the arms' order rotated by one per round (with
+two arms, alternating; with more, balanced only over as many rounds as arms):
 - `prefill_8x512`: 8 distinct 512-token prompts sent at once, 1 token each;
 - `prefill_8x512_cached256`: the same behind a 256-token prefix both engines have cached;
 - `decode_b1`, `decode_b16`: 1 or 16 distinct 128-token prompts; decode tokens/s from the time for
@@ -258,7 +258,7 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
             return start_scalesim(model, ours, kv_nbytes, max_num_batched_tokens, log_dir,
                                   quantization=quantization_of[arm])
 
-        servers = {arm: wait_ready(start(arm)) for arm in arms}
+        servers: dict[str, Server] = {}  # filled inside the try: a failed start stops those started
         cases = {name: PeerCase(name, "tokens/s", arms) for name in
                  ("prefill_8x512", "prefill_8x512_cached256", "decode_b1", "decode_b16")}
         cases["feed"] = PeerCase("feed", "s", arms)
@@ -289,6 +289,8 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
             return arms[r % len(arms):] + arms[:r % len(arms)]
 
         try:
+            for arm in arms:
+                servers[arm] = wait_ready(start(arm))
             for arm in arms:  # warm every server (first requests pay one-off costs)
                 alone(arm, shapes)
             for r in range(rounds):

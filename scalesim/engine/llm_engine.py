@@ -106,8 +106,10 @@ class LLMEngine:
         self.idle_s = 0.0     # seconds with work queued and no batch to run: waiting for loads or room
         self._ids = itertools.count()
         self._shut_down = False
-        logger.info("loaded %s in %.2f s; KV pool %d pages of %d tokens (%d bytes)", config.model,
-                    time.perf_counter() - started, self.pool.num_blocks, self.pool.block_size, self.pool.nbytes)
+        logger.info("loaded %s in %.2f s on %s, %s compute, %s weights; KV pool %d pages of %d tokens (%d bytes)",
+                    config.model, time.perf_counter() - started, config.device, config.dtype,
+                    config.dtype if config.quantization == "none" else config.quantization,
+                    self.pool.num_blocks, self.pool.block_size, self.pool.nbytes)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"

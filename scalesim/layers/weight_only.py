@@ -9,8 +9,11 @@ stored smaller, the activations, sums and outputs stay float32 (kernels/weight_o
 A decode step is bound by the bytes of weights it reads. On this project's AVX2 EPYC (2 threads),
 a chain of all of SmolLM2-135M's linears with distinct weights, against oneDNN's packed float32
 (`microbench int8`, benchmarks/results/int8.json, the speedup in each of three rounds), int8 ran
-2.5-3.5x at 1-4 rows, 1.8-2.0x at 16, 1.2-1.4x at 64, parity at 512. What each format costs in
-output is measured by `microbench accuracy --quantization ...`. There is no plain-PyTorch
+2.5-3.5x at 1-4 rows, 1.8-2.0x at 16, 1.2-1.4x at 64, parity at 512. In the engine, against
+float32 weights in one two-round run (`microbench peer`, peer-weights-avx2.json), fp16 decoded
+1.5-1.6x as fast at batch 1 and 16; prefill was 1.05x fresh and 0.90x behind a cached prefix,
+inside that run's 12% spreads. What each format costs in output is
+measured by `microbench accuracy --quantization ...`. There is no plain-PyTorch
 fallback: where the kernel is unavailable, the format is refused.
 
 Neither PyTorch CPU int8 operator fits, measured during development on the AVX2 EPYC (not
@@ -19,8 +22,9 @@ at 512, and fbgemm's dynamic int8 linear (`quantized::linear_dynamic`) quantizes
 too, with one scale per tensor, which made SmolLM2's greedy text part from float32's at the first
 generated token on all three test prompts (at the first, second or fourth with its 7-bit
 activations). fbgemm's float16 linear (`quantized::linear_dynamic_fp16`) computes what `fp16`
-does, but a row's result depends on the rows batched with it, and over the chain it was slower
-than this kernel at 1-16 rows (development measurement, not committed).
+does, but a row's result depends on the rows batched with it, and over the chain it was as fast
+as this kernel at 1 row and slower at 4-16 rows (15.5 against 13.5 ms at 4, 44.2 against 29.3 at
+16; development measurement, not committed).
 """
 
 from collections.abc import Callable
@@ -50,8 +54,13 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def half_rows(weight: torch.Tensor) -> tuple[torch.Tensor, None]:
-    """float16 weight [N, K] (rounded to nearest), no scale."""
-    return weight.detach().to(torch.float16), None
+    """float16 weight [N, K] (rounded to nearest), no scale. ValueError where a weight is past
+    float16's range (|w| > 65504), which would become infinite."""
+    half = weight.detach().to(torch.float16)
+    if not torch.isfinite(half).all() and torch.isfinite(weight).all():
+        raise ValueError(f"a weight of {weight.abs().max().item():g} is past float16's range: "
+                         "use --quantization none (or int8)")
+    return half, None
 
 
 # How each format stores a weight [N, K]: (stored values [N, K], float32 scale [N] or None).
