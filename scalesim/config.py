@@ -39,8 +39,9 @@ def auto_quantization(device: str, dtype_asked: str, dtype: str) -> str:
     because it was left to choose (`dtype` auto) and the weight-only kernel runs here, else none
     (a dtype named, fp32 included, means that dtype's weights). On SmolLM2-135M fp16 weights kept
     all three greedy test texts equal to fp32's, with a largest logit error of 0.11% of the
-    logits' spread (accuracy-fp16.json), and on the AVX2 machine decode ran 1.5-1.6x and the feed
-    trace 1.37x as fast as over fp32 weights (medians of one two-round run, peer-weights-avx2.json)."""
+    logits' spread (accuracy-fp16.json), and on the AVX2 machine decode ran 1.5-2.0x and the feed
+    trace 1.11-1.37x as fast as over fp32 weights (medians of two runs, peer-weights-avx2.json and
+    peer-default-avx2.json)."""
     if device != "cpu" or dtype_asked != "auto" or dtype != "fp32":
         return "none"
     from scalesim.layers import weight_only

@@ -10,9 +10,9 @@ A decode step is bound by the bytes of weights it reads. On this project's AVX2 
 a chain of all of SmolLM2-135M's linears with distinct weights, against oneDNN's packed float32
 (`microbench int8`, benchmarks/results/int8.json, the speedup in each of three rounds), int8 ran
 2.5-3.5x at 1-4 rows, 1.8-2.0x at 16, 1.2-1.4x at 64, parity at 512. In the engine, against
-float32 weights in one two-round run (`microbench peer`, peer-weights-avx2.json), fp16 decoded
-1.5-1.6x as fast at batch 1 and 16; prefill was 1.05x fresh and 0.90x behind a cached prefix,
-inside that run's 12% spreads. What each format costs in output is
+float32 weights in two runs (`microbench peer`, peer-weights-avx2.json and
+peer-default-avx2.json), fp16 decoded 1.5-2.0x as fast at batch 1 and 16; prefill was 0.90-1.05x,
+inside those runs' spreads. What each format costs in output is
 measured by `microbench accuracy --quantization ...`. There is no plain-PyTorch
 fallback: where the kernel is unavailable, the format is refused.
 
