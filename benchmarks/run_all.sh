@@ -39,9 +39,10 @@ $S microbench accuracy --quantization fp16 --out $R/accuracy-fp16.json
 $S microbench peer --dtypes fp32 --scalesim-quantization none,fp16 --rounds 3 --out $R/peer-default-avx2.json
 # ... and vLLM's bf16 there against the same default (bf16 is emulated on that CPU: about 25 minutes):
 $S microbench peer --dtypes bf16 --scalesim-dtype fp32 --scalesim-quantization fp16 --rounds 2 --out $R/peer-vllm-bf16-avx2.json
-# Where a step's time goes on the AVX2 machine, fp32 and int8 (about 3 minutes):
+# Where a step's time goes on the AVX2 machine, fp32, int8 and fp16 (about 5 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32-avx2.json
 $S microbench profile --quantization int8 --out $R/profile-int8-avx2.json
+$S microbench profile --quantization fp16 --out $R/profile-fp16-avx2.json
 # Where a step's time goes, and what bf16 costs in output (about 3 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32.json
 $S microbench profile --dtype bf16 --out $R/profile-bf16.json
