@@ -22,9 +22,9 @@ at 512, and fbgemm's dynamic int8 linear (`quantized::linear_dynamic`) quantizes
 too, with one scale per tensor, which made SmolLM2's greedy text part from float32's at the first
 generated token on all three test prompts (at the first, second or fourth with its 7-bit
 activations). fbgemm's float16 linear (`quantized::linear_dynamic_fp16`) computes what `fp16`
-does, but a row's result depends on the rows batched with it, and over the chain it was as fast
-as this kernel at 1 row and slower at 4-16 rows (15.5 against 13.5 ms at 4, 44.2 against 29.3 at
-16; development measurement, not committed).
+does, and over the chain about as fast (medians of three interleaved rounds, fbgemm against this
+kernel: 14.3 / 14.2 ms at 1 row, 17.2 / 15.4 at 4, 42.0 / 42.2 at 16; development measurement, not
+committed), but a row's result depends on the rows batched with it, which this kernel's does not.
 """
 
 from collections.abc import Callable
