@@ -134,11 +134,11 @@ class EngineConfig:
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
         if self.quantization in WEIGHT_ONLY:
-            q = self.quantization
             if self.device != "cpu":
-                raise ValueError(f"quantization {q} runs on the CPU only, not on {self.device!r}")
+                raise ValueError(f"quantization {self.quantization} runs on the CPU only, not on {self.device!r}")
             if self.dtype not in ("auto", "fp32", "float32"):
-                raise ValueError(f"quantization {q} computes in float32: use dtype fp32 or auto, not {self.dtype!r}")
+                raise ValueError(f"quantization {self.quantization} computes in float32: use dtype fp32 or auto, "
+                                 f"not {self.dtype!r}")
             self.dtype = "fp32"
         dtype_asked = self.dtype
         if self.dtype == "auto":

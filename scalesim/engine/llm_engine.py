@@ -14,7 +14,7 @@ from functools import cached_property, partial
 
 import torch
 
-from scalesim.config import EngineConfig
+from scalesim.config import WEIGHT_ONLY, EngineConfig
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.cpu_runtime import configure_cpu_allocator
 from scalesim.layers.linear import pack_for_cpu
@@ -47,8 +47,7 @@ from scalesim.weights.registry import WeightRegistry, kv_namespace
 logger = logging.getLogger(__name__)
 # How the base model's linears get their kernels, per `EngineConfig.quantization`: oneDNN's packed
 # layout (on a CPU; elsewhere nothing changes), or float16 or int8 weights.
-PREPARE_LINEARS = {"none": pack_for_cpu, "fp16": partial(compress_weights, fmt="fp16"),
-                   "int8": partial(compress_weights, fmt="int8")}
+PREPARE_LINEARS = {"none": pack_for_cpu, **{fmt: partial(compress_weights, fmt=fmt) for fmt in WEIGHT_ONLY}}
 
 
 @dataclass
