@@ -8,7 +8,7 @@ from openai import OpenAI
 
 from scalesim import AsyncLLM
 from scalesim.server.config import ServerConfig
-from tests.server_util import running_server
+from tests.server_util import metric, running_server
 
 MODEL = "tiny-random"
 API_KEY = "sk-test-key"
@@ -39,6 +39,21 @@ def test_chat_completion_returns_text_and_usage(client):
     assert reply.object == "chat.completion" and choice.message.role == "assistant"
     assert choice.message.content and choice.finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens <= 8 and reply.usage.prompt_tokens > 10
+
+
+def test_the_engines_step_counters_are_on_metrics_and_grow_with_a_completion(url, client):
+    """Steps, computed tokens and forward seconds tell an operator where the engine's time went
+    (e.g. whether a burst was split over several steps)."""
+    names = ("scalesim_steps", "scalesim_computed_tokens", "scalesim_forward_s", "scalesim_idle_s")
+    before = {n: metric(url, n) for n in names}
+    reply = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8, 9, 10], max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    after = {n: metric(url, n) for n in names}
+    assert reply.usage.completion_tokens == 4
+    assert after["scalesim_steps"] - before["scalesim_steps"] >= 4  # one prefill step, then one per token
+    # every prompt token not found cached is computed, and each decode step computes one more token
+    assert after["scalesim_computed_tokens"] - before["scalesim_computed_tokens"] >= 3
+    assert after["scalesim_forward_s"] > before["scalesim_forward_s"] and after["scalesim_idle_s"] >= before["scalesim_idle_s"]
 
 
 def test_streamed_chat_equals_the_unstreamed_reply(client):

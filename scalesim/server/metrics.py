@@ -27,7 +27,8 @@ class _EngineCollector(Collector):
         stats = self.llm.stats()
         for name in ("running", "waiting"):
             yield GaugeMetricFamily(f"scalesim_num_requests_{name}", f"sequences {name}", value=stats[name])
-        for name in ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "preemptions", "cached_prompt_tokens"):
+        for name in ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "preemptions", "cached_prompt_tokens",
+                     "steps", "computed_tokens", "forward_s", "idle_s"):
             yield GaugeMetricFamily(f"scalesim_{name}", name.replace("_", " "), value=stats[name])
         yield GaugeMetricFamily("scalesim_generation_tokens_per_second",
                                 f"tokens generated per second over the last {TOKENS_PER_S_WINDOW_S:.0f} s",
