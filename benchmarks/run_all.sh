@@ -39,6 +39,11 @@ $S microbench accuracy --quantization fp16 --out $R/accuracy-fp16.json
 $S microbench peer --dtypes fp32 --scalesim-quantization none,fp16 --rounds 3 --out $R/peer-default-avx2.json
 # ... and vLLM's bf16 there against the same default (bf16 is emulated on that CPU: about 25 minutes):
 $S microbench peer --dtypes bf16 --scalesim-dtype fp32 --scalesim-quantization fp16 --rounds 2 --out $R/peer-vllm-bf16-avx2.json
+# On the AMX machine (Intel Xeon, AMX-BF16): bf16 three rounds, then fp32 and bf16 with a contended
+# round (about 15 + 15 minutes), and where a bf16 step's time goes (about 1 minute):
+$S microbench peer --dtypes bf16 --rounds 3 --out $R/peer-amx.json
+$S microbench peer --dtypes fp32,bf16 --rounds 2 --contended-rounds 1 --out $R/peer-amx-fp32-bf16.json
+$S microbench profile --out $R/profile-bf16-amx.json
 # Where a step's time goes on the AVX2 machine, fp32, int8 and fp16 (about 5 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32-avx2.json
 $S microbench profile --quantization int8 --out $R/profile-int8-avx2.json
