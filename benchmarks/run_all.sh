@@ -40,7 +40,7 @@ $S microbench peer --dtypes fp32 --scalesim-quantization none,fp16 --rounds 3 --
 # ... and vLLM's bf16 there against the same default (bf16 is emulated on that CPU: about 25 minutes):
 $S microbench peer --dtypes bf16 --scalesim-dtype fp32 --scalesim-quantization fp16 --rounds 2 --out $R/peer-vllm-bf16-avx2.json
 # On the AMX machine (Intel Xeon, AMX-BF16): bf16 three rounds, then fp32 and bf16 with a contended
-# round (about 15 + 15 minutes), and where a bf16 step's time goes (about 1 minute):
+# round (about 15 + 15 minutes), and where a step of the default (bf16 there) goes (about 1 minute):
 $S microbench peer --dtypes bf16 --rounds 3 --out $R/peer-amx.json
 $S microbench peer --dtypes fp32,bf16 --rounds 2 --contended-rounds 1 --out $R/peer-amx-fp32-bf16.json
 $S microbench profile --out $R/profile-bf16-amx.json

@@ -1,7 +1,7 @@
 """Where a benchmark result was measured: the commit, the CPU and its vector units, the date.
 
 Results are committed as JSON and quoted in the README; a figure must say which code and which
-machine gave it (these machines differ: AVX-512 with bf16, or AVX2 only), and the result itself
+machine gave it (these machines differ: AVX-512 with bf16, AVX2 only, or AMX), and the result itself
 is where that belongs, not the prose around it.
 """
 
