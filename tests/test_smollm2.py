@@ -6,7 +6,6 @@ import torch
 from scalesim import LLM, SamplingParams
 from scalesim.bench.accuracy_bench import PROMPTS as ACCURACY_PROMPTS
 from scalesim.config import EngineConfig, auto_dtype
-from scalesim.layers.paged_prefill import available as paged_prefill_available
 from scalesim.models.registry import resolve_model, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
@@ -87,11 +86,13 @@ def test_the_default_fp16_weights_keep_fp32_greedy_text_on_three_prompts():
 
 
 def test_prompt_logits_fresh_and_behind_a_cached_prefix_match_transformers(smollm2, hf_from_gguf):
-    """On this model (head size 64) prefill attention runs the in-place kernel where the CPU has
-    AVX-512: its logits, fresh and behind a cached 3-block prefix, match transformers in fp32
-    within 1e-4. Elsewhere PyTorch's attention runs, held to 2e-4: on an AVX2-only EPYC, fp32
-    rounding over 30 layers put one of 2M logits 1.06e-4 away (logits here reach about 16)."""
-    tolerance = 1e-4 if paged_prefill_available(smollm2.engine.model_config.head_dim) else 2e-4
+    """Logits, fresh and behind a cached 3-block prefix, match transformers in fp32 within 2e-4
+    (logits here reach about 16: 1.3e-5 of their size). The engine and transformers sum the same
+    products in different orders (oneDNN's blocked linears, the attention kernels), and fp32's
+    rounding over 30 layers differs with the CPU: the largest of 2M differences was under 1e-4 on
+    the AVX-512 EPYC, 1.06e-4 on an AVX2-only EPYC (PyTorch's attention) and 1.02e-4 on an AMX
+    Xeon (the in-place prefill kernel)."""
+    tolerance = 2e-4
     prefix = smollm2.tokenizer.encode("The lighthouse keeper wrote in her log every night, " * 4)
     ids = prefix + smollm2.tokenizer.encode("and on the last night she wrote only one word:")
     with torch.no_grad():
