@@ -90,7 +90,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     k, v = k.to(cache_dtype), v.to(cache_dtype)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    q = q.to(compute_dtype)  # k and v are read back from the cache, or converted where SDPA takes them
     num_heads, head_dim = q.shape[1], q.shape[2]
     gqa = num_heads != k.shape[1]
     if meta.flex is not None:
@@ -109,7 +109,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     for chunk in meta.prefills:
         queries = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)              # [1, H, Q, D]
         if chunk.context_slots is None:
-            keys, values = k[chunk.start:chunk.end], v[chunk.start:chunk.end]
+            keys, values = k[chunk.start:chunk.end].to(compute_dtype), v[chunk.start:chunk.end].to(compute_dtype)
         else:
             keys = k_cache.index_select(0, chunk.context_slots).to(compute_dtype)
             values = v_cache.index_select(0, chunk.context_slots).to(compute_dtype)
