@@ -13,6 +13,8 @@ from scalesim.errors import ScaleSimError
 from scalesim.server.serve import add_serve_flags
 
 EXIT_USAGE = 2
+# The peer bench's ScaleSim arms: named weight formats (it names ScaleSim's dtype, so auto would be none)
+ARM_FORMATS = ("none", *WEIGHT_ONLY)
 DEFAULT_PRESET = {"agents": 24, "steps": 4, "output_tokens": 8}
 QUICK_PRESET = {"agents": 12, "steps": 3, "output_tokens": 4}
 
@@ -267,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run ScaleSim in this dtype against every vLLM dtype (default: the same dtype)")
     peer.add_argument("--scalesim-quantization", default="none",
                       help="comma-separated weight formats, one ScaleSim arm each, all run beside vLLM's dtype in "
-                           f"every round, from none, {', '.join(WEIGHT_ONLY)} (default: none)")
+                           f"every round, from {', '.join(ARM_FORMATS)} (default: none)")
     peer.add_argument("--peer-python", default=".venv-peer/bin/python", help="python of the vLLM venv (default: .venv-peer/bin/python)")
     peer.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     peer.add_argument("--contended-rounds", type=int, default=0,
@@ -362,8 +364,8 @@ def _microbench(args: argparse.Namespace) -> None:
         write_result(run_http_bench(args.workload, args.model, cfg, args.policy, args.rounds), args.out)
     elif args.kind == "accuracy":
         from scalesim.bench.accuracy_bench import run_accuracy_bench
-        # fp16/int8 compute in fp32; auto checks the product default (dtype auto too); none checks bf16
-        dtype = args.dtype or {"none": "bf16", "auto": "auto"}.get(args.quantization, "fp32")
+        # none checks bf16; otherwise dtype auto: the product default for auto, fp32 under fp16/int8 (config's rule)
+        dtype = args.dtype or ("bf16" if args.quantization == "none" else "auto")
         write_result(run_accuracy_bench(args.model, dtype, args.gen_len, quantization=args.quantization), args.out)
     elif args.kind == "int8":
         from scalesim.bench.int8_bench import run_int8_bench
@@ -377,10 +379,9 @@ def _microbench(args: argparse.Namespace) -> None:
         dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
         ours = {d: args.scalesim_dtype for d in dtypes} if args.scalesim_dtype else None
         quantizations = tuple(q.strip() for q in args.scalesim_quantization.split(",") if q.strip())
-        formats = ("none", *WEIGHT_ONLY)  # named ones: the bench names ScaleSim's dtype, so auto would be none
-        unknown = [q for q in quantizations if q not in formats]
+        unknown = [q for q in quantizations if q not in ARM_FORMATS]
         if not quantizations or unknown or len(set(quantizations)) != len(quantizations):
-            raise ValueError(f"--scalesim-quantization takes distinct formats from {', '.join(formats)}, "
+            raise ValueError(f"--scalesim-quantization takes distinct formats from {', '.join(ARM_FORMATS)}, "
                              f"got {args.scalesim_quantization!r}")
         write_result(run_peer_bench(args.model, dtypes, args.peer_python, args.rounds, args.contended_rounds,
                                     parse_nbytes(args.kv_cache_memory), args.max_num_batched_tokens,

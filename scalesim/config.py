@@ -34,7 +34,7 @@ def auto_device(quantization: str, gpu_available: bool) -> str:
     return "cuda" if gpu_available and quantization not in WEIGHT_ONLY else "cpu"
 
 
-def auto_quantization(device: str, dtype_asked: str, dtype: str) -> str:
+def auto_quantization(device: str, dtype: str) -> str:
     """The weight format `auto` picks: fp16 weights where the engine computes float32 on a CPU
     because it was left to choose (`dtype` auto) and the weight-only kernel runs here, else none
     (a dtype named, fp32 included, means that dtype's weights). On SmolLM2-135M fp16 weights kept
@@ -42,12 +42,13 @@ def auto_quantization(device: str, dtype_asked: str, dtype: str) -> str:
     logits' spread (accuracy-fp16.json), and on the AVX2 machine decode ran 1.5-2.0x and the feed
     trace 1.11-1.37x as fast as over fp32 weights (medians of two runs, peer-weights-avx2.json and
     peer-default-avx2.json)."""
-    if device != "cpu" or dtype_asked != "auto" or dtype != "fp32":
+    if device != "cpu" or dtype != "auto" or auto_dtype(device) != "fp32":
         return "none"
     from scalesim.layers import weight_only
 
     if weight_only.available():
         return "fp16"
+    # kernel_build has said why the build failed (or that kernels are off); this says what it means here
     logger.warning("fp16 weights, the default on this CPU, need the weight-only kernel, which is unavailable here: "
                    "the model runs on its fp32 weights, and KV saved under fp16 weights is not served to it")
     return "none"
@@ -133,6 +134,8 @@ class EngineConfig:
             self.device = auto_device(self.quantization, torch.cuda.is_available())
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}")
+        if self.quantization == "auto":
+            self.quantization = auto_quantization(self.device, self.dtype)
         if self.quantization in WEIGHT_ONLY:
             if self.device != "cpu":
                 raise ValueError(f"quantization {self.quantization} runs on the CPU only, not on {self.device!r}")
@@ -140,11 +143,8 @@ class EngineConfig:
                 raise ValueError(f"quantization {self.quantization} computes in float32: use dtype fp32 or auto, "
                                  f"not {self.dtype!r}")
             self.dtype = "fp32"
-        dtype_asked = self.dtype
         if self.dtype == "auto":
             self.dtype = auto_dtype(self.device)
-        if self.quantization == "auto":
-            self.quantization = auto_quantization(self.device, dtype_asked, self.dtype)
         if self.kv_cache_dtype == "auto":
             # The weights' dtype, as vLLM does. On the CPU the decode kernel reads a bf16 cache in
             # place (layers/paged_decode.py); measured on an AVX-512 EPYC with bf16 weights, a

@@ -9,10 +9,17 @@ __all__ = ["running_server", "metric", "server_connections"]
 
 def metric(base_url: str, name: str) -> float:
     """One unlabelled sample from /metrics."""
+    return metrics(base_url, (name,))[name]
+
+
+def metrics(base_url: str, names) -> dict[str, float]:
+    """Unlabelled samples from one read of /metrics, by name (KeyError for one that is missing)."""
+    found = {}
     for line in httpx.get(base_url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
+        name, _, value = line.partition(" ")
+        if name in names:
+            found[name] = float(value.split()[0])
+    return {name: found[name] for name in names}
 
 
 def server_connections(port: int) -> int:

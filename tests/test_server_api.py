@@ -8,7 +8,7 @@ from openai import OpenAI
 
 from scalesim import AsyncLLM
 from scalesim.server.config import ServerConfig
-from tests.server_util import metric, running_server
+from tests.server_util import metrics, running_server
 
 MODEL = "tiny-random"
 API_KEY = "sk-test-key"
@@ -46,10 +46,10 @@ def test_the_engines_step_counters_are_on_metrics_and_grow_with_a_completion(url
     (e.g. whether a burst was split over several steps)."""
     names = ("scalesim_steps", "scalesim_computed_tokens", "scalesim_forward_s", "scalesim_idle_s",
              "scalesim_prompt_tokens_total", "scalesim_cached_prompt_tokens")
-    before = {n: metric(url, n) for n in names}
+    before = metrics(url, names)
     reply = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8, 9, 10], max_tokens=4, temperature=0,
                                       extra_body={"ignore_eos": True})
-    after = {n: metric(url, n) for n in names}
+    after = metrics(url, names)
     grew = {n: after[n] - before[n] for n in names}
     assert reply.usage.completion_tokens == 4 and grew["scalesim_prompt_tokens_total"] == 6
     assert grew["scalesim_steps"] == 4  # the prompt in one step, then one step per further token

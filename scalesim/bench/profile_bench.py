@@ -85,4 +85,4 @@ def run_profile_bench(model: str, dtype: str, seed: int = 0, quantization: str =
                                  _summary(prof)))
     threads = llm.engine.runner.threads.threads if llm.engine.runner.threads is not None else 0
     return ProfileBenchResult(model=model, dtype=llm.engine.config.dtype, threads=threads, steps=steps,
-                              quantization=quantization)
+                              quantization=llm.engine.config.quantization)
