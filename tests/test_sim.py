@@ -277,6 +277,7 @@ def test_the_projection_runs_a_step_that_does_not_fit_the_device_in_waves_that_r
 
 
 RANKING_MARGIN = 0.25  # the projection's gaps smaller than this are not read as a ranking (noise is about 20%)
+MEASURED_NOISE = 0.20  # one measured run each: a reversal smaller than this is parity, not the other order
 
 
 @pytest.mark.slow
@@ -284,7 +285,8 @@ def test_the_projection_ranks_the_policies_as_a_measured_run_does(tmp_path):
     """The cost model (bench/costmodel.py), given what a measured quick run on SmolLM2-135M ran
     (the survey, where every agent calls in a phase: the model separates the policies there; on
     the quick town it puts all three within 18% of each other), orders every pair of policies it
-    separates by more than RANKING_MARGIN as the measurement does; at least one pair apart from
+    separates by more than RANKING_MARGIN as the measurement does, or at parity with it (one
+    measured run each: within MEASURED_NOISE); at least one pair apart from
     the unbounded limit is separated, so the check is about the memory policies and can fail."""
     from scalesim.bench.costmodel import CPU_2CORE, project_measured
 
@@ -299,8 +301,9 @@ def test_the_projection_ranks_the_policies_as_a_measured_run_does(tmp_path):
     projected_s = {p: r["makespan_s"] for p, r in projected_runs.items()}
     separated = [(a, b) for a in projected_s for b in projected_s if projected_s[b] > (1 + RANKING_MARGIN) * projected_s[a]]
     assert any("ideal" not in pair for pair in separated), projected_s
-    for faster, slower in separated:
-        assert measured_runs[faster]["makespan_s"] < measured_runs[slower]["makespan_s"], (faster, slower, projected_s)
+    for faster, slower in separated:  # the measurement does not order them the other way beyond its noise
+        assert measured_runs[faster]["makespan_s"] < (1 + MEASURED_NOISE) * measured_runs[slower]["makespan_s"], \
+            (faster, slower, projected_s, {p: r["makespan_s"] for p, r in measured_runs.items()})
 
 
 @pytest.mark.parametrize("content, message", [
