@@ -45,16 +45,19 @@ def test_the_engines_step_counters_are_on_metrics_and_grow_with_a_completion(url
     """Steps, computed tokens and forward seconds tell an operator where the engine's time went
     (e.g. whether a burst was split over several steps)."""
     names = ("scalesim_steps", "scalesim_computed_tokens", "scalesim_forward_s", "scalesim_idle_s",
-             "scalesim_prompt_tokens_total", "scalesim_cached_prompt_tokens")
+             "scalesim_prompt_tokens_total", "scalesim_cached_prompt_tokens", "scalesim_draft_tokens",
+             "scalesim_accepted_draft_tokens")
     before = metrics(url, names)
     reply = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8, 9, 10], max_tokens=4, temperature=0,
                                       extra_body={"ignore_eos": True})
     after = metrics(url, names)
     grew = {n: after[n] - before[n] for n in names}
     assert reply.usage.completion_tokens == 4 and grew["scalesim_prompt_tokens_total"] == 6
-    assert grew["scalesim_steps"] == 4  # the prompt in one step, then one step per further token
-    # the prompt's tokens not found cached, then one token per decode step
-    assert grew["scalesim_computed_tokens"] == 6 - grew["scalesim_cached_prompt_tokens"] + 3
+    # the prompt in one step, then one step per further token, less one per drafted token kept
+    assert grew["scalesim_steps"] == 4 - grew["scalesim_accepted_draft_tokens"]
+    # the prompt's tokens not found cached, then one token per decode step and the drafted ones
+    assert grew["scalesim_computed_tokens"] == (6 - grew["scalesim_cached_prompt_tokens"] + 3
+                                                - grew["scalesim_accepted_draft_tokens"] + grew["scalesim_draft_tokens"])
     assert grew["scalesim_forward_s"] > 0
 
 

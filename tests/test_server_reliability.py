@@ -76,12 +76,15 @@ async def _bystander_and(url: str, poisoned: list[dict]) -> tuple[tuple[int, str
 
     async def bystander() -> tuple[int, str]:
         stream = await client.completions.create(model=MODEL, prompt="a quiet story", max_tokens=300, stream=True,
-                                                 temperature=0, extra_body=LONG)
+                                                 temperature=0, extra_body=LONG,
+                                                 stream_options={"include_usage": True})
         tokens, finish = 0, None
-        async for chunk in stream:
-            tokens += 1
+        async for chunk in stream:  # a chunk may carry several tokens (kept drafts)
             decoding.set()
-            finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+            if chunk.choices:
+                finish = chunk.choices[0].finish_reason or finish
         finished_at["bystander"] = time.monotonic()
         return tokens, finish
 

@@ -29,6 +29,7 @@ from scalesim.distance.tracker import DistanceTracker
 from scalesim.engine.agents import Agent
 from scalesim.engine.memory_hooks import ManagedMemory
 from scalesim.engine.scheduler import Scheduler
+from scalesim.engine.speculation import PromptLookup, Speculator
 from scalesim.engine.sequence import Sequence
 from scalesim.errors import InvalidRequestError, RequestTooLargeError
 from scalesim.models.loader import load_model, load_tokenizer
@@ -93,14 +94,18 @@ class LLMEngine:
         self.kv_objects = KVObjects(self.memory, self.cache)
         self.kv_objects.restore()
         self.memory_hooks = ManagedMemory(self.memory, self.cache, self.pool)
+        self.speculator = (Speculator(PromptLookup(config.num_speculative_tokens))
+                           if config.num_speculative_tokens else None)
         self.scheduler = Scheduler(self.pool, self.cache, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.memory_hooks)
+                                   self.memory_hooks, self.speculator)
         self.runner = ModelRunner(self.model, self.pool, config.device, config.attention)
         self.weights = WeightRegistry(config.model, self.model_config, config.device, config.torch_dtype,
                                       config.max_lora_rank, self.memory)
         self.agents: dict[str, Agent] = {}
         self.worker = TransferWorker(self.memory, config.transfer_threads)
         self.requests: dict[str, _Request] = {}
+        self.draft_tokens = 0           # drafted tokens verified by steps (speculative decoding)
+        self.accepted_draft_tokens = 0  # of them, those the model chose too
         self.forward_s = 0.0  # seconds in the model's forward passes (sampling included)
         self.idle_s = 0.0     # seconds with work queued and no batch to run: waiting for loads or room
         self._ids = itertools.count()
@@ -276,7 +281,10 @@ class LLMEngine:
             return failed
         started_s = time.perf_counter()
         sampled = self.runner.run(batch)  # a sequence whose step fails comes back with an error
-        self.forward_s += time.perf_counter() - started_s
+        seconds = time.perf_counter() - started_s
+        self.forward_s += seconds
+        if self.speculator is not None:
+            self.speculator.observe(sum(item.num_new_tokens for item in batch), seconds)
         with self.memory.lock:
             return failed + self._record(batch, sampled)
 
@@ -286,9 +294,17 @@ class LLMEngine:
             seq = item.seq
             if id(seq) in broken:
                 continue
-            seq.num_computed_tokens += item.num_new_tokens
-            if item.num_new_tokens > 1:
+            seq.num_computed_tokens += item.num_certain_tokens  # a kept draft token's KV: in _append
+            if item.num_certain_tokens > 1:
                 self.scheduler.cache_computed(seq)
+        drafts = {id(item.seq): len(item.draft) for item in batch if item.draft}
+        for result in sampled:
+            drafted = drafts.get(id(result.seq))
+            if drafted and result.error is None:
+                kept = len(result.token_ids) - 1
+                self.speculator.record(result.seq, drafted, kept)
+                self.draft_tokens += drafted
+                self.accepted_draft_tokens += kept
         now = time.perf_counter()
         deltas = []
         for result in sampled:
@@ -304,18 +320,25 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, request: _Request, result: SampledToken, now: float) -> SequenceDelta:
         detok = request.detokenizers[seq.index]
-        seq.output_token_ids.append(result.token_id)
-        if result.logprobs is not None:
-            seq.output_logprobs.append(result.logprobs)
         seq.first_token_s = seq.first_token_s or now
-        detok.push(result.token_id)
-        reason = self._finish_reason(seq, result.token_id, detok)
+        reason, appended = None, 0
+        for token_id in result.token_ids:
+            if appended:  # the token before this one was a kept draft token: the step computed its KV
+                seq.num_computed_tokens += 1
+            seq.output_token_ids.append(token_id)
+            if result.logprobs:
+                seq.output_logprobs.append(result.logprobs[appended])
+            appended += 1
+            detok.push(token_id)
+            reason = self._finish_reason(seq, token_id, detok)
+            if reason is not None:  # tokens after a stop are dropped
+                break
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._finished(seq)
         return SequenceDelta(
             request_id=seq.request_id, index=seq.index, text=detok.take_delta(final=reason is not None),
-            token_ids=[result.token_id], logprobs=[result.logprobs] if result.logprobs else [],
+            token_ids=result.token_ids[:appended], logprobs=result.logprobs[:appended],
             finish_reason=reason, num_prompt_tokens=len(seq.prompt_token_ids),
             num_cached_tokens=seq.num_cached_tokens)
 
@@ -414,5 +437,6 @@ class LLMEngine:
             "steps": s.steps, "computed_tokens": s.computed_tokens, "scheduled_seqs": s.scheduled_seqs,
             "shared_prefix_waits": s.shared_prefix_waits,
             "forward_s": round(self.forward_s, 4), "idle_s": round(self.idle_s, 4),
+            "draft_tokens": self.draft_tokens, "accepted_draft_tokens": self.accepted_draft_tokens,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
         }

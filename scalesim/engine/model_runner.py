@@ -28,11 +28,13 @@ NON_FINITE_LOGITS = ("the model produced no usable logits for this sequence (NaN
 
 @dataclass
 class SampledToken:
-    """One sequence's new token; `error` (token meaningless) when it could not be sampled."""
+    """One sequence's new tokens: one, or with a draft the drafted tokens the model agreed with
+    plus its own next token; `logprobs` one per token where asked (else empty); `error` (tokens
+    meaningless) when they could not be sampled."""
 
     seq: Sequence
-    token_id: int
-    logprobs: dict | None
+    token_ids: list[int]
+    logprobs: list[dict]
     error: str | None = None
 
 
@@ -71,7 +73,7 @@ class ModelRunner:
         for s in batch:
             start, count, table = s.seq.num_computed_tokens, s.num_new_tokens, s.seq.block_table
             row = len(input_ids)
-            input_ids.extend(s.seq.token_ids[start:start + count])
+            input_ids.extend(s.seq.token_ids[start:start + s.num_certain_tokens] + s.draft)
             positions.extend(range(start, start + count))
             slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + count))
             if self.flex:
@@ -165,7 +167,9 @@ class ModelRunner:
         for s, end in zip(batch, ends.tolist()):
             if s.seq.want_prompt_logits and s.seq.num_computed_tokens < len(s.seq.prompt_token_ids):
                 s.seq.prompt_logits.append(model.compute_logits(hidden[end - s.num_new_tokens:end]).cpu())
-        sampling = [(s, end - 1) for s, end in zip(batch, ends.tolist()) if s.samples]
+        # the rows that sample: a sequence's last one, or with a draft also the drafted tokens'
+        sampling = [(s, end - 1 - len(s.draft) + i) for s, end in zip(batch, ends.tolist()) if s.samples
+                    for i in range(len(s.draft) + 1)]
         if not sampling:
             return []
         rows = device_tensor([row for _, row in sampling], self.device)
@@ -177,25 +181,42 @@ class ModelRunner:
         want = max((q.params.logprobs for q in seqs if q.params.logprobs is not None), default=None)
         infos = top_logprobs(logits, tokens, want) if want is not None else [None] * len(seqs)
         token_ids, failed_rows = torch.stack([tokens, failed.to(tokens.dtype)]).tolist()  # the step's one wait
-        results = []
-        for q, t, info, row_failed in zip(seqs, token_ids, infos, failed_rows):
-            if row_failed:
+        results, row = [], 0
+        for s in (s for s in batch if s.samples):
+            q, count = s.seq, len(s.draft) + 1
+            kept = _kept(s.draft, token_ids[row:row + count])
+            logprobs = infos[row:row + len(kept)] if q.params.logprobs is not None else []
+            broken = any(failed_rows[row:row + len(kept)])
+            row += count
+            if broken:
                 logger.warning("failing %s: %s", q.request_id, NON_FINITE_LOGITS)
-                results.append(SampledToken(q, int(t), None, NON_FINITE_LOGITS))
+                results.append(SampledToken(q, kept, [], NON_FINITE_LOGITS))
                 continue
             if q.grammar is not None:  # last, and per sequence: nothing of the step is redone after it
                 try:
-                    consume(q.grammar, int(t))
+                    consume(q.grammar, kept[0])  # (a sequence with a grammar has no draft)
                 except Exception as exc:
                     results.append(_failed(q, exc))
                     continue
-            results.append(SampledToken(q, int(t), info if q.params.logprobs is not None else None))
+            results.append(SampledToken(q, kept, logprobs))
         return results
+
+
+def _kept(draft: list[int], chosen: list[int]) -> list[int]:
+    """The tokens a step keeps of a sequence with `draft`, given the model's choice at each of
+    its len(draft) + 1 positions: the drafted tokens it chose too, up to the first it did not,
+    then its own choice there (or after the whole draft)."""
+    kept = []
+    for guess, token in zip(draft + [None], chosen):
+        kept.append(int(token))
+        if token != guess:
+            break
+    return kept
 
 
 def _failed(seq: Sequence, exc: Exception) -> SampledToken:
     logger.error("sequence %s failed its step", seq.request_id, exc_info=exc)
-    return SampledToken(seq, -1, None, f"engine step failed: {type(exc).__name__}: {exc}")
+    return SampledToken(seq, [], [], f"engine step failed: {type(exc).__name__}: {exc}")
 
 
 def _context_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:

@@ -6,7 +6,10 @@ matched against the radix cache so that only the uncached part is computed. When
 free block, the memory layer evicts by policy; if that is not enough, the most recently admitted
 running sequence is preempted (its pages freed, its tokens recomputed later). The stacked LoRA
 buffers of the step's adapters take device room too, reserved before a sequence joins the batch.
-A sequence samples a token in the step that computes its last uncomputed token.
+A sequence samples a token in the step that computes its last uncomputed token. With a
+speculator (engine/speculation.py), a decoding sequence also computes tokens drafted to follow
+it, from the budget the step left and in pages taken only from free ones: speculation never
+delays a prompt, evicts or preempts.
 
 A waiting sequence whose prompt shares at least `IN_BATCH_SHARED_MIN_TOKENS` uncached tokens
 with a prompt this step computes waits one step (SGLang's in-batch prefix caching): then it finds
@@ -16,12 +19,13 @@ agent's call behind the same world description, at once.
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.radix_cache import RadixCache
 from scalesim.engine.sequence import Sequence, SequenceStatus
+from scalesim.engine.speculation import Speculator, speculates
 from scalesim.layers.lora import stack_nbytes
 
 logger = logging.getLogger(__name__)
@@ -30,13 +34,22 @@ IN_BATCH_SHARED_MIN_TOKENS = 32  # SGLang's IN_BATCH_PREFIX_CACHING_DEPRIORITIZE
 
 @dataclass
 class ScheduledSequence:
+    """`num_new_tokens` tokens of `seq` computed this step: its uncomputed ones, then `draft`
+    (guesses at its next tokens, verified by the step)."""
+
     seq: Sequence
     num_new_tokens: int
+    draft: list[int] = field(default_factory=list)
+
+    @property
+    def num_certain_tokens(self) -> int:
+        """The tokens computed this step that are the sequence's own (not drafted)."""
+        return self.num_new_tokens - len(self.draft)
 
     @property
     def samples(self) -> bool:
         """True if this step computes the sequence's last uncomputed token, so it samples next."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_certain_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -70,8 +83,9 @@ class MemoryHooks(Protocol):
 
 class Scheduler:
     def __init__(self, pool: BlockPool, cache: RadixCache, max_num_seqs: int, max_num_batched_tokens: int,
-                 hooks: MemoryHooks) -> None:
+                 hooks: MemoryHooks, speculator: Speculator | None = None) -> None:
         self.pool = pool
+        self.speculator = speculator
         self.cache = cache
         self.hooks = hooks
         self.max_num_seqs = max_num_seqs
@@ -130,11 +144,30 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(not_ready))
         self.hooks.reserve_stacks(sum(stacks.values()), exact=True)
+        if self.speculator is not None and budget > 0:
+            self._add_drafts(batch, budget)
         if batch:
             self.stats.steps += 1
             self.stats.computed_tokens += sum(item.num_new_tokens for item in batch)
             self.stats.scheduled_seqs += len(batch)
         return batch
+
+    def _add_drafts(self, batch: list[ScheduledSequence], budget: int) -> None:
+        """Give the batch's decoding sequences the speculator's drafts, within `budget` tokens,
+        their max_tokens (a step keeps at most the draft plus one token) and the free pages."""
+        decoding = [item for item in batch if item.num_new_tokens == 1 and item.samples and speculates(item.seq)
+                    and len(item.seq.output_token_ids) + 1 < item.seq.params.max_tokens]
+        candidates = [(item.seq, item.seq.params.max_tokens - len(item.seq.output_token_ids) - 1) for item in decoding]
+        rows, tokens = sum(item.num_new_tokens for item in batch), sum(item.samples for item in batch)
+        for item, draft in zip(decoding, self.speculator.plan(candidates, rows, tokens, budget)):
+            seq = item.seq
+            if not draft:
+                continue
+            need = self.pool.blocks_for(seq.num_tokens + len(draft)) - len(seq.block_table)
+            if need > 0:
+                seq.block_table.extend(self.pool.allocate(min(need, self.pool.num_free)) or [])
+            item.draft = draft[:len(seq.block_table) * self.pool.block_size - seq.num_tokens]
+            item.num_new_tokens += len(item.draft)
 
     def _computed_by_another(self, seq: Sequence, batch: list[ScheduledSequence]) -> bool:
         """True if a prompt chunk of this step's batch computes at least

@@ -51,6 +51,8 @@ class Sequence:
     first_token_s: float | None = None
     num_preemptions: int = 0
     grammar: llguidance.LLMatcher | None = None  # structured output: where the output stands in its grammar
+    draft_kept: int = 0    # speculative decoding: drafted tokens kept
+    draft_missed: int = 0  # and steps whose draft had a rejected token
 
     @property
     def weights(self) -> tuple:

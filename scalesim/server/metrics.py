@@ -28,7 +28,7 @@ class _EngineCollector(Collector):
         for name in ("running", "waiting"):
             yield GaugeMetricFamily(f"scalesim_num_requests_{name}", f"sequences {name}", value=stats[name])
         for name in ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "preemptions", "cached_prompt_tokens",
-                     "steps", "computed_tokens", "forward_s", "idle_s"):
+                     "steps", "computed_tokens", "forward_s", "idle_s", "draft_tokens", "accepted_draft_tokens"):
             yield GaugeMetricFamily(f"scalesim_{name}", name.replace("_", " "), value=stats[name])
         yield GaugeMetricFamily("scalesim_generation_tokens_per_second",
                                 f"tokens generated per second over the last {TOKENS_PER_S_WINDOW_S:.0f} s",

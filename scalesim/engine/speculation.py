@@ -1,0 +1,165 @@
+"""Speculative decoding by prompt lookup (n-gram drafts), exact under greedy sampling.
+
+A decode step on a CPU costs about one read of the weights whether it computes 1 token or 5 per
+sequence, so a sequence whose next tokens can be guessed gets them checked all at once: the
+step computes its last token plus up to k drafted tokens, and keeps the drafted tokens up to
+the first one the model would not have picked, plus the model's own token after them. Every
+kept token is the model's greedy choice, so the text is the one plain greedy decoding gives
+(up to the last bits of the logits, which the linears' row count can change either way).
+
+Drafts come from the sequence itself (prompt lookup, vLLM's `ngram` method): the last n tokens
+(n from `max_ngram` down to `min_ngram`) are searched for earlier in the prompt and output, and
+the k tokens that followed their latest earlier occurrence are the draft. Agents repeat their
+prompt a lot (names, JSON keys, the options they were offered), which is what this finds.
+
+Only requests whose next token is the plain argmax of the logits speculate: greedy, with no
+logit bias, penalties or grammar (which change the logits per position), and no prompt logits.
+
+A drafted token is not free: each is one more row through the model, and a rejected one is
+wasted. Measured on the AMX Xeon (bf16), drafts of 4 tokens that were always wrong made a decode
+step 1.1x slower at batch 1, 1.75x at batch 16 and 2.5x at batch 64. So the `Speculator` drafts
+only where it pays, as SmartSpec does (goodput, Liu et al. 2024): it fits a step's seconds as
+base + per_row x rows from the steps it saw, estimates each sequence's chance that a drafted
+token is kept from its own record, and adds drafted tokens, the likeliest first, while each one's
+expected kept tokens per second of its row beat the step's tokens per second.
+"""
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from scalesim.engine.logits_processors import needs_processing
+from scalesim.engine.sequence import Sequence
+
+
+class Drafter(Protocol):
+    def draft(self, seq: Sequence, limit: int) -> list[int]:
+        """Up to `limit` tokens guessed to follow `seq`'s tokens ([] for none). The scheduler
+        asks only for sequences that `speculates` accepts."""
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """Drafts of up to `num_tokens` tokens from the sequence's own earlier tokens."""
+
+    num_tokens: int
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 1 or not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"need num_tokens >= 1 and 1 <= min_ngram <= max_ngram, got {self}")
+
+    def draft(self, seq: Sequence, limit: int) -> list[int]:
+        """Up to min(num_tokens, limit) tokens that may follow `seq`'s tokens; [] when nothing
+        earlier matches its last tokens."""
+        limit = min(limit, self.num_tokens)
+        if limit <= 0:
+            return []
+        return lookup(seq.token_ids, limit, self.max_ngram, self.min_ngram)
+
+
+def speculates(seq: Sequence) -> bool:
+    """True if `seq`'s next token is the argmax of its raw logits, so drafts can be verified by
+    comparing them with the argmax at each position."""
+    return seq.params.greedy and not needs_processing(seq) and not seq.want_prompt_logits
+
+
+def lookup(tokens: list[int], num_tokens: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """The up to `num_tokens` tokens after the latest earlier occurrence of the longest suffix of
+    `tokens` of `max_ngram` down to `min_ngram` tokens that occurs earlier; [] if none does."""
+    ids = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_ngram, len(ids) - 1), min_ngram - 1, -1):
+        # windows starting at 0 .. len - n - 1: every earlier n-gram, not the suffix itself
+        windows = sliding_window_view(ids[:-1], n)
+        hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return ids[start:start + num_tokens].tolist()
+    return []
+
+
+@dataclass
+class StepCost:
+    """A step's seconds as `base_s + per_row_s * rows`, fitted by least squares over the steps
+    seen, each weighted by `decay` per step since (about the last 1 / (1 - decay) steps count).
+    Prompt chunks pin the slope down (a chunk's attention grows faster than its rows, so the
+    slope errs high: drafts are priced dearer, not cheaper), decode steps the base."""
+
+    decay: float = 0.97
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # weight, x, y, xx, xy
+
+    def add(self, rows: int, seconds: float) -> None:
+        self._sums = [s * self.decay for s in self._sums]
+        for i, value in enumerate((1.0, rows, seconds, rows * rows, rows * seconds)):
+            self._sums[i] += value
+
+    def fit(self) -> tuple[float, float] | None:
+        """(base_s, per_row_s), or None until the steps seen are enough (weight 4) and differ in
+        rows (a spread of 2 rows)."""
+        w, x, y, xx, xy = self._sums
+        variance = w * xx - x * x  # w^2 times the rows' weighted variance
+        if w < 4 or variance < 4 * w * w:
+            return None
+        per_row = max((w * xy - x * y) / variance, 0.0)
+        return max((y - per_row * x) / w, 0.0), per_row
+
+
+@dataclass
+class Speculator:
+    """Decides each step's drafts: `drafter` proposes, the goodput rule disposes."""
+
+    drafter: Drafter
+    cost: StepCost = field(default_factory=StepCost)
+    kept: int = 0    # drafted tokens kept, over all sequences
+    missed: int = 0  # steps whose draft had a rejected token
+
+    def acceptance(self, seq: Sequence) -> float:
+        """The chance that a drafted token of `seq` is kept given the ones before it were: the
+        sequence's own record, behind a prior of two steps at the engine's overall rate."""
+        overall = (self.kept + 1) / (self.kept + self.missed + 2)
+        return (seq.draft_kept + 2 * overall) / (seq.draft_kept + seq.draft_missed + 2)
+
+    def plan(self, candidates: list[tuple[Sequence, int]], rows: int, tokens: int, budget: int) -> list[list[int]]:
+        """Each candidate's draft (a list per (sequence, most tokens) pair, in order), for a step of
+        `rows` rows that yields `tokens` tokens before drafts, within `budget` drafted tokens."""
+        drafts = [self.drafter.draft(seq, limit)[:limit] for seq, limit in candidates]
+        fit = self.cost.fit()
+        if fit is None:  # too few steps seen to price a row: draft, which also spreads the rows
+            return _within(drafts, budget)
+        base_s, per_row_s = fit
+        seconds = base_s + per_row_s * rows
+        gains = [(-self.acceptance(seq) ** (j + 1), i, j) for i, ((seq, _), draft) in enumerate(zip(candidates, drafts))
+                 for j in range(len(draft))]
+        heapq.heapify(gains)
+        taken = [0] * len(drafts)
+        expected = float(tokens)
+        while gains and budget > 0:
+            gain, i, j = heapq.heappop(gains)
+            if -gain * seconds <= per_row_s * expected:  # this row would lower the step's tokens per second
+                break
+            taken[i] = max(taken[i], j + 1)
+            expected, seconds, budget = expected - gain, seconds + per_row_s, budget - 1
+        return [draft[:n] for draft, n in zip(drafts, taken)]
+
+    def observe(self, rows: int, seconds: float) -> None:
+        self.cost.add(rows, seconds)
+
+    def record(self, seq: Sequence, drafted: int, kept: int) -> None:
+        """A step verified `drafted` tokens of `seq` and kept the first `kept`."""
+        missed = int(kept < drafted)
+        seq.draft_kept += kept
+        seq.draft_missed += missed
+        self.kept += kept
+        self.missed += missed
+
+
+def _within(drafts: list[list[int]], budget: int) -> list[list[int]]:
+    out = []
+    for draft in drafts:
+        out.append(draft[:max(budget, 0)])
+        budget -= len(out[-1])
+    return out
