@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from scalesim.config import ATTENTION_CHOICES, QUANTIZATION_CHOICES, WEIGHT_ONLY, DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_DISK_MEMORY, \
+from scalesim.config import ATTENTION_CHOICES, QUANTIZATION_CHOICES, WEIGHT_ONLY, DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_NUM_SPECULATIVE_TOKENS, DEFAULT_DISK_MEMORY, \
     DEFAULT_HOST_MEMORY, DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, \
     DEFAULT_TRANSFER_THREADS, DTYPE_CHOICES, DTYPES
 from scalesim.bench.regimes import DEFAULT_REGIME, REGIMES, resolve_regime
@@ -47,6 +47,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                             "bytes) or int8 (one scale per output channel, a quarter); none: the dtype's weights; "
                             "auto: fp16 where --dtype auto computes fp32 on a CPU, else none. Speed and error "
                             "measured in the README (default: auto)")
+    group.add_argument("--num-speculative-tokens", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS,
+                       help="greedy requests verify up to this many tokens drafted by prompt lookup (n-grams of "
+                            "their own prompt and output) in each decode step; 0: off "
+                            f"(default: {DEFAULT_NUM_SPECULATIVE_TOKENS})")
     memory = parser.add_argument_group("memory tiers")
     memory.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                         help=f"what to evict and prefetch: scalesim (invocation distance), lru (recency, no prefetch), lfu, "
@@ -75,7 +79,7 @@ def _engine_args(args: argparse.Namespace) -> dict:
                 policy=args.policy, device_memory=args.device_memory, host_memory=args.host_memory,
                 disk_dir=args.disk_dir, disk_memory=args.disk_memory, disk_page_cache=args.disk_page_cache,
                 persist_on_exit=args.persist_on_exit, transfer_threads=args.transfer_threads, attention=args.attention,
-                quantization=args.quantization)
+                quantization=args.quantization, num_speculative_tokens=args.num_speculative_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--scalesim-quantization", default="none",
                       help="comma-separated weight formats, one ScaleSim arm each, all run beside vLLM's dtype in "
                            f"every round, from {', '.join(ARM_FORMATS)} (default: none)")
+    peer.add_argument("--scalesim-speculation", default="default",
+                      help="comma-separated speculative token counts, one ScaleSim arm each (with every weight "
+                           "format); 'default' for the engine's default (default: default)")
+    peer.add_argument("--vllm-ngram", action="store_true",
+                      help="also run vLLM with its prompt-lookup speculation, set as ScaleSim's, as a second vLLM arm")
     peer.add_argument("--peer-python", default=".venv-peer/bin/python", help="python of the vLLM venv (default: .venv-peer/bin/python)")
     peer.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     peer.add_argument("--contended-rounds", type=int, default=0,
@@ -289,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a decode-heavy variant: every call asks for exactly TOKENS tokens (default: as OASIS)")
     ovl.add_argument("--out", default=None, help="write the JSON result here too")
     return parser
+
+
+def _speculation_arms(text: str) -> tuple[int | None, ...]:
+    """`--scalesim-speculation`'s arms: distinct counts >= 0, or 'default' (None)."""
+    try:
+        arms = tuple(None if t == "default" else int(t) for t in text.split(","))
+    except ValueError:
+        arms = ()
+    if not arms or len(set(arms)) != len(arms) or any(a is not None and a < 0 for a in arms):
+        raise ValueError(f"--scalesim-speculation takes distinct counts >= 0 or 'default', got {text!r}")
+    return arms
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -385,7 +405,9 @@ def _microbench(args: argparse.Namespace) -> None:
                              f"got {args.scalesim_quantization!r}")
         write_result(run_peer_bench(args.model, dtypes, args.peer_python, args.rounds, args.contended_rounds,
                                     parse_nbytes(args.kv_cache_memory), args.max_num_batched_tokens,
-                                    scalesim_dtypes=ours, scalesim_quantizations=quantizations), args.out)
+                                    scalesim_dtypes=ours, scalesim_quantizations=quantizations,
+                                    scalesim_speculation=_speculation_arms(args.scalesim_speculation),
+                                    vllm_ngram=args.vllm_ngram), args.out)
     elif args.kind == "overload":
         from scalesim.bench.overload_bench import run_overload_bench
         write_result(run_overload_bench(args.before_src, args.model, args.agents, args.timeout, args.retries,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scalesim.bench.peer_bench import PeerCase
+from scalesim.bench.peer_bench import PeerCase, arm_name
 from scalesim.bench.peer_bench import markdown_table as peer_table
 from scalesim.engine.cpu_runtime import configure_cpu_allocator
 from scalesim.engine.cpu_threads import ThreadGovernor
@@ -267,3 +267,22 @@ def test_peer_arms_each_get_their_ratio_and_their_own_table_rows():
     assert rows[0].startswith("| feed trace, ample KV (makespan s) | fp32 | 31 (30, 32) | 42 (40, 44) | **1.35x**")
     assert rows[1].startswith("| feed trace, ample KV (makespan s) | ScaleSim fp32 + fp16 weights, vLLM fp32 | 21 (20, 22) "
                               "| 42 (40, 44) | **2.00x**")
+
+
+def test_peer_speculation_arms_are_named_and_compared_with_each_vllm_arm():
+    assert arm_name("none") == "scalesim" and arm_name("none", 0) == "scalesim-nospec"
+    assert arm_name("fp16", 4) == "scalesim-fp16-spec4"
+    arms = ("scalesim", "scalesim-nospec", "vllm", "vllm-ngram")
+    feed = PeerCase("feed", "s", arms)
+    feed.values = {"scalesim": [8.0], "scalesim-nospec": [10.0], "vllm": [11.0], "vllm-ngram": [13.0]}
+    summary = feed.summary()
+    assert summary["speedups"] == pytest.approx({"scalesim": 11 / 8, "scalesim-nospec": 1.1})
+    assert summary["speedups_over"]["vllm-ngram"] == pytest.approx({"scalesim": 13 / 8, "scalesim-nospec": 1.3})
+    entry = {"scalesim_dtype": "bf16", "scalesim_arms": {"scalesim": "none", "scalesim-nospec": "none"},
+             "scalesim_speculative_tokens": {"scalesim": None, "scalesim-nospec": 0}, "default_speculative_tokens": 4,
+             "vllm_arms": {"vllm": None, "vllm-ngram": {"method": "ngram"}}, "cases": {"feed": summary}}
+    rows = peer_table({"dtypes": {"bf16": entry}}).splitlines()[2:]
+    assert [r.split(" | ")[1] for r in rows] == [
+        "ScaleSim bf16 + prompt lookup (4), vLLM bf16", "ScaleSim bf16 + prompt lookup (4), vLLM bf16 + ngram",
+        "ScaleSim bf16 (no speculation), vLLM bf16", "ScaleSim bf16 (no speculation), vLLM bf16 + ngram"]
+    assert [r.split(" | ")[4] for r in rows] == ["**1.38x**", "**1.62x**", "**1.10x**", "**1.30x**"]

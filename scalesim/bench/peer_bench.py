@@ -21,6 +21,7 @@ arm's own spread over the rounds as the noise floor.
 """
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -35,6 +36,7 @@ import httpx
 
 from scalesim.bench.engine_bench import random_prompts
 from scalesim.bench.provenance import provenance
+from scalesim.config import DEFAULT_NUM_SPECULATIVE_TOKENS
 from scalesim.models.registry import resolve_model
 from scalesim.server.background import free_port
 from scalesim.sim.workloads import WorkloadConfig
@@ -44,6 +46,9 @@ REQUEST_TIMEOUT_S = 1800.0
 PEER_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 FEED = WorkloadConfig(agents=64, steps=6, output_tokens=32)
 ENGINES = ("scalesim", "vllm")
+# vLLM's prompt-lookup speculation, set as ScaleSim's default drafter (engine/speculation.py)
+VLLM_NGRAM = {"method": "ngram", "num_speculative_tokens": DEFAULT_NUM_SPECULATIVE_TOKENS,
+              "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 RESUME_SETTLE_S = 2.0  # after SIGCONT: the thread governor's one-second measurement window passes
 
 
@@ -99,25 +104,30 @@ def launch(engine: str, command: list[str], env: dict, model: str, log_dir: str,
 
 
 def start_scalesim(model: str, dtype: str, kv_nbytes: int, max_num_batched_tokens: int, log_dir: str,
-                   memory_flags: tuple[str, ...] = ("--host-memory", "0"), quantization: str = "none") -> Server:
+                   memory_flags: tuple[str, ...] = ("--host-memory", "0"), quantization: str = "none",
+                   num_speculative_tokens: int | None = None) -> Server:
     """ScaleSim's OpenAI server with a device tier of exactly `kv_nbytes`; `memory_flags` say the
-    rest of its tiers and its policy (default: no host tier)."""
+    rest of its tiers and its policy (default: no host tier); `num_speculative_tokens` None
+    keeps the engine's default."""
     command = [sys.executable, "-m", "scalesim.cli", *(["-v"] if os.environ.get("SCALESIM_PEER_VERBOSE") else []), "serve", model, "--port", str(free_port()),
                "--dtype", dtype, "--kv-cache-memory", str(kv_nbytes), *memory_flags,
                "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-num-seqs", "128",
-               "--quantization", quantization]
+               "--quantization", quantization,
+               *(["--num-speculative-tokens", str(num_speculative_tokens)] if num_speculative_tokens is not None else [])]
     return launch("scalesim", command, dict(os.environ), model, log_dir)
 
 
 def start_vllm(peer_python: str, model: str, dtype: str, kv_nbytes: int, max_num_batched_tokens: int,
-               log_dir: str, max_model_len: int = 8192) -> Server:
+               log_dir: str, max_model_len: int = 8192, speculative_config: dict | None = None) -> Server:
     """vLLM's OpenAI server from its own venv, sized as PEERS.md says: all cores (no reserved
-    CPU), the KV cache exactly `kv_nbytes`, prefix caching on (its default). Its development
-    routes are on, for POST /reset_prefix_cache between runs of a trace."""
+    CPU), the KV cache exactly `kv_nbytes`, prefix caching on (its default); speculative
+    decoding as `speculative_config` says (default: off, as vLLM's). Its development routes are
+    on, for POST /reset_prefix_cache between runs of a trace."""
     command = [peer_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model(model)),
                "--served-model-name", model, "--port", str(free_port()), "--dtype", PEER_DTYPES[dtype],
                "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-num-seqs", "128",
-               "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_nbytes)]
+               "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", str(kv_nbytes),
+               *(["--speculative-config", json.dumps(speculative_config)] if speculative_config else [])]
     env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0", HF_HUB_OFFLINE="1", VLLM_SERVER_DEV_MODE="1")
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the exact KV size
     return launch("vllm", command, env, model, log_dir)
@@ -202,9 +212,16 @@ def _spinner() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def arm_name(quantization: str) -> str:
-    """The name of the ScaleSim arm that runs `quantization` ("scalesim" for none)."""
-    return "scalesim" if quantization == "none" else f"scalesim-{quantization}"
+def arm_name(quantization: str, num_speculative_tokens: int | None = None) -> str:
+    """The name of the ScaleSim arm that runs `quantization` ("scalesim" for none) with
+    `num_speculative_tokens` (None: the default; 0: "-nospec")."""
+    name = "scalesim" if quantization == "none" else f"scalesim-{quantization}"
+    return name if num_speculative_tokens is None else (
+        f"{name}-nospec" if num_speculative_tokens == 0 else f"{name}-spec{num_speculative_tokens}")
+
+
+def is_vllm(arm: str) -> bool:
+    return arm.startswith("vllm")
 
 
 @dataclass
@@ -218,26 +235,35 @@ class PeerCase:
         self.values = self.values or {a: [] for a in self.arms}
 
     def summary(self) -> dict:
+        """Medians, spreads, and each ScaleSim arm's speedup over "vllm" (`speedups`) and, with
+        more vLLM arms, over each of them (`speedups_over`, by vLLM arm)."""
         medians = {a: statistics.median(v) for a, v in self.values.items() if v}
         spread = {a: (max(v) / min(v) - 1) if v and min(v) > 0 else None for a, v in self.values.items()}
-        speedups = {}
-        if "vllm" in medians:
-            for arm in (a for a in medians if a != "vllm"):
-                speedups[arm] = (medians[arm] / medians["vllm"] if self.unit == "tokens/s"
-                                 else medians["vllm"] / medians[arm])
-        return {"unit": self.unit, "values": self.values, "median": medians, "spread": spread,
-                "speedups": speedups, "scalesim_speedup": speedups.get(self.arms[0])}
+        over = {}
+        for peer in (a for a in medians if is_vllm(a)):
+            over[peer] = {arm: (medians[arm] / medians[peer] if self.unit == "tokens/s" else medians[peer] / medians[arm])
+                          for arm in medians if not is_vllm(arm)}
+        speedups = over.get("vllm", {})
+        out = {"unit": self.unit, "values": self.values, "median": medians, "spread": spread,
+               "speedups": speedups, "scalesim_speedup": speedups.get(self.arms[0])}
+        if len(over) > 1:
+            out["speedups_over"] = over
+        return out
 
 
 def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int = 3, contended_rounds: int = 0,
                    kv_nbytes: int = 2 << 30, max_num_batched_tokens: int = 4096, log_dir: str | None = None,
                    scalesim_dtypes: dict[str, str] | None = None, seed: int = 0,
-                   scalesim_quantizations: tuple[str, ...] = ("none",)) -> dict:
+                   scalesim_quantizations: tuple[str, ...] = ("none",),
+                   scalesim_speculation: tuple[int | None, ...] = (None,), vllm_ngram: bool = False) -> dict:
     """ScaleSim and vLLM per dtype, interleaved; returns every value, medians, spreads and ratios.
     `scalesim_dtypes` maps a peer dtype to the dtype ScaleSim runs against it (default: the same);
-    `scalesim_quantizations` are ScaleSim's arms, one server each (`arm_name`): fp16 or int8 give
-    ScaleSim those weights while vLLM keeps the dtype's (the comparison is then of settings, not
-    of engines at one precision). Every arm runs in every round, in rotating order."""
+    ScaleSim's arms, one server each (`arm_name`), are every pair of `scalesim_quantizations` (fp16
+    or int8 give ScaleSim those weights while vLLM keeps the dtype's: the comparison is then of
+    settings, not of engines at one precision) and `scalesim_speculation` (speculative tokens;
+    None: the default). vLLM's arms: "vllm" (its defaults), with `vllm_ngram` also "vllm-ngram"
+    (its prompt-lookup speculation, set as ScaleSim's: `VLLM_NGRAM`). Every arm runs in every
+    round, in rotating order."""
     log_dir = log_dir or str(Path(os.environ.get("TMPDIR", "/tmp"), "scalesim-peer-logs"))
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -247,16 +273,19 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
     result = {"model": model, "rounds": rounds, "contended_rounds": contended_rounds, "kv_nbytes": kv_nbytes,
               "max_num_batched_tokens": max_num_batched_tokens, "feed": asdict(FEED), "cpus": os.cpu_count(),
               "measured_on": provenance(), "dtypes": {}}
-    quantization_of = {arm_name(q): q for q in scalesim_quantizations}
-    arms = (*quantization_of, "vllm")
+    settings_of = {arm_name(q, k): (q, k) for q in scalesim_quantizations for k in scalesim_speculation}
+    peer_arms = {"vllm": None, **({"vllm-ngram": VLLM_NGRAM} if vllm_ngram else {})}
+    arms = (*settings_of, *peer_arms)
     for dtype in dtypes:
         ours = (scalesim_dtypes or {}).get(dtype, dtype)
 
         def start(arm: str) -> Server:
-            if arm == "vllm":
-                return start_vllm(peer_python, model, dtype, kv_nbytes, max_num_batched_tokens, log_dir)
+            if is_vllm(arm):
+                return start_vllm(peer_python, model, dtype, kv_nbytes, max_num_batched_tokens, log_dir,
+                                  speculative_config=peer_arms[arm])
+            quantization, speculative_tokens = settings_of[arm]
             return start_scalesim(model, ours, kv_nbytes, max_num_batched_tokens, log_dir,
-                                  quantization=quantization_of[arm])
+                                  quantization=quantization, num_speculative_tokens=speculative_tokens)
 
         servers: dict[str, Server] = {}  # filled inside the try: a failed start stops those started
         cases = {name: PeerCase(name, "tokens/s", arms) for name in
@@ -316,8 +345,10 @@ def run_peer_bench(model: str, dtypes: list[str], peer_python: str, rounds: int 
         if contended_rounds:
             summary["contention_slowdown"] = {
                 a: round(summary["feed_contended"]["median"][a] / summary["feed"]["median"][a], 3) for a in arms}
-        result["dtypes"][dtype] = {"scalesim_dtype": ours, "scalesim_arms": quantization_of,
-                                   "vllm_dtype": PEER_DTYPES[dtype], "cases": summary}
+        result["dtypes"][dtype] = {"scalesim_dtype": ours, "scalesim_arms": {a: q for a, (q, _) in settings_of.items()},
+                                   "scalesim_speculative_tokens": {a: k for a, (_, k) in settings_of.items()},
+                                   "default_speculative_tokens": DEFAULT_NUM_SPECULATIVE_TOKENS,
+                                   "vllm_dtype": PEER_DTYPES[dtype], "vllm_arms": peer_arms, "cases": summary}
     return result
 
 
@@ -337,9 +368,18 @@ def _arms(entry: dict) -> dict[str, str]:
     return entry.get("scalesim_arms") or {"scalesim": entry.get("scalesim_quantization", "none")}
 
 
+def _speculation_label(entry: dict, arm: str) -> str:
+    """How a ScaleSim arm speculated, for the table ("" in files from before speculation)."""
+    if "scalesim_speculative_tokens" not in entry:
+        return ""
+    tokens = entry["scalesim_speculative_tokens"][arm]
+    tokens = entry["default_speculative_tokens"] if tokens is None else tokens
+    return f" + prompt lookup ({tokens})" if tokens else " (no speculation)"
+
+
 def markdown_table(result: dict) -> str:
-    """The README's table of a `run_peer_bench` result: one row per case, dtype and ScaleSim arm,
-    medians with each round's value, the ratio, and each side's spread."""
+    """The README's table of a `run_peer_bench` result: one row per case, dtype, ScaleSim arm and
+    vLLM arm, medians with each round's value, the ratio, and each side's spread."""
     def fmt(x: float) -> str:
         return f"{x:g}"
 
@@ -351,20 +391,26 @@ def markdown_table(result: dict) -> str:
     for peer_dtype, entry in result["dtypes"].items():
         cases = entry["cases"]
         for arm, quantization in _arms(entry).items():
-            ours = entry["scalesim_dtype"] + (f" + {quantization} weights" if quantization != "none" else "")
-            dtype = peer_dtype if ours == peer_dtype else f"ScaleSim {ours}, vLLM {peer_dtype}"
-            if "scalesim_arms" not in entry and quantization != "none":  # the form of files before arms
-                dtype = f"ScaleSim {quantization} weights, vLLM {peer_dtype}"
-            for name, label in CASE_LABELS.items():
-                if name not in cases:
-                    continue
-                case = cases[name]
-                speedup = case["speedups"][arm] if "speedups" in case else case["scalesim_speedup"]
-                spread = " / ".join(f"{case['spread'][a]:.0%}" for a in (arm, "vllm"))
-                rows.append(f"| {label} | {dtype} | {cell(case, arm)} | {cell(case, 'vllm')} | **{speedup:.2f}x** "
-                            f"| {spread} |")
-            if "contention_slowdown" in cases:
-                slow = cases["contention_slowdown"]
-                rows.append(f"| slowdown with one core busy (contended / quiet feed) | {dtype} | {slow[arm]:.2f}x | "
-                            f"{slow['vllm']:.2f}x | | |")
+            for peer, peer_setting in entry.get("vllm_arms", {"vllm": None}).items():
+                ours = (entry["scalesim_dtype"] + (f" + {quantization} weights" if quantization != "none" else "")
+                        + _speculation_label(entry, arm))
+                theirs = peer_dtype + (f" + {peer_setting['method']}" if peer_setting else "")
+                dtype = peer_dtype if ours == theirs else f"ScaleSim {ours}, vLLM {theirs}"
+                if "scalesim_arms" not in entry and quantization != "none":  # the form of files before arms
+                    dtype = f"ScaleSim {quantization} weights, vLLM {peer_dtype}"
+                for name, label in CASE_LABELS.items():
+                    if name not in cases:
+                        continue
+                    case = cases[name]
+                    if "speedups" not in case:
+                        speedup = case["scalesim_speedup"]
+                    else:
+                        speedup = case.get("speedups_over", {"vllm": case["speedups"]})[peer][arm]
+                    spread = " / ".join(f"{case['spread'][a]:.0%}" for a in (arm, peer))
+                    rows.append(f"| {label} | {dtype} | {cell(case, arm)} | {cell(case, peer)} | **{speedup:.2f}x** "
+                                f"| {spread} |")
+                if "contention_slowdown" in cases:
+                    slow = cases["contention_slowdown"]
+                    rows.append(f"| slowdown with one core busy (contended / quiet feed) | {dtype} | {slow[arm]:.2f}x | "
+                                f"{slow[peer]:.2f}x | | |")
     return "\n".join(rows)
