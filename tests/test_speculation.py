@@ -3,6 +3,8 @@
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from scalesim import LLM, SamplingParams
 from scalesim.engine.sequence import Sequence
@@ -21,6 +23,21 @@ def test_lookup_takes_the_tokens_after_the_latest_earlier_occurrence_of_the_long
     assert lookup([4, 4, 4], 2, max_ngram=3, min_ngram=1) == [4]  # a run continues
     # the longest suffix wins over a later shorter match: "1 2 3" -> 9, not "3" -> 7
     assert lookup([1, 2, 3, 9, 3, 7, 1, 2, 3], 1, max_ngram=3, min_ngram=1) == [9]
+
+
+def _lookup_by_brute_force(tokens, num_tokens, max_ngram, min_ngram):
+    for n in range(min(max_ngram, len(tokens) - 1), min_ngram - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):  # latest first, never the suffix itself
+            if tokens[start:start + n] == tokens[-n:]:
+                return tokens[start + n:start + n + num_tokens]
+    return []
+
+
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=40), st.integers(1, 5), st.integers(1, 4), st.integers(0, 3))
+def test_lookup_equals_a_brute_force_search(tokens, num_tokens, min_ngram, extra):
+    max_ngram = min_ngram + extra
+    assert lookup(tokens, num_tokens, max_ngram, min_ngram) == _lookup_by_brute_force(tokens, num_tokens, max_ngram,
+                                                                                       min_ngram)
 
 
 def test_prompt_lookup_refuses_bad_settings():
