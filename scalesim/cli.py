@@ -4,9 +4,10 @@ import argparse
 import logging
 import sys
 
-from scalesim.config import ATTENTION_CHOICES, QUANTIZATION_CHOICES, WEIGHT_ONLY, DEFAULT_BLOCK_SIZE_TOKENS, DEFAULT_NUM_SPECULATIVE_TOKENS, DEFAULT_DISK_MEMORY, \
-    DEFAULT_HOST_MEMORY, DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_POLICY, \
-    DEFAULT_TRANSFER_THREADS, DTYPE_CHOICES, DTYPES
+from scalesim.config import ATTENTION_CHOICES, QUANTIZATION_CHOICES, WEIGHT_ONLY, DEFAULT_BLOCK_SIZE_TOKENS, \
+    DEFAULT_DISK_MEMORY, DEFAULT_HOST_MEMORY, DEFAULT_KV_CACHE_MEMORY, DEFAULT_MAX_NUM_BATCHED_TOKENS, \
+    DEFAULT_MAX_NUM_SEQS, DEFAULT_NUM_SPECULATIVE_TOKENS, DEFAULT_POLICY, DEFAULT_TRANSFER_THREADS, DTYPE_CHOICES, \
+    DTYPES
 from scalesim.bench.regimes import DEFAULT_REGIME, REGIMES, resolve_regime
 from scalesim.memory.policies import POLICIES
 from scalesim.errors import ScaleSimError
@@ -47,10 +48,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                             "bytes) or int8 (one scale per output channel, a quarter); none: the dtype's weights; "
                             "auto: fp16 where --dtype auto computes fp32 on a CPU, else none. Speed and error "
                             "measured in the README (default: auto)")
-    group.add_argument("--num-speculative-tokens", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS,
+    group.add_argument("--num-speculative-tokens", type=int, default=None,
                        help="greedy requests verify up to this many tokens drafted by prompt lookup (n-grams of "
-                            "their own prompt and output) in each decode step; 0: off "
-                            f"(default: {DEFAULT_NUM_SPECULATIVE_TOKENS})")
+                            "their own prompt and output) in each decode step where that pays; 0: off "
+                            f"(default: {DEFAULT_NUM_SPECULATIVE_TOKENS} where the CPU attention kernels serve the "
+                            "model, else 0)")
     memory = parser.add_argument_group("memory tiers")
     memory.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES),
                         help=f"what to evict and prefetch: scalesim (invocation distance), lru (recency, no prefetch), lfu, "

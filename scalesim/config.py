@@ -19,7 +19,7 @@ DEFAULT_HOST_MEMORY = "4GiB"
 DEFAULT_DISK_MEMORY = "100GiB"
 DEFAULT_TRANSFER_THREADS = 2
 DEFAULT_DTYPE = "auto"
-DEFAULT_NUM_SPECULATIVE_TOKENS = 4
+DEFAULT_NUM_SPECULATIVE_TOKENS = 4  # where `num_speculative_tokens` None (auto) speculates
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 DTYPE_CHOICES = sorted(DTYPES) + ["auto"]
@@ -85,7 +85,10 @@ class EngineConfig:
     one flex_attention call per layer over the page table (compiled on CUDA; on a CPU an eager
     reference, for tests only); "auto"/"gather": the CPU kernels, or on CUDA a gather of each
     decode context (engine/model_runner.py). `num_speculative_tokens`: greedy requests verify up
-    to that many tokens drafted by prompt lookup in each decode step (engine/speculation.py; 0: off).
+    to that many tokens drafted by prompt lookup in each decode step (engine/speculation.py; 0:
+    off); None: DEFAULT_NUM_SPECULATIVE_TOKENS where the CPU attention kernels serve the model
+    (a draft is then a few more rows of one batched kernel call, as measured), else 0 (elsewhere
+    each drafting sequence's attention is a call of its own, not measured).
     """
 
     model: str
@@ -109,7 +112,7 @@ class EngineConfig:
     transfer_threads: int = DEFAULT_TRANSFER_THREADS
     attention: str = "auto"
     quantization: str = "auto"
-    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -129,7 +132,7 @@ class EngineConfig:
             self.persist_on_exit = self.disk_dir is not None
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
-        if self.num_speculative_tokens < 0:
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be at least 0, got {self.num_speculative_tokens}")
         if self.transfer_threads < 1:
             raise ValueError("transfer_threads must be at least 1")

@@ -7,9 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scalesim import LLM, SamplingParams
+from scalesim.engine.grammar import json_object_grammar
 from scalesim.engine.sequence import Sequence
 from scalesim.engine.speculation import PromptLookup, Speculator, StepCost, lookup
 from tests.conftest import random_prompt
+
+GRAMMAR = json_object_grammar()
 
 
 def test_lookup_takes_the_tokens_after_the_latest_earlier_occurrence_of_the_longest_suffix():
@@ -81,12 +84,20 @@ def _tokens(outputs) -> list[list[int]]:
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
 
+class Unpriced(StepCost):
+    """A step cost that never fits: every draft is verified, whatever the clock says."""
+
+    def fit(self):
+        return None
+
+
 def _replaying(prompts: list[list[int]], params: SamplingParams = GREEDY, **kwargs) -> tuple[LLM, list[list[int]]]:
-    """An engine whose drafts replay a plain engine's tokens for `prompts` (with errors), and
-    those tokens."""
+    """An engine whose drafts replay a plain engine's tokens for `prompts` (with errors), all
+    verified (so the test does not depend on timing), and those tokens."""
     expected = _tokens(_llm().generate(prompts, params))
     llm = _llm(num_speculative_tokens=8, **kwargs)
     llm.engine.speculator.drafter = Replay({tuple(p): t for p, t in zip(prompts, expected)})
+    llm.engine.speculator.cost = Unpriced()
     return llm, expected
 
 
@@ -112,10 +123,26 @@ def test_max_tokens_and_stop_tokens_cut_a_step_inside_its_draft():
         outputs = llm.generate(prompts, params)
         assert _tokens(outputs) == [t[:max_tokens] for t in expected]
         assert all(o.outputs[0].finish_reason == "length" for o in outputs)
-    stop = expected[0][13]  # a token drafted in the middle of a step's draft
+    # a stop token (an end-of-sequence token takes the same path) among the tokens a step keeps:
+    # the tokens kept after it are dropped
+    stop = expected[0][13]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[stop])
+    kept_before = llm.stats()["accepted_draft_tokens"]
     output = llm.generate(prompts[:1], params)[0].outputs[0]
     assert output.token_ids == expected[0][:expected[0].index(stop) + 1] and output.finish_reason == "stop"
+    assert llm.stats()["accepted_draft_tokens"] - kept_before < len(output.token_ids) - 1  # some were dropped or missed
+
+
+def test_a_stop_string_across_kept_tokens_ends_the_text_where_plain_decoding_does():
+    prompts = _prompts()
+    llm, expected = _replaying(prompts)
+    plain = _llm()
+    text = plain.generate(prompts[:1], GREEDY)[0].outputs[0].text
+    stop = text[len(text) // 3:len(text) // 3 + 5]  # a few characters some kept tokens spell
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+    want, got = plain.generate(prompts[:1], params)[0].outputs[0], llm.generate(prompts[:1], params)[0].outputs[0]
+    assert (got.text, got.finish_reason) == (want.text, "stop") and stop not in got.text
+    assert _drafts(llm)[1] > 0
 
 
 def test_pages_cached_after_speculation_hold_the_kept_tokens_kv():
@@ -137,9 +164,12 @@ def test_sampled_and_processed_requests_do_not_speculate():
     llm, _ = _replaying(prompts)
     for params in (SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True),
                    SamplingParams(max_tokens=20, temperature=0, logit_bias={5: 1.0}, ignore_eos=True),
-                   SamplingParams(max_tokens=20, temperature=0, repetition_penalty=1.2, ignore_eos=True)):
+                   SamplingParams(max_tokens=20, temperature=0, repetition_penalty=1.2, ignore_eos=True),
+                   SamplingParams(max_tokens=20, temperature=0, grammar=GRAMMAR)):
         assert _tokens(llm.generate(prompts, params)) == _tokens(_llm().generate(prompts, params))
     assert _drafts(llm) == (0, 0)
+    llm.generate(prompts, GREEDY)
+    assert _drafts(llm)[0] > 0  # the same engine drafts for plain greedy requests
 
 
 def test_logprobs_come_one_per_kept_token():
@@ -162,7 +192,9 @@ def test_drafts_take_only_free_pages_and_a_tiny_pool_preempts_as_without_them():
     page_nbytes = _llm().engine.pool.block_nbytes
     tight, expected = _replaying(prompts, params, kv_cache_memory=page_nbytes * 40)
     assert _tokens(tight.generate(prompts, params)) == expected
-    assert tight.stats()["preemptions"] > 0 and _drafts(tight)[1] > 0
+    stats = tight.stats()
+    assert stats["preemptions"] > 0 and _drafts(tight)[1] > 0
+    assert stats["kv_blocks_free"] + stats["kv_blocks_cached"] == stats["kv_blocks_total"]  # no page leaked
 
 
 def test_prompt_lookup_drafts_are_kept_on_the_real_model():
@@ -185,10 +217,24 @@ def test_step_cost_fits_base_and_per_row_seconds():
     for rows in (1, 1, 1, 1, 1):
         cost.add(rows, 0.0305)
     assert cost.fit() is None  # rows never differed: no slope to fit
-    for rows in (16, 64, 80, 320, 4096):
-        cost.add(rows, 0.030 + 0.0005 * rows)
+    for rows in (16, 64, 80, 320, 4096):  # the 4,096-row prompt chunk is left out of the fit
+        cost.add(rows, 0.030 + 0.0005 * rows if rows < 4096 else 9.0)
     base_s, per_row_s = cost.fit()
     assert base_s == pytest.approx(0.030) and per_row_s == pytest.approx(0.0005)
+
+
+def test_a_line_with_no_positive_base_gives_no_price_and_steady_rows_fade_the_fit():
+    cost = StepCost()
+    for rows, seconds in ((500, 0.5), (400, 0.35), (3, 0.001), (3, 0.001), (3, 0.001)):
+        cost.add(rows, seconds)  # steeper than linear: the line's base is below zero
+    assert cost.fit() is None
+    cost = StepCost()
+    for rows in (1, 2, 4, 8, 16, 32):
+        cost.add(rows, 0.030 + 0.0005 * rows)
+    assert cost.fit() is not None
+    for _ in range(300):  # no drafts at a steady batch of 16: the rows stop varying
+        cost.add(16, 0.038)
+    assert cost.fit() is None  # so the speculator drafts again, and learns again
 
 
 class Fixed:
@@ -228,6 +274,10 @@ def test_drafts_go_where_they_pay_and_not_where_rows_cost_more_than_they_keep():
     assert sum(drafted(_sequences(64, kept=1, missed=9))) == 0
     assert sum(drafted(_sequences(64, kept=90, missed=10))) > 64 * 2
     assert sum(len(d) for d in speculator.plan([(s, 4) for s in _sequences(64, 90, 10)], 64, 64, budget=10)) == 10
+
+
+def test_an_empty_step_plans_nothing():
+    assert _priced(0.030, 0.0005).plan([], rows=0, tokens=0, budget=4096) == []
 
 
 def test_without_prices_every_draft_is_tried_within_the_budget():

@@ -37,6 +37,7 @@ import httpx
 from scalesim.bench.engine_bench import random_prompts
 from scalesim.bench.provenance import provenance
 from scalesim.config import DEFAULT_NUM_SPECULATIVE_TOKENS
+from scalesim.engine.speculation import PromptLookup
 from scalesim.models.registry import resolve_model
 from scalesim.server.background import free_port
 from scalesim.sim.workloads import WorkloadConfig
@@ -48,7 +49,7 @@ FEED = WorkloadConfig(agents=64, steps=6, output_tokens=32)
 ENGINES = ("scalesim", "vllm")
 # vLLM's prompt-lookup speculation, set as ScaleSim's default drafter (engine/speculation.py)
 VLLM_NGRAM = {"method": "ngram", "num_speculative_tokens": DEFAULT_NUM_SPECULATIVE_TOKENS,
-              "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+              "prompt_lookup_max": PromptLookup.max_ngram, "prompt_lookup_min": PromptLookup.min_ngram}
 RESUME_SETTLE_S = 2.0  # after SIGCONT: the thread governor's one-second measurement window passes
 
 

@@ -14,7 +14,7 @@ from functools import cached_property, partial
 
 import torch
 
-from scalesim.config import WEIGHT_ONLY, EngineConfig
+from scalesim.config import DEFAULT_NUM_SPECULATIVE_TOKENS, WEIGHT_ONLY, EngineConfig
 from scalesim.engine.block_pool import BlockPool
 from scalesim.engine.cpu_runtime import configure_cpu_allocator
 from scalesim.layers.linear import pack_for_cpu
@@ -94,11 +94,14 @@ class LLMEngine:
         self.kv_objects = KVObjects(self.memory, self.cache)
         self.kv_objects.restore()
         self.memory_hooks = ManagedMemory(self.memory, self.cache, self.pool)
-        self.speculator = (Speculator(PromptLookup(config.num_speculative_tokens))
-                           if config.num_speculative_tokens else None)
+        self.runner = ModelRunner(self.model, self.pool, config.device, config.attention)
+        self.num_speculative_tokens = config.num_speculative_tokens
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = DEFAULT_NUM_SPECULATIVE_TOKENS if self.runner.prefill_in_place else 0
+        self.speculator = (Speculator(PromptLookup(self.num_speculative_tokens))
+                           if self.num_speculative_tokens else None)
         self.scheduler = Scheduler(self.pool, self.cache, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.memory_hooks, self.speculator)
-        self.runner = ModelRunner(self.model, self.pool, config.device, config.attention)
         self.weights = WeightRegistry(config.model, self.model_config, config.device, config.torch_dtype,
                                       config.max_lora_rank, self.memory)
         self.agents: dict[str, Agent] = {}
@@ -298,13 +301,6 @@ class LLMEngine:
             if item.num_certain_tokens > 1:
                 self.scheduler.cache_computed(seq)
         drafts = {id(item.seq): len(item.draft) for item in batch if item.draft}
-        for result in sampled:
-            drafted = drafts.get(id(result.seq))
-            if drafted and result.error is None:
-                kept = len(result.token_ids) - 1
-                self.speculator.record(result.seq, drafted, kept)
-                self.draft_tokens += drafted
-                self.accepted_draft_tokens += kept
         now = time.perf_counter()
         deltas = []
         for result in sampled:
@@ -314,6 +310,11 @@ class LLMEngine:
                 deltas.append(self._fail(seq, result.error))
             else:
                 deltas.append(self._append(seq, request, result, now))
+                drafted = drafts.get(id(seq))
+                if drafted:  # the model's agreement teaches the speculator; the output counts what stayed
+                    self.speculator.record(seq, drafted, len(result.token_ids) - 1)
+                    self.draft_tokens += drafted
+                    self.accepted_draft_tokens += len(deltas[-1].token_ids) - 1
             if all(s.is_finished for s in request.seqs):
                 del self.requests[seq.request_id]
         return deltas

@@ -121,7 +121,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> list[SampledToken]:
         """Compute the batch's new tokens, one forward per model (base or private) in it; return
-        one sampled token per sequence that samples. Refuses weights that are not on the device."""
+        one result per sequence that samples (its token, or its kept drafted tokens and the one
+        after). Refuses weights that are not on the device."""
         if self.threads is not None:
             self.threads.maybe_adjust()
         groups: dict[int, list[ScheduledSequence]] = {}

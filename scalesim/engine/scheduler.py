@@ -8,8 +8,9 @@ running sequence is preempted (its pages freed, its tokens recomputed later). Th
 buffers of the step's adapters take device room too, reserved before a sequence joins the batch.
 A sequence samples a token in the step that computes its last uncomputed token. With a
 speculator (engine/speculation.py), a decoding sequence also computes tokens drafted to follow
-it, from the budget the step left and in pages taken only from free ones: speculation never
-delays a prompt, evicts or preempts.
+it, from the budget the step left and in pages taken only from free ones: a draft never delays
+a prompt of its step, evicts or preempts (a page it took stays with the sequence for its later
+tokens).
 
 A waiting sequence whose prompt shares at least `IN_BATCH_SHARED_MIN_TOKENS` uncached tokens
 with a prompt this step computes waits one step (SGLang's in-batch prefix caching): then it finds

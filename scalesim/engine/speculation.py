@@ -84,30 +84,50 @@ def lookup(tokens: list[int], num_tokens: int, max_ngram: int, min_ngram: int) -
     return []
 
 
+# How the goodput rule learns (see `StepCost` and `Speculator`).
+STEP_COST_DECAY = 0.97     # each step seen weighs this much less per later step (about 33 steps count)
+STEP_COST_MAX_ROWS = 512   # longer steps (prompt chunks) are left out of the fit
+STEP_COST_MIN_WEIGHT = 4   # steps seen (decayed) before the fit prices a row
+STEP_COST_MIN_SPREAD_ROWS = 2  # and the spread of their rows (standard deviation)
+ACCEPTANCE_PRIOR_STEPS = 2     # a sequence's acceptance starts as this many steps at the engine's rate
+ACCEPTANCE_DECAY = 0.98        # the engine's rate forgets old drafts this fast (per draft verified)
+
+
 @dataclass
 class StepCost:
-    """A step's seconds as `base_s + per_row_s * rows`, fitted by least squares over the steps
-    seen, each weighted by `decay` per step since (about the last 1 / (1 - decay) steps count).
-    Prompt chunks pin the slope down (a chunk's attention grows faster than its rows, so the
-    slope errs high: drafts are priced dearer, not cheaper), decode steps the base."""
+    """A step's seconds as `base_s + per_row_s * rows`, fitted by least squares over the steps of
+    up to STEP_COST_MAX_ROWS rows seen, each weighing STEP_COST_DECAY less per step since. Long
+    prompt chunks are left out: their attention grows faster than their rows, which would bend
+    the line and could push its base below zero."""
 
-    decay: float = 0.97
-    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # weight, x, y, xx, xy
+    weight: float = field(default=0.0, init=False)
+    sum_rows: float = field(default=0.0, init=False)
+    sum_s: float = field(default=0.0, init=False)
+    sum_rows2: float = field(default=0.0, init=False)
+    sum_rows_s: float = field(default=0.0, init=False)
 
     def add(self, rows: int, seconds: float) -> None:
-        self._sums = [s * self.decay for s in self._sums]
-        for i, value in enumerate((1.0, rows, seconds, rows * rows, rows * seconds)):
-            self._sums[i] += value
+        if rows > STEP_COST_MAX_ROWS:
+            return
+        d = STEP_COST_DECAY
+        self.weight = self.weight * d + 1.0
+        self.sum_rows = self.sum_rows * d + rows
+        self.sum_s = self.sum_s * d + seconds
+        self.sum_rows2 = self.sum_rows2 * d + rows * rows
+        self.sum_rows_s = self.sum_rows_s * d + rows * seconds
 
     def fit(self) -> tuple[float, float] | None:
-        """(base_s, per_row_s), or None until the steps seen are enough (weight 4) and differ in
-        rows (a spread of 2 rows)."""
-        w, x, y, xx, xy = self._sums
-        variance = w * xx - x * x  # w^2 times the rows' weighted variance
-        if w < 4 or variance < 4 * w * w:
+        """(base_s, per_row_s); None until enough steps were seen with rows spread enough, or when
+        the line they give has no positive base or a negative slope (no price to trust). When the
+        rows stop varying (no drafts at a steady batch), old steps fade and this turns None again,
+        so the speculator drafts once more: its only exploration."""
+        w, x, y = self.weight, self.sum_rows, self.sum_s
+        variance = w * self.sum_rows2 - x * x  # w^2 times the rows' weighted variance
+        if w < STEP_COST_MIN_WEIGHT or variance < (STEP_COST_MIN_SPREAD_ROWS * w) ** 2:
             return None
-        per_row = max((w * xy - x * y) / variance, 0.0)
-        return max((y - per_row * x) / w, 0.0), per_row
+        per_row = (w * self.sum_rows_s - x * y) / variance
+        base = (y - per_row * x) / w
+        return (base, per_row) if base > 0 and per_row >= 0 else None
 
 
 @dataclass
@@ -116,23 +136,27 @@ class Speculator:
 
     drafter: Drafter
     cost: StepCost = field(default_factory=StepCost)
-    kept: int = 0    # drafted tokens kept, over all sequences
-    missed: int = 0  # steps whose draft had a rejected token
+    kept: float = 0.0    # drafted tokens the model agreed with, over all sequences (decayed)
+    missed: float = 0.0  # steps whose draft had a rejected token (decayed)
 
     def acceptance(self, seq: Sequence) -> float:
         """The chance that a drafted token of `seq` is kept given the ones before it were: the
-        sequence's own record, behind a prior of two steps at the engine's overall rate."""
+        sequence's own record, behind a prior of ACCEPTANCE_PRIOR_STEPS steps at the engine's
+        recent rate (itself behind one kept and one missed)."""
         overall = (self.kept + 1) / (self.kept + self.missed + 2)
-        return (seq.draft_kept + 2 * overall) / (seq.draft_kept + seq.draft_missed + 2)
+        prior = ACCEPTANCE_PRIOR_STEPS
+        return (seq.draft_kept + prior * overall) / (seq.draft_kept + seq.draft_missed + prior)
 
     def plan(self, candidates: list[tuple[Sequence, int]], rows: int, tokens: int, budget: int) -> list[list[int]]:
         """Each candidate's draft (a list per (sequence, most tokens) pair, in order), for a step of
         `rows` rows that yields `tokens` tokens before drafts, within `budget` drafted tokens."""
+        if not candidates:
+            return []
         fit = self.cost.fit()
-        if fit is None:  # too few steps seen to price a row: draft, which also spreads the rows
+        if fit is None:  # no price to trust yet: draft, which also spreads the rows to fit
             return _within([self.drafter.draft(seq, limit)[:limit] for seq, limit in candidates], budget)
         base_s, per_row_s = fit
-        seconds = base_s + per_row_s * rows
+        seconds = base_s + per_row_s * rows  # > 0: the fit's base is
         # a row pays if its chance of a kept token beats this bar, which only rises as rows are
         # added: a sequence whose first drafted token would not pass is not asked for a draft
         bar = per_row_s * tokens / seconds
@@ -155,12 +179,12 @@ class Speculator:
         self.cost.add(rows, seconds)
 
     def record(self, seq: Sequence, drafted: int, kept: int) -> None:
-        """A step verified `drafted` tokens of `seq` and kept the first `kept`."""
+        """A step verified `drafted` tokens of `seq`, and the model chose the first `kept` too."""
         missed = int(kept < drafted)
         seq.draft_kept += kept
         seq.draft_missed += missed
-        self.kept += kept
-        self.missed += missed
+        self.kept = self.kept * ACCEPTANCE_DECAY + kept
+        self.missed = self.missed * ACCEPTANCE_DECAY + missed
 
 
 def _within(drafts: list[list[int]], budget: int) -> list[list[int]]:
