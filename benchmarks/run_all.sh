@@ -45,8 +45,12 @@ $S microbench peer --dtypes bf16 --rounds 3 --out $R/peer-amx.json
 $S microbench peer --dtypes fp32,bf16 --rounds 2 --contended-rounds 1 --out $R/peer-amx-fp32-bf16.json
 $S microbench profile --out $R/profile-bf16-amx.json
 # ... and speculative decoding there: the default (prompt lookup) and no speculation, against vLLM
-# with and without its own ngram speculation, bf16, with a contended round (about 30 minutes):
+# with and without its own ngram speculation, bf16, with a contended round (about 15 minutes);
+# again with four rounds and vLLM plain only (about 15 minutes); and with the two ScaleSim arms in
+# the other order (about 10 minutes: the first arm runs right after vLLM in every round):
 $S microbench peer --dtypes bf16 --scalesim-speculation default,0 --vllm-ngram --rounds 3 --contended-rounds 1 --out $R/peer-amx-spec.json
+$S microbench peer --dtypes bf16 --scalesim-speculation default,0 --rounds 4 --out $R/peer-amx-spec-4rounds.json
+$S microbench peer --dtypes bf16 --scalesim-speculation 0,default --rounds 2 --out $R/peer-amx-spec-swapped.json
 # Where a step's time goes on the AVX2 machine, fp32, int8 and fp16 (about 5 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32-avx2.json
 $S microbench profile --quantization int8 --out $R/profile-int8-avx2.json
