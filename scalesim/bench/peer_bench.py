@@ -5,7 +5,8 @@ this machine, with the same model file, dtype, token budget per step and KV room
 own venv: `make peer-venv`), all driven by the same client code over HTTP (token-id prompts,
 greedy, `ignore_eos`). Cases, in every round, the arms' order rotated by one per round (with
 two arms, alternating; with more, balanced only over as many rounds as arms):
-- `prefill_8x512`: 8 distinct 512-token prompts sent at once, 1 token each;
+- `prefill_8x512`: 8 distinct 512-token prompts sent at once, 1 token each (after an untimed
+  round of the same shape);
 - `prefill_8x512_cached256`: the same behind a 256-token prefix both engines have cached;
 - `decode_b1`, `decode_b16`: 1 or 16 distinct 128-token prompts; decode tokens/s from the time for
   65 tokens minus the time for 1 (prefill taken out);
@@ -172,8 +173,11 @@ def _prompts(rng: random.Random, count: int, length: int, vocab: int, prefix: li
 
 
 async def _shape_cases(server: Server, rng: random.Random, vocab: int) -> dict[str, float]:
-    """One round of the shape cases on one server: tokens/s for each."""
+    """One round of the shape cases on one server: tokens/s for each. An untimed prefill of the
+    same shape comes first: the first one after a server was stopped measured 10-20% slower than
+    the next (ScaleSim, development measurement), and it would land on whichever arm runs first."""
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        await _complete(client, server, _prompts(rng, 8, 512, vocab), 1)
         out = {"prefill_8x512": 8 * 512 / await _complete(client, server, _prompts(rng, 8, 512, vocab), 1)}
         prefix = random_prompts(rng, 1, 256, vocab)[0]
         await _complete(client, server, [prefix + [rng.randrange(100, vocab)]], 1)  # the prefix is now cached
