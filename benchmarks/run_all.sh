@@ -51,6 +51,8 @@ $S microbench profile --out $R/profile-bf16-amx.json
 $S microbench peer --dtypes bf16 --scalesim-speculation default,0 --vllm-ngram --rounds 3 --contended-rounds 1 --out $R/peer-amx-spec.json
 $S microbench peer --dtypes bf16 --scalesim-speculation default,0 --rounds 4 --out $R/peer-amx-spec-4rounds.json
 $S microbench peer --dtypes bf16 --scalesim-speculation 0,default --rounds 2 --out $R/peer-amx-spec-swapped.json
+# ... and once more after the shape cases got their untimed warm-up prefill (bc44427; about 13 minutes):
+$S microbench peer --dtypes bf16 --scalesim-speculation default,0 --rounds 3 --out $R/peer-amx-warm.json
 # Where a step's time goes on the AVX2 machine, fp32, int8 and fp16 (about 5 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32-avx2.json
 $S microbench profile --quantization int8 --out $R/profile-int8-avx2.json
