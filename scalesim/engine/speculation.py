@@ -160,9 +160,10 @@ class Speculator:
         # a row pays if its chance of a kept token beats this bar, which only rises as rows are
         # added: a sequence whose first drafted token would not pass is not asked for a draft
         bar = per_row_s * tokens / seconds
-        drafts = [self.drafter.draft(seq, limit)[:limit] if self.acceptance(seq) > bar else []
-                  for seq, limit in candidates]
-        gains = [(-self.acceptance(seq) ** (j + 1), i, j) for i, ((seq, _), draft) in enumerate(zip(candidates, drafts))
+        chances = [self.acceptance(seq) for seq, _ in candidates]
+        drafts = [self.drafter.draft(seq, limit)[:limit] if chance > bar else []
+                  for (seq, limit), chance in zip(candidates, chances)]
+        gains = [(-chance ** (j + 1), i, j) for i, (chance, draft) in enumerate(zip(chances, drafts))
                  for j in range(len(draft))]
         heapq.heapify(gains)
         taken = [0] * len(drafts)
