@@ -2,24 +2,21 @@
 behind a Serve deployment, reached only through the ingress.
 
 Each replica keeps its state under `<disk-dir>/replica-<rank>`: its disk tier and its agent
-registry. Serve gives a restarted replica its old rank, so a replica that died finds its disk-tier
-state and its registered agents again. The rank a replica publishes to routers is fixed when it
-starts (Serve records replica metadata once), while Serve renumbers ranks to stay contiguous after
-a scale-down; a replica that starts later with a rank a live replica still publishes (and whose
-folder it holds) takes the first folder nobody holds, and publishes that number instead. A
-replica removed by a scale-down persists its tiers to its folder as it stops (`__del__`); a live
-replica takes the folder in (`adopt_orphans`, driven by the ingress: moves.py). The ingress
-checks the Host header and the API key; a replica accepts what the ingress relays.
+registry. The rank it publishes to routers is the number of the folder it claimed as it started
+(state_folders.py): a replica Serve restarted after a crash finds its folder, its disk-tier state
+and its registered agents again, and the ranks stay 0..n-1 through rolling updates, whatever
+numbers Serve gave replicas meanwhile. A replica removed by a scale-down persists its tiers to its
+folder as it stops (`__del__`); a live replica takes the folder in (`adopt_orphans`, driven by the
+ingress: moves.py). The ingress checks the Host header and the API key; a replica accepts what
+the ingress relays.
 """
 
 import argparse
 import asyncio
 import copy
 import dataclasses
-import itertools
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,52 +25,36 @@ from ray import serve
 from scalesim.cluster.asgi_relay import REPLICA_HEADER, RelayHead, RelayRequest, run_asgi
 from scalesim.cluster.placement import SlotTable
 from scalesim.cluster.router import Route
+from scalesim.cluster.state_folders import claim_held, claim_state_folder
 from scalesim.memory import agent_kv
-from scalesim.memory.disk_store import StateDirInUseError, state_dir_held
+from scalesim.memory.disk_store import StateDirInUseError
 from scalesim.server.agent_routes import hint_agents
 from scalesim.server.agent_store import AgentRecord
 
 logger = logging.getLogger(__name__)
-CLAIM_WAIT_S, CLAIM_POLL_S = 65.0, 0.5  # longer than launch.GRACEFUL_SHUTDOWN_S: a stopping replica persists its tiers
-
-
-def replica_dir(disk_dir: str | Path | None, rank: int) -> Path | None:
-    return Path(disk_dir) / f"replica-{rank}" if disk_dir else None
-
-
-def claim_state_dir(disk_dir: str | Path | None, serve_rank: int,
-                    wait_s: float = CLAIM_WAIT_S) -> tuple[int, Path | None]:
-    """(the rank to publish, the state folder): the Serve rank's folder, waiting up to `wait_s`
-    for it (a live replica may be taking in what it held: moves.py), else the first folder no live
-    replica on this node holds (see the module docstring). Without a disk dir, the Serve rank."""
-    if not disk_dir:
-        return serve_rank, None
-    deadline_s = time.monotonic() + wait_s
-    while state_dir_held(replica_dir(disk_dir, serve_rank)) and time.monotonic() < deadline_s:
-        time.sleep(CLAIM_POLL_S)
-    for rank in itertools.chain([serve_rank], (r for r in itertools.count() if r != serve_rank)):
-        if not state_dir_held(replica_dir(disk_dir, rank)):
-            return rank, replica_dir(disk_dir, rank)
-    raise AssertionError("unreachable: itertools.count() never ends")
 
 
 class EngineReplica:
     async def __init__(self, args: argparse.Namespace, engine_args: dict) -> None:
         from scalesim.server.serve import build_server
 
-        serve_rank = serve.get_replica_context().rank.rank
+        context = serve.get_replica_context()
         self.base_disk_dir = args.disk_dir
-        self.rank, self.disk_dir = await asyncio.to_thread(claim_state_dir, args.disk_dir, serve_rank)
-        if self.rank != serve_rank:
-            logger.warning("Serve rank %d is still published by a live replica (Serve renumbered ranks after a "
-                           "scale-down); this replica publishes rank %d and keeps its state in %s", serve_rank,
-                           self.rank, self.disk_dir)
+        self.claim = await asyncio.to_thread(claim_state_folder, args.disk_dir, context.rank.rank, context.world_size)
+        self.rank, self.disk_dir = self.claim.rank, self.claim.folder
+        if self.rank != context.rank.rank:
+            logger.info("Serve rank %d of %d: this replica took state folder %s and publishes rank %d",
+                        context.rank.rank, context.world_size, self.disk_dir, self.rank)
         args = copy.copy(args)
         args.disk_dir, args.api_key, args.allowed_hosts = self.disk_dir, None, ["*"]
-        self.app = build_server(args, {**engine_args, "disk_dir": self.disk_dir})
+        try:
+            self.app = build_server(args, {**engine_args, "disk_dir": self.disk_dir})
+        except BaseException:
+            self.claim.release()
+            raise
         self.state = self.app.state.scalesim
         # every agent is registered everywhere:
-        ranks = list(range(max(serve.get_replica_context().world_size, self.rank + 1)))
+        ranks = list(range(max(context.world_size, self.rank + 1)))
         self.state.prefills_on_restore = lambda agent: SlotTable().order(agent, ranks)[0] == self.rank  # pre-fill ours
         self.lifespan = self.app.router.lifespan_context(self.app)
         await self.lifespan.__aenter__()  # restores the registry's agents, pre-fills their personas
@@ -136,6 +117,9 @@ class EngineReplica:
                 rank = folder.name.removeprefix("replica-")
                 if not rank.isdigit() or int(rank) in live_ranks or folder == self.disk_dir:
                     continue
+                if claim_held(folder):  # a replica is starting there
+                    held += 1
+                    continue
                 try:
                     result = agent_kv.adopt_state_dir(self.kv_objects, folder)
                 except StateDirInUseError:
@@ -191,3 +175,4 @@ class EngineReplica:
 
     async def __del__(self) -> None:
         await self.lifespan.__aexit__(None, None, None)  # persists the tiers when configured, releases the disk dir
+        self.claim.release()

@@ -2,8 +2,9 @@
 
 An agent id maps to one of `num_slots` slots (a stable hash, so every process agrees); a slot maps
 to replicas ranked by rendezvous (highest-random-weight) hashing over the live replicas' *ranks*.
-Ranks, not replica ids: Ray Serve gives a restarted replica its old rank back, so it gets its old
-slots back, and adding a replica moves only the slots the new rank wins (about 1/N of them).
+Ranks, not replica ids: a replica's rank is the number of its state folder (state_folders.py), so a
+restarted replica gets its old slots back, and adding a replica moves only the slots the new rank
+wins (about 1/N of them).
 Every ingress replica computes the same order from the same ranks, without coordination.
 
 The load bound: an agent that has nothing anywhere yet (cold) goes to the next replica in its

@@ -4,8 +4,8 @@ Serve calls `choose_replicas` for every request sent through a handle to the eng
 the ingress passes a `Route` with the request. A route naming a rank (hints split by owner,
 `/metrics` fan-out) goes to that replica; a route naming an agent goes where the routing policy
 says; a route naming neither goes to the shortest queue. Each replica publishes its rank through
-`record_replica_metadata`, and Serve gives a restarted replica its old rank, so its slots come
-back to it.
+`record_replica_metadata`: the number of the state folder it claimed (state_folders.py), so a
+restarted replica's slots come back to it.
 
 Serve builds the router in the ingress's process (on its own event-loop thread); the ingress
 reads the router's view of the live replicas and its counters through `shared_view()`.
