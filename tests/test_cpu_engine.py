@@ -16,6 +16,7 @@ from scalesim.layers.attention import AttentionMetadata, PrefillChunk, paged_att
 from scalesim.layers.linear import linear
 from scalesim.layers.paged_decode import available as paged_decode_available, paged_decode
 from scalesim.layers.paged_prefill import available as paged_prefill_available, paged_prefill
+from scalesim.layers.paged_prefill import tiles as paged_prefill_tiles
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 300])
@@ -125,16 +126,22 @@ def test_the_paged_decode_kernel_equals_gathered_sdpa(heads, kv_heads, dim):
     assert paged_decode(q[:0], k_cache, v_cache, tables[:0], lengths[:0], block, 1.0).shape == (0, heads, dim)
 
 
-@pytest.mark.parametrize("dim, block, dtype, heads, kv_heads", [
-    (64, 16, torch.float32, 9, 3), (64, 16, torch.bfloat16, 9, 3), (128, 4, torch.float32, 8, 1),
-    (64, 32, torch.bfloat16, 10, 2), (32, 8, torch.float32, 8, 8), (96, 16, torch.float32, 10, 2)])
-def test_the_paged_prefill_kernel_equals_dense_causal_attention(dim, block, dtype, heads, kv_heads):
+@pytest.mark.parametrize("dim, block, dtype, heads, kv_heads, use_tiles", [
+    (64, 16, torch.float32, 9, 3, False), (64, 16, torch.bfloat16, 9, 3, False), (64, 16, torch.bfloat16, 9, 3, True),
+    (128, 4, torch.float32, 8, 1, False), (128, 4, torch.bfloat16, 8, 1, True), (64, 32, torch.bfloat16, 10, 2, False),
+    (64, 32, torch.bfloat16, 10, 2, True), (32, 8, torch.float32, 8, 8, False), (32, 8, torch.bfloat16, 8, 8, True),
+    (96, 16, torch.float32, 10, 2, False), (96, 16, torch.bfloat16, 10, 2, True)])
+def test_the_paged_prefill_kernel_equals_dense_causal_attention(dim, block, dtype, heads, kv_heads, use_tiles):
     """Chunks fresh and behind cached tokens, of lengths around the kernel's tiles (1, 15, 16, 17,
     a 300-token one behind 100 cached), pages scattered: each new token attends causally to its
     sequence's cached context exactly; a chunk's result is the same alone, batched, and at one
-    thread. Group sizes 3, 8 and 5 (blocks of 4 heads and their remainders), 1 (no sharing)."""
+    thread. Group sizes 3, 8 and 5 (blocks of 4 heads and their remainders), 1 (no sharing).
+    The AMX tile path (bfloat16 caches) rounds queries and weights to bfloat16 for its products:
+    the error of weights rounded to 8 bits, about 3e-3 on these values, within 1e-2."""
     if not paged_prefill_available(dim):
         pytest.skip("the paged prefill kernel serves AVX-512 CPUs only")
+    if use_tiles and not paged_prefill_tiles(dim):
+        pytest.skip("the tile path needs AMX-BF16")
     gen = torch.Generator().manual_seed(3)
     chunks = [(0, 37), (5, 16), (16, 17), (100, 300), (0, 1), (40, 15), (0, 64)]  # (cached, new)
     blocks_needed = [-(-(c + n) // block) for c, n in chunks]
@@ -150,38 +157,45 @@ def test_the_paged_prefill_kernel_equals_dense_causal_attention(dim, block, dtyp
     counts = torch.tensor([n for _, n in chunks])
     starts = torch.cumsum(torch.tensor([0] + [n for _, n in chunks[:-1]]), 0)
     q = 3 * torch.randn(int(counts.sum()), heads, dim, generator=gen)
+    if use_tiles:
+        q = q.bfloat16().float()  # a bfloat16 model's queries: the tile path's rounding of them is exact
     scale = dim ** -0.5
+
+    def prefill(q, tables, lengths, starts, counts, out):
+        paged_prefill(q, k_cache, v_cache, tables, lengths, starts, counts, block, scale, out, use_tiles=use_tiles)
+
     got = torch.full_like(q, float("nan"))
-    paged_prefill(q, k_cache, v_cache, tables, lengths, starts, counts, block, scale, got)
+    prefill(q, tables, lengths, starts, counts, got)
     for i, (cached, new) in enumerate(chunks):
         slots = (tables[i].view(-1, 1) * block + torch.arange(block)).view(-1)[:cached + new]
         rows = slice(int(starts[i]), int(starts[i]) + new)
         want = _reference(q[rows], k_cache[slots].float(), v_cache[slots].float(), scale)
-        assert torch.allclose(got[rows].reshape(new, -1), want, atol=5e-5), (cached, new)
+        assert torch.allclose(got[rows].reshape(new, -1), want, atol=1e-2 if use_tiles else 5e-5), (cached, new)
         alone = torch.zeros(new, heads, dim)
-        paged_prefill(q[rows].contiguous(), k_cache, v_cache, tables[i:i + 1], lengths[i:i + 1],
-                      torch.tensor([0]), counts[i:i + 1], block, scale, alone)
+        prefill(q[rows].contiguous(), tables[i:i + 1], lengths[i:i + 1], torch.tensor([0]), counts[i:i + 1], alone)
         assert torch.equal(alone, got[rows]), (cached, new)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         again = torch.empty_like(q)
-        paged_prefill(q, k_cache, v_cache, tables, lengths, starts, counts, block, scale, again)
+        prefill(q, tables, lengths, starts, counts, again)
         assert torch.equal(again, got)
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(RuntimeError, match="chunk out of range"):
-        paged_prefill(q, k_cache, v_cache, tables, lengths, starts, counts + 1000, block, scale, got)
+        prefill(q, tables, lengths, starts, counts + 1000, got)
 
 
 @pytest.mark.parametrize("position", [0, 3, 17])
-def test_a_nan_key_makes_the_prefill_kernels_output_nan_in_its_own_sequence_only(position):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_key_makes_the_prefill_kernels_output_nan_in_its_own_sequence_only(position, dtype):
     """A NaN in one sequence's cached keys reaches the outputs of the queries that see it (so the
-    sampler's non-finite check fails that sequence) wherever it sits, and no other sequence's."""
+    sampler's non-finite check fails that sequence) wherever it sits, and no other sequence's
+    (bfloat16: the tile path where there is AMX)."""
     if not paged_prefill_available(64):
         pytest.skip("the paged prefill kernel serves AVX-512 CPUs only")
     gen, block = torch.Generator().manual_seed(4), 16
-    k_cache, v_cache = torch.randn(8 * block, 3, 64, generator=gen), torch.randn(8 * block, 3, 64, generator=gen)
+    k_cache, v_cache = (torch.randn(8 * block, 3, 64, generator=gen).to(dtype) for _ in range(2))
     tables = torch.tensor([[0, 1], [2, 3]])
     k_cache[position, 1, 5] = float("nan")  # sequence 0's token `position`, kv head 1
     q = torch.randn(40, 9, 64, generator=gen)

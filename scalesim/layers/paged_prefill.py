@@ -19,13 +19,20 @@ def available(head_dim: int) -> bool:
     return kernel_build.load(SOURCE) and bool(torch.ops.scalesim.paged_prefill_supported(head_dim))
 
 
+def tiles(head_dim: int) -> bool:
+    """Whether a bfloat16 cache of this head size takes the AMX tile path on this machine
+    (kernels/paged_prefill_amx.h): queries and weights rounded to bfloat16 for the products."""
+    return available(head_dim) and bool(torch.ops.scalesim.paged_prefill_tiles(head_dim))
+
+
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, query_starts: torch.Tensor, query_counts: torch.Tensor,
-                  block_size: int, scale: float, out: torch.Tensor) -> None:
+                  block_size: int, scale: float, out: torch.Tensor, use_tiles: bool = True) -> None:
     """For each chunk c: rows query_starts[c] .. + query_counts[c] of q [T, heads, head_dim]
     (float32, contiguous) are the last query_counts[c] of context_lens[c] cached tokens, found
-    through block_tables[c] (int64); write their attention into the same rows of out (like q)."""
+    through block_tables[c] (int64); write their attention into the same rows of out (like q).
+    A bfloat16 cache takes the tile path where `tiles` says so, unless `use_tiles` is False."""
     if not kernel_build.load(SOURCE):
         raise RuntimeError("the paged prefill kernel is not available here (see `available`)")
     torch.ops.scalesim.paged_prefill(q, k_cache, v_cache, block_tables, context_lens, query_starts, query_counts,
-                                     block_size, scale, out)
+                                     block_size, scale, out, use_tiles)

@@ -36,6 +36,7 @@
 
 #include "avx512_rows.h"
 #include "float_bits.h"
+#include "paged_prefill_amx.h"
 
 namespace {
 
@@ -174,7 +175,7 @@ void attend_tile(const Args<T>& a, int64_t chunk, int64_t tile, int64_t g, Scrat
 }
 
 template <typename T, int64_t DIM>
-void run(const Args<T>& a, int64_t chunks) {
+void run(const Args<T>& a, int64_t chunks, bool use_tiles) {
   struct Task { int64_t chunk, tile, kv_head, keys; };
   std::vector<Task> tasks;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -185,6 +186,11 @@ void run(const Args<T>& a, int64_t chunks) {
     }
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.keys > y.keys; });
+#if defined(SCALESIM_AMX)
+  if constexpr (std::is_same_v<T, uint16_t> && DIM % 32 == 0) {
+    if (use_tiles && scalesim::amx::permitted()) return scalesim::amx::run<Args<T>, DIM>(a, tasks);
+  }
+#endif
   std::atomic<int64_t> next{0};
   const int64_t total = static_cast<int64_t>(tasks.size());
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
@@ -196,12 +202,12 @@ void run(const Args<T>& a, int64_t chunks) {
 }
 
 template <typename T>
-void dispatch(const Args<T>& a, int64_t chunks, int64_t dim) {
+void dispatch(const Args<T>& a, int64_t chunks, int64_t dim, bool tiles) {
   switch (dim) {
-    case 64: return run<T, 64>(a, chunks);
-    case 128: return run<T, 128>(a, chunks);
-    case 32: return run<T, 32>(a, chunks);
-    case 96: return run<T, 96>(a, chunks);
+    case 64: return run<T, 64>(a, chunks, tiles);
+    case 128: return run<T, 128>(a, chunks, tiles);
+    case 32: return run<T, 32>(a, chunks, tiles);
+    case 96: return run<T, 96>(a, chunks, tiles);
     default: TORCH_CHECK(false, "paged_prefill: head size ", dim, " not built (32, 64, 96, 128)");
   }
 }
@@ -210,7 +216,7 @@ void dispatch(const Args<T>& a, int64_t chunks, int64_t dim) {
 // out[starts[c] + i] = attention of q[starts[c] + i] for every chunk c and i < counts[c].
 void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& query_starts,
-                   const at::Tensor& query_counts, int64_t block_size, double scale, at::Tensor& out) {
+                   const at::Tensor& query_counts, int64_t block_size, double scale, at::Tensor& out, bool tiles) {
   TORCH_CHECK(supported(), "paged_prefill: this build has no AVX-512");
 #if defined(__AVX512F__)
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [T, H, D]");
@@ -241,10 +247,10 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    heads / kv_heads, tables.size(1), block_size, k_cache.size(0), static_cast<float>(scale)};
   };
   if (cache_type == at::kFloat) {
-    dispatch(common(k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>()), chunks, dim);
+    dispatch(common(k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>()), chunks, dim, tiles);
   } else {
     dispatch(common(static_cast<const uint16_t*>(k_cache.const_data_ptr()),
-                    static_cast<const uint16_t*>(v_cache.const_data_ptr())), chunks, dim);
+                    static_cast<const uint16_t*>(v_cache.const_data_ptr())), chunks, dim, tiles);
   }
 #endif
 }
@@ -253,11 +259,21 @@ bool paged_prefill_supported(int64_t head_dim) {
   return supported() && (head_dim == 32 || head_dim == 64 || head_dim == 96 || head_dim == 128);
 }
 
+// Whether a bfloat16 cache of this head size takes the AMX tile path (paged_prefill_amx.h).
+bool paged_prefill_tiles(int64_t head_dim) {
+#if defined(SCALESIM_AMX)
+  return paged_prefill_supported(head_dim) && head_dim % 32 == 0 && scalesim::amx::permitted();
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(scalesim, m) {
   m.def("paged_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-        "Tensor query_starts, Tensor query_counts, int block_size, float scale, Tensor(a!) out) -> ()");
+        "Tensor query_starts, Tensor query_counts, int block_size, float scale, Tensor(a!) out, bool tiles=True) -> ()");
   m.impl("paged_prefill", c10::DispatchKey::CPU, TORCH_FN(paged_prefill));
   m.def("paged_prefill_supported(int head_dim) -> bool", TORCH_FN(paged_prefill_supported));
+  m.def("paged_prefill_tiles(int head_dim) -> bool", TORCH_FN(paged_prefill_tiles));
 }

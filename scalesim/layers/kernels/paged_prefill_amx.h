@@ -1,0 +1,214 @@
+// The paged prefill kernel's tile path: the two products of attention on AMX tiles, for a
+// bfloat16 cache on CPUs with AMX-BF16 (Sapphire Rapids and later), where the vector path's
+// float32 FMAs bound prefill attention to a fraction of the linears' speed.
+//
+// A task is the same as the vector path's (32 new tokens of one chunk, all query heads of one
+// KV head), its rows token-major (row i = token i / group, head i % group) and padded to tiles
+// of 16. It walks the cached rows 32 at a time. Each block of 32 keys is packed once for all
+// the task's rows: keys as the B operand of Q.K^T (pairs of dimensions side by side) and values
+// as the B operand of P.V (pairs of keys side by side). Then for each tile of 16 rows:
+//   S = Q.K^T on tiles (queries rounded to bfloat16, sums in float32);
+//   the online softmax in AVX-512 float32, as the vector path does, per row over the block;
+//   P, rounded to bfloat16, times V on tiles, added to the row's float32 sums after the rescale.
+// Queries and weights in bfloat16 are what PyTorch's flash attention and vLLM's CPU kernels use
+// for bfloat16 models; a float32 cache keeps the vector path. A NaN score makes its row's output
+// NaN, as on the vector path; a NaN value reaches the rows of its block that do not see it too
+// (their weight 0 times NaN), which are earlier tokens of the same sequence, never another's.
+//
+// Tiles are per thread: each worker configures them before its first task and releases them
+// after its last, so oneDNN (which configures its own) and this kernel can share threads.
+#pragma once
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#define SCALESIM_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "avx512_rows.h"
+
+namespace scalesim::amx {
+
+constexpr int64_t ROWS = 16;   // a tile's rows
+constexpr int64_t KEYS = 32;   // keys per block: one K step of P.V
+constexpr int64_t PAIRS = 16;  // 32-bit pairs in a tile row (64 bytes)
+
+// Linux lends the AMX state only to threads of a process that asked (once per process).
+inline bool permitted() {
+  static const bool ok = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows of 64 bytes: C tiles of 16 x 16 float32, A tiles of 16 x 32 bfloat16, B
+// tiles of 16 rows of 16 pairs.
+inline void configure() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = ROWS;
+  _tile_loadconfig(&config);
+}
+
+// Per-thread scratch of a task.
+struct Scratch {
+  std::vector<uint16_t> q;        // [rows padded, DIM] bfloat16
+  std::vector<float> top, sum, acc, rescale;
+  alignas(64) uint32_t kpack[4][2][PAIRS][16];   // [dim step][key half][pair r][key n]: K[n][2r, 2r+1]
+  alignas(64) uint32_t vpack[8][PAIRS][16];      // [16 dims][key pair r][dim n]: V[2r][n], V[2r+1][n]
+  alignas(64) float s[ROWS][KEYS];
+  alignas(64) uint16_t p[ROWS][KEYS];
+  alignas(64) float o[ROWS][16];
+};
+
+template <typename Args, int64_t DIM>
+void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch& w) {
+  static_assert(DIM % 32 == 0 && DIM <= 128, "dim steps of 32 bfloat16, up to 4");
+  constexpr int64_t STEPS = DIM / 32, COLS = DIM / 16;
+  const int64_t group = a.group, kv_row = a.heads / group * DIM, bs = a.block_size, q_row = a.heads * DIM;
+  const int64_t len = a.lens[chunk], count = a.counts[chunk], first = len - count + tile * 32;
+  const int64_t nq = std::min<int64_t>(32, count - tile * 32), last = first + nq - 1;
+  const int64_t rows = group * nq, padded = (rows + ROWS - 1) / ROWS * ROWS;
+  const int64_t* table = a.tables + chunk * a.max_blocks;
+  const int64_t row0 = a.starts[chunk] + tile * 32;
+  w.q.assign(padded * DIM, 0);
+  for (int64_t r = 0; r < nq; ++r) {  // token r's heads of this KV head are adjacent in q
+    const float* src = a.q + (row0 + r) * q_row + g * group * DIM;
+    for (int64_t e = 0; e < group * DIM; ++e) narrow(src[e], w.q[r * group * DIM + e]);
+  }
+  w.top.assign(padded, -INFINITY);
+  w.sum.assign(padded, 0.f);
+  w.rescale.assign(padded, 0.f);
+  w.acc.assign(padded * DIM, 0.f);
+  for (int64_t key0 = 0; key0 <= last; key0 += KEYS) {
+    const int64_t m = std::min(KEYS, last + 1 - key0);
+    // pack the block's keys and values; rows past m are zero
+    uint32_t k32[KEYS][DIM / 2];
+    for (int64_t t = 0; t < KEYS; ++t) {
+      if (t < m) {
+        const int64_t key = key0 + t, blk = key / bs;
+        TORCH_CHECK(table[blk] >= 0 && (table[blk] + 1) * bs <= a.num_slots, "block out of range");
+        std::memcpy(k32[t], a.k + (table[blk] * bs + key % bs) * kv_row + g * DIM, DIM * 2);
+      } else {
+        std::memset(k32[t], 0, DIM * 2);
+      }
+    }
+    for (int64_t step = 0; step < STEPS; ++step) {
+      for (int64_t half = 0; half < 2; ++half) {
+        for (int64_t r = 0; r < PAIRS; ++r) {
+          for (int64_t n = 0; n < 16; ++n) w.kpack[step][half][r][n] = k32[half * 16 + n][step * PAIRS + r];
+        }
+      }
+    }
+    for (int64_t r = 0; r < PAIRS; ++r) {  // keys 2r and 2r + 1
+      const uint16_t* rows2[2];
+      for (int64_t j = 0; j < 2; ++j) {
+        const int64_t key = key0 + 2 * r + j, blk = key / bs;
+        rows2[j] = 2 * r + j < m ? a.v + (table[blk] * bs + key % bs) * kv_row + g * DIM : nullptr;
+      }
+      for (int64_t c = 0; c < COLS; ++c) {
+        const __m512i lo = rows2[0] ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows2[0] + 16 * c)))
+                                    : _mm512_setzero_si512();
+        const __m512i hi = rows2[1] ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows2[1] + 16 * c)))
+                                    : _mm512_setzero_si512();
+        _mm512_store_si512(w.vpack[c][r], _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+    for (int64_t row = 0; row < padded; row += ROWS) {
+      const int64_t token_last = std::min(nq - 1, (row + ROWS - 1) / group);
+      if (key0 > first + token_last) continue;  // every key of the block is after these rows
+      // S = Q.K^T
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t step = 0; step < STEPS; ++step) {
+        _tile_loadd(2, w.q.data() + row * DIM + step * 32, DIM * 2);
+        _tile_loadd(4, w.kpack[step][0], 64);
+        _tile_loadd(5, w.kpack[step][1], 64);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(1, 2, 5);
+      }
+      _tile_stored(0, &w.s[0][0], KEYS * 4);
+      _tile_stored(1, &w.s[0][16], KEYS * 4);
+      // the online softmax of each row over the block
+      for (int64_t i = 0; i < ROWS; ++i) {
+        const int64_t rowi = row + i;
+        const int64_t visible = rowi < rows ? std::min(m, first + rowi / group - key0 + 1) : m;
+        const __mmask16 v0 = visible >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(visible, 0)) - 1u);
+        const __mmask16 v1 = visible >= 32 ? 0xFFFF : visible <= 16 ? 0 : static_cast<__mmask16>((1u << (visible - 16)) - 1u);
+        const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(-INFINITY);
+        const __m512 s0 = _mm512_mask_mov_ps(ninf, v0, _mm512_mul_ps(_mm512_load_ps(w.s[i]), scale));
+        const __m512 s1 = _mm512_mask_mov_ps(ninf, v1, _mm512_mul_ps(_mm512_load_ps(w.s[i] + 16), scale));
+        if (_mm512_mask_cmp_ps_mask(v0, s0, s0, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(v1, s1, s1, _CMP_UNORD_Q)) {
+          w.sum[rowi] = NAN;  // stays NaN: the output is NaN
+        }
+        const float top = w.top[rowi];
+        const float new_top = std::max(top, _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+        const float rescale = top == -INFINITY ? 0.f : exp_nonpositive(top - new_top);
+        const __m512 shift = _mm512_set1_ps(new_top == -INFINITY ? 0.f : new_top);
+        const __m512 p0 = _mm512_maskz_mov_ps(v0, exp16_nonpositive(_mm512_sub_ps(s0, shift)));
+        const __m512 p1 = _mm512_maskz_mov_ps(v1, exp16_nonpositive(_mm512_sub_ps(s1, shift)));
+        w.sum[rowi] = w.sum[rowi] * rescale + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+        w.top[rowi] = new_top;
+        w.rescale[rowi] = rescale;
+        _mm512_store_si512(w.p[i], (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+      }
+      // acc = acc * rescale + P.V, 16 dimensions at a time
+      _tile_loadd(3, &w.p[0][0], KEYS * 2);
+      for (int64_t c = 0; c < COLS; ++c) {
+        _tile_zero(0);
+        _tile_loadd(6, w.vpack[c], 64);
+        _tile_dpbf16ps(0, 3, 6);
+        _tile_stored(0, &w.o[0][0], 64);
+        for (int64_t i = 0; i < ROWS; ++i) {
+          float* acc = w.acc.data() + (row + i) * DIM + 16 * c;
+          _mm512_storeu_ps(acc, _mm512_fmadd_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(w.rescale[row + i]),
+                                                _mm512_load_ps(w.o[i])));
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    for (int64_t hh = 0; hh < group; ++hh) {
+      const int64_t i = r * group + hh;
+      const float inv = 1.f / w.sum[i];
+      float* out = a.out + (row0 + r) * q_row + (g * group + hh) * DIM;
+      const float* acc = w.acc.data() + i * DIM;
+#pragma omp simd
+      for (int64_t d = 0; d < DIM; ++d) out[d] = acc[d] * inv;
+    }
+  }
+}
+
+// Runs `tasks` (see paged_prefill.cpp's run) on every thread, tiles configured per thread.
+template <typename Args, int64_t DIM, typename Task>
+void run(const Args& a, const std::vector<Task>& tasks) {
+  std::atomic<int64_t> next{0};
+  const int64_t total = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    auto scratch = std::make_unique<Scratch>();
+    configure();
+    for (int64_t i = next++; i < total; i = next++) {
+      attend_tile<Args, DIM>(a, tasks[i].chunk, tasks[i].tile, tasks[i].kv_head, *scratch);
+    }
+    _tile_release();
+  });
+}
+
+}  // namespace scalesim::amx
+#endif
