@@ -26,6 +26,7 @@ from scalesim.layers.flex_paged import FlexPlan, flex_paged_attention
 from scalesim.layers.paged_decode import paged_decode
 from scalesim.layers.paged_prefill import paged_prefill
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the prefill kernel's query and output dtypes
 
 @dataclass
 class PrefillChunk:
@@ -90,9 +91,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     k, v = k.to(cache_dtype), v.to(cache_dtype)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    q = q.to(compute_dtype)  # k and v are read back from the cache, or converted where SDPA takes them
     num_heads, head_dim = q.shape[1], q.shape[2]
     gqa = num_heads != k.shape[1]
+    if meta.prefill_block_tables is not None:
+        # the kernel reads queries and writes outputs in the model's dtype where it can (float32
+        # or bfloat16: no converted copies of them) and computes in float32
+        rows = q if q.dtype in KERNEL_DTYPES else q.to(torch.float32)
+        out = rows.new_empty(meta.num_tokens, num_heads * head_dim)
+        if meta.num_decode:
+            decoded = _decode(q.index_select(0, meta.decode_rows).to(compute_dtype), k_cache, v_cache, meta, scale, gqa)
+            out.index_copy_(0, meta.decode_rows, decoded.to(out.dtype))
+        paged_prefill(rows.contiguous(), k_cache, v_cache, meta.prefill_block_tables, meta.prefill_lengths,
+                      meta.prefill_starts, meta.prefill_counts, meta.block_size, scale, out.view(rows.shape))
+        return out.to(out_dtype)
+    q = q.to(compute_dtype)  # k and v are read back from the cache, or converted where SDPA takes them
     if meta.flex is not None:
         return flex_paged_attention(q, k_cache.to(compute_dtype), v_cache.to(compute_dtype), meta.flex, scale,
                                     gqa).to(out_dtype)
@@ -102,10 +114,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if meta.num_decode:
         out.index_copy_(0, meta.decode_rows, _decode(q.index_select(0, meta.decode_rows), k_cache, v_cache,
                                                      meta, scale, gqa))
-    if meta.prefill_block_tables is not None:
-        paged_prefill(q.contiguous(), k_cache, v_cache, meta.prefill_block_tables, meta.prefill_lengths,
-                      meta.prefill_starts, meta.prefill_counts, meta.block_size, scale, out.view(q.shape))
-        return out.to(out_dtype)
     for chunk in meta.prefills:
         queries = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)              # [1, H, Q, D]
         if chunk.context_slots is None:

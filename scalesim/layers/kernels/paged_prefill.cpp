@@ -52,23 +52,25 @@ bool supported() {
 }
 
 #if defined(__AVX512F__)
-template <typename T>
+template <typename T, typename Q>
 struct Args {
-  const float* q;         // [T, heads, dim]
+  using Cache = T;
+  using Query = Q;        // float32 or bfloat16 (uint16_t): q and out
+  const Q* q;             // [T, heads, dim]
   const T* k;             // [slots, kv_heads, dim]
   const T* v;
   const int64_t* tables;  // [chunks, max_blocks]
   const int64_t* lens;    // [chunks]: cached tokens including the chunk's own
   const int64_t* starts;  // [chunks]: the chunk's first row in q and out
   const int64_t* counts;  // [chunks]: its new tokens
-  float* out;             // [T, heads, dim]
+  Q* out;                 // [T, heads, dim]
   int64_t heads, group, max_blocks, block_size, num_slots;
   float scale;
 };
 
 // Per-thread scratch of a task: every row's running softmax and weighted values.
 struct Scratch {
-  std::vector<float> top, sum, acc;
+  std::vector<float> top, sum, acc, q;  // q: the task's bfloat16 queries widened
 };
 
 // One key tile for G query heads at one position (scratch rows i, i + nq, ...; q: their G
@@ -118,8 +120,9 @@ inline void rows_step(const float* q, const float* kt, const float* vt, int64_t 
   }
 }
 
-template <typename T, int64_t DIM>
-void attend_tile(const Args<T>& a, int64_t chunk, int64_t tile, int64_t g, Scratch& w) {
+template <typename A, int64_t DIM>
+void attend_tile(const A& a, int64_t chunk, int64_t tile, int64_t g, Scratch& w) {
+  using T = typename A::Cache;
   const int64_t group = a.group, kv_row = a.heads / group * DIM, bs = a.block_size, q_row = a.heads * DIM;
   const int64_t len = a.lens[chunk], count = a.counts[chunk], first = len - count + tile * QUERY_TILE;
   const int64_t nq = std::min(QUERY_TILE, count - tile * QUERY_TILE), last = first + nq - 1, rows = group * nq;
@@ -128,6 +131,21 @@ void attend_tile(const Args<T>& a, int64_t chunk, int64_t tile, int64_t g, Scrat
   w.top.assign(rows, -INFINITY);
   w.sum.assign(rows, 0.f);
   w.acc.assign(rows * DIM, 0.f);
+  const auto query = [&](int64_t r, int64_t hh) -> const float* {  // token r's query of head g * group + hh
+    if constexpr (std::is_same_v<typename A::Query, float>) {
+      return a.q + (row0 + r) * q_row + (g * group + hh) * DIM;
+    } else {
+      return w.q.data() + (r * group + hh) * DIM;
+    }
+  };
+  if constexpr (!std::is_same_v<typename A::Query, float>) {
+    w.q.resize(rows * DIM);
+    for (int64_t r = 0; r < nq; ++r) {
+      const auto* src = a.q + (row0 + r) * q_row + g * group * DIM;
+#pragma omp simd
+      for (int64_t e = 0; e < group * DIM; ++e) w.q[r * group * DIM + e] = scalesim::widen(src[e]);
+    }
+  }
   alignas(64) float kt[DIM * 16];  // the key tile transposed, float32: kt[d * 16 + t]
   alignas(64) float vt[16 * DIM];  // the value tile, float32
   for (int64_t key = 0; key <= last;) {
@@ -148,7 +166,7 @@ void attend_tile(const Args<T>& a, int64_t chunk, int64_t tile, int64_t g, Scrat
       const int64_t visible = std::min(m, first + r - key + 1);  // causal: keys up to the query's position
       for (int64_t hh = 0; hh < group; hh += 4) {
         const int64_t heads = std::min<int64_t>(4, group - hh);
-        const float* q = a.q + (row0 + r) * q_row + (g * group + hh) * DIM;
+        const float* q = query(r, hh);
         const auto step = [&](auto G) {
           rows_step<DIM, decltype(G)::value>(q, kt, vt, visible, a.scale, w, hh * nq + r, nq);
         };
@@ -166,16 +184,16 @@ void attend_tile(const Args<T>& a, int64_t chunk, int64_t tile, int64_t g, Scrat
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = hh * nq + r;
       const float inv = 1.f / w.sum[i];
-      float* out = a.out + (row0 + r) * q_row + (g * group + hh) * DIM;
+      auto* out = a.out + (row0 + r) * q_row + (g * group + hh) * DIM;
       const float* acc = w.acc.data() + i * DIM;
 #pragma omp simd
-      for (int64_t d = 0; d < DIM; ++d) out[d] = acc[d] * inv;
+      for (int64_t d = 0; d < DIM; ++d) scalesim::narrow(acc[d] * inv, out[d]);
     }
   }
 }
 
-template <typename T, int64_t DIM>
-void run(const Args<T>& a, int64_t chunks, bool use_tiles) {
+template <typename A, int64_t DIM>
+void run(const A& a, int64_t chunks, bool use_tiles) {
   struct Task { int64_t chunk, tile, kv_head, keys; };
   std::vector<Task> tasks;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -187,8 +205,8 @@ void run(const Args<T>& a, int64_t chunks, bool use_tiles) {
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.keys > y.keys; });
 #if defined(SCALESIM_AMX)
-  if constexpr (std::is_same_v<T, uint16_t> && DIM % 32 == 0) {
-    if (use_tiles && scalesim::amx::permitted()) return scalesim::amx::run<Args<T>, DIM>(a, tasks);
+  if constexpr (std::is_same_v<typename A::Cache, uint16_t> && DIM % 32 == 0) {
+    if (use_tiles && scalesim::amx::permitted()) return scalesim::amx::run<A, DIM>(a, tasks);
   }
 #endif
   std::atomic<int64_t> next{0};
@@ -196,18 +214,18 @@ void run(const Args<T>& a, int64_t chunks, bool use_tiles) {
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Scratch scratch;
     for (int64_t i = next++; i < total; i = next++) {
-      attend_tile<T, DIM>(a, tasks[i].chunk, tasks[i].tile, tasks[i].kv_head, scratch);
+      attend_tile<A, DIM>(a, tasks[i].chunk, tasks[i].tile, tasks[i].kv_head, scratch);
     }
   });
 }
 
-template <typename T>
-void dispatch(const Args<T>& a, int64_t chunks, int64_t dim, bool tiles) {
+template <typename A>
+void dispatch(const A& a, int64_t chunks, int64_t dim, bool tiles) {
   switch (dim) {
-    case 64: return run<T, 64>(a, chunks, tiles);
-    case 128: return run<T, 128>(a, chunks, tiles);
-    case 32: return run<T, 32>(a, chunks, tiles);
-    case 96: return run<T, 96>(a, chunks, tiles);
+    case 64: return run<A, 64>(a, chunks, tiles);
+    case 128: return run<A, 128>(a, chunks, tiles);
+    case 32: return run<A, 32>(a, chunks, tiles);
+    case 96: return run<A, 96>(a, chunks, tiles);
     default: TORCH_CHECK(false, "paged_prefill: head size ", dim, " not built (32, 64, 96, 128)");
   }
 }
@@ -219,8 +237,9 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
                    const at::Tensor& query_counts, int64_t block_size, double scale, at::Tensor& out, bool tiles) {
   TORCH_CHECK(supported(), "paged_prefill: this build has no AVX-512");
 #if defined(__AVX512F__)
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous float32 [T, H, D]");
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == at::kFloat && out.is_contiguous(), "out like q");
+  TORCH_CHECK(q.dim() == 3 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) && q.is_contiguous(),
+              "q: contiguous float32 or bfloat16 [T, H, D]");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.is_contiguous(), "out like q");
   const auto cache_type = k_cache.scalar_type();
   TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == cache_type &&
               (cache_type == at::kFloat || cache_type == at::kBFloat16) && k_cache.is_contiguous() &&
@@ -241,16 +260,24 @@ void paged_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     TORCH_CHECK(c[i] > 0 && c[i] <= l[i] && l[i] <= tables.size(1) * block_size && s[i] >= 0 && s[i] + c[i] <= q.size(0),
                 "chunk out of range");
   }
-  const auto common = [&](auto* k, auto* v) {
+  const auto with_query = [&](auto* k, auto* v, auto* query) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(k)>>;
-    return Args<T>{q.data_ptr<float>(), k, v, tables.data_ptr<int64_t>(), l, s, c, out.data_ptr<float>(), heads,
-                   heads / kv_heads, tables.size(1), block_size, k_cache.size(0), static_cast<float>(scale)};
+    using Q = std::remove_pointer_t<decltype(query)>;
+    dispatch(Args<T, Q>{query, k, v, tables.data_ptr<int64_t>(), l, s, c, static_cast<Q*>(out.data_ptr()), heads,
+                        heads / kv_heads, tables.size(1), block_size, k_cache.size(0), static_cast<float>(scale)},
+             chunks, dim, tiles);
+  };
+  const auto with_cache = [&](auto* k, auto* v) {
+    if (q.scalar_type() == at::kFloat) {
+      with_query(k, v, q.data_ptr<float>());
+    } else {
+      with_query(k, v, static_cast<uint16_t*>(q.data_ptr()));
+    }
   };
   if (cache_type == at::kFloat) {
-    dispatch(common(k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>()), chunks, dim, tiles);
+    with_cache(k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>());
   } else {
-    dispatch(common(static_cast<const uint16_t*>(k_cache.const_data_ptr()),
-                    static_cast<const uint16_t*>(v_cache.const_data_ptr())), chunks, dim, tiles);
+    with_cache(static_cast<const uint16_t*>(k_cache.const_data_ptr()), static_cast<const uint16_t*>(v_cache.const_data_ptr()));
   }
 #endif
 }

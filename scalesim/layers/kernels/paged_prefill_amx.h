@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -69,18 +70,19 @@ inline void configure() {
 // Per-thread scratch of a task.
 struct Scratch {
   std::vector<uint16_t> q;        // [rows padded, DIM] bfloat16
-  std::vector<float> top, sum, acc, rescale;
+  std::vector<float> top, sums, acc, rescale;  // sums: 16 partial sums per row, added at the end
   alignas(64) uint32_t kpack[4][2][PAIRS][16];   // [dim step][key half][pair r][key n]: K[n][2r, 2r+1]
   alignas(64) uint32_t vpack[8][PAIRS][16];      // [16 dims][key pair r][dim n]: V[2r][n], V[2r+1][n]
   alignas(64) float s[ROWS][KEYS];
   alignas(64) uint16_t p[ROWS][KEYS];
-  alignas(64) float o[ROWS][16];
+  alignas(64) float o[ROWS][64];  // P.V of up to 4 x 16 dimensions
 };
 
 template <typename Args, int64_t DIM>
 void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch& w) {
+  using Q = typename Args::Query;
   static_assert(DIM % 32 == 0 && DIM <= 128, "dim steps of 32 bfloat16, up to 4");
-  constexpr int64_t STEPS = DIM / 32, COLS = DIM / 16;
+  constexpr int64_t STEPS = DIM / 32, COLS = DIM / 16, GROUP = COLS % 4 == 0 ? 4 : 2;
   const int64_t group = a.group, kv_row = a.heads / group * DIM, bs = a.block_size, q_row = a.heads * DIM;
   const int64_t len = a.lens[chunk], count = a.counts[chunk], first = len - count + tile * 32;
   const int64_t nq = std::min<int64_t>(32, count - tile * 32), last = first + nq - 1;
@@ -89,11 +91,15 @@ void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch&
   const int64_t row0 = a.starts[chunk] + tile * 32;
   w.q.assign(padded * DIM, 0);
   for (int64_t r = 0; r < nq; ++r) {  // token r's heads of this KV head are adjacent in q
-    const float* src = a.q + (row0 + r) * q_row + g * group * DIM;
-    for (int64_t e = 0; e < group * DIM; ++e) narrow(src[e], w.q[r * group * DIM + e]);
+    const Q* src = a.q + (row0 + r) * q_row + g * group * DIM;
+    if constexpr (std::is_same_v<Q, float>) {
+      for (int64_t e = 0; e < group * DIM; ++e) narrow(src[e], w.q[r * group * DIM + e]);
+    } else {
+      std::memcpy(w.q.data() + r * group * DIM, src, group * DIM * sizeof(Q));
+    }
   }
   w.top.assign(padded, -INFINITY);
-  w.sum.assign(padded, 0.f);
+  w.sums.assign(padded * 16, 0.f);
   w.rescale.assign(padded, 0.f);
   w.acc.assign(padded * DIM, 0.f);
   for (int64_t key0 = 0; key0 <= last; key0 += KEYS) {
@@ -155,7 +161,7 @@ void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch&
         const __m512 s0 = _mm512_mask_mov_ps(ninf, v0, _mm512_mul_ps(_mm512_load_ps(w.s[i]), scale));
         const __m512 s1 = _mm512_mask_mov_ps(ninf, v1, _mm512_mul_ps(_mm512_load_ps(w.s[i] + 16), scale));
         if (_mm512_mask_cmp_ps_mask(v0, s0, s0, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(v1, s1, s1, _CMP_UNORD_Q)) {
-          w.sum[rowi] = NAN;  // stays NaN: the output is NaN
+          w.sums[rowi * 16] = NAN;  // stays NaN: the output is NaN
         }
         const float top = w.top[rowi];
         const float new_top = std::max(top, _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
@@ -163,22 +169,41 @@ void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch&
         const __m512 shift = _mm512_set1_ps(new_top == -INFINITY ? 0.f : new_top);
         const __m512 p0 = _mm512_maskz_mov_ps(v0, exp16_nonpositive(_mm512_sub_ps(s0, shift)));
         const __m512 p1 = _mm512_maskz_mov_ps(v1, exp16_nonpositive(_mm512_sub_ps(s1, shift)));
-        w.sum[rowi] = w.sum[rowi] * rescale + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+        float* sums = w.sums.data() + rowi * 16;
+        _mm512_storeu_ps(sums, _mm512_fmadd_ps(_mm512_loadu_ps(sums), _mm512_set1_ps(rescale), _mm512_add_ps(p0, p1)));
         w.top[rowi] = new_top;
         w.rescale[rowi] = rescale;
         _mm512_store_si512(w.p[i], (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
       }
-      // acc = acc * rescale + P.V, 16 dimensions at a time
+      // acc = acc * rescale + P.V, GROUP x 16 dimensions at a time (products in flight together)
       _tile_loadd(3, &w.p[0][0], KEYS * 2);
-      for (int64_t c = 0; c < COLS; ++c) {
+      for (int64_t c0 = 0; c0 < COLS; c0 += GROUP) {
         _tile_zero(0);
-        _tile_loadd(6, w.vpack[c], 64);
+        _tile_zero(1);
+        _tile_loadd(6, w.vpack[c0], 64);
+        _tile_loadd(7, w.vpack[c0 + 1], 64);
         _tile_dpbf16ps(0, 3, 6);
-        _tile_stored(0, &w.o[0][0], 64);
+        _tile_dpbf16ps(1, 3, 7);
+        if constexpr (GROUP == 4) {
+          _tile_zero(4);
+          _tile_zero(5);
+          _tile_loadd(6, w.vpack[c0 + 2], 64);
+          _tile_loadd(7, w.vpack[c0 + 3], 64);
+          _tile_dpbf16ps(4, 3, 6);
+          _tile_dpbf16ps(5, 3, 7);
+        }
+        _tile_stored(0, &w.o[0][0], 64 * 4);
+        _tile_stored(1, &w.o[0][16], 64 * 4);
+        if constexpr (GROUP == 4) {
+          _tile_stored(4, &w.o[0][32], 64 * 4);
+          _tile_stored(5, &w.o[0][48], 64 * 4);
+        }
         for (int64_t i = 0; i < ROWS; ++i) {
-          float* acc = w.acc.data() + (row + i) * DIM + 16 * c;
-          _mm512_storeu_ps(acc, _mm512_fmadd_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(w.rescale[row + i]),
-                                                _mm512_load_ps(w.o[i])));
+          const __m512 factor = _mm512_set1_ps(w.rescale[row + i]);
+          float* acc = w.acc.data() + (row + i) * DIM + 16 * c0;
+          for (int64_t j = 0; j < GROUP; ++j) {
+            _mm512_storeu_ps(acc + 16 * j, _mm512_fmadd_ps(_mm512_loadu_ps(acc + 16 * j), factor, _mm512_load_ps(w.o[i] + 16 * j)));
+          }
         }
       }
     }
@@ -186,11 +211,11 @@ void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch&
   for (int64_t r = 0; r < nq; ++r) {
     for (int64_t hh = 0; hh < group; ++hh) {
       const int64_t i = r * group + hh;
-      const float inv = 1.f / w.sum[i];
-      float* out = a.out + (row0 + r) * q_row + (g * group + hh) * DIM;
+      const float inv = 1.f / _mm512_reduce_add_ps(_mm512_loadu_ps(w.sums.data() + i * 16));
+      Q* out = a.out + (row0 + r) * q_row + (g * group + hh) * DIM;
       const float* acc = w.acc.data() + i * DIM;
 #pragma omp simd
-      for (int64_t d = 0; d < DIM; ++d) out[d] = acc[d] * inv;
+      for (int64_t d = 0; d < DIM; ++d) narrow(acc[d] * inv, out[d]);
     }
   }
 }
