@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ from scalesim.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 LOOP_JOIN_TIMEOUT_S = 30.0
+# An idle engine that gets a request waits while more keep coming, each within BURST_QUIET_S of
+# the last, up to BURST_MAX_S, so that a burst sent at once starts in one step (`_gather_burst`);
+# a lone request waits BURST_QUIET_S. 2 ms caught too few of a burst over HTTP to measure a gain.
+BURST_QUIET_S, BURST_MAX_S = 0.005, 0.05
 
 
 class EngineDeadError(GenerationError):
@@ -50,6 +55,7 @@ class _EngineLoop:
         self.streams: dict[str, _Stream] = {}
         self.aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.stopping = self.stop_on_exit = False
+        self.added = 0  # requests added so far (under the lock)
         built: list = []
         ready = threading.Event()
 
@@ -88,8 +94,10 @@ class _EngineLoop:
     def run(self) -> None:
         while True:
             with self.wake:
-                while not self.stopping and not self.engine.has_unfinished():
-                    self.wake.wait()
+                if not self.stopping and not self.engine.has_unfinished():
+                    while not self.stopping and not self.engine.has_unfinished():
+                        self.wake.wait()
+                    self._gather_burst()
                 if self.stopping:
                     if self.stop_on_exit:
                         self._shut_down()
@@ -108,6 +116,23 @@ class _EngineLoop:
             for stream, delta in streams:
                 if stream is not None:
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
+
+    def _gather_burst(self) -> None:
+        """Called with the lock held when a request woke the idle engine. The requests of a burst
+        (a simulation step's calls, sent at once) reach the engine one by one over a few
+        milliseconds; stepping at the first would prefill it alone and the rest a step or two
+        later. Measured over HTTP, 8 x 512-token prompts sent at once (bf16, development, 4
+        interleaved rounds of fresh servers): 2-3 steps per burst and 4,910 tokens/s without this
+        wait, mostly 1 step and 5,439 tokens/s with it; the feed trace 6.20 against 6.09 s
+        (inside the noise)."""
+        deadline_s = time.monotonic() + BURST_MAX_S
+        while not self.stopping:
+            seen, left_s = self.added, deadline_s - time.monotonic()
+            if left_s <= 0:
+                return
+            self.wake.wait(min(BURST_QUIET_S, left_s))
+            if self.added == seen:
+                return
 
     def fail_all(self, error: Exception) -> None:
         """Fail every request in flight, including any the engine holds without a listener."""
@@ -210,6 +235,7 @@ class AsyncLLM:
             self.check_room(params.n)
             request_id = self.engine.add_request(prompt, params, **request)
             self._core.streams[request_id] = stream
+            self._core.added += 1
             self._core.wake.notify()
         return request_id
 

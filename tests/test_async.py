@@ -61,3 +61,22 @@ def test_a_bad_request_raises_in_its_caller_and_others_continue(async_llm):
         return await _collect(async_llm, [10, 11, 12])
 
     assert len(asyncio.run(main())) == 10
+
+
+def test_a_burst_that_reaches_an_idle_engine_starts_in_one_step(async_llm, monkeypatch):
+    """Requests sent at once reach the engine one by one (each through a worker thread); the idle
+    engine waits while they keep coming, so the burst is one step, not its first request alone.
+    The quiet window is widened here so that a slow machine cannot split the burst."""
+    import scalesim.async_llm as async_module
+
+    monkeypatch.setattr(async_module, "BURST_QUIET_S", 0.5)
+    rng = random.Random(9)
+    prompts = [random_prompt(rng, 20) for _ in range(6)]
+    one_token = SamplingParams(max_tokens=1, temperature=0)
+
+    async def main():
+        return await asyncio.gather(*(_collect(async_llm, p, one_token) for p in prompts))
+
+    before = async_llm.stats()["steps"]
+    assert all(len(tokens) == 1 for tokens in asyncio.run(main()))
+    assert async_llm.stats()["steps"] - before == 1
