@@ -4,7 +4,10 @@ attends causally to its sequence's cached rows through its block table, with no 
 prefix, no mask tensor and no float32 copy of bfloat16 keys and values.
 
 Built on first use (layers/kernel_build.py); AVX-512 CPUs and head sizes 32, 64, 96, 128 only.
-Where it is not `available`, attention keeps its SDPA path.
+Where it is not `available`, attention keeps its SDPA path. On CPUs with AMX-BF16 a bfloat16
+cache takes the tile path (kernels/paged_prefill_amx.h, `tiles`): 2.3x the vector path's speed on
+8 x 512 fresh tokens (5.8 against 13.6 ms per layer, development measurement). Queries and
+outputs are float32 or bfloat16, as the model computes; the sums are float32 either way.
 """
 
 import torch
