@@ -56,6 +56,10 @@ $S microbench peer --dtypes bf16 --scalesim-speculation default,0 --rounds 3 --o
 # ... and after prefill attention moved onto the AMX tiles (9c84687, e05822e), vLLM with and
 # without ngram, with a contended round (about 13 minutes):
 $S microbench peer --dtypes bf16 --scalesim-speculation default,0 --vllm-ngram --rounds 3 --contended-rounds 1 --out $R/peer-amx-tiles.json
+# ... and once more after an idle engine gathers a burst before its first step (5cdb70c; about 12
+# minutes), with the profile of the same commit:
+$S microbench peer --dtypes bf16 --scalesim-speculation default,0 --vllm-ngram --rounds 3 --contended-rounds 1 --out $R/peer-amx-burst.json
+$S microbench profile --out $R/profile-bf16-amx-tiles.json
 # Where a step's time goes on the AVX2 machine, fp32, int8 and fp16 (about 5 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32-avx2.json
 $S microbench profile --quantization int8 --out $R/profile-int8-avx2.json
