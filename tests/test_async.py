@@ -66,10 +66,11 @@ def test_a_bad_request_raises_in_its_caller_and_others_continue(async_llm):
 def test_a_burst_that_reaches_an_idle_engine_starts_in_one_step(async_llm, monkeypatch):
     """Requests sent at once reach the engine one by one (each through a worker thread); the idle
     engine waits while they keep coming, so the burst is one step, not its first request alone.
-    The quiet window is widened here so that a slow machine cannot split the burst."""
+    The window is widened here so that a slow machine cannot split the burst."""
     import scalesim.async_llm as async_module
 
     monkeypatch.setattr(async_module, "BURST_QUIET_S", 0.5)
+    monkeypatch.setattr(async_module, "BURST_MAX_S", 5.0)
     rng = random.Random(9)
     prompts = [random_prompt(rng, 20) for _ in range(6)]
     one_token = SamplingParams(max_tokens=1, temperature=0)

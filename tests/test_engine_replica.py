@@ -2,7 +2,7 @@
 
 import threading
 
-from scalesim.cluster.state_folders import claim_held, claim_state_folder
+from scalesim.cluster.state_folders import claim_state_folder, claimed
 from scalesim.memory.disk_store import DiskStore
 
 
@@ -14,12 +14,22 @@ def _claim(tmp_path, serve_rank: int, world_size: int, wait_s: float = 0.5) -> t
 def test_a_replica_takes_its_serve_ranks_folder_and_holds_it_until_released(tmp_path):
     assert claim_state_folder(None, 3, 2).rank == 3 and claim_state_folder(None, 3, 2).folder is None
     rank, first = _claim(tmp_path, 1, 2)
-    assert rank == 1 and first.folder == tmp_path / "replica-1" and claim_held(first.folder)
+    assert rank == 1 and first.folder == tmp_path / "replica-1"
+    with claimed(first.folder) as ours:
+        assert not ours, "held by the replica"
+    (tmp_path / "replica-0").mkdir()  # a replica ran here under rank 0
     rank, second = _claim(tmp_path, 1, 2)
     assert rank == 0, "a claimed folder is never taken twice, even by a replica with that Serve rank"
     first.release()
-    assert not claim_held(tmp_path / "replica-1")
+    with claimed(tmp_path / "replica-1") as ours:
+        assert ours, "released"
     assert _claim(tmp_path, 1, 2)[0] == 1, "released: a replica restarted under rank 1 finds its folder"
+
+
+def test_a_folder_being_taken_in_is_not_claimed_meanwhile(tmp_path):
+    with claimed(tmp_path / "replica-0") as ours:
+        assert ours
+        assert _claim(tmp_path, 0, 1, wait_s=0.2)[0] == 1, "another number, after waiting"
 
 
 def test_a_rolling_update_keeps_ranks_below_the_replica_count(tmp_path):
@@ -67,9 +77,17 @@ def test_two_replicas_starting_together_never_take_one_folder(tmp_path):
 
 def test_a_replica_waits_for_its_own_folder_while_another_process_still_holds_it(tmp_path):
     """A stopping replica persists its tiers, or a live one takes the folder in: a replica
-    restarted under that rank waits for the folder instead of taking another one."""
-    others = DiskStore(tmp_path / "replica-0", 2**20)  # the other live replica
+    restarted under that rank waits for the folder instead of taking another one (folder 0 was
+    never used on this node: its replica runs on another)."""
     held = DiskStore(tmp_path / "replica-1", 2**20)
     threading.Timer(0.5, held.close).start()
     assert _claim(tmp_path, 1, 2, wait_s=10)[0] == 1
-    others.close()
+    assert not (tmp_path / "replica-0").exists()
+
+
+def test_past_the_count_a_replica_waits_for_a_folder_of_this_node_not_another_nodes_number(tmp_path):
+    """Rank 3 of 3 in a rolling update: folder 0 is this node's (its old replica is stopping),
+    ranks 1 and 2 run on another node and have no folder here. It waits for 0."""
+    stopping = DiskStore(tmp_path / "replica-0", 2**20)
+    threading.Timer(0.5, stopping.close).start()
+    assert _claim(tmp_path, 3, 3, wait_s=10)[0] == 0

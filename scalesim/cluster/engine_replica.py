@@ -2,10 +2,11 @@
 behind a Serve deployment, reached only through the ingress.
 
 Each replica keeps its state under `<disk-dir>/replica-<rank>`: its disk tier and its agent
-registry. The rank it publishes to routers is the number of the folder it claimed as it started
-(state_folders.py): a replica Serve restarted after a crash finds its folder, its disk-tier state
-and its registered agents again, and the ranks stay 0..n-1 through rolling updates, whatever
-numbers Serve gave replicas meanwhile. A replica removed by a scale-down persists its tiers to its
+registry. With a `--disk-dir`, the rank it publishes to routers is the number of the folder it
+claimed as it started (state_folders.py): a replica Serve restarted after a crash finds its
+folder, its disk-tier state and its registered agents again, and on one node the ranks stay
+0..n-1 through rolling updates, whatever numbers Serve gave replicas meanwhile. Without one it
+publishes its Serve rank. A replica removed by a scale-down persists its tiers to its
 folder as it stops (`__del__`); a live replica takes the folder in (`adopt_orphans`, driven by the
 ingress: moves.py). The ingress checks the Host header and the API key; a replica accepts what
 the ingress relays.
@@ -25,7 +26,7 @@ from ray import serve
 from scalesim.cluster.asgi_relay import REPLICA_HEADER, RelayHead, RelayRequest, run_asgi
 from scalesim.cluster.placement import SlotTable
 from scalesim.cluster.router import Route
-from scalesim.cluster.state_folders import claim_held, claim_state_folder
+from scalesim.cluster.state_folders import claim_state_folder, claimed
 from scalesim.memory import agent_kv
 from scalesim.memory.disk_store import StateDirInUseError
 from scalesim.server.agent_routes import hint_agents
@@ -117,14 +118,15 @@ class EngineReplica:
                 rank = folder.name.removeprefix("replica-")
                 if not rank.isdigit() or int(rank) in live_ranks or folder == self.disk_dir:
                     continue
-                if claim_held(folder):  # a replica is starting there
-                    held += 1
-                    continue
-                try:
-                    result = agent_kv.adopt_state_dir(self.kv_objects, folder)
-                except StateDirInUseError:
-                    held += 1
-                    continue
+                with claimed(folder) as ours:  # a replica starting there waits until the files are taken in
+                    if not ours:
+                        held += 1
+                        continue
+                    try:
+                        result = agent_kv.adopt_state_dir(self.kv_objects, folder)
+                    except StateDirInUseError:
+                        held += 1
+                        continue
                 total.add(result)
             return {**dataclasses.asdict(total), "held": held}
 

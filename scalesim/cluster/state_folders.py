@@ -9,19 +9,25 @@ replica's metadata (the rank routers see) once, when it starts. So a replica tak
 
 1. its Serve rank's folder, when that rank is below the replica count (`world_size`) and the
    folder is free: a replica Serve restarted after a crash finds its own state again;
-2. else the lowest-numbered free folder below the replica count, waiting for one to free up (the
-   old replica it replaces persists its tiers there as it stops: launch.GRACEFUL_SHUTDOWN_S);
-3. after `wait_s`, the lowest-numbered free folder of any number.
+2. else the lowest-numbered free folder below the replica count that exists on this node,
+   waiting for one to free up (the old replica it replaces persists its tiers there as it stops:
+   launch.GRACEFUL_SHUTDOWN_S). Folders of replicas that ran on other nodes are not here, so
+   their numbers are not taken;
+3. after `wait_s`, the lowest-numbered free folder of any number (which, on a cluster of several
+   nodes, may be a number a replica on another node publishes).
 
 A folder is free when no process holds its disk store's lock (a live or stopping replica, or a
-replica taking the folder in: moves.py) and no starting replica has claimed it. The claim is a
+replica taking the folder in: moves.py) and no other process holds its claim. The claim is a
 lock of its own (`claim`), taken before the check and held for the replica's life, so two
-replicas starting together never take one folder.
+replicas starting together never take one folder; a replica taking a folder in holds its claim
+meanwhile (`claimed`).
 """
 
 import fcntl
 import itertools
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -51,13 +57,16 @@ class FolderClaim:
             self.lock_file = None
 
 
-def claim_held(folder: Path) -> bool:
-    """Whether a starting or live replica has claimed `folder` (see the module docstring)."""
+@contextmanager
+def claimed(folder: Path) -> Iterator[bool]:
+    """Hold `folder`'s claim while the body runs and say so (True), or say that another process
+    holds it (False): a live or starting replica, or another replica taking it in."""
     lock_file = _try_lock(folder)
-    if lock_file is None:
-        return True
-    lock_file.close()
-    return False
+    try:
+        yield lock_file is not None
+    finally:
+        if lock_file is not None:
+            lock_file.close()
 
 
 def _try_lock(folder: Path) -> IO | None:
@@ -89,10 +98,11 @@ def claim_state_folder(disk_dir: str | Path | None, serve_rank: int, world_size:
     order). Without a disk dir there is no state to find: the Serve rank, no folder."""
     if not disk_dir:
         return FolderClaim(serve_rank, None)
-    preferred = [serve_rank] if serve_rank < world_size else []
-    preferred += [rank for rank in range(world_size) if rank != serve_rank]
     deadline_s = time.monotonic() + wait_s
     while True:
+        preferred = [serve_rank] if serve_rank < world_size else []
+        preferred += [rank for rank in range(world_size)
+                      if rank != serve_rank and replica_dir(disk_dir, rank).is_dir()]  # ran on this node
         for rank in preferred:
             if (claim := _try_claim(disk_dir, rank)) is not None:
                 return claim

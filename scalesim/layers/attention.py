@@ -84,8 +84,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     dtype. On the CPU attention computes in float32 over the stored (rounded) keys and values, so
     a token's attention is the same math whether its context was computed in this step or read
     back, and a bf16 cache costs only the rounding of what it stores (the prefill kernel's AMX
-    tile path also rounds its softmax weights to bf16 for P.V); elsewhere it computes in the
-    cache's dtype.
+    tile path, for a bf16 cache, also rounds the queries and the softmax weights to bf16 for its
+    products); elsewhere it computes in the cache's dtype.
     """
     out_dtype, cache_dtype = q.dtype, k_cache.dtype
     compute_dtype = torch.float32 if k_cache.device.type == "cpu" else cache_dtype

@@ -32,8 +32,9 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   context_lens: torch.Tensor, query_starts: torch.Tensor, query_counts: torch.Tensor,
                   block_size: int, scale: float, out: torch.Tensor, use_tiles: bool = True) -> None:
     """For each chunk c: rows query_starts[c] .. + query_counts[c] of q [T, heads, head_dim]
-    (float32, contiguous) are the last query_counts[c] of context_lens[c] cached tokens, found
-    through block_tables[c] (int64); write their attention into the same rows of out (like q).
+    (float32 or bfloat16, contiguous) are the last query_counts[c] of context_lens[c] cached
+    tokens, found through block_tables[c] (int64); write their attention into the same rows of
+    out (like q, same dtype).
     A bfloat16 cache takes the tile path where `tiles` says so, unless `use_tiles` is False."""
     if not kernel_build.load(SOURCE):
         raise RuntimeError("the paged prefill kernel is not available here (see `available`)")

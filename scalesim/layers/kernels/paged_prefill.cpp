@@ -12,9 +12,12 @@
 // float32 and transposed once, so each query's 16 scores are broadcast FMAs with no horizontal
 // sum; then each query's online softmax (running maximum, sum, and weighted values rescaled when
 // the maximum grows, as FlashAttention does) and the 16 weighted value rows, up to 4 query heads
-// at a time sharing every load. Queries, scores and sums are float32; the cache holds float32 or
-// bfloat16 (read as float32, as the decode kernel does). A NaN score (from a NaN query or key)
-// makes that query's output NaN, as in PyTorch's attention, so the sampler's check still sees it.
+// at a time sharing every load. Scores and sums are float32; queries and outputs are float32 or
+// bfloat16 (a bfloat16 model's, widened per task and rounded on the way out), and the cache holds
+// float32 or bfloat16 (read as float32, as the decode kernel does). A NaN score (from a NaN query
+// or key) makes that query's output NaN, as in PyTorch's attention, so the sampler's check still
+// sees it. This is the vector path; on CPUs with AMX-BF16 a bfloat16 cache takes the tile path
+// of paged_prefill_amx.h instead (unless the caller passes tiles=False).
 //
 // Tasks differ in cost (a later tile sees more keys): threads take them one at a time from a
 // shared counter, longest first. A task's result depends only on its own inputs, so results do

@@ -12,8 +12,9 @@
 //   P, rounded to bfloat16, times V on tiles, added to the row's float32 sums after the rescale.
 // Queries and weights in bfloat16 are what PyTorch's flash attention and vLLM's CPU kernels use
 // for bfloat16 models; a float32 cache keeps the vector path. A NaN score makes its row's output
-// NaN, as on the vector path; a NaN value reaches the rows of its block that do not see it too
-// (their weight 0 times NaN), which are earlier tokens of the same sequence, never another's.
+// NaN, as on the vector path, and so does a NaN or infinite value in a row the query sees; such
+// a value is packed as 0, as a tile product would carry it (weight 0 times NaN) into the rows
+// that do not see it: earlier tokens, whose cached pages another request may share.
 //
 // Tiles are per thread: each worker configures them before its first task and releases them
 // after its last, so oneDNN (which configures its own) and this kernel can share threads.
@@ -122,6 +123,7 @@ void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch&
         }
       }
     }
+    int64_t poisoned = m;  // the block's first key whose value holds a NaN or an infinity
     for (int64_t r = 0; r < PAIRS; ++r) {  // keys 2r and 2r + 1
       const uint16_t* rows2[2];
       for (int64_t j = 0; j < 2; ++j) {
@@ -133,7 +135,14 @@ void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch&
                                     : _mm512_setzero_si512();
         const __m512i hi = rows2[1] ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows2[1] + 16 * c)))
                                     : _mm512_setzero_si512();
-        _mm512_store_si512(w.vpack[c][r], _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        // a non-finite value would reach the rows that do not see its key too (weight 0 times
+        // NaN or infinity): it is packed as 0, and the rows that see it are made NaN below
+        const __m512i exponent = _mm512_set1_epi32(0x7F80);
+        const __mmask16 bad_lo = _mm512_cmpeq_epi32_mask(_mm512_and_si512(lo, exponent), exponent);
+        const __mmask16 bad_hi = _mm512_cmpeq_epi32_mask(_mm512_and_si512(hi, exponent), exponent);
+        if (bad_lo | bad_hi) poisoned = std::min(poisoned, 2 * r + (bad_lo ? 0 : 1));
+        _mm512_store_si512(w.vpack[c][r], _mm512_or_si512(_mm512_maskz_mov_epi32(static_cast<__mmask16>(~bad_lo), lo),
+                                                          _mm512_slli_epi32(_mm512_maskz_mov_epi32(static_cast<__mmask16>(~bad_hi), hi), 16)));
       }
     }
     for (int64_t row = 0; row < padded; row += ROWS) {
@@ -160,7 +169,8 @@ void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch&
         const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(-INFINITY);
         const __m512 s0 = _mm512_mask_mov_ps(ninf, v0, _mm512_mul_ps(_mm512_load_ps(w.s[i]), scale));
         const __m512 s1 = _mm512_mask_mov_ps(ninf, v1, _mm512_mul_ps(_mm512_load_ps(w.s[i] + 16), scale));
-        if (_mm512_mask_cmp_ps_mask(v0, s0, s0, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(v1, s1, s1, _CMP_UNORD_Q)) {
+        if ((_mm512_mask_cmp_ps_mask(v0, s0, s0, _CMP_UNORD_Q) | _mm512_mask_cmp_ps_mask(v1, s1, s1, _CMP_UNORD_Q)) ||
+            visible > poisoned) {
           w.sums[rowi * 16] = NAN;  // stays NaN: the output is NaN
         }
         const float top = w.top[rowi];
@@ -220,6 +230,14 @@ void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch&
   }
 }
 
+// The tiles configured for this thread while it lives, released after (also when a task throws).
+struct TileSession {
+  TileSession() { configure(); }
+  ~TileSession() { _tile_release(); }
+  TileSession(const TileSession&) = delete;
+  TileSession& operator=(const TileSession&) = delete;
+};
+
 // Runs `tasks` (see paged_prefill.cpp's run) on every thread, tiles configured per thread.
 template <typename Args, int64_t DIM, typename Task>
 void run(const Args& a, const std::vector<Task>& tasks) {
@@ -227,11 +245,10 @@ void run(const Args& a, const std::vector<Task>& tasks) {
   const int64_t total = static_cast<int64_t>(tasks.size());
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     auto scratch = std::make_unique<Scratch>();
-    configure();
+    const TileSession tiles;
     for (int64_t i = next++; i < total; i = next++) {
       attend_tile<Args, DIM>(a, tasks[i].chunk, tasks[i].tile, tasks[i].kv_head, *scratch);
     }
-    _tile_release();
   });
 }
 
