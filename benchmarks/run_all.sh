@@ -60,6 +60,8 @@ $S microbench peer --dtypes bf16 --scalesim-speculation default,0 --vllm-ngram -
 # minutes), with the profile of the same commit:
 $S microbench peer --dtypes bf16 --scalesim-speculation default,0 --vllm-ngram --rounds 3 --contended-rounds 1 --out $R/peer-amx-burst.json
 $S microbench profile --out $R/profile-bf16-amx-tiles.json
+# bf16 greedy text against fp32 there, with the prefill kernel on the AMX tiles (about 1 minute):
+$S microbench accuracy --dtype bf16 --out $R/accuracy-bf16-amx.json
 # Where a step's time goes on the AVX2 machine, fp32, int8 and fp16 (about 5 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32-avx2.json
 $S microbench profile --quantization int8 --out $R/profile-int8-avx2.json
