@@ -23,7 +23,6 @@ replicas starting together never take one folder; a replica taking a folder in h
 meanwhile (`claimed`).
 """
 
-import fcntl
 import itertools
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from scalesim.memory.disk_store import state_dir_held
+from scalesim.memory.disk_store import state_dir_held, try_lock_file
 
 CLAIM_FILE = "claim"
 CLAIM_WAIT_S, CLAIM_POLL_S = 65.0, 0.25  # longer than launch.GRACEFUL_SHUTDOWN_S
@@ -70,15 +69,9 @@ def claimed(folder: Path) -> Iterator[bool]:
 
 
 def _try_lock(folder: Path) -> IO | None:
-    """The folder's claim file, locked by this process; None when another process holds it."""
+    """The folder's claim file, locked here; None when another holder has it."""
     folder.mkdir(parents=True, exist_ok=True)
-    lock_file = open(folder / CLAIM_FILE, "a+")
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.close()
-        return None
-    return lock_file
+    return try_lock_file(folder / CLAIM_FILE)
 
 
 def _try_claim(disk_dir: str | Path, rank: int) -> FolderClaim | None:

@@ -28,6 +28,7 @@ from scalesim.layers.paged_prefill import paged_prefill
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the prefill kernel's query and output dtypes
 
+
 @dataclass
 class PrefillChunk:
     """One sequence's run of new tokens: rows [start, end) of the step's flattened tokens.
@@ -94,27 +95,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     v_cache.index_copy_(0, meta.slot_mapping, v)
     num_heads, head_dim = q.shape[1], q.shape[2]
     gqa = num_heads != k.shape[1]
-    if meta.prefill_block_tables is not None:
-        # the kernel reads queries and writes outputs in the model's dtype where it can (float32
-        # or bfloat16: no converted copies of them) and computes in float32
-        rows = q if q.dtype in KERNEL_DTYPES else q.to(torch.float32)
-        out = rows.new_empty(meta.num_tokens, num_heads * head_dim)
-        if meta.num_decode:
-            decoded = _decode(q.index_select(0, meta.decode_rows).to(compute_dtype), k_cache, v_cache, meta, scale, gqa)
-            out.index_copy_(0, meta.decode_rows, decoded.to(out.dtype))
-        paged_prefill(rows.contiguous(), k_cache, v_cache, meta.prefill_block_tables, meta.prefill_lengths,
-                      meta.prefill_starts, meta.prefill_counts, meta.block_size, scale, out.view(rows.shape))
-        return out.to(out_dtype)
-    q = q.to(compute_dtype)  # k and v are read back from the cache, or converted where SDPA takes them
-    if meta.flex is not None:
-        return flex_paged_attention(q, k_cache.to(compute_dtype), v_cache.to(compute_dtype), meta.flex, scale,
-                                    gqa).to(out_dtype)
-    if meta.num_decode == meta.num_tokens:
-        return _decode(q, k_cache, v_cache, meta, scale, gqa).to(out_dtype)
+    in_place = meta.prefill_block_tables is not None  # the prefill kernel serves this step's chunks
+    if in_place:
+        # it reads queries and writes outputs in the model's dtype where it can (float32 or
+        # bfloat16: no converted copies of them) and computes in float32
+        q = q if q.dtype in KERNEL_DTYPES else q.to(torch.float32)
+    else:
+        q = q.to(compute_dtype)  # k and v are read back from the cache, or converted where SDPA takes them
+        if meta.flex is not None:
+            return flex_paged_attention(q, k_cache.to(compute_dtype), v_cache.to(compute_dtype), meta.flex, scale,
+                                        gqa).to(out_dtype)
+        if meta.num_decode == meta.num_tokens:
+            return _decode(q, k_cache, v_cache, meta, scale, gqa).to(out_dtype)
     out = q.new_empty(meta.num_tokens, num_heads * head_dim)
     if meta.num_decode:
-        out.index_copy_(0, meta.decode_rows, _decode(q.index_select(0, meta.decode_rows), k_cache, v_cache,
-                                                     meta, scale, gqa))
+        decoded = _decode(q.index_select(0, meta.decode_rows).to(compute_dtype), k_cache, v_cache, meta, scale, gqa)
+        out.index_copy_(0, meta.decode_rows, decoded.to(out.dtype))
+    if in_place:
+        paged_prefill(q.contiguous(), k_cache, v_cache, meta.prefill_block_tables, meta.prefill_lengths,
+                      meta.prefill_starts, meta.prefill_counts, meta.block_size, scale, out.view(q.shape))
+        return out.to(out_dtype)
     for chunk in meta.prefills:
         queries = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)              # [1, H, Q, D]
         if chunk.context_slots is None:

@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import torch
 from safetensors.torch import load as load_bytes
@@ -67,16 +68,26 @@ def _header(body: bytes) -> dict:
     return json.loads(body[8:8 + length]).get("__metadata__", {})
 
 
+def try_lock_file(path: Path) -> IO | None:
+    """The file at `path` (created if missing), open and locked by this open file (flock, held
+    until it is closed or the process ends); None when another holder has it locked."""
+    lock_file = open(path, "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        return None
+    return lock_file
+
+
 def state_dir_held(root: Path) -> bool:
     """Whether a live process holds the state directory `root` (the lock a DiskStore takes)."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        return False
+    lock_file = try_lock_file(root / LOCK_FILE)
+    if lock_file is None:
+        return True
+    lock_file.close()
+    return False
 
 
 def _parse_file(data: bytes) -> tuple[str, str, dict, dict]:
@@ -106,13 +117,10 @@ class DiskStore:
         self.budget_nbytes = budget_nbytes
         self.page_cache = page_cache
         self._lock = threading.Lock()
-        self._lock_file = open(self.root / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
+        self._lock_file = try_lock_file(self.root / LOCK_FILE)
+        if self._lock_file is None:
             raise StateDirInUseError(f"the state directory {self.root} is in use by another process; "
-                                     "give each server its own --disk-dir") from None
+                                     "give each server its own --disk-dir")
         for stale in self.objects_dir.glob("*.tmp"):
             stale.unlink(missing_ok=True)
         self.db = self._open_index()
