@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     i8.add_argument("--model", default="smollm2-135m", help="model whose shapes and engine to run (default: smollm2-135m)")
     i8.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     i8.add_argument("--out", default=None, help="write the JSON result here too")
+    amx = kinds.add_parser("amx-linears", help="bfloat16 linears on AMX tiles against oneDNN: every linear at 1-512 "
+                           "rows, and the engine's prefill and decode, interleaved")
+    amx.add_argument("--model", default="smollm2-135m", help="model whose shapes and engine to run (default: smollm2-135m)")
+    amx.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    amx.add_argument("--out", default=None, help="write the JSON result here too")
     prf = kinds.add_parser("profile", help="torch.profiler summary of a prefill-heavy step and a batch-16 decode")
     prf.add_argument("--model", default="smollm2-135m", help="model to run (default: smollm2-135m)")
     prf.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="engine dtype (default: auto)")
@@ -392,6 +397,9 @@ def _microbench(args: argparse.Namespace) -> None:
     elif args.kind == "int8":
         from scalesim.bench.int8_bench import run_int8_bench
         write_result(run_int8_bench(args.model, args.rounds), args.out)
+    elif args.kind == "amx-linears":
+        from scalesim.bench.amx_linear_bench import run_amx_linear_bench
+        write_result(run_amx_linear_bench(args.model, args.rounds), args.out)
     elif args.kind == "profile":
         from scalesim.bench.profile_bench import run_profile_bench
         write_result(run_profile_bench(args.model, args.dtype, quantization=args.quantization), args.out)

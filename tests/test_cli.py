@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
+from scalesim.bench.amx_linear_bench import CHAIN_ROWS as AMX_CHAIN_ROWS
 from scalesim.bench.int8_bench import CASE_LABELS, markdown_table
+from scalesim.layers import amx_linear
 from scalesim.cli import build_parser, main
 from scalesim.layers.weight_only import available as weight_only_available
 
@@ -96,6 +98,17 @@ def test_int8_microbench_times_both_kinds_in_every_case(tmp_path, capsys):
     for case in result["cases"].values():  # (tiny-random's speeds mean nothing: its steps are all overhead)
         assert all(len(case["values"][kind]) == 2 and min(case["values"][kind]) > 0 for kind in ("fp32", "int8"))
     assert markdown_table(result).count("\n") == len(CASE_LABELS) + 1
+
+
+@pytest.mark.skipif(not amx_linear.available(), reason="the AMX tile linear needs AMX-BF16")
+def test_amx_linears_microbench_times_both_kernels_in_every_case(tmp_path, capsys):
+    out = tmp_path / "amx.json"
+    assert main(["microbench", "amx-linears", "--model", "tiny-random", "--rounds", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["cases"]) == {f"linears_{rows}_rows" for rows in AMX_CHAIN_ROWS} | {
+        "prefill_8x512", "decode_b1", "decode_b16"}
+    for case in result["cases"].values():
+        assert all(len(case["values"][kind]) == 2 and min(case["values"][kind]) > 0 for kind in ("onednn", "tiles"))
 
 
 @pytest.mark.parametrize("formats", ["auto", "fp16,fp16", "int4", ","])

@@ -61,7 +61,7 @@ def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
     return layer * config.num_hidden_layers + [(config.vocab_size, hidden)]
 
 
-def _chain_seconds(kernels: list, inputs: dict[int, torch.Tensor]) -> float:
+def chain_seconds(kernels: list, inputs: dict[int, torch.Tensor]) -> float:
     """Median seconds of CHAIN_REPEATS runs of the whole chain."""
     runs = []
     for _ in range(CHAIN_REPEATS):
@@ -72,7 +72,7 @@ def _chain_seconds(kernels: list, inputs: dict[int, torch.Tensor]) -> float:
     return statistics.median(runs)
 
 
-def _engine_cases(llm: LLM, rng: random.Random, vocab: int) -> dict[str, float]:
+def engine_cases(llm: LLM, rng: random.Random, vocab: int) -> dict[str, float]:
     prefill_s = time_generate(llm, random_prompts(rng, PREFILL_PROMPTS, PREFILL_TOKENS, vocab), 1)
     out = {f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}": PREFILL_PROMPTS * PREFILL_TOKENS / prefill_s}
     for batch in DECODE_BATCHES:
@@ -80,6 +80,27 @@ def _engine_cases(llm: LLM, rng: random.Random, vocab: int) -> dict[str, float]:
         all_tokens_s = time_generate(llm, random_prompts(rng, batch, DECODE_PROMPT_TOKENS, vocab), DECODE_TOKENS)
         out[f"decode_b{batch}"] = batch * (DECODE_TOKENS - 1) / max(all_tokens_s - first_token_s, 1e-9)
     return out
+
+
+def interleaved_rounds(chains: dict[str, list], engines: dict[str, LLM], cases: dict, chain_rows: tuple[int, ...],
+                       rounds: int, rng: random.Random, config: ModelConfig, dtype: torch.dtype, speedup_key: str) -> None:
+    """Fill `cases` (linears_<rows>_rows, then the engine cases) with `rounds` rounds of each kind
+    (the keys of `chains` and `engines`), in alternating order; close the engines after."""
+    kinds = list(chains)
+    for llm in engines.values():  # first calls pay one-off costs (kernel loads, allocations)
+        time_generate(llm, random_prompts(rng, 2, 64, config.vocab_size), 4)
+    for r in range(rounds):
+        order = kinds if r % 2 == 0 else kinds[::-1]
+        for rows in chain_rows:
+            inputs = {k: torch.randn(rows, k, dtype=dtype) for k in (config.hidden_size, config.intermediate_size)}
+            for kind in order:
+                cases[f"linears_{rows}_rows"].values[kind].append(round(chain_seconds(chains[kind], inputs), 7))
+        for kind in order:
+            for name, value in engine_cases(engines[kind], rng, config.vocab_size).items():
+                cases[name].values[kind].append(round(value, 2))
+        print(f"[round {r + 1}/{rounds}]", {n: c.summary()[speedup_key] for n, c in cases.items()}, flush=True)
+    for llm in engines.values():
+        llm.close()
 
 
 def run_int8_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int = 0) -> dict:
@@ -95,20 +116,7 @@ def run_int8_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int = 0) 
                "int8": LLM(model, quantization="int8", max_num_seqs=16, max_num_batched_tokens=4096, seed=seed)}
     for name in (f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}", *(f"decode_b{b}" for b in DECODE_BATCHES)):
         cases[name] = Case("tokens/s")
-    for llm in engines.values():  # first calls pay one-off costs (kernel loads, allocations)
-        time_generate(llm, random_prompts(rng, 2, 64, config.vocab_size), 4)
-    for r in range(rounds):
-        order = KINDS if r % 2 == 0 else KINDS[::-1]
-        for rows in CHAIN_ROWS:
-            inputs = {k: torch.randn(rows, k) for k in (config.hidden_size, config.intermediate_size)}
-            for kind in order:
-                cases[f"linears_{rows}_rows"].values[kind].append(round(_chain_seconds(chains[kind], inputs), 7))
-        for kind in order:
-            for name, value in _engine_cases(engines[kind], rng, config.vocab_size).items():
-                cases[name].values[kind].append(round(value, 2))
-        print(f"[round {r + 1}/{rounds}]", {n: c.summary()["int8_speedup"] for n, c in cases.items()}, flush=True)
-    for llm in engines.values():
-        llm.close()
+    interleaved_rounds(chains, engines, cases, CHAIN_ROWS, rounds, rng, config, torch.float32, "int8_speedup")
     return {"model": model, "rounds": rounds, "threads": torch.get_num_threads(), "measured_on": provenance(),
             "cases": {name: case.summary() for name, case in cases.items()}}
 

@@ -75,12 +75,16 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
     def pack_for_cpu(self, shared: bool = False) -> bool:
-        """Reorder the weight into oneDNN's blocked layout and free the plain one (keep it when
-        `shared`: another module uses it). False, changing nothing, where oneDNN cannot run it."""
+        """Reorder the weight into oneDNN's blocked layout, and for a bfloat16 weight on a CPU with
+        AMX-BF16 into the tile kernel's too (layers/amx_linear.py); free the plain one (keep it
+        when `shared`: another module uses it). False, changing nothing, where oneDNN cannot run it."""
         weight = self.weight
         if not (_HAS_ONEDNN and weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES and self.kernel is None):
             return False
-        self.adopt_kernel(OneDNNPacked(weight, self.bias), shared)
+        from scalesim.layers import amx_linear  # it imports this module
+
+        tiles = amx_linear.fits(weight) and amx_linear.available()
+        self.adopt_kernel(amx_linear.AmxPacked(weight, self.bias) if tiles else OneDNNPacked(weight, self.bias), shared)
         return True
 
 
