@@ -54,6 +54,29 @@ struct Scratch {
   alignas(64) float o[ROWS][64];  // P.V of up to 4 x 16 dimensions
 };
 
+// out[r][n] = rows[n][r] for 16 x 16 32-bit values (three rounds of shuffles, no scalar moves).
+inline void transpose16x16_epi32(const __m512i (&rows)[16], uint32_t* out) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: pairs of rows interleaved by 32 bits
+    a[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // b[4i + j], lane L: column 4L + j of rows 4i .. 4i + 3
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // column 4L + j: lane L of b[j], b[4 + j], b[8 + j], b[12 + j]
+    const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
+    const __m512i c2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88), c3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
+    _mm512_store_si512(out + 16 * j, _mm512_shuffle_i32x4(c0, c2, 0x88));
+    _mm512_store_si512(out + 16 * (4 + j), _mm512_shuffle_i32x4(c1, c3, 0x88));
+    _mm512_store_si512(out + 16 * (8 + j), _mm512_shuffle_i32x4(c0, c2, 0xDD));
+    _mm512_store_si512(out + 16 * (12 + j), _mm512_shuffle_i32x4(c1, c3, 0xDD));
+  }
+}
+
 template <typename Args, int64_t DIM>
 void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch& w) {
   using Q = typename Args::Query;
@@ -80,22 +103,21 @@ void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch&
   w.acc.assign(padded * DIM, 0.f);
   for (int64_t key0 = 0; key0 <= last; key0 += KEYS) {
     const int64_t m = std::min(KEYS, last + 1 - key0);
-    // pack the block's keys and values; rows past m are zero
-    uint32_t k32[KEYS][DIM / 2];
+    // pack the block's keys (transposed 16 x 16 pairs at a time) and values; rows past m are zero
+    const uint16_t* krows[KEYS];
     for (int64_t t = 0; t < KEYS; ++t) {
-      if (t < m) {
-        const int64_t key = key0 + t, blk = key / bs;
-        TORCH_CHECK(table[blk] >= 0 && (table[blk] + 1) * bs <= a.num_slots, "block out of range");
-        std::memcpy(k32[t], a.k + (table[blk] * bs + key % bs) * kv_row + g * DIM, DIM * 2);
-      } else {
-        std::memset(k32[t], 0, DIM * 2);
-      }
+      const int64_t key = key0 + t, blk = key / bs;
+      if (t < m) TORCH_CHECK(table[blk] >= 0 && (table[blk] + 1) * bs <= a.num_slots, "block out of range");
+      krows[t] = t < m ? a.k + (table[blk] * bs + key % bs) * kv_row + g * DIM : nullptr;
     }
     for (int64_t step = 0; step < STEPS; ++step) {
       for (int64_t half = 0; half < 2; ++half) {
-        for (int64_t r = 0; r < PAIRS; ++r) {
-          for (int64_t n = 0; n < 16; ++n) w.kpack[step][half][r][n] = k32[half * 16 + n][step * PAIRS + r];
+        __m512i rows16[16];
+        for (int64_t n = 0; n < 16; ++n) {
+          const uint16_t* src = krows[half * 16 + n];
+          rows16[n] = src ? _mm512_loadu_si512(src + step * 32) : _mm512_setzero_si512();
         }
+        transpose16x16_epi32(rows16, &w.kpack[step][half][0][0]);
       }
     }
     int64_t poisoned = m;  // the block's first key whose value holds a NaN or an infinity
