@@ -103,6 +103,16 @@ void attend_tile(const Args& a, int64_t chunk, int64_t tile, int64_t g, Scratch&
   w.acc.assign(padded * DIM, 0.f);
   for (int64_t key0 = 0; key0 <= last; key0 += KEYS) {
     const int64_t m = std::min(KEYS, last + 1 - key0);
+    // The pages of a context lie anywhere in the pool: ask for the next block's rows of this KV
+    // head now, so that their loads overlap this block's work.
+    for (int64_t key = key0 + KEYS; key < std::min(last + 1, key0 + 2 * KEYS); ++key) {
+      const int64_t slot = table[key / bs] * bs + key % bs;
+      if (slot < 0 || slot >= a.num_slots) break;  // checked when the block is read
+      for (int64_t line = 0; line < DIM * 2; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(a.k + slot * kv_row + g * DIM) + line, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(a.v + slot * kv_row + g * DIM) + line, _MM_HINT_T1);
+      }
+    }
     // pack the block's keys (transposed 16 x 16 pairs at a time) and values; rows past m are zero
     const uint16_t* krows[KEYS];
     for (int64_t t = 0; t < KEYS; ++t) {
