@@ -104,3 +104,25 @@ def test_kernels_refuse_what_they_cannot_read():
         ops.rms_norm(torch.ones(2, 4), torch.ones(5), 1e-5)
     with pytest.raises(RuntimeError, match="rows contiguous"):
         ops.rms_norm(torch.ones(4, 2).t(), torch.ones(4), 1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 49152])
+def test_greedy_rows_picks_torchs_argmax_and_flags_the_rows_nothing_can_be_drawn_from(vocab):
+    """Ties keep the first index (as torch.argmax), also across the kernel's 16-wide lanes and its
+    scalar tail; a NaN or +inf anywhere in a row, or a row all -inf, is flagged, and only that row."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-3, 4, (12, vocab + 3), generator=g).float()[:, 1:vocab + 1]  # strided, many ties
+    logits[1] = float("-inf")
+    if vocab > 1:
+        logits[2, vocab // 2] = float("nan")
+        logits[3, vocab - 1] = float("inf")
+        logits[4, -1] = 100.0  # the maximum in the tail
+        logits[5, 0] = logits[5, -1] = 50.0  # a tie between the first and the last
+    index, unusable = ops.greedy_rows(logits)
+    want_bad = ~logits.amax(dim=-1).isfinite()
+    assert torch.equal(unusable, want_bad)
+    good = ~want_bad
+    assert torch.equal(index[good], logits.argmax(dim=-1)[good])
+    assert bool(unusable[1]) and (vocab == 1 or (bool(unusable[2]) and bool(unusable[3])))
+    plain = fused.greedy_rows(logits.double())  # not the kernel's dtype: PyTorch's ops
+    assert torch.equal(plain[1], want_bad) and torch.equal(plain[0][good], index[good])

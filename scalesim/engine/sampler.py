@@ -7,6 +7,7 @@ request draws from its own generator and gets the same tokens whatever it is bat
 import torch
 
 from scalesim.device_tensors import device_tensor
+from scalesim.layers.fused import greedy_rows
 from scalesim.sampling_params import SamplingParams
 
 MIN_LOGPROB = -9999.0
@@ -29,19 +30,12 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Rows [B] of `logits` that no token can be drawn from: a NaN or +inf anywhere (broken
-    weights, an overflow), or every token masked to -inf."""
-    return ~logits.amax(dim=-1).isfinite()  # amax propagates NaN: one pass over the row finds all three
-
-
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """One token id per row of `logits` [B, vocab] (float32), and which rows could not be sampled
     [B] (their token is meaningless): one broken row never stops the others. Both stay on the
     logits' device, read by the caller in one transfer: nothing here waits for the device."""
-    failed = unusable_rows(logits)
-    tokens = logits.argmax(dim=-1)
+    tokens, failed = greedy_rows(logits)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         vocab = logits.shape[-1]

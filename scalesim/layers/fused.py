@@ -62,3 +62,13 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     torch.addcmul(x1 * cos, x2, sin, value=-1, out=out[..., :half])
     torch.addcmul(x2 * cos, x1, sin, out=out[..., half:])
     return out.to(x.dtype)
+
+
+def greedy_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For logits [B, vocab] (float32): each row's argmax (torch.argmax's first index of the
+    largest value) and whether the row is unusable (a NaN or +inf in it, or all -inf), in one
+    pass over the row where the kernel runs; the unusable rows' indices mean nothing."""
+    if _kernel(logits) and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1 \
+            and logits.shape[1] > 0:
+        return torch.ops.scalesim.greedy_rows(logits)
+    return logits.argmax(dim=-1), ~logits.amax(dim=-1).isfinite()  # amax propagates NaN: one check finds all three

@@ -1,5 +1,6 @@
 // The elementwise work of a decoder layer, one pass each, as vLLM's CPU backend does it
-// (silu_and_mul, fused_add_rms_norm, rotary_embedding): in PyTorch each is three to six ops,
+// (silu_and_mul, fused_add_rms_norm, rotary_embedding), and greedy sampling's pass over the
+// logits (greedy_rows): in PyTorch each is two to six ops,
 // each reading and writing the whole activation, plus float32 copies of bfloat16 inputs.
 //
 // Every result is computed in float32 from the inputs' values and rounded to the inputs' dtype
@@ -17,7 +18,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
+#include <cmath>
 #include <cstdint>
+#include <tuple>
 
 #include "float_bits.h"
 
@@ -177,7 +182,62 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tens
 
 }  // namespace
 
+// Per row of float32 logits [B, V]: the first index of the row's largest value (torch.argmax's
+// choice) and whether no token can be drawn from the row (a NaN or +inf in it, or every value
+// -inf: the row's maximum is not finite). One pass over the row instead of PyTorch's two (argmax,
+// amax), each of which ran at about 1.4 GB/s here on 35 x 49,152 logits. A row whose flag is set
+// has a meaningless index.
+std::tuple<at::Tensor, at::Tensor> greedy_rows(const at::Tensor& logits) {
+  check_rows(logits, "greedy_rows");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.size(1) > 0, "greedy_rows: float32 [rows, vocab > 0]");
+  const int64_t rows = logits.size(0), vocab = logits.size(1), stride = logits.stride(0);
+  auto index = at::empty({rows}, logits.options().dtype(at::kLong));
+  auto unusable = at::empty({rows}, logits.options().dtype(at::kBool));
+  const float* src = logits.const_data_ptr<float>();
+  int64_t* best = index.data_ptr<int64_t>();
+  bool* bad = unusable.data_ptr<bool>();
+  at::parallel_for(0, rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = src + r * stride;
+      float top = x[0];
+      int64_t at = 0;
+      bool nan = false;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      if (vocab >= 16) {
+        __m512 top16 = _mm512_loadu_ps(x);
+        __m512i at16 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512i idx16 = at16;
+        __mmask16 unordered = _mm512_cmp_ps_mask(top16, top16, _CMP_UNORD_Q);
+        const __m512i step = _mm512_set1_epi32(16);
+        for (i = 16; i + 16 <= vocab; i += 16) {
+          idx16 = _mm512_add_epi32(idx16, step);
+          const __m512 v = _mm512_loadu_ps(x + i);
+          unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+          const __mmask16 greater = _mm512_cmp_ps_mask(v, top16, _CMP_GT_OQ);  // strictly: the first stays
+          top16 = _mm512_mask_mov_ps(top16, greater, v);
+          at16 = _mm512_mask_mov_epi32(at16, greater, idx16);
+        }
+        nan = unordered != 0;
+        top = _mm512_reduce_max_ps(top16);
+        const __mmask16 holders = _mm512_cmp_ps_mask(top16, _mm512_set1_ps(top), _CMP_EQ_OQ);
+        at = _mm512_mask_reduce_min_epi32(holders, at16);  // the smallest index among lanes at the max
+      }
+#endif
+      for (; i < vocab; ++i) {
+        nan |= x[i] != x[i];
+        if (x[i] > top) top = x[i], at = i;
+      }
+      best[r] = at;
+      bad[r] = nan || !std::isfinite(top);
+    }
+  });
+  return {index, unusable};
+}
+
 TORCH_LIBRARY_FRAGMENT(scalesim, m) {
+  m.def("greedy_rows(Tensor logits) -> (Tensor, Tensor)");
+  m.impl("greedy_rows", c10::DispatchKey::CPU, TORCH_FN(greedy_rows));
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
