@@ -74,6 +74,13 @@ def test_the_packed_weight_hands_large_batches_to_onednn():
     for x in (small, large):
         want = _reference(x, w, None)
         assert torch.allclose(packed(x).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    bias = torch.randn(576).bfloat16()  # q/k/v of Qwen2 have one; a 3-D input on both sides of the threshold
+    with_bias = amx_linear.AmxPacked(w, bias, small_rows=32)
+    for x in (small.view(4, 8, 576), large.view(3, 11, 576)):
+        want = _reference(x, w, bias)
+        got = with_bias(x)
+        assert got.shape == (*x.shape[:-1], 576)
+        assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
 def test_the_engine_packs_bfloat16_linears_for_the_tiles_and_float32_for_onednn():

@@ -118,7 +118,16 @@ def test_greedy_rows_picks_torchs_argmax_and_flags_the_rows_nothing_can_be_drawn
         logits[3, vocab - 1] = float("inf")
         logits[4, -1] = 100.0  # the maximum in the tail
         logits[5, 0] = logits[5, -1] = 50.0  # a tie between the first and the last
+    if vocab >= 16:  # a NaN in each of the first vector's lanes, and a row all NaN
+        nan_rows = torch.full((17, vocab), 1.0)
+        for lane in range(16):
+            nan_rows[lane, lane] = float("nan")
+        nan_rows[16] = float("nan")
+        logits = torch.cat([logits, nan_rows])
     index, unusable = ops.greedy_rows(logits)
+    assert bool(((index >= 0) & (index < vocab)).all())  # a broken row's index is still a valid token id
+    nan_row = logits.isnan().any(dim=-1)
+    assert torch.equal(index[nan_row], logits.argmax(dim=-1)[nan_row])  # torch's choice: the first NaN
     want_bad = ~logits.amax(dim=-1).isfinite()
     assert torch.equal(unusable, want_bad)
     good = ~want_bad

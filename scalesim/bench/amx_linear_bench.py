@@ -22,6 +22,7 @@ import torch
 
 from scalesim.bench.int8_bench import DECODE_BATCHES, PREFILL_PROMPTS, PREFILL_TOKENS, interleaved_rounds, \
     linear_shapes
+from scalesim.bench.int8_bench import markdown_table as int8_table
 from scalesim.bench.provenance import provenance
 from scalesim.layers import amx_linear
 from scalesim.layers.linear import OneDNNPacked
@@ -77,3 +78,14 @@ def run_amx_linear_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int
     return {"model": model, "dtype": "bf16", "rounds": rounds, "threads": torch.get_num_threads(),
             "small_rows": amx_linear.SMALL_ROWS, "measured_on": provenance(),
             "cases": {name: case.summary() for name, case in cases.items()}}
+
+
+CASE_LABELS = {**{f"linears_{rows}_rows": f"all linears, {rows} row{'s' * (rows > 1)} (ms)" for rows in CHAIN_ROWS},
+               f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}":
+                   f"engine prefill, {PREFILL_PROMPTS} x {PREFILL_TOKENS} tokens (tokens/s)",
+               **{f"decode_b{b}": f"engine decode, batch {b}, no speculation (tokens/s)" for b in DECODE_BATCHES}}
+
+
+def markdown_table(result: dict) -> str:
+    """The README's table of a `run_amx_linear_bench` result."""
+    return int8_table(result, CASE_LABELS, KINDS, "tiles_speedup")

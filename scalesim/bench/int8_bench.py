@@ -127,24 +127,28 @@ CASE_LABELS = {**{f"linears_{rows}_rows": f"all linears, {rows} row{'s' * (rows 
                **{f"decode_b{b}": f"engine decode, batch {b} (tokens/s)" for b in DECODE_BATCHES}}
 
 
-def round_speedups(case: dict) -> list[float]:
-    """int8's speedup within each round of a summarized case (the two kinds ran back to back
-    there, so the machine's drift between rounds cancels)."""
+def round_speedups(case: dict, kinds: tuple[str, str] = KINDS) -> list[float]:
+    """The second kind's speedup over the first within each round of a summarized case (the two
+    ran back to back there, so the machine's drift between rounds cancels)."""
     values = case["values"]
-    return [speedup(case["unit"], fp32, int8) for fp32, int8 in zip(values["fp32"], values["int8"])]
+    return [speedup(case["unit"], base, other) for base, other in zip(values[kinds[0]], values[kinds[1]])]
 
 
-def markdown_table(result: dict) -> str:
-    """The README's table of a `run_int8_bench` result."""
+def markdown_table(result: dict, labels: dict[str, str] = CASE_LABELS, kinds: tuple[str, str] = KINDS,
+                   speedup_key: str = "int8_speedup") -> str:
+    """The README's table of a `run_int8_bench` result (or of another bench with two kinds whose
+    cases summarize the same way, given its labels, kinds and speedup key)."""
     def cell(case: dict, kind: str) -> str:
         scale = 1000.0 if case["unit"] == "s" else 1.0
         return f"{case['median'][kind] * scale:.1f}"
 
-    rows = ["| case | fp32 | int8 | int8 speedup | in each round | spread fp32 / int8 |", "|---|---|---|---|---|---|"]
-    for name, label in CASE_LABELS.items():
+    base, other = kinds
+    rows = [f"| case | {base} | {other} | {other} speedup | in each round | spread {base} / {other} |",
+            "|---|---|---|---|---|---|"]
+    for name, label in labels.items():
         case = result["cases"][name]
-        spread = " / ".join(f"{case['spread'][k]:.0%}" for k in KINDS)
-        each = ", ".join(f"{r:.2f}" for r in round_speedups(case))
-        rows.append(f"| {label} | {cell(case, 'fp32')} | {cell(case, 'int8')} | **{case['int8_speedup']:.2f}x** | {each} "
+        spread = " / ".join(f"{case['spread'][k]:.0%}" for k in kinds)
+        each = ", ".join(f"{r:.2f}" for r in round_speedups(case, kinds))
+        rows.append(f"| {label} | {cell(case, base)} | {cell(case, other)} | **{case[speedup_key]:.2f}x** | {each} "
                     f"| {spread} |")
     return "\n".join(rows)

@@ -4,7 +4,8 @@ decode and verify steps.
 Those steps read every weight once for 1 to about 100 rows, so they are bound by the bytes they
 read. oneDNN's inner product (layers/linear.py) reads them below the memory's rate there and slows
 as drafted rows are added; this kernel streams the weights in order through the tiles. A chain of
-all of SmolLM2-135M's linears (`microbench linears`) measures the two side by side.
+all of SmolLM2-135M's linears (`scalesim microbench amx-linears`, README) measures the two side by
+side; `SMALL_ROWS` is where they meet.
 
 `AmxPacked` keeps both: the tile layout for up to `SMALL_ROWS` rows, and oneDNN's packed weight for
 more (prefill), where oneDNN's blocking reuses each weight from cache better than this kernel.
@@ -22,7 +23,7 @@ from scalesim.layers import kernel_build
 from scalesim.layers.linear import OneDNNPacked
 
 SOURCE = "amx_linear.cpp"
-SMALL_ROWS = 128  # rows up to which the tiles serve; above, oneDNN (measured: `microbench linears`)
+SMALL_ROWS = 128  # rows up to which the tiles serve; above, oneDNN (measured: `microbench amx-linears`)
 STEP = 32  # the kernel's k step: K must be a multiple
 _off = False
 

@@ -15,6 +15,8 @@ the plain copy is freed. Measured on this session's AVX2 EPYC, fp32, a chain of 
 SmolLM2-135M's linears with distinct weights (so they stream from memory as in a real step):
 parity at 1 row, 1.2-1.4x faster at 4-16 rows (decode batches), 1.1-1.2x at 64-512 rows.
 A tied output head packs a copy of the embedding (the embedding itself stays plain).
+On a CPU with AMX-BF16 a bfloat16 weight also gets the tile kernel's layout (layers/amx_linear.py),
+which serves up to 128 rows (decode and verify steps) faster than oneDNN.
 """
 
 from collections.abc import Callable

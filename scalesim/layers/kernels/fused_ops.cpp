@@ -18,7 +18,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -227,6 +229,10 @@ std::tuple<at::Tensor, at::Tensor> greedy_rows(const at::Tensor& logits) {
       for (; i < vocab; ++i) {
         nan |= x[i] != x[i];
         if (x[i] > top) top = x[i], at = i;
+      }
+      if (nan) {  // torch.argmax's choice: the first NaN (the lanes' maxima ignored them)
+        at = 0;
+        while (x[at] == x[at]) ++at;
       }
       best[r] = at;
       bad[r] = nan || !std::isfinite(top);

@@ -29,8 +29,6 @@
 #include "avx512_rows.h"
 #include "float_bits.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -66,7 +64,7 @@ struct Partial {
 // Asks for `bytes` from `p` to be brought into the core's caches (L2), one request per 64-byte line.
 inline void prefetch_rows(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
 // Task (sequence b, block range [blk_begin, blk_end)): all heads at once, so each cached row
@@ -88,13 +86,11 @@ void attend(const Args<T>& a, int64_t b, int64_t blk_begin, int64_t blk_end, std
     const int64_t slot0 = table[blk] * bs, n = std::min(bs, len - blk * bs), at = blk * bs - first_pos;
     TORCH_CHECK(table[blk] >= 0 && slot0 + n <= a.num_slots, "block out of range");
     const T* krows = a.k + slot0 * row;
-    // The pages of a context lie anywhere in the pool: ask for the next block's keys and this
-    // block's values now, so that their loads overlap this block's scores.
-    if (blk == blk_begin) {
-      for (int64_t ahead = blk + 1; ahead < std::min(blk_end, blk + 3); ++ahead)
-        prefetch_rows(a.k + table[ahead] * bs * row, std::min(bs, len - ahead * bs) * row * sizeof(T));
-    } else if (blk + 2 < blk_end) {
-      prefetch_rows(a.k + table[blk + 2] * bs * row, std::min(bs, len - (blk + 2) * bs) * row * sizeof(T));
+    // The pages of a context lie anywhere in the pool: ask for the keys two blocks ahead (both
+    // next ones at a range's start) and this block's values now, so that their loads overlap this
+    // block's scores. Entries out of range are left to the check when their block is read.
+    for (int64_t ahead = blk == blk_begin ? blk + 1 : blk + 2; ahead < std::min(blk_end, blk + 3); ++ahead) {
+      if (table[ahead] >= 0 && (table[ahead] + 1) * bs <= a.num_slots) prefetch_rows(a.k + table[ahead] * bs * row, std::min(bs, len - ahead * bs) * row * sizeof(T));
     }
     prefetch_rows(a.v + slot0 * row, n * row * sizeof(T));
 #if defined(__AVX512F__)
