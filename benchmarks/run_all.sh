@@ -62,6 +62,13 @@ $S microbench peer --dtypes bf16 --scalesim-speculation default,0 --vllm-ngram -
 $S microbench profile --out $R/profile-bf16-amx-tiles.json
 # bf16 greedy text against fp32 there, with the prefill kernel on the AMX tiles (about 1 minute):
 $S microbench accuracy --dtype bf16 --out $R/accuracy-bf16-amx.json
+# ... and once more after bf16 linears of up to 128 rows moved onto the AMX tiles, with greedy
+# sampling fused and the attention kernels prefetching (27c2cbb..c669a69; about 13 minutes), then
+# the two linear kernels side by side (about 3 minutes), the profile and greedy text of the same commit:
+$S microbench peer --dtypes bf16 --scalesim-speculation default,0 --vllm-ngram --rounds 3 --contended-rounds 1 --out $R/peer-amx-linears.json
+$S microbench amx-linears --rounds 3 --out $R/amx-linears.json
+$S microbench profile --dtype bf16 --out $R/profile-bf16-amx-linears.json
+$S microbench accuracy --dtype bf16 --out $R/accuracy-bf16-amx-linears.json
 # Where a step's time goes on the AVX2 machine, fp32, int8 and fp16 (about 5 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32-avx2.json
 $S microbench profile --quantization int8 --out $R/profile-int8-avx2.json

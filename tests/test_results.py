@@ -43,12 +43,21 @@ def test_the_readme_int8_table_is_the_committed_json():
         assert row in README, f"README lacks the committed row of int8.json: {row}"
 
 
+def test_the_readme_amx_linears_table_is_the_committed_json():
+    from scalesim.bench.amx_linear_bench import CASE_LABELS as AMX_CASES, markdown_table as amx_table
+
+    rows = amx_table(json.loads((RESULTS / "amx-linears.json").read_text())).splitlines()[2:]
+    assert len(rows) == len(AMX_CASES)
+    for row in rows:
+        assert row in README, f"README lacks the committed row of amx-linears.json: {row}"
+
+
 def test_the_readme_peer_tables_are_the_committed_json():
     for name in ("peer.json", "peer-avx2.json", "peer-int8-avx2.json", "peer-weights-avx2.json",
                  "peer-vllm-bf16-avx2.json", "peer-default-avx2.json", "peer-amx.json", "peer-amx-fp32-bf16.json",
                  "peer-amx-spec.json", "peer-amx-spec-4rounds.json", "peer-amx-spec-swapped.json",
                  "peer-amx-warm.json", "peer-amx-tiles.json",
-                 "peer-amx-burst.json"):
+                 "peer-amx-burst.json", "peer-amx-linears.json"):
         result = json.loads((RESULTS / name).read_text())
         rows = markdown_table(result).splitlines()[2:]
         assert len(rows) >= 5 * len(result["dtypes"]) > 0  # every case of every dtype is rendered
