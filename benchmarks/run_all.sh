@@ -69,6 +69,8 @@ $S microbench peer --dtypes bf16 --scalesim-speculation default,0 --vllm-ngram -
 $S microbench amx-linears --rounds 3 --out $R/amx-linears.json
 $S microbench profile --dtype bf16 --out $R/profile-bf16-amx-linears.json
 $S microbench accuracy --dtype bf16 --out $R/accuracy-bf16-amx-linears.json
+# ... and the peer bench once more, with the review fixes of a85dd08 (1df035c; about 13 minutes):
+$S microbench peer --dtypes bf16 --scalesim-speculation default,0 --vllm-ngram --rounds 3 --contended-rounds 1 --out $R/peer-amx-linears-2.json
 # Where a step's time goes on the AVX2 machine, fp32, int8 and fp16 (about 5 minutes):
 $S microbench profile --dtype fp32 --out $R/profile-fp32-avx2.json
 $S microbench profile --quantization int8 --out $R/profile-int8-avx2.json

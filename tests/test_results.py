@@ -57,7 +57,7 @@ def test_the_readme_peer_tables_are_the_committed_json():
                  "peer-vllm-bf16-avx2.json", "peer-default-avx2.json", "peer-amx.json", "peer-amx-fp32-bf16.json",
                  "peer-amx-spec.json", "peer-amx-spec-4rounds.json", "peer-amx-spec-swapped.json",
                  "peer-amx-warm.json", "peer-amx-tiles.json",
-                 "peer-amx-burst.json", "peer-amx-linears.json"):
+                 "peer-amx-burst.json", "peer-amx-linears.json", "peer-amx-linears-2.json"):
         result = json.loads((RESULTS / name).read_text())
         rows = markdown_table(result).splitlines()[2:]
         assert len(rows) >= 5 * len(result["dtypes"]) > 0  # every case of every dtype is rendered
