@@ -15,13 +15,11 @@ Two levels, each kernel in the same rounds, interleaved, medians compared with e
 """
 
 import random
-import statistics
-from dataclasses import dataclass, field
 
 import torch
 
-from scalesim.bench.int8_bench import DECODE_BATCHES, PREFILL_PROMPTS, PREFILL_TOKENS, interleaved_rounds, \
-    linear_shapes
+from scalesim.bench.int8_bench import DECODE_BATCHES, PREFILL_PROMPTS, PREFILL_TOKENS, Case, case_labels, \
+    interleaved_rounds, linear_shapes
 from scalesim.bench.int8_bench import markdown_table as int8_table
 from scalesim.bench.provenance import provenance
 from scalesim.layers import amx_linear
@@ -32,19 +30,6 @@ from scalesim.models.registry import resolve_model
 
 KINDS = ("onednn", "tiles")
 CHAIN_ROWS = (1, 16, 48, 80, 128, 256, 512)
-
-
-@dataclass
-class Case:
-    unit: str  # "s" (lower is better) or "tokens/s"
-    values: dict = field(default_factory=lambda: {k: [] for k in KINDS})
-
-    def summary(self) -> dict:
-        median = {k: statistics.median(v) for k, v in self.values.items()}
-        spread = {k: round(max(v) / min(v) - 1, 4) for k, v in self.values.items()}
-        ratio = median["onednn"] / median["tiles"] if self.unit == "s" else median["tiles"] / median["onednn"]
-        return {"unit": self.unit, "values": self.values, "median": median, "spread": spread,
-                "tiles_speedup": round(ratio, 3)}
 
 
 class TileChainLink:
@@ -67,23 +52,20 @@ def run_amx_linear_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int
     chains = {"onednn": [(OneDNNPacked(w, None), k) for w, k in weights],
               "tiles": [(TileChainLink(w), k) for w, k in weights]}
     del weights
-    cases = {f"linears_{rows}_rows": Case("s") for rows in CHAIN_ROWS}
+    cases = {f"linears_{rows}_rows": Case("s", KINDS, "tiles_speedup") for rows in CHAIN_ROWS}
     engine_args = dict(dtype="bf16", max_num_seqs=16, max_num_batched_tokens=4096, num_speculative_tokens=0, seed=seed)
     with amx_linear.turned_off():
         onednn_llm = LLM(model, **engine_args)
     engines = {"onednn": onednn_llm, "tiles": LLM(model, **engine_args)}
     for name in (f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}", *(f"decode_b{b}" for b in DECODE_BATCHES)):
-        cases[name] = Case("tokens/s")
+        cases[name] = Case("tokens/s", KINDS, "tiles_speedup")
     interleaved_rounds(chains, engines, cases, CHAIN_ROWS, rounds, rng, config, torch.bfloat16, "tiles_speedup")
     return {"model": model, "dtype": "bf16", "rounds": rounds, "threads": torch.get_num_threads(),
             "small_rows": amx_linear.SMALL_ROWS, "measured_on": provenance(),
             "cases": {name: case.summary() for name, case in cases.items()}}
 
 
-CASE_LABELS = {**{f"linears_{rows}_rows": f"all linears, {rows} row{'s' * (rows > 1)} (ms)" for rows in CHAIN_ROWS},
-               f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}":
-                   f"engine prefill, {PREFILL_PROMPTS} x {PREFILL_TOKENS} tokens (tokens/s)",
-               **{f"decode_b{b}": f"engine decode, batch {b}, no speculation (tokens/s)" for b in DECODE_BATCHES}}
+CASE_LABELS = case_labels(CHAIN_ROWS, ", no speculation")
 
 
 def markdown_table(result: dict) -> str:

@@ -36,21 +36,29 @@ DECODE_BATCHES = (1, 16)
 DECODE_PROMPT_TOKENS, DECODE_TOKENS = 128, 64
 
 
-def speedup(unit: str, fp32: float, int8: float) -> float:
-    """int8's speedup from two values in `unit`: a time ("s", lower is better) or a rate."""
-    return fp32 / int8 if unit == "s" else int8 / fp32
+def speedup(unit: str, base: float, other: float) -> float:
+    """`other`'s speedup over `base` from two values in `unit`: a time ("s", lower is better) or a rate."""
+    return base / other if unit == "s" else other / base
 
 
 @dataclass
 class Case:
+    """One case's values per kind over the rounds: `kinds` is (baseline, other), and the summary's
+    `speedup_key` holds the other's speedup over the baseline."""
     unit: str  # "s" or "tokens/s"
-    values: dict = field(default_factory=lambda: {k: [] for k in KINDS})
+    kinds: tuple[str, str] = KINDS
+    speedup_key: str = "int8_speedup"
+    values: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.values = {k: [] for k in self.kinds}
 
     def summary(self) -> dict:
         median = {k: statistics.median(v) for k, v in self.values.items()}
         spread = {k: round(max(v) / min(v) - 1, 4) for k, v in self.values.items()}
+        base, other = self.kinds
         return {"unit": self.unit, "values": self.values, "median": median, "spread": spread,
-                "int8_speedup": round(speedup(self.unit, median["fp32"], median["int8"]), 3)}
+                self.speedup_key: round(speedup(self.unit, median[base], median[other]), 3)}
 
 
 def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -121,10 +129,14 @@ def run_int8_bench(model: str = "smollm2-135m", rounds: int = 3, seed: int = 0) 
             "cases": {name: case.summary() for name, case in cases.items()}}
 
 
-CASE_LABELS = {**{f"linears_{rows}_rows": f"all linears, {rows} row{'s' * (rows > 1)} (ms)" for rows in CHAIN_ROWS},
-               f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}":
-                   f"engine prefill, {PREFILL_PROMPTS} x {PREFILL_TOKENS} tokens (tokens/s)",
-               **{f"decode_b{b}": f"engine decode, batch {b} (tokens/s)" for b in DECODE_BATCHES}}
+def case_labels(chain_rows: tuple[int, ...], decode_note: str = "") -> dict[str, str]:
+    """The README's label of every case of a two-kind linears bench, in order."""
+    return {**{f"linears_{rows}_rows": f"all linears, {rows} row{'s' * (rows > 1)} (ms)" for rows in chain_rows},
+            f"prefill_{PREFILL_PROMPTS}x{PREFILL_TOKENS}": f"engine prefill, {PREFILL_PROMPTS} x {PREFILL_TOKENS} tokens (tokens/s)",
+            **{f"decode_b{b}": f"engine decode, batch {b}{decode_note} (tokens/s)" for b in DECODE_BATCHES}}
+
+
+CASE_LABELS = case_labels(CHAIN_ROWS)
 
 
 def round_speedups(case: dict, kinds: tuple[str, str] = KINDS) -> list[float]:

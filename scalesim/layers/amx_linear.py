@@ -74,7 +74,7 @@ class AmxPacked:
                              f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
         self.tiles = pack(weight)
         self.out_features = weight.shape[0]
-        self.bias = bias
+        self.bias = bias.float().contiguous() if bias is not None else None  # the kernel adds it in float32
         self.small_rows = small_rows
         self.large = OneDNNPacked(weight, bias)
 

@@ -122,7 +122,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
   std::optional<at::Tensor> bias_f;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == n_total, "amx_linear: bias has ", bias->numel(), " values for ", n_total, " outputs");
-    bias_f = bias->to(at::kFloat).contiguous();
+    bias_f = bias->to(at::kFloat).contiguous();  // no copy for the float32 bias AmxPacked keeps
   }
   auto sizes = x.sizes().vec();
   sizes.back() = n_total;
